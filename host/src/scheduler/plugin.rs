@@ -1,0 +1,123 @@
+//! The traits through which the scheduler sees plugins, whatever runs them (a wasm
+//! component, or a natively compiled plugin crate for comparison), and their error type.
+
+use std::sync::Arc;
+
+use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request, Usage};
+
+/// The role a plugin plays in a scheduling cycle (fixed by the WIT world it exports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Producer,
+    Filter,
+    Scorer,
+    Picker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Filter => "filter",
+            Role::Scorer => "scorer",
+            Role::Picker => "picker",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happens to a request when a plugin fails during its cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// The plugin is skipped: a scorer contributes 0, a filter keeps every candidate,
+    /// a producer adds no columns. A picker cannot be skipped and always fails closed.
+    #[default]
+    FailOpen,
+    /// The request fails (503 with the plugin named).
+    FailClosed,
+}
+
+/// Why a plugin call did not produce a usable result.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum PluginError {
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    #[error("plugin exceeded its time limit of {0} ms")]
+    Timeout(u64),
+    #[error("plugin exceeded its memory limit of {0} bytes")]
+    MemoryLimit(usize),
+    #[error("plugin could not be instantiated: {0}")]
+    Instantiate(String),
+    #[error("plugin rejected its configuration: {0}")]
+    Configure(String),
+    #[error("plugin returned an invalid result: {0}")]
+    InvalidOutput(String),
+}
+
+/// Calls every plugin receives, whatever its role.
+pub trait PluginCore: Send + Sync {
+    /// The configured name (unique within a config).
+    fn name(&self) -> &str;
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::FailOpen
+    }
+    fn pool_changed(&self, generation: u64, endpoints: &[EndpointInfo]) -> Result<(), PluginError>;
+    fn pre_request(&self, request_id: &str, chosen: &[u32]) -> Result<(), PluginError>;
+    fn response_complete(&self, request_id: &str, endpoint: u32, usage: Usage) -> Result<(), PluginError>;
+}
+
+pub trait ProducerPlugin: PluginCore {
+    fn produce(&self, req: &Request, metrics: &Metrics) -> Result<Vec<Column>, PluginError>;
+}
+
+pub trait FilterPlugin: PluginCore {
+    fn filter(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<u32>, PluginError>;
+}
+
+pub trait ScorerPlugin: PluginCore {
+    fn score(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<f32>, PluginError>;
+}
+
+pub trait PickerPlugin: PluginCore {
+    fn pick(&self, req: &Request, metrics: &Metrics, scores: &[f32]) -> Result<Vec<u32>, PluginError>;
+}
+
+/// A loaded plugin of any role.
+#[derive(Clone)]
+pub enum PluginHandle {
+    Producer(Arc<dyn ProducerPlugin>),
+    Filter(Arc<dyn FilterPlugin>),
+    Scorer(Arc<dyn ScorerPlugin>),
+    Picker(Arc<dyn PickerPlugin>),
+}
+
+impl PluginHandle {
+    pub fn role(&self) -> Role {
+        match self {
+            PluginHandle::Producer(_) => Role::Producer,
+            PluginHandle::Filter(_) => Role::Filter,
+            PluginHandle::Scorer(_) => Role::Scorer,
+            PluginHandle::Picker(_) => Role::Picker,
+        }
+    }
+
+    pub fn core(&self) -> &dyn PluginCore {
+        match self {
+            PluginHandle::Producer(p) => p.as_ref(),
+            PluginHandle::Filter(p) => p.as_ref(),
+            PluginHandle::Scorer(p) => p.as_ref(),
+            PluginHandle::Picker(p) => p.as_ref(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PluginHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.role(), self.core().name())
+    }
+}

@@ -1,0 +1,23 @@
+//! The default plugin set, compiled to components by `build.rs` and embedded in the
+//! binary so the EPP runs with no plugin files on disk.
+
+/// (plugin type, component bytes) of every embedded plugin.
+pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
+    ("approx-prefix-cache-producer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/approx_prefix_cache_producer.wasm"))),
+    ("prefix-cache-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/prefix_cache_scorer.wasm"))),
+    ("no-hit-lru-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/no_hit_lru_scorer.wasm"))),
+    ("kv-cache-utilization-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/kv_cache_utilization_scorer.wasm"))),
+    ("queue-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/queue_scorer.wasm"))),
+    ("lora-affinity-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/lora_affinity_scorer.wasm"))),
+    ("max-score-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/max_score_picker.wasm"))),
+    ("random-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/random_picker.wasm"))),
+    ("weighted-random-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/weighted_random_picker.wasm"))),
+];
+
+/// The embedded component for plugin `type_name`, if it is one of the defaults.
+pub fn find(type_name: &str) -> Option<&'static [u8]> {
+    DEFAULT_PLUGINS.iter().find(|(t, _)| *t == type_name).map(|(_, bytes)| *bytes)
+}
+
+/// Where `build.rs` left every plugin component, including test-only ones.
+pub const PLUGIN_WASM_DIR: &str = env!("EPP_PLUGIN_WASM_DIR");

@@ -1,0 +1,12 @@
+//! Everything that names wasmtime lives here: the shared engine (with its epoch ticker),
+//! the component cache, the sandbox limits and the adapter that makes a component look
+//! like a scheduler plugin. Nothing outside this module sees a wasmtime type.
+
+mod bindings;
+mod convert;
+pub mod embedded;
+mod instance;
+mod runtime;
+
+pub use instance::{Sandbox, WasmPlugin};
+pub use runtime::{LoadError, WasmRuntime, WIT_PACKAGE};

@@ -1,0 +1,32 @@
+//! `max-score-picker`: returns the `maxNumOfEndpoints` highest-scoring candidates, best
+//! first; ties are broken at random (from the request's seed), so equal endpoints share
+//! load instead of the first one taking everything.
+
+use llmd_plugin_sdk::params::PickerParams;
+use llmd_plugin_sdk::rng::SplitMix64;
+use llmd_plugin_sdk::{Metrics, Picker, Plugin, Request};
+
+#[derive(Default)]
+pub struct MaxScorePicker {
+    params: PickerParams,
+}
+
+impl Plugin for MaxScorePicker {
+    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+        self.params = PickerParams::parse(params_json)?;
+        Ok(())
+    }
+}
+
+impl Picker for MaxScorePicker {
+    fn pick(&mut self, req: &Request, metrics: &Metrics, scores: &[f32]) -> Vec<u32> {
+        let score = |i: usize| scores.get(i).copied().filter(|s| !s.is_nan()).unwrap_or(f32::NEG_INFINITY);
+        let mut order: Vec<usize> = (0..metrics.ids.len()).collect();
+        SplitMix64::new(req.random_seed).shuffle(&mut order);
+        // Stable sort: after the shuffle, equal scores stay in random order.
+        order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+        order.iter().take(self.params.max_num_of_endpoints).map(|&i| metrics.ids[i]).collect()
+    }
+}
+
+llmd_plugin_sdk::export_picker!(MaxScorePicker);
