@@ -27,9 +27,7 @@ fn main() {
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--target", TARGET, "--profile", PROFILE, "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(&root).args(["build", "--target", TARGET, "--profile", PROFILE, "--target-dir"]).arg(&target_dir);
     for name in &crates {
         cmd.args(["-p", name]);
     }
@@ -37,12 +35,20 @@ fn main() {
     // dir) must not leak into the wasm build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        let keep = key == "CARGO_HOME" || key.starts_with("CARGO_NET_") || key.starts_with("CARGO_HTTP_")
+        let keep = key == "CARGO_HOME"
+            || key.starts_with("CARGO_NET_")
+            || key.starts_with("CARGO_HTTP_")
             || key.starts_with("CARGO_REGISTRIES_");
         if (key.starts_with("CARGO_") && !keep)
             || matches!(
                 key.as_str(),
-                "RUSTC" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "RUSTFLAGS" | "RUSTDOCFLAGS" | "MAKEFLAGS" | "MFLAGS"
+                "RUSTC"
+                    | "RUSTC_WRAPPER"
+                    | "RUSTC_WORKSPACE_WRAPPER"
+                    | "RUSTFLAGS"
+                    | "RUSTDOCFLAGS"
+                    | "MAKEFLAGS"
+                    | "MFLAGS"
             )
         {
             cmd.env_remove(&key);
@@ -68,7 +74,9 @@ fn main() {
 fn plugin_crates(plugins: &Path) -> Vec<String> {
     let mut dirs = Vec::new();
     for group in [plugins.to_path_buf(), plugins.join("testing"), plugins.join("examples")] {
-        let Ok(entries) = fs::read_dir(&group) else { continue };
+        let Ok(entries) = fs::read_dir(&group) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let manifest = entry.path().join("Cargo.toml");
             if manifest.exists() && entry.file_name() != "sdk" {

@@ -1,1 +1,518 @@
+//! The `EndpointPickerConfig` YAML, parsed once into a validated `PickerConfig`.
+//!
+//! It accepts the upstream EPP's config exactly as users write it (three apiVersions,
+//! `plugins`, `schedulingProfiles`, the `dataLayer` section) plus our extensions on a plugin
+//! entry (`wasm`, `failurePolicy`, `sandbox`). Errors name the offending field; keys we do
+//! not know are reported as warnings, never silently dropped. It loads no plugin and does
+//! no I/O beyond reading the file it is given: `loader` turns a `PickerConfig` into a
+//! running scheduler.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::scheduler::{FailurePolicy, Weight};
+use crate::wasm::Sandbox;
+
+/// apiVersions of EndpointPickerConfig we accept, newest first.
+pub const API_VERSIONS: &[&str] = &["llm-d.ai/v1", "llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1"];
+pub const KIND: &str = "EndpointPickerConfig";
+
+/// The optimized baseline of the no-Kubernetes guide, used when no config is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/epp-config.yaml");
+
+/// The type of the prefix-index producer that prefix-aware scorers read from.
+pub const PREFIX_PRODUCER_TYPE: &str = "approx-prefix-cache-producer";
+/// Scorers that read the prefix producer's columns: when a profile uses one of them and
+/// names no producer, the producer is added implicitly, as upstream does.
+const PREFIX_READERS: &[&str] = &["prefix-cache-scorer", "no-hit-lru-scorer"];
+
+/// What part of the EPP a plugin type belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginKind {
+    /// A producer, filter, scorer or picker: a wasm component (embedded or from `wasm:`).
+    Scheduling,
+    /// Finds the endpoints (`file-discovery`).
+    Discovery,
+    /// Where metrics come from (`metrics-data-source`).
+    DataSource,
+    /// Turns scraped metrics into endpoint state (`core-metrics-extractor`).
+    Extractor,
+    /// Chooses which profile(s) run; only the single-profile handler exists.
+    ProfileHandler,
+}
+
+/// Plugin types built into the host (their scheduling components are embedded).
+pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
+    ("approx-prefix-cache-producer", PluginKind::Scheduling),
+    ("prefix-cache-scorer", PluginKind::Scheduling),
+    ("no-hit-lru-scorer", PluginKind::Scheduling),
+    ("kv-cache-utilization-scorer", PluginKind::Scheduling),
+    ("queue-scorer", PluginKind::Scheduling),
+    ("lora-affinity-scorer", PluginKind::Scheduling),
+    ("max-score-picker", PluginKind::Scheduling),
+    ("random-picker", PluginKind::Scheduling),
+    ("weighted-random-picker", PluginKind::Scheduling),
+    ("file-discovery", PluginKind::Discovery),
+    ("metrics-data-source", PluginKind::DataSource),
+    ("core-metrics-extractor", PluginKind::Extractor),
+    ("single-profile-handler", PluginKind::ProfileHandler),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("config is not valid YAML: {0}")]
+    Yaml(String),
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// One configured plugin, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginSpec {
+    pub name: String,
+    pub type_name: String,
+    pub kind: PluginKind,
+    /// `parameters` as JSON (an object; `{}` when absent), handed to `configure`.
+    pub parameters: serde_json::Value,
+    /// Our extension: load the component from this file instead of the embedded one.
+    pub wasm: Option<PathBuf>,
+    pub failure_policy: FailurePolicy,
+    pub sandbox: Sandbox,
+    /// Added by us (e.g. the implicit prefix producer), not written by the user.
+    pub implicit: bool,
+}
+
+/// One `{pluginRef, weight}` of a profile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileEntry {
+    pub plugin_ref: String,
+    /// Only meaningful for scorers; 1 when not given.
+    pub weight: Weight,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileSpec {
+    pub name: String,
+    pub plugins: Vec<ProfileEntry>,
+}
+
+/// A metrics source and the extractors reading it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceSpec {
+    pub plugin_ref: String,
+    pub extractors: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataLayerSpec {
+    /// When true (the default), the metrics source and extractor are added if absent.
+    pub inject_defaults: bool,
+    /// The discovery plugin's name, if one is configured.
+    pub discovery: Option<String>,
+    pub sources: Vec<SourceSpec>,
+}
+
+/// A validated EndpointPickerConfig.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickerConfig {
+    pub api_version: String,
+    pub plugins: Vec<PluginSpec>,
+    pub profile: ProfileSpec,
+    pub data_layer: DataLayerSpec,
+    /// Things worth telling the operator (unknown keys, ignored sections).
+    pub warnings: Vec<String>,
+}
+
+impl PickerConfig {
+    /// The plugin named `name`.
+    pub fn plugin(&self, name: &str) -> Option<&PluginSpec> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+
+    /// The discovery plugin: the one `dataLayer.discovery` names, or else the only plugin
+    /// of discovery kind.
+    pub fn discovery(&self) -> Option<&PluginSpec> {
+        match &self.data_layer.discovery {
+            Some(name) => self.plugin(name),
+            None => self.plugins.iter().find(|p| p.kind == PluginKind::Discovery),
+        }
+    }
+
+    /// The default config: the optimized baseline.
+    pub fn default_config() -> Result<PickerConfig, ConfigError> {
+        PickerConfig::parse(DEFAULT_CONFIG, None)
+    }
+
+    /// Reads and parses a config file; relative `wasm:` paths resolve against its folder.
+    pub fn from_file(path: &Path) -> Result<PickerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), error: e.to_string() })?;
+        PickerConfig::parse(&text, path.parent())
+    }
+
+    /// Parses config text. `base_dir` resolves relative `wasm:` paths (current dir if None).
+    pub fn parse(text: &str, base_dir: Option<&Path>) -> Result<PickerConfig, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            return Err(ConfigError::Yaml("the config is empty".into()));
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?
+        };
+        let mut warnings = Vec::new();
+        let api_version = match raw.api_version {
+            Some(v) if API_VERSIONS.contains(&v.as_str()) => v,
+            Some(v) => {
+                return Err(invalid(
+                    "apiVersion",
+                    format!("unsupported `{v}`; expected one of {}", API_VERSIONS.join(", ")),
+                ));
+            }
+            None => {
+                return Err(invalid("apiVersion", format!("missing; expected one of {}", API_VERSIONS.join(", "))));
+            }
+        };
+        if let Some(kind) = &raw.kind
+            && kind != KIND
+        {
+            return Err(invalid("kind", format!("expected `{KIND}`, got `{kind}`")));
+        }
+        for key in raw.extra.keys() {
+            let why = match key.as_str() {
+                "featureGates" | "saturationDetector" | "flowControl" | "parser" | "data" | "requestControl" => {
+                    "is not supported by this EPP and is ignored"
+                }
+                _ => "is not a known EndpointPickerConfig field and is ignored",
+            };
+            warnings.push(format!("top-level `{key}` {why}"));
+        }
+
+        let mut plugins: Vec<PluginSpec> = Vec::new();
+        for (i, p) in raw.plugins.into_iter().enumerate() {
+            let spec = plugin_spec(i, p, base_dir, &mut warnings)?;
+            if plugins.iter().any(|q| q.name == spec.name) {
+                return Err(invalid(format!("plugins[{i}].name"), format!("duplicate plugin name `{}`", spec.name)));
+            }
+            plugins.push(spec);
+        }
+
+        let profile = match raw.scheduling_profiles.len() {
+            0 => default_profile(&plugins),
+            1 => profile_spec(raw.scheduling_profiles.into_iter().next().unwrap_or_default(), &plugins)?,
+            n => {
+                return Err(invalid(
+                    "schedulingProfiles",
+                    format!("{n} profiles given; this EPP runs exactly one (with the single-profile handler)"),
+                ));
+            }
+        };
+        let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
+        let mut config = PickerConfig { api_version, plugins, profile, data_layer, warnings };
+        config.add_implicit_prefix_producer();
+        config.check_profile_roles()?;
+        Ok(config)
+    }
+
+    /// Upstream's prefix scorer carries its own index; ours is a separate producer. A
+    /// profile with a prefix-reading scorer and no producer gets one, configured with the
+    /// prefix-cache-scorer's parameters (block size, LRU capacity, …).
+    fn add_implicit_prefix_producer(&mut self) {
+        let in_profile = |cfg: &PickerConfig, type_name: &str| {
+            cfg.profile.plugins.iter().any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| p.type_name == type_name))
+        };
+        if in_profile(self, PREFIX_PRODUCER_TYPE) || !PREFIX_READERS.iter().any(|t| in_profile(self, t)) {
+            return;
+        }
+        let existing = self.plugins.iter().find(|p| p.type_name == PREFIX_PRODUCER_TYPE).map(|p| p.name.clone());
+        let name = match existing {
+            Some(name) => name,
+            None => {
+                let parameters = self
+                    .plugins
+                    .iter()
+                    .find(|p| {
+                        p.type_name == "prefix-cache-scorer"
+                            && self.profile.plugins.iter().any(|e| e.plugin_ref == p.name)
+                    })
+                    .map(|p| p.parameters.clone())
+                    .unwrap_or_else(empty_params);
+                let mut name = PREFIX_PRODUCER_TYPE.to_string();
+                while self.plugin(&name).is_some() {
+                    name.push('_');
+                }
+                self.plugins.push(PluginSpec {
+                    name: name.clone(),
+                    type_name: PREFIX_PRODUCER_TYPE.into(),
+                    kind: PluginKind::Scheduling,
+                    parameters,
+                    wasm: None,
+                    failure_policy: FailurePolicy::FailOpen,
+                    sandbox: Sandbox::default(),
+                    implicit: true,
+                });
+                name
+            }
+        };
+        self.profile.plugins.insert(0, ProfileEntry { plugin_ref: name, weight: Weight::ONE });
+    }
+
+    /// A profile may only reference scheduling plugins.
+    fn check_profile_roles(&self) -> Result<(), ConfigError> {
+        for (i, e) in self.profile.plugins.iter().enumerate() {
+            if let Some(p) = self.plugin(&e.plugin_ref)
+                && p.kind != PluginKind::Scheduling
+            {
+                return Err(invalid(
+                    format!("schedulingProfiles[0].plugins[{i}].pluginRef"),
+                    format!(
+                        "`{}` is a {:?} plugin (type {}), not a filter, scorer or picker",
+                        p.name, p.kind, p.type_name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn empty_params() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn plugin_spec(
+    i: usize,
+    p: RawPlugin,
+    base_dir: Option<&Path>,
+    warnings: &mut Vec<String>,
+) -> Result<PluginSpec, ConfigError> {
+    let field = |f: &str| format!("plugins[{i}].{f}");
+    let type_name = p.type_name.filter(|t| !t.trim().is_empty()).ok_or_else(|| invalid(field("type"), "missing"))?;
+    let name = p.name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| type_name.clone());
+    for key in p.extra.keys() {
+        warnings.push(format!("plugin `{name}`: unknown field `{key}` is ignored"));
+    }
+    let builtin = BUILTIN_TYPES.iter().find(|(t, _)| *t == type_name).map(|(_, k)| *k);
+    let kind = match (builtin, &p.wasm) {
+        (Some(PluginKind::Scheduling), _) | (None, Some(_)) => PluginKind::Scheduling,
+        (Some(kind), None) => kind,
+        (Some(kind), Some(_)) => {
+            return Err(invalid(
+                field("wasm"),
+                format!("type `{type_name}` is a built-in {kind:?} plugin and cannot come from a wasm file"),
+            ));
+        }
+        (None, None) => {
+            let known: Vec<&str> = BUILTIN_TYPES.iter().map(|(t, _)| *t).collect();
+            return Err(invalid(
+                field("type"),
+                format!(
+                    "unknown plugin type `{type_name}`; known types: {} (or give `wasm: <path>` for a custom plugin)",
+                    known.join(", ")
+                ),
+            ));
+        }
+    };
+    let parameters = match p.parameters {
+        None | Some(serde_yaml::Value::Null) => empty_params(),
+        Some(v @ serde_yaml::Value::Mapping(_)) => serde_json::to_value(&v)
+            .map_err(|e| invalid(field("parameters"), format!("cannot be expressed as JSON: {e}")))?,
+        Some(_) => {
+            return Err(invalid(field("parameters"), "must be a mapping of parameter names to values"));
+        }
+    };
+    let wasm = p.wasm.map(|w| match base_dir {
+        Some(dir) if w.is_relative() => dir.join(w),
+        _ => w,
+    });
+    let failure_policy = match p.failure_policy.as_deref() {
+        None | Some("failOpen") => FailurePolicy::FailOpen,
+        Some("failClosed") => FailurePolicy::FailClosed,
+        Some(other) => {
+            return Err(invalid(field("failurePolicy"), format!("`{other}`; expected failOpen or failClosed")));
+        }
+    };
+    let mut sandbox = Sandbox::default();
+    if let Some(s) = p.sandbox {
+        if let Some(mib) = s.memory_mib {
+            if !(1..=4096).contains(&mib) {
+                return Err(invalid(field("sandbox.memoryMiB"), format!("{mib} is outside 1..=4096")));
+            }
+            sandbox.memory_bytes = (mib as usize) << 20;
+        }
+        if let Some(ms) = s.call_timeout_ms {
+            if !(1..=10_000).contains(&ms) {
+                return Err(invalid(field("sandbox.callTimeoutMs"), format!("{ms} is outside 1..=10000")));
+            }
+            sandbox.call_timeout_ms = ms;
+        }
+    }
+    Ok(PluginSpec { name, type_name, kind, parameters, wasm, failure_policy, sandbox, implicit: false })
+}
+
+fn profile_spec(raw: RawProfile, plugins: &[PluginSpec]) -> Result<ProfileSpec, ConfigError> {
+    let name = raw.name.unwrap_or_else(|| "default".into());
+    let mut entries: Vec<ProfileEntry> = Vec::new();
+    for (i, e) in raw.plugins.into_iter().enumerate() {
+        let field = |f: &str| format!("schedulingProfiles[0].plugins[{i}].{f}");
+        let plugin_ref = e.plugin_ref.ok_or_else(|| invalid(field("pluginRef"), "missing"))?;
+        if !plugins.iter().any(|p| p.name == plugin_ref) {
+            return Err(invalid(field("pluginRef"), format!("no plugin named `{plugin_ref}` in `plugins`")));
+        }
+        if entries.iter().any(|x| x.plugin_ref == plugin_ref) {
+            return Err(invalid(field("pluginRef"), format!("`{plugin_ref}` is listed twice")));
+        }
+        let weight = match e.weight {
+            None => Ok(Weight::ONE),
+            Some(serde_yaml::Value::Number(n)) => Weight::new(n.as_f64().unwrap_or(f64::NAN)),
+            Some(other) => Err(format!("weight must be a number, got {}", yaml_inline(&other))),
+        }
+        .map_err(|m| invalid(field("weight"), m))?;
+        entries.push(ProfileEntry { plugin_ref, weight });
+    }
+    Ok(ProfileSpec { name, plugins: entries })
+}
+
+/// With no `schedulingProfiles`, every scheduling plugin forms the one profile, weight 1.
+fn default_profile(plugins: &[PluginSpec]) -> ProfileSpec {
+    let plugins = plugins
+        .iter()
+        .filter(|p| p.kind == PluginKind::Scheduling)
+        .map(|p| ProfileEntry { plugin_ref: p.name.clone(), weight: Weight::ONE })
+        .collect();
+    ProfileSpec { name: "default".into(), plugins }
+}
+
+fn data_layer_spec(raw: Option<RawDataLayer>, plugins: &[PluginSpec]) -> Result<DataLayerSpec, ConfigError> {
+    let raw = raw.unwrap_or_default();
+    let check = |field: String, name: &str, kinds: &[PluginKind]| -> Result<(), ConfigError> {
+        match plugins.iter().find(|p| p.name == name) {
+            None => Err(invalid(field, format!("no plugin named `{name}` in `plugins`"))),
+            Some(p) if !kinds.contains(&p.kind) => {
+                Err(invalid(field, format!("`{name}` (type {}) is not a {:?} plugin", p.type_name, kinds[0])))
+            }
+            Some(_) => Ok(()),
+        }
+    };
+    let discovery = match raw.discovery {
+        None => None,
+        Some(d) => {
+            let (field, name) = match (d.plugin_ref, d.endpoints.and_then(|e| e.plugin_ref)) {
+                (Some(r), _) => ("dataLayer.discovery.pluginRef", r),
+                (None, Some(r)) => ("dataLayer.discovery.endpoints.pluginRef", r),
+                (None, None) => {
+                    return Err(invalid("dataLayer.discovery", "needs `pluginRef` or `endpoints.pluginRef`"));
+                }
+            };
+            check(field.into(), &name, &[PluginKind::Discovery])?;
+            Some(name)
+        }
+    };
+    let mut sources = Vec::new();
+    for (i, s) in raw.sources.into_iter().enumerate() {
+        let plugin_ref = s.plugin_ref.ok_or_else(|| invalid(format!("dataLayer.sources[{i}].pluginRef"), "missing"))?;
+        check(format!("dataLayer.sources[{i}].pluginRef"), &plugin_ref, &[PluginKind::DataSource])?;
+        let mut extractors = Vec::new();
+        for (j, x) in s.extractors.into_iter().enumerate() {
+            let field = format!("dataLayer.sources[{i}].extractors[{j}].pluginRef");
+            let name = x.plugin_ref.ok_or_else(|| invalid(field.clone(), "missing"))?;
+            check(field, &name, &[PluginKind::Extractor])?;
+            extractors.push(name);
+        }
+        sources.push(SourceSpec { plugin_ref, extractors });
+    }
+    Ok(DataLayerSpec { inject_defaults: raw.inject_defaults.unwrap_or(true), discovery, sources })
+}
+
+fn yaml_inline(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+// ---- The YAML as written. Unknown keys land in `extra` and become warnings. ----
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawConfig {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    plugins: Vec<RawPlugin>,
+    #[serde(default)]
+    scheduling_profiles: Vec<RawProfile>,
+    data_layer: Option<RawDataLayer>,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPlugin {
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    name: Option<String>,
+    parameters: Option<serde_yaml::Value>,
+    wasm: Option<PathBuf>,
+    failure_policy: Option<String>,
+    sandbox: Option<RawSandbox>,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    #[serde(rename = "memoryMiB")]
+    memory_mib: Option<u64>,
+    #[serde(rename = "callTimeoutMs")]
+    call_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawProfile {
+    name: Option<String>,
+    #[serde(default)]
+    plugins: Vec<RawProfileEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProfileEntry {
+    plugin_ref: Option<String>,
+    weight: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawDataLayer {
+    inject_defaults: Option<bool>,
+    discovery: Option<RawDiscovery>,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDiscovery {
+    plugin_ref: Option<String>,
+    endpoints: Option<RawRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRef {
+    plugin_ref: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSource {
+    plugin_ref: Option<String>,
+    #[serde(default)]
+    extractors: Vec<RawRef>,
+}

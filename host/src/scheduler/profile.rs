@@ -19,6 +19,8 @@ use super::plugin::{
 pub struct Weight(f32);
 
 impl Weight {
+    pub const ONE: Weight = Weight(1.0);
+
     pub fn new(value: f64) -> Result<Weight, String> {
         if value.is_finite() && value >= 0.0 && value <= f32::MAX as f64 {
             Ok(Weight(value as f32))
@@ -184,10 +186,10 @@ impl SchedulerProfile {
             debug!(request_id = %req.id, scorer = ws.scorer.name(), ?scores, "scored");
         }
 
-        let picked = self.picker.pick(req, &metrics, &total).map_err(|error| ScheduleError::PluginFailed {
-            plugin: self.picker.name().to_string(),
-            error,
-        })?;
+        let picked = self
+            .picker
+            .pick(req, &metrics, &total)
+            .map_err(|error| ScheduleError::PluginFailed { plugin: self.picker.name().to_string(), error })?;
         let mut targets: Vec<u32> = Vec::with_capacity(picked.len());
         for id in picked {
             if metrics.ids.contains(&id) && !targets.contains(&id) {

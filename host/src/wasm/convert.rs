@@ -50,5 +50,9 @@ pub fn endpoint(e: &sdk::EndpointInfo) -> wit::EndpointInfo {
 }
 
 pub fn usage(u: sdk::Usage) -> wit::Usage {
-    wit::Usage { prompt_tokens: u.prompt_tokens, cached_tokens: u.cached_tokens, completion_tokens: u.completion_tokens }
+    wit::Usage {
+        prompt_tokens: u.prompt_tokens,
+        cached_tokens: u.cached_tokens,
+        completion_tokens: u.completion_tokens,
+    }
 }

@@ -3,10 +3,16 @@
 
 /// (plugin type, component bytes) of every embedded plugin.
 pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
-    ("approx-prefix-cache-producer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/approx_prefix_cache_producer.wasm"))),
+    (
+        "approx-prefix-cache-producer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/approx_prefix_cache_producer.wasm")),
+    ),
     ("prefix-cache-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/prefix_cache_scorer.wasm"))),
     ("no-hit-lru-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/no_hit_lru_scorer.wasm"))),
-    ("kv-cache-utilization-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/kv_cache_utilization_scorer.wasm"))),
+    (
+        "kv-cache-utilization-scorer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/kv_cache_utilization_scorer.wasm")),
+    ),
     ("queue-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/queue_scorer.wasm"))),
     ("lora-affinity-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/lora_affinity_scorer.wasm"))),
     ("max-score-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/max_score_picker.wasm"))),

@@ -181,7 +181,8 @@ impl WasmPlugin {
     fn instantiate(&self, pool: Option<&(u64, Vec<EndpointInfo>)>) -> Result<Live, PluginError> {
         let mut store = self.new_store();
         store.set_epoch_deadline(ticks(self.sandbox.setup_timeout_ms));
-        let fail = |e: wasmtime::Error, store: &Store<HostState>| self.classify(e, store, self.sandbox.setup_timeout_ms);
+        let fail =
+            |e: wasmtime::Error, store: &Store<HostState>| self.classify(e, store, self.sandbox.setup_timeout_ms);
         let exports = match &self.pre {
             Pre::Producer(p) => p.instantiate(&mut store).map(Exports::Producer),
             Pre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
@@ -227,7 +228,10 @@ impl WasmPlugin {
 
     /// Runs `f` on the live instance (building one if needed) under the call deadline.
     /// On any error the instance is dropped, to be rebuilt by the next call.
-    fn call<R>(&self, f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>) -> Result<R, PluginError> {
+    fn call<R>(
+        &self,
+        f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
         let mut state = self.lock();
         let mut live = match state.live.take() {
             Some(live) => live,

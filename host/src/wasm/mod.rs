@@ -9,4 +9,4 @@ mod instance;
 mod runtime;
 
 pub use instance::{Sandbox, WasmPlugin};
-pub use runtime::{LoadError, WasmRuntime, WIT_PACKAGE};
+pub use runtime::{LoadError, WIT_PACKAGE, WasmRuntime};

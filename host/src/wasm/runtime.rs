@@ -29,7 +29,9 @@ pub enum LoadError {
         "the component was built against WIT {found}, but this host speaks {expected}; rebuild it with the matching SDK"
     )]
     WitVersion { found: String, expected: String },
-    #[error("the component exports no scheduling role (expected one of llmd:scheduler/{{producer,filter,scorer,picker}}); its exports: {0}")]
+    #[error(
+        "the component exports no scheduling role (expected one of llmd:scheduler/{{producer,filter,scorer,picker}}); its exports: {0}"
+    )]
     NoRole(String),
     #[error("the component exports several roles ({0}); a plugin plays exactly one")]
     SeveralRoles(String),
@@ -79,7 +81,11 @@ impl WasmRuntime {
             None => {
                 let started = std::time::Instant::now();
                 let c = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-                info!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin component");
+                info!(
+                    bytes = bytes.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "compiled plugin component"
+                );
                 if let Ok(mut cache) = self.inner.cache.lock() {
                     cache.insert(key, c.clone());
                 }
@@ -97,7 +103,9 @@ impl WasmRuntime {
         let expected_version = WIT_PACKAGE.rsplit('@').next().unwrap_or_default();
         let mut roles = Vec::new();
         for name in &names {
-            let Some(rest) = name.strip_prefix(WIT_NAMESPACE) else { continue };
+            let Some(rest) = name.strip_prefix(WIT_NAMESPACE) else {
+                continue;
+            };
             let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
             if version != expected_version {
                 return Err(LoadError::WitVersion {

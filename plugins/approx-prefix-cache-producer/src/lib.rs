@@ -79,6 +79,7 @@ pub fn block_hashes(req: &Request, block_bytes: usize, max_blocks: usize) -> Vec
     out
 }
 
+#[derive(Default)]
 pub struct PrefixIndexProducer {
     params: Params,
     /// Which endpoints hold each block hash.
@@ -88,18 +89,6 @@ pub struct PrefixIndexProducer {
     /// Hashes of requests produced for but not yet routed, oldest first.
     pending: HashMap<String, Vec<u64>>,
     pending_order: VecDeque<String>,
-}
-
-impl Default for PrefixIndexProducer {
-    fn default() -> Self {
-        PrefixIndexProducer {
-            params: Params::default(),
-            holders: HashMap::new(),
-            per_endpoint: HashMap::new(),
-            pending: HashMap::new(),
-            pending_order: VecDeque::new(),
-        }
-    }
 }
 
 impl PrefixIndexProducer {
@@ -126,10 +115,10 @@ impl PrefixIndexProducer {
             if lru.get(&h).is_some() {
                 continue;
             }
-            if let Some((evicted, ())) = lru.push(h, ()) {
-                if evicted != h {
-                    drop_holder(&mut self.holders, evicted, endpoint);
-                }
+            if let Some((evicted, ())) = lru.push(h, ())
+                && evicted != h
+            {
+                drop_holder(&mut self.holders, evicted, endpoint);
             }
             let holders = self.holders.entry(h).or_default();
             if !holders.contains(&endpoint) {
@@ -181,7 +170,9 @@ impl Plugin for PrefixIndexProducer {
     }
 
     fn pre_request(&mut self, request_id: &str, chosen: &[u32]) {
-        let Some(hashes) = self.pending.remove(request_id) else { return };
+        let Some(hashes) = self.pending.remove(request_id) else {
+            return;
+        };
         self.pending_order.retain(|id| id != request_id);
         if let Some(&primary) = chosen.first() {
             self.record(primary, &hashes);
@@ -197,7 +188,9 @@ impl Producer for PrefixIndexProducer {
         // Walk the chain once, keeping the candidates that matched every block so far.
         let mut alive: Vec<usize> = (0..n).collect();
         for (depth, h) in hashes.iter().enumerate() {
-            let Some(holders) = self.holders.get(h) else { break };
+            let Some(holders) = self.holders.get(h) else {
+                break;
+            };
             alive.retain(|&i| holders.contains(&metrics.ids[i]));
             if alive.is_empty() {
                 break;

@@ -25,7 +25,8 @@ fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
         1.0
     } else if info.waiting_adapters.iter().any(|a| a == adapter) {
         0.8
-    } else if info.max_lora.is_some_and(|max| info.running_adapters.len() + info.waiting_adapters.len() < max as usize) {
+    } else if info.max_lora.is_some_and(|max| info.running_adapters.len() + info.waiting_adapters.len() < max as usize)
+    {
         0.6
     } else {
         0.0

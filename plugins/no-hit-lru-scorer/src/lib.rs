@@ -109,14 +109,17 @@ impl Plugin for NoHitLruScorer {
     }
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
-        let gone: Vec<u32> = self.used.iter().map(|(id, _)| *id).filter(|id| !endpoints.iter().any(|e| e.id == *id)).collect();
+        let gone: Vec<u32> =
+            self.used.iter().map(|(id, _)| *id).filter(|id| !endpoints.iter().any(|e| e.id == *id)).collect();
         for id in gone {
             self.used.pop(&id);
         }
     }
 
     fn pre_request(&mut self, request_id: &str, chosen: &[u32]) {
-        let Some(cold) = self.pending_cold.remove(request_id) else { return };
+        let Some(cold) = self.pending_cold.remove(request_id) else {
+            return;
+        };
         self.pending_order.retain(|id| id != request_id);
         if let (true, Some(&primary)) = (cold, chosen.first()) {
             self.tick += 1;

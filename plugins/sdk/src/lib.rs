@@ -79,9 +79,7 @@ macro_rules! __export_common {
                 $state.with(|s| $crate::Plugin::pre_request(&mut *s.borrow_mut(), &request_id, &chosen))
             }
             fn response_complete(request_id: ::std::string::String, endpoint: u32, usage: $crate::Usage) {
-                $state.with(|s| {
-                    $crate::Plugin::response_complete(&mut *s.borrow_mut(), &request_id, endpoint, usage)
-                })
+                $state.with(|s| $crate::Plugin::response_complete(&mut *s.borrow_mut(), &request_id, endpoint, usage))
             }
         }
     };

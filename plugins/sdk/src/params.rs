@@ -10,7 +10,12 @@ pub fn parse<T: DeserializeOwned + Default>(params_json: &str) -> Result<T, Stri
     if trimmed.is_empty() || trimmed == "null" {
         return Ok(T::default());
     }
-    serde_json::from_str(trimmed).map_err(|e| format!("invalid parameters: {e}"))
+    let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| format!("invalid parameters: {e}"))?;
+    // serde would also fill a struct from a JSON array, by position; parameters are named.
+    if !value.is_object() {
+        return Err(format!("invalid parameters: expected an object of named parameters, got {value}"));
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid parameters: {e}"))
 }
 
 /// Parameters every picker accepts: how many endpoints to return (primary + fallbacks).

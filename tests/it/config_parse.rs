@@ -1,0 +1,170 @@
+//! EndpointPickerConfig parsing: the upstream guide's file loads unchanged, our default is
+//! the same profile, and every kind of mistake is an error that names the field.
+
+use epp::config::{ConfigError, PickerConfig, PluginKind};
+use epp::scheduler::FailurePolicy;
+
+const GUIDE: &str = include_str!("../fixtures/guide-epp-config.yaml");
+
+fn profile_of(c: &PickerConfig) -> Vec<(String, f32)> {
+    c.profile.plugins.iter().map(|e| (e.plugin_ref.clone(), e.weight.get())).collect()
+}
+
+fn owned(v: &[(&str, f32)]) -> Vec<(String, f32)> {
+    v.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+}
+
+#[test]
+fn the_guide_config_loads_unchanged() {
+    let c = PickerConfig::parse(GUIDE, None).expect("guide config");
+    assert_eq!(c.api_version, "llm-d.ai/v1alpha1");
+    assert_eq!(
+        profile_of(&c),
+        owned(&[
+            ("approx-prefix-cache-producer", 1.0),
+            ("queue-scorer", 2.0),
+            ("kv-cache-utilization-scorer", 2.0),
+            ("prefix-cache-scorer", 3.0),
+            ("no-hit-lru-scorer", 2.0),
+            ("max-score-picker", 1.0),
+        ])
+    );
+    let discovery = c.discovery().expect("discovery plugin");
+    assert_eq!(discovery.type_name, "file-discovery");
+    assert_eq!(discovery.parameters["path"], "/etc/epp/endpoints.yaml");
+    assert_eq!(discovery.parameters["watchFile"], true);
+    assert!(!c.data_layer.inject_defaults);
+    assert_eq!(c.data_layer.sources.len(), 1);
+    assert_eq!(c.data_layer.sources[0].extractors, vec!["metrics-extractor".to_string()]);
+    assert_eq!(c.plugin("metrics-source").unwrap().kind, PluginKind::DataSource);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // The implicit producer is marked as such.
+    assert!(c.plugin("approx-prefix-cache-producer").unwrap().implicit);
+}
+
+#[test]
+fn the_default_config_is_the_same_profile() {
+    let guide = PickerConfig::parse(GUIDE, None).unwrap();
+    let ours = PickerConfig::default_config().unwrap();
+    assert_eq!(profile_of(&guide), profile_of(&ours));
+    assert!(ours.warnings.is_empty(), "{:?}", ours.warnings);
+}
+
+#[test]
+fn all_api_versions_are_accepted() {
+    for v in epp::config::API_VERSIONS {
+        let text = format!("apiVersion: {v}\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n");
+        let c = PickerConfig::parse(&text, None).unwrap();
+        // No profile given: every scheduling plugin at weight 1.
+        assert_eq!(profile_of(&c), owned(&[("queue-scorer", 1.0)]));
+    }
+}
+
+#[test]
+fn prefix_scorer_parameters_reach_the_implicit_producer() {
+    let text = r#"
+apiVersion: llm-d.ai/v1
+plugins:
+- type: prefix-cache-scorer
+  parameters: {blockSizeTokens: 32, lruCapacityPerServer: 1000}
+schedulingProfiles:
+- name: p
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 1.5
+"#;
+    let c = PickerConfig::parse(text, None).unwrap();
+    let producer = c.plugin("approx-prefix-cache-producer").unwrap();
+    assert_eq!(producer.parameters["blockSizeTokens"], 32);
+    assert_eq!(producer.parameters["lruCapacityPerServer"], 1000);
+    assert_eq!(profile_of(&c)[1], ("prefix-cache-scorer".to_string(), 1.5));
+}
+
+#[test]
+fn extensions_wasm_policy_and_sandbox() {
+    let text = r#"
+apiVersion: llm-d.ai/v1alpha1
+plugins:
+- name: mine
+  type: my-custom-scorer
+  wasm: plugins/mine.wasm
+  failurePolicy: failClosed
+  sandbox: {memoryMiB: 32, callTimeoutMs: 20}
+"#;
+    let c = PickerConfig::parse(text, Some(std::path::Path::new("/etc/epp"))).unwrap();
+    let p = c.plugin("mine").unwrap();
+    assert_eq!(p.wasm.as_deref(), Some(std::path::Path::new("/etc/epp/plugins/mine.wasm")));
+    assert_eq!(p.failure_policy, FailurePolicy::FailClosed);
+    assert_eq!(p.sandbox.memory_bytes, 32 << 20);
+    assert_eq!(p.sandbox.call_timeout_ms, 20);
+}
+
+#[test]
+fn unknown_keys_are_warned_not_dropped_silently() {
+    let text =
+        "apiVersion: llm-d.ai/v1\nfeatureGates: [x]\nsurprise: 1\nplugins:\n- type: queue-scorer\n  colour: red\n";
+    let c = PickerConfig::parse(text, None).unwrap();
+    assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+    assert!(c.warnings.iter().any(|w| w.contains("`surprise`")));
+    assert!(c.warnings.iter().any(|w| w.contains("`colour`")));
+}
+
+#[test]
+fn mistakes_are_errors_naming_the_field() {
+    let head = "apiVersion: llm-d.ai/v1\n";
+    let cases: &[(&str, &str)] = &[
+        ("plugins: [", "not valid YAML"),
+        ("", "empty"),
+        ("apiVersion: v9\n", "`apiVersion`"),
+        ("kind: Pod\n", "`kind`"),
+        ("plugins:\n- type: warp-drive-scorer\n", "`plugins[0].type`: unknown plugin type `warp-drive-scorer`"),
+        ("plugins:\n- name: x\n", "`plugins[0].type`: missing"),
+        ("plugins:\n- type: queue-scorer\n- type: queue-scorer\n", "`plugins[1].name`: duplicate"),
+        ("plugins:\n- type: queue-scorer\n  parameters: [1]\n", "`plugins[0].parameters`"),
+        ("plugins:\n- type: queue-scorer\n  failurePolicy: sometimes\n", "`plugins[0].failurePolicy`"),
+        ("plugins:\n- type: queue-scorer\n  sandbox: {memoryMiB: 0}\n", "`plugins[0].sandbox.memoryMiB`"),
+        ("plugins:\n- type: file-discovery\n  wasm: x.wasm\n", "`plugins[0].wasm`"),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -1\n",
+            "`schedulingProfiles[0].plugins[0].weight`",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: heavy\n",
+            "`schedulingProfiles[0].plugins[0].weight`: weight must be a number",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: nope\n",
+            "`schedulingProfiles[0].plugins[0].pluginRef`: no plugin named `nope`",
+        ),
+        (
+            "plugins:\n- type: file-discovery\n  parameters: {path: e.yaml}\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: file-discovery\n",
+            "not a filter, scorer or picker",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n- name: b\n",
+            "`schedulingProfiles`: 2 profiles",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\ndataLayer:\n  discovery:\n    pluginRef: queue-scorer\n",
+            "`dataLayer.discovery.pluginRef`",
+        ),
+        ("dataLayer:\n  sources:\n  - pluginRef: ghost\n", "`dataLayer.sources[0].pluginRef`: no plugin named `ghost`"),
+    ];
+    for (body, expected) in cases {
+        let text =
+            if body.starts_with("apiVersion") || body.is_empty() { body.to_string() } else { format!("{head}{body}") };
+        let err: ConfigError = PickerConfig::parse(&text, None).expect_err(body);
+        assert!(
+            err.to_string().contains(expected),
+            "config {body:?}\n  error: {err}\n  expected to contain: {expected}"
+        );
+    }
+}
+
+#[test]
+fn discovery_via_endpoints_ref_is_understood() {
+    let text = "apiVersion: llm-d.ai/v1\nplugins:\n- type: file-discovery\n  name: files\n  parameters: {path: e.yaml}\n- type: queue-scorer\ndataLayer:\n  discovery:\n    endpoints:\n      pluginRef: files\n";
+    let c = PickerConfig::parse(text, None).unwrap();
+    assert_eq!(c.discovery().unwrap().name, "files");
+    assert!(c.data_layer.inject_defaults);
+}

@@ -1,0 +1,112 @@
+//! Misbehaving plugins: a trap, an endless loop and a runaway allocation each come back as
+//! an error value within the deadline, the instance is rebuilt, and scheduling goes on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use epp::scheduler::{
+    FailurePolicy, PluginError, PluginHandle, ScheduleError, SchedulerProfile, ScorerPlugin, Weight, WeightedScorer,
+};
+use epp::wasm::{LoadError, Sandbox};
+
+use crate::common::*;
+
+/// Generous bound for "returned promptly": the deadline is 50 ms, this only catches hangs.
+const PROMPT: Duration = Duration::from_secs(5);
+
+fn sandbox() -> Sandbox {
+    Sandbox { memory_bytes: 64 << 20, call_timeout_ms: 50, setup_timeout_ms: 2_000 }
+}
+
+fn misbehaving(mode: &str, policy: FailurePolicy) -> Result<Arc<dyn ScorerPlugin>, LoadError> {
+    let bytes = wasm_file_bytes("misbehaving_scorer");
+    let params = format!(r#"{{"mode": "{mode}"}}"#);
+    match runtime().load(&format!("misbehaving-{mode}"), &bytes, &params, sandbox(), policy)? {
+        PluginHandle::Scorer(s) => Ok(s),
+        other => panic!("unexpected role {other:?}"),
+    }
+}
+
+fn profile_with(bad: Arc<dyn ScorerPlugin>) -> SchedulerProfile {
+    let queue = wasm_scorer("queue-scorer", "{}");
+    SchedulerProfile::new(
+        "test",
+        vec![],
+        vec![],
+        vec![
+            WeightedScorer { scorer: queue, weight: Weight::ONE },
+            WeightedScorer { scorer: bad, weight: Weight::new(5.0).unwrap() },
+        ],
+        wasm_picker("max-score-picker", "{}"),
+    )
+}
+
+fn busy_metrics() -> llmd_plugin_sdk::Metrics {
+    metrics(&[(0, 4.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 8.0, 0.0, 0.0)])
+}
+
+#[test]
+fn failures_come_back_as_errors_within_the_deadline() {
+    type IsExpected = fn(&PluginError) -> bool;
+    let cases: &[(&str, IsExpected)] = &[
+        ("trap", |e| matches!(e, PluginError::Trap(_))),
+        ("loop", |e| matches!(e, PluginError::Timeout(50))),
+        ("alloc", |e| matches!(e, PluginError::MemoryLimit(_))),
+    ];
+    for (mode, expected) in cases {
+        let bad = misbehaving(mode, FailurePolicy::FailOpen).expect("loads");
+        for attempt in 0..3 {
+            let started = Instant::now();
+            let err = bad.score(&request("r", ""), &idle(3), &[]).expect_err("must fail");
+            assert!(expected(&err), "{mode} attempt {attempt}: unexpected error {err:?}");
+            assert!(started.elapsed() < PROMPT, "{mode}: took {:?}", started.elapsed());
+        }
+    }
+}
+
+#[test]
+fn the_host_keeps_serving_around_a_failing_scorer() {
+    for mode in ["trap", "loop", "alloc", "nan", "short"] {
+        let profile = profile_with(misbehaving(mode, FailurePolicy::FailOpen).unwrap());
+        for i in 0..3 {
+            let d = profile.schedule(&request(&format!("r{i}"), ""), &busy_metrics()).unwrap();
+            // The bad scorer contributes nothing; the queue scorer decides.
+            assert_eq!(d.targets, vec![1], "{mode}");
+            assert_eq!(d.total_scores, vec![0.5, 1.0, 0.0], "{mode}");
+        }
+    }
+}
+
+#[test]
+fn fail_closed_turns_a_failure_into_a_scheduling_error() {
+    let profile = profile_with(misbehaving("trap", FailurePolicy::FailClosed).unwrap());
+    match profile.schedule(&request("r", ""), &busy_metrics()) {
+        Err(ScheduleError::PluginFailed { plugin, error: PluginError::Trap(_) }) => {
+            assert_eq!(plugin, "misbehaving-trap")
+        }
+        other => panic!("expected a plugin failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_well_behaved_twin_scores_after_a_neighbour_traps() {
+    // The same component, configured differently, is an independent instance.
+    let ok = misbehaving("ok", FailurePolicy::FailOpen).unwrap();
+    let bad = misbehaving("trap", FailurePolicy::FailOpen).unwrap();
+    assert!(bad.score(&request("r", ""), &idle(2), &[]).is_err());
+    assert_eq!(ok.score(&request("r", ""), &idle(2), &[]).unwrap(), vec![0.5, 0.5]);
+}
+
+#[test]
+fn bad_components_are_rejected_at_load_with_a_reason() {
+    let err = misbehaving("reject", FailurePolicy::FailOpen).err().expect("rejected");
+    assert!(err.to_string().contains("refuses every configuration"), "{err}");
+
+    let err = runtime().load("junk", b"not wasm at all", "{}", sandbox(), FailurePolicy::FailOpen).err().unwrap();
+    assert!(matches!(err, LoadError::Compile(_)), "{err}");
+
+    // A core module (not a component) is not a plugin either.
+    let core_module = b"\0asm\x01\0\0\0";
+    let err = runtime().load("core", core_module, "{}", sandbox(), FailurePolicy::FailOpen).err().unwrap();
+    assert!(matches!(err, LoadError::Compile(_)), "{err}");
+}
