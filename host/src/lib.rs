@@ -1,7 +1,15 @@
-//! The endpoint picker (EPP) library: configuration, the pure scheduler, and the wasm
-//! plugin runtime. `main.rs` is a thin shell over it.
+//! The endpoint picker (EPP) library: configuration, endpoint discovery, the datastore, the
+//! pure scheduler, the wasm plugin runtime and the Envoy ext_proc service. `main.rs` is a
+//! thin shell over `server`.
 
 pub mod config;
+pub mod datastore;
+pub mod discovery;
+pub mod ext_proc;
 pub mod loader;
+pub mod request;
+pub mod routing;
 pub mod scheduler;
+pub mod server;
+pub mod usage;
 pub mod wasm;

@@ -1,1 +1,116 @@
-fn main() {}
+//! The `epp` binary: parses the upstream EPP's flags, sets up logging and runs the server
+//! until SIGTERM or Ctrl-C. Everything else lives in the library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use epp::server::{ConfigSource, Options};
+
+/// The llm-d endpoint picker for deployments without Kubernetes, with WebAssembly plugins.
+#[derive(Parser, Debug)]
+#[command(name = "epp", version, about)]
+struct Flags {
+    /// Port of the Envoy ext_proc gRPC service (also serves gRPC health).
+    #[arg(long, default_value_t = 9002)]
+    grpc_port: u16,
+    /// Port of the gRPC health service.
+    #[arg(long, default_value_t = 9003)]
+    grpc_health_port: u16,
+    /// Port of the Prometheus metrics endpoint.
+    #[arg(long, default_value_t = 9090)]
+    metrics_port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    /// EndpointPickerConfig file (YAML). Without it (and without --config-text) the built-in
+    /// optimized baseline is used.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// EndpointPickerConfig as text.
+    #[arg(long)]
+    config_text: Option<String>,
+    /// Serve ext_proc over TLS. Only plaintext is available in this build; Envoy and the
+    /// EPP should then share a host or a trusted network.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    secure_serving: bool,
+    /// Name of the pool (a label on logs and metrics here).
+    #[arg(long, default_value = "epp")]
+    pool_name: String,
+    /// Namespace of the pool (a label on logs and metrics here).
+    #[arg(long, default_value = "default")]
+    pool_namespace: String,
+    /// Accepted for compatibility: gRPC health is always served, on both gRPC ports.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    health_checking: bool,
+    /// Largest request body buffered, in bytes; larger requests get 413.
+    #[arg(long, default_value_t = epp::ext_proc::DEFAULT_MAX_BODY_BYTES)]
+    max_request_body_bytes: usize,
+    /// Log verbosity: 1 warnings, 2 info (default), 3-4 debug, 5+ trace. RUST_LOG overrides.
+    #[arg(long = "v", default_value_t = 2)]
+    verbosity: u8,
+}
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    init_logging(flags.verbosity);
+    if flags.secure_serving {
+        bail!("--secure-serving=true is not available in this build; run with --secure-serving=false");
+    }
+    let config = match (flags.config_file, flags.config_text) {
+        (Some(_), Some(_)) => bail!("give either --config-file or --config-text, not both"),
+        (Some(path), None) => ConfigSource::File(path),
+        (None, Some(text)) => ConfigSource::Text(text),
+        (None, None) => ConfigSource::Default,
+    };
+    let opts = Options {
+        bind: flags.bind_address,
+        grpc_port: flags.grpc_port,
+        grpc_health_port: flags.grpc_health_port,
+        config,
+        max_body_bytes: flags.max_request_body_bytes,
+        pool_name: flags.pool_name,
+        pool_namespace: flags.pool_namespace,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(async {
+        epp::server::run(opts, shutdown_signal()).await.context("epp failed")
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn init_logging(v: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match v {
+        0 | 1 => "warn",
+        2 => "info",
+        3 | 4 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},wasmtime=warn,cranelift=warn,h2=warn,tower=warn,hyper=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}

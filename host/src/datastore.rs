@@ -1,0 +1,239 @@
+//! The endpoint pool and each endpoint's latest metrics, shared by discovery (writer),
+//! the metrics scrapers (writers of their endpoint's cell) and the request path (reader).
+//!
+//! Readers take an immutable `PoolSnapshot` (an `Arc` swapped atomically), so a request
+//! never waits on discovery or scraping and sees one consistent pool for its whole cycle.
+//! Endpoint ids are stable for an endpoint's identity — `namespace/name` at one address
+//! and port — so plugin state keyed by id (the prefix index) survives relabelling, and an
+//! endpoint that moves is a new endpoint. This module does no I/O.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use llmd_plugin_sdk::{EndpointInfo, Metrics};
+
+use crate::discovery::EndpointSpec;
+
+/// Latest scraped values of one endpoint. Written by its scraper, read by requests; each
+/// value is an atomic so neither side ever blocks. NaN means unknown.
+#[derive(Debug)]
+pub struct MetricsCell {
+    waiting: AtomicU32,
+    running: AtomicU32,
+    kv_usage: AtomicU32,
+    /// Milliseconds since `Datastore::epoch` of the last successful scrape; 0 = never.
+    updated_ms: AtomicU64,
+}
+
+impl Default for MetricsCell {
+    fn default() -> Self {
+        MetricsCell {
+            waiting: AtomicU32::new(f32::NAN.to_bits()),
+            running: AtomicU32::new(f32::NAN.to_bits()),
+            kv_usage: AtomicU32::new(f32::NAN.to_bits()),
+            updated_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One reading of an endpoint's load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reading {
+    pub waiting: f32,
+    pub running: f32,
+    pub kv_usage: f32,
+}
+
+impl MetricsCell {
+    fn load(&self) -> (Reading, u64) {
+        let f = |a: &AtomicU32| f32::from_bits(a.load(Ordering::Relaxed));
+        (
+            Reading { waiting: f(&self.waiting), running: f(&self.running), kv_usage: f(&self.kv_usage) },
+            self.updated_ms.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// An endpoint of the current pool.
+#[derive(Debug)]
+pub struct PoolEndpoint {
+    pub id: u32,
+    pub spec: EndpointSpec,
+    pub info: EndpointInfo,
+    pub metrics: Arc<MetricsCell>,
+}
+
+impl PoolEndpoint {
+    /// Where requests go.
+    pub fn target(&self) -> SocketAddr {
+        self.spec.target()
+    }
+}
+
+/// The pool as one request sees it.
+#[derive(Debug, Default)]
+pub struct PoolSnapshot {
+    /// Bumped on every published change; 0 = never loaded.
+    pub generation: u64,
+    pub endpoints: Vec<PoolEndpoint>,
+}
+
+impl PoolSnapshot {
+    pub fn by_id(&self, id: u32) -> Option<&PoolEndpoint> {
+        self.endpoints.iter().find(|e| e.id == id)
+    }
+
+    pub fn infos(&self) -> Vec<EndpointInfo> {
+        self.endpoints.iter().map(|e| e.info.clone()).collect()
+    }
+}
+
+/// What a pool update changed, by endpoint key.
+#[derive(Debug, Default, PartialEq)]
+pub struct PoolChange {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub updated: Vec<String>,
+}
+
+impl PoolChange {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty()
+    }
+}
+
+pub struct Datastore {
+    pool: ArcSwap<PoolSnapshot>,
+    /// Serialises writers; readers never take it.
+    write: Mutex<Ids>,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Ids {
+    next: u32,
+    /// (key, target) → id, for every endpoint ever seen while it stays in the pool.
+    by_identity: HashMap<(String, SocketAddr), u32>,
+}
+
+impl Default for Datastore {
+    fn default() -> Self {
+        Datastore::new()
+    }
+}
+
+impl Datastore {
+    pub fn new() -> Self {
+        Datastore {
+            pool: ArcSwap::from_pointee(PoolSnapshot::default()),
+            write: Mutex::new(Ids::default()),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The current pool (cheap: one atomic load and an `Arc` clone).
+    pub fn snapshot(&self) -> Arc<PoolSnapshot> {
+        self.pool.load_full()
+    }
+
+    /// Whether a pool was ever published (even an empty one).
+    pub fn loaded(&self) -> bool {
+        self.pool.load().generation > 0
+    }
+
+    /// Publishes `specs` as the whole new pool, keeping ids (and metrics) of endpoints that
+    /// stay. Returns the new snapshot and what changed.
+    pub fn set_pool(&self, specs: &[EndpointSpec]) -> (Arc<PoolSnapshot>, PoolChange) {
+        let mut ids = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.pool.load_full();
+        let mut change = PoolChange::default();
+        let mut endpoints = Vec::with_capacity(specs.len());
+        let mut keep: HashMap<(String, SocketAddr), u32> = HashMap::new();
+        for spec in specs {
+            let identity = (spec.key(), spec.target());
+            let id = match ids.by_identity.get(&identity) {
+                Some(&id) => id,
+                None => {
+                    ids.next = ids.next.wrapping_add(1);
+                    ids.next
+                }
+            };
+            keep.insert(identity, id);
+            let previous = old.by_id(id);
+            match previous {
+                None => change.added.push(spec.key()),
+                Some(p) if p.spec != *spec => change.updated.push(spec.key()),
+                Some(_) => {}
+            }
+            let metrics = previous.map(|p| p.metrics.clone()).unwrap_or_default();
+            endpoints.push(PoolEndpoint { id, info: endpoint_info(id, spec), spec: spec.clone(), metrics });
+        }
+        for e in &old.endpoints {
+            if !endpoints.iter().any(|n| n.id == e.id) {
+                change.removed.push(e.spec.key());
+            }
+        }
+        ids.by_identity = keep;
+        let generation = if change.is_empty() && old.generation > 0 { old.generation } else { old.generation + 1 };
+        let snapshot = Arc::new(PoolSnapshot { generation, endpoints });
+        // Invariant: after this store, no new request can see a removed endpoint.
+        self.pool.store(snapshot.clone());
+        (snapshot, change)
+    }
+
+    /// Records a scrape of endpoint `id` (ignored if it left the pool).
+    pub fn record_metrics(&self, id: u32, reading: Reading) {
+        if let Some(e) = self.pool.load().by_id(id) {
+            let m = &e.metrics;
+            m.waiting.store(reading.waiting.to_bits(), Ordering::Relaxed);
+            m.running.store(reading.running.to_bits(), Ordering::Relaxed);
+            m.kv_usage.store(reading.kv_usage.to_bits(), Ordering::Relaxed);
+            let now = self.epoch.elapsed().as_millis() as u64;
+            m.updated_ms.store(now.max(1), Ordering::Release);
+        }
+    }
+
+    /// The scheduler's view of `endpoints` of `snapshot`: metrics columns, with values older
+    /// than `max_age_ms` (or never scraped) reported as NaN.
+    pub fn metrics_of(&self, endpoints: &[&PoolEndpoint], max_age_ms: u32) -> Metrics {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut m = Metrics {
+            ids: Vec::with_capacity(endpoints.len()),
+            waiting: Vec::with_capacity(endpoints.len()),
+            running: Vec::with_capacity(endpoints.len()),
+            kv_usage: Vec::with_capacity(endpoints.len()),
+            age_ms: Vec::with_capacity(endpoints.len()),
+        };
+        for e in endpoints {
+            let (r, updated) = e.metrics.load();
+            let age = if updated == 0 { u32::MAX } else { now.saturating_sub(updated).min(u32::MAX as u64) as u32 };
+            let fresh = age <= max_age_ms;
+            let v = |x: f32| if fresh { x } else { f32::NAN };
+            m.ids.push(e.id);
+            m.waiting.push(v(r.waiting));
+            m.running.push(v(r.running));
+            m.kv_usage.push(v(r.kv_usage));
+            m.age_ms.push(age);
+        }
+        m
+    }
+}
+
+fn endpoint_info(id: u32, spec: &EndpointSpec) -> EndpointInfo {
+    let labels: BTreeMap<&String, &String> = spec.labels.iter().collect();
+    EndpointInfo {
+        id,
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        address: spec.address.to_string(),
+        port: spec.port,
+        labels: labels.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        max_lora: None,
+        running_adapters: Vec::new(),
+        waiting_adapters: Vec::new(),
+    }
+}

@@ -1,0 +1,600 @@
+//! `FileDiscovery`: loads the endpoints file once, then (with `watchFile`) keeps following it.
+//!
+//! It owns the `notify` watcher and one std thread that reloads the file, so it works with
+//! or without a tokio runtime and never blocks one. It publishes whole sets through the
+//! caller's callback and the `endpoints()` snapshot, and counts reloads; it does not decide
+//! anything about the endpoints themselves.
+//!
+//! The watch is on the file's *directory*, because the usual ways of replacing a file
+//! swap its inode: `mv endpoints.yaml.tmp endpoints.yaml`, or Kubernetes ConfigMap volumes,
+//! where `endpoints.yaml -> ..data/endpoints.yaml` and the `..data` symlink is renamed over.
+//! A watch on the file itself would stay on the old inode. Events on the file's own name
+//! always trigger a re-read; events on other names do only while the path is a symlink (the
+//! ConfigMap case). Every re-read compares the bytes with the last ones processed, so
+//! spurious events cost one read and nothing else. Not seen: in-place edits to a symlink's
+//! target when that target lives outside the watched directory.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use tracing::{debug, error, info, warn};
+
+use super::file::{parse_bytes, read_file, with_path};
+use super::{DiscoveryError, EndpointSpec, FileDiscoveryParams, Parsed, diff};
+
+/// A burst of events (a write is open, modify×n, close) is over after this much quiet.
+const QUIET: Duration = Duration::from_millis(20);
+/// A steady stream of events must not postpone a reload forever: changes are applied
+/// within this (plus one read and parse), well inside the 100 ms we promise.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
+
+/// Reload counters, a snapshot of the live ones (Prometheus export reads these).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscoveryStats {
+    /// Reloads that published a different endpoint set.
+    pub reloads_applied: u64,
+    /// Reloads that kept the last good set because the file was unreadable or invalid.
+    pub reloads_rejected: u64,
+    /// Why the file on disk is currently rejected; `None` once a good file is read again.
+    pub last_error: Option<String>,
+}
+
+type OnUpdate = Box<dyn Fn(Arc<Vec<EndpointSpec>>) + Send + Sync>;
+
+/// A running file discovery. Dropping it (or `stop()`) ends the watch.
+pub struct FileDiscovery {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    watch: Option<Watch>,
+}
+
+/// What the handle and the reload thread both see.
+struct Shared {
+    current: ArcSwap<Vec<EndpointSpec>>,
+    stats: Mutex<DiscoveryStats>,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, DiscoveryStats> {
+        // The counters stay meaningful even if a holder panicked: they are plain numbers.
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl FileDiscovery {
+    /// Loads `params.path` (failing with the path and reason if it is unreadable or
+    /// invalid), calls `on_update` with the initial set, and, with `watchFile`, starts
+    /// watching. `on_update` is later called from the reload thread, only when the set
+    /// changed, never concurrently with itself.
+    pub fn start(
+        params: FileDiscoveryParams,
+        on_update: impl Fn(Arc<Vec<EndpointSpec>>) + Send + Sync + 'static,
+    ) -> Result<Self, DiscoveryError> {
+        let path = params.path;
+        let bytes = read_file(&path)?;
+        let parsed = parse_bytes(&bytes).map_err(|e| with_path(e, &path))?;
+        log_entry_problems(&path, &parsed);
+        let set = Arc::new(parsed.endpoints);
+        info!(path = %path.display(), endpoints = set.len(), watch = params.watch_file, "endpoints file loaded");
+        let shared = Arc::new(Shared { current: ArcSwap::new(set.clone()), stats: Mutex::default() });
+        on_update(set);
+        let watch = match params.watch_file {
+            true => Some(Watch::start(&path, bytes, shared.clone(), Box::new(on_update))?),
+            false => None,
+        };
+        Ok(Self { path, shared, watch })
+    }
+
+    /// The set last handed to `on_update`.
+    pub fn endpoints(&self) -> Arc<Vec<EndpointSpec>> {
+        self.shared.current.load_full()
+    }
+
+    pub fn stats(&self) -> DiscoveryStats {
+        self.shared.stats().clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True while a watcher is running (only with `watchFile`, until `stop()`).
+    pub fn is_watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// Stops watching and waits for an in-progress reload to finish, so `on_update` is
+    /// not called after this returns (unless called from within `on_update` itself).
+    pub fn stop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.stop();
+            info!(path = %self.path.display(), "stopped watching the endpoints file");
+        }
+    }
+}
+
+impl Drop for FileDiscovery {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Msg {
+    Fs(notify::Result<notify::Event>),
+    Stop,
+}
+
+struct Watch {
+    // Invariant: `Some` until `stop`, which drops it first so no event arrives after `Stop`.
+    watcher: Option<RecommendedWatcher>,
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(path: &Path, initial: Vec<u8>, shared: Arc<Shared>, on_update: OnUpdate) -> Result<Self, DiscoveryError> {
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| DiscoveryError::Watch(format!("{} does not name a file", path.display())))?
+            .to_os_string();
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (tx, rx) = mpsc::channel();
+        let events = tx.clone();
+        // notify calls this on its own thread; sending never blocks, and a send after the
+        // worker ended has no one to tell.
+        let mut watcher = notify::recommended_watcher(move |event| {
+            let _ = events.send(Msg::Fs(event));
+        })
+        .map_err(|e| DiscoveryError::Watch(format!("cannot create a file watcher: {e}")))?;
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| DiscoveryError::Watch(format!("cannot watch directory {}: {e}", dir.display())))?;
+        let worker =
+            Worker { path: path.to_path_buf(), file_name, rx, seen: Seen::Bytes(initial), shared, on_update };
+        let thread = std::thread::Builder::new()
+            .name("epp-discovery".into())
+            .spawn(move || worker.run())
+            .map_err(|e| DiscoveryError::Watch(format!("cannot start the reload thread: {e}")))?;
+        info!(path = %path.display(), dir = %dir.display(), "watching the endpoints file");
+        Ok(Self { watcher: Some(watcher), tx, thread: Some(thread) })
+    }
+
+    fn stop(mut self) {
+        drop(self.watcher.take());
+        // The worker may already have ended (it panicked in `on_update`); nothing to tell.
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(thread) = self.thread.take() {
+            // Joining ourselves would deadlock: `on_update` dropped the handle.
+            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
+                error!("the endpoints reload thread panicked");
+            }
+        }
+    }
+}
+
+/// The last file state the worker acted on, to tell a real change from a repeated event.
+enum Seen {
+    Bytes(Vec<u8>),
+    ReadError(String),
+}
+
+struct Worker {
+    path: PathBuf,
+    file_name: OsString,
+    rx: mpsc::Receiver<Msg>,
+    seen: Seen,
+    shared: Arc<Shared>,
+    on_update: OnUpdate,
+}
+
+impl Worker {
+    fn run(mut self) {
+        // The file may have changed between the initial read and the watch starting.
+        self.check();
+        loop {
+            match self.rx.recv() {
+                Ok(Msg::Fs(event)) if self.concerns_file(&event) => {}
+                Ok(Msg::Fs(_)) => continue,
+                Ok(Msg::Stop) | Err(_) => return,
+            }
+            if !self.debounce() {
+                return;
+            }
+            self.check();
+        }
+    }
+
+    /// Waits for a burst of events to settle; false when asked to stop.
+    fn debounce(&self) -> bool {
+        let start = Instant::now();
+        loop {
+            let left = MAX_DEBOUNCE.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return true;
+            }
+            match self.rx.recv_timeout(QUIET.min(left)) {
+                Ok(Msg::Fs(_)) => continue,
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) => return true,
+            }
+        }
+    }
+
+    fn concerns_file(&self, event: &notify::Result<notify::Event>) -> bool {
+        let event = match event {
+            Ok(event) => event,
+            // Lost events (queue overflow) or a backend error: the file may have changed.
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "file watcher error; re-reading the endpoints file");
+                return true;
+            }
+        };
+        match event.kind {
+            // Opens and reads, ours included, change nothing; a close after writing does.
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return false,
+            _ => {}
+        }
+        if event.paths.is_empty() || event.need_rescan() {
+            return true;
+        }
+        if event.paths.iter().any(|p| p.file_name() == Some(self.file_name.as_os_str())) {
+            return true;
+        }
+        // A symlinked file changes when any link on the way to it is swapped, and those
+        // links have other names (`..data`).
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_symlink())
+    }
+
+    /// Re-reads the file and acts on it if it differs from what was last seen.
+    fn check(&mut self) {
+        match read_file(&self.path) {
+            Ok(bytes) => {
+                if matches!(&self.seen, Seen::Bytes(prev) if *prev == bytes) {
+                    debug!(path = %self.path.display(), "endpoints file event without a content change");
+                    return;
+                }
+                info!(path = %self.path.display(), "endpoints file changed, reloading");
+                let parsed = parse_bytes(&bytes).map_err(|e| with_path(e, &self.path));
+                self.seen = Seen::Bytes(bytes);
+                match parsed {
+                    Ok(parsed) => self.apply(parsed),
+                    Err(e) => self.reject(&e),
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                // A missing file (say, mid `rm` + re-create) is reported once, not per event.
+                if matches!(&self.seen, Seen::ReadError(prev) if *prev == reason) {
+                    return;
+                }
+                self.seen = Seen::ReadError(reason);
+                self.reject(&e);
+            }
+        }
+    }
+
+    fn apply(&self, parsed: Parsed) {
+        log_entry_problems(&self.path, &parsed);
+        let old = self.shared.current.load_full();
+        let change = diff(&old, &parsed.endpoints);
+        self.shared.stats().last_error = None;
+        if change.is_empty() {
+            info!(path = %self.path.display(), endpoints = old.len(), "endpoints unchanged");
+            return;
+        }
+        let set = Arc::new(parsed.endpoints);
+        self.shared.current.store(set.clone());
+        self.shared.stats().reloads_applied += 1;
+        info!(path = %self.path.display(), endpoints = set.len(), "endpoints updated: {change}");
+        (self.on_update)(set);
+    }
+
+    fn reject(&self, e: &DiscoveryError) {
+        let reason = e.to_string();
+        let kept = self.shared.current.load().len();
+        warn!(path = %self.path.display(), kept, "endpoints file rejected, keeping the last good endpoints: {reason}");
+        let mut stats = self.shared.stats();
+        stats.reloads_rejected += 1;
+        stats.last_error = Some(reason);
+    }
+}
+
+fn log_entry_problems(path: &Path, parsed: &Parsed) {
+    for reason in &parsed.skipped {
+        warn!(path = %path.display(), "endpoint skipped: {reason}");
+    }
+    for warning in &parsed.warnings {
+        warn!(path = %path.display(), "endpoints file: {warning}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const DEADLINE: Duration = Duration::from_secs(5);
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("epp-discovery-{}-{tag}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write_atomic(path: &Path, text: &str) {
+        let tmp = path.with_file_name(format!("{}.tmp", path.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// One line per endpoint, `name@ip:port{k=v,…}`, sorted: what a test expects to see.
+    fn render(set: &[EndpointSpec]) -> Vec<String> {
+        let mut lines: Vec<String> = set
+            .iter()
+            .map(|e| {
+                let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("{}@{}{{{}}}", e.name, e.target(), labels.join(","))
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    fn start(path: &Path, watch_file: bool) -> (FileDiscovery, mpsc::Receiver<Arc<Vec<EndpointSpec>>>) {
+        let (tx, rx) = mpsc::channel();
+        let params = FileDiscoveryParams { path: path.to_path_buf(), watch_file };
+        let discovery = FileDiscovery::start(params, move |set| {
+            let _ = tx.send(set);
+        })
+        .unwrap();
+        (discovery, rx)
+    }
+
+    fn next_update(rx: &mpsc::Receiver<Arc<Vec<EndpointSpec>>>, context: &str) -> Vec<String> {
+        match rx.recv_timeout(DEADLINE) {
+            Ok(set) => render(&set),
+            Err(e) => panic!("{context}: no update within {DEADLINE:?} ({e})"),
+        }
+    }
+
+    fn wait_for_stats(d: &FileDiscovery, context: &str, done: impl Fn(&DiscoveryStats) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !done(&d.stats()) {
+            assert!(Instant::now() < deadline, "{context}: stats never matched: {:?}", d.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    const A: &str = "endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n";
+    const AB: &str = "endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n\
+                      - {name: b, address: 127.0.0.2, port: '8000'}\n";
+    const BA: &str = "endpoints:\n- {name: b, address: 127.0.0.2, port: 8000}\n\
+                      - {name: a, address: 127.0.0.1, port: 8000}\n";
+    const AB_RELABELLED: &str = "endpoints:\n- {name: a, address: 127.0.0.1, port: 8000, labels: {model: m}}\n\
+                                 - {name: b, address: 127.0.0.2, port: 8000}\n";
+    const B_MOVED: &str = "endpoints:\n- {name: b, address: 127.0.0.3, port: 9000}\n";
+    const EMPTY_POOL: &str = "endpoints: []\n";
+
+    enum Step {
+        /// Write to a temp file and rename it over the endpoints file.
+        Atomic(&'static str),
+        /// Truncate and write the endpoints file in place.
+        InPlace(&'static str),
+        /// The next `on_update` carries exactly these endpoints (rendered).
+        Update(&'static [&'static str]),
+        /// `reloads_rejected` reaches this, and the published set is still these endpoints.
+        Rejected(u64, &'static [&'static str]),
+    }
+    use Step::*;
+
+    const ONLY_A: &[&str] = &["a@127.0.0.1:8000{}"];
+    const BOTH: &[&str] = &["a@127.0.0.1:8000{}", "b@127.0.0.2:8000{}"];
+
+    #[test]
+    fn watch_scenarios() {
+        let cases: Vec<(&str, Vec<Step>, DiscoveryStats)> = vec![
+            (
+                "atomic rename: add, relabel, move+remove, empty pool",
+                vec![
+                    Atomic(AB),
+                    Update(BOTH),
+                    Atomic(AB_RELABELLED),
+                    Update(&["a@127.0.0.1:8000{model=m}", "b@127.0.0.2:8000{}"]),
+                    Atomic(B_MOVED),
+                    Update(&["b@127.0.0.3:9000{}"]),
+                    Atomic(EMPTY_POOL),
+                    Update(&[]),
+                ],
+                DiscoveryStats { reloads_applied: 4, reloads_rejected: 0, last_error: None },
+            ),
+            ("in-place write", vec![InPlace(AB), Update(BOTH)], DiscoveryStats::default()),
+            (
+                // If these produced updates, the next update seen would not be B_MOVED's.
+                "same content, reordered content and comments are not updates",
+                vec![Atomic(A), Atomic("# same\nendpoints: [{name: a, address: 127.0.0.1, port: 8000}]\n")]
+                    .into_iter()
+                    .chain([Atomic(AB), Update(BOTH), Atomic(BA), Atomic(B_MOVED), Update(&["b@127.0.0.3:9000{}"])])
+                    .collect(),
+                DiscoveryStats { reloads_applied: 2, reloads_rejected: 0, last_error: None },
+            ),
+            (
+                "invalid YAML keeps the set, then the fix applies",
+                vec![Atomic("endpoints: [\n"), Rejected(1, ONLY_A), Atomic(AB), Update(BOTH)],
+                DiscoveryStats { reloads_applied: 1, reloads_rejected: 1, last_error: None },
+            ),
+            (
+                "truncated (empty) file keeps the set",
+                vec![InPlace(""), Rejected(1, ONLY_A), Atomic(AB), Update(BOTH)],
+                DiscoveryStats { reloads_applied: 1, reloads_rejected: 1, last_error: None },
+            ),
+            (
+                "missing key and all-invalid entries keep the set",
+                vec![
+                    Atomic("other: []\n"),
+                    Rejected(1, ONLY_A),
+                    Atomic("endpoints: [{name: a, address: localhost, port: 80}]\n"),
+                    Rejected(2, ONLY_A),
+                    Atomic(AB),
+                    Update(BOTH),
+                ],
+                DiscoveryStats { reloads_applied: 1, reloads_rejected: 2, last_error: None },
+            ),
+        ];
+        for (case, steps, want_stats) in cases {
+            let dir = TempDir::new("scenario");
+            let path = dir.0.join("endpoints.yaml");
+            std::fs::write(&path, A).unwrap();
+            let (mut d, rx) = start(&path, true);
+            assert!(d.is_watching(), "{case}");
+            assert_eq!(next_update(&rx, case), ONLY_A, "{case}: initial set");
+            for (i, step) in steps.iter().enumerate() {
+                let context = format!("{case}, step {i}");
+                match step {
+                    Atomic(text) => write_atomic(&path, text),
+                    InPlace(text) => std::fs::write(&path, text).unwrap(),
+                    Update(want) => {
+                        assert_eq!(next_update(&rx, &context), *want, "{context}");
+                        assert_eq!(render(&d.endpoints()), *want, "{context}: endpoints()");
+                    }
+                    Rejected(n, kept) => {
+                        wait_for_stats(&d, &context, |s| s.reloads_rejected >= *n);
+                        let stats = d.stats();
+                        assert_eq!(stats.reloads_rejected, *n, "{context}");
+                        assert!(stats.last_error.is_some_and(|e| e.contains("endpoints.yaml")), "{context}");
+                        assert_eq!(render(&d.endpoints()), *kept, "{context}: kept set");
+                    }
+                }
+            }
+            d.stop();
+            assert!(!d.is_watching(), "{case}");
+            // After stop the callback (and its sender) is gone: no update was left unseen.
+            let extra: Vec<_> = rx.try_iter().map(|s| render(&s)).collect();
+            assert!(extra.is_empty(), "{case}: unexpected updates {extra:?}");
+            assert!(matches!(rx.try_recv(), Err(mpsc::TryRecvError::Disconnected)), "{case}: callback not dropped");
+            let stats = d.stats();
+            // In-place writes may be read half-done (empty), which is rightly rejected; only
+            // the atomic scenarios pin the rejection count.
+            if case != "in-place write" {
+                assert_eq!(stats, want_stats, "{case}");
+            }
+        }
+    }
+
+    /// Kubernetes ConfigMap volumes: `endpoints.yaml -> ..data/endpoints.yaml`, and an
+    /// update renames a new `..data` symlink over the old one.
+    #[cfg(unix)]
+    #[test]
+    fn symlink_swap_is_seen() {
+        use std::os::unix::fs::symlink;
+        let dir = TempDir::new("symlink");
+        let root = &dir.0;
+        let publish = |version: &str, text: &str| {
+            std::fs::create_dir(root.join(version)).unwrap();
+            std::fs::write(root.join(version).join("endpoints.yaml"), text).unwrap();
+            symlink(version, root.join("..data_tmp")).unwrap();
+            std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        };
+        publish("..v1", A);
+        symlink("..data/endpoints.yaml", root.join("endpoints.yaml")).unwrap();
+        let (mut d, rx) = start(&root.join("endpoints.yaml"), true);
+        assert_eq!(next_update(&rx, "initial"), ONLY_A);
+
+        publish("..v2", AB);
+        assert_eq!(next_update(&rx, "first swap"), BOTH);
+        std::fs::remove_dir_all(root.join("..v1")).unwrap();
+        publish("..v3", B_MOVED);
+        assert_eq!(next_update(&rx, "second swap"), ["b@127.0.0.3:9000{}"]);
+        d.stop();
+        assert_eq!(d.stats(), DiscoveryStats { reloads_applied: 2, reloads_rejected: 0, last_error: None });
+    }
+
+    #[test]
+    fn without_watch_file_loads_once() {
+        let dir = TempDir::new("nowatch");
+        let path = dir.0.join("endpoints.yaml");
+        std::fs::write(&path, AB).unwrap();
+        let (d, rx) = start(&path, false);
+        assert!(!d.is_watching());
+        // The initial update happened before `start` returned.
+        assert_eq!(render(&rx.try_recv().unwrap()), BOTH);
+        assert_eq!(render(&d.endpoints()), BOTH);
+        assert_eq!(d.path(), path);
+        drop(d);
+        assert!(matches!(rx.try_recv(), Err(mpsc::TryRecvError::Disconnected)));
+    }
+
+    #[test]
+    fn start_fails_with_path_and_reason() {
+        let dir = TempDir::new("startfail");
+        std::fs::write(dir.0.join("empty.yaml"), "").unwrap();
+        std::fs::write(dir.0.join("bad.yaml"), "endpoints: {").unwrap();
+        // (file, watchFile, fragment of the error)
+        let cases = [
+            ("missing.yaml", false, "cannot read endpoints file"),
+            ("missing.yaml", true, "cannot read endpoints file"),
+            ("empty.yaml", true, "empty"),
+            ("bad.yaml", false, "not valid YAML"),
+        ];
+        for (file, watch_file, want) in cases {
+            let params = FileDiscoveryParams { path: dir.0.join(file), watch_file };
+            let called = Arc::new(AtomicUsize::new(0));
+            let counter = called.clone();
+            let err = match FileDiscovery::start(params, move |_| {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }) {
+                Ok(_) => panic!("{file}: start should fail"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(file) && err.contains(want), "{file}: {err:?} lacks {want:?}");
+            assert_eq!(called.load(Ordering::Relaxed), 0, "{file}: on_update called");
+        }
+    }
+
+    #[test]
+    fn works_inside_a_tokio_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = TempDir::new("tokio");
+        let path = dir.0.join("endpoints.yaml");
+        std::fs::write(&path, A).unwrap();
+        // A current-thread runtime has no spare worker: were reloads run on it, this test
+        // would see no update while the runtime's only thread waits below.
+        runtime.block_on(async {
+            let (d, rx) = start(&path, true);
+            assert_eq!(next_update(&rx, "initial"), ONLY_A);
+            write_atomic(&path, AB);
+            assert_eq!(next_update(&rx, "after change"), BOTH);
+            drop(d);
+        });
+    }
+
+    #[test]
+    fn handle_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<FileDiscovery>();
+    }
+}

@@ -1,0 +1,167 @@
+//! Wires the EPP together and runs it: config → scheduler (wasm plugins) → datastore fed by
+//! file discovery → the ext_proc gRPC server (with gRPC health on the same port, as the
+//! upstream Envoy config checks it there) and a separate gRPC health server.
+//!
+//! Health reports NOT_SERVING until the first endpoint set is loaded. It owns start-up and
+//! shutdown order; the request path lives in `ext_proc` and `routing`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::config::{ConfigError, PickerConfig};
+use crate::datastore::Datastore;
+use crate::discovery::{DiscoveryError, FileDiscovery, FileDiscoveryParams};
+use crate::ext_proc::{self, ExtProc};
+use crate::loader::{self, BuildError};
+use crate::routing::Router;
+use crate::wasm::{LoadError, WasmRuntime};
+
+/// Where the config comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Text(String),
+    Default,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub bind: IpAddr,
+    pub grpc_port: u16,
+    pub grpc_health_port: u16,
+    pub config: ConfigSource,
+    pub max_body_bytes: usize,
+    pub pool_name: String,
+    pub pool_namespace: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot build the scheduler: {0}")]
+    Build(#[from] BuildError),
+    #[error("cannot start the wasm runtime: {0}")]
+    Runtime(#[from] LoadError),
+    #[error("endpoint discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error(
+        "the config has no discovery plugin; add `- type: file-discovery` with `parameters: {{path: endpoints.yaml}}`"
+    )]
+    NoDiscovery,
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("gRPC server on {addr} failed: {error}")]
+    Serve { addr: SocketAddr, error: tonic::transport::Error },
+}
+
+/// Loads the config named by `source`; relative paths in it resolve against its folder
+/// (or the working directory for text and the built-in default).
+pub fn load_config(source: &ConfigSource) -> Result<(PickerConfig, Option<PathBuf>), ConfigError> {
+    let (config, base) = match source {
+        ConfigSource::File(path) => (PickerConfig::from_file(path)?, path.parent().map(|p| p.to_path_buf())),
+        ConfigSource::Text(text) => (PickerConfig::parse(text, None)?, None),
+        ConfigSource::Default => (PickerConfig::default_config()?, None),
+    };
+    for w in &config.warnings {
+        warn!("config: {w}");
+    }
+    Ok((config, base))
+}
+
+/// Runs the EPP until `shutdown` resolves.
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    let (config, base_dir) = load_config(&opts.config)?;
+    let runtime = WasmRuntime::new()?;
+    let profile = loader::build_profile(&runtime, &config)?;
+    let datastore = Arc::new(Datastore::new());
+    let router = Arc::new(Router::new(datastore.clone(), profile));
+
+    let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
+    let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
+    let (loaded_tx, mut loaded_rx) = watch::channel(false);
+    let on_update = {
+        let router = router.clone();
+        move |specs: Arc<Vec<crate::discovery::EndpointSpec>>| {
+            let (snapshot, change) = router.datastore().set_pool(&specs);
+            if !change.is_empty() {
+                info!(
+                    generation = snapshot.generation,
+                    endpoints = snapshot.endpoints.len(),
+                    added = ?change.added,
+                    removed = ?change.removed,
+                    updated = ?change.updated,
+                    "endpoint pool published"
+                );
+                router.scheduler().pool_changed(snapshot.generation, &snapshot.infos());
+            }
+            loaded_tx.send_replace(true);
+        }
+    };
+    info!(path = %params.path.display(), watch = params.watch_file, "starting file discovery");
+    let discovery = FileDiscovery::start(params, on_update)?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in ["", ext_proc::SERVICE_NAME] {
+        health.set_service_status(service, ServingStatus::NotServing).await;
+    }
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            if loaded_rx.wait_for(|loaded| *loaded).await.is_ok() {
+                for service in ["", ext_proc::SERVICE_NAME] {
+                    health.set_service_status(service, ServingStatus::Serving).await;
+                }
+                info!("endpoints loaded; health is SERVING");
+            }
+        });
+    }
+
+    let grpc_addr = SocketAddr::new(opts.bind, opts.grpc_port);
+    let health_addr = SocketAddr::new(opts.bind, opts.grpc_health_port);
+    let grpc_listener = bind(grpc_addr).await?;
+    let health_listener = bind(health_addr).await?;
+    info!(
+        ext_proc = %grpc_listener.local_addr().unwrap_or(grpc_addr),
+        health = %health_listener.local_addr().unwrap_or(health_addr),
+        pool = %format!("{}/{}", opts.pool_namespace, opts.pool_name),
+        "EPP listening"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_tx.send_replace(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let ext_proc = ExtProc::new(router.clone(), opts.max_body_bytes).into_server();
+    let main_server = tonic::transport::Server::builder()
+        .add_service(health_service.clone())
+        .add_service(ext_proc)
+        .serve_with_incoming_shutdown(incoming(grpc_listener), stopped(stop_rx.clone()));
+    let health_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(incoming(health_listener), stopped(stop_rx));
+    let (a, b) = tokio::join!(main_server, health_server);
+    drop(discovery);
+    a.map_err(|error| ServerError::Serve { addr: grpc_addr, error })?;
+    b.map_err(|error| ServerError::Serve { addr: health_addr, error })?;
+    info!("EPP stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|error| ServerError::Bind { addr, error })
+}
+
+fn incoming(listener: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
