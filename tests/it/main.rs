@@ -4,5 +4,8 @@
 mod common;
 mod config_parse;
 mod default_profile;
+mod e2e_churn;
+mod e2e_routing;
 mod plugins;
 mod sandbox;
+mod stack;

@@ -85,7 +85,9 @@ mod tests {
         let mut a_metrics = a.clone();
         a_metrics.metrics_port = Some(9000);
         // (case, old, new, added, removed, changed, display)
-        let cases: Vec<(&str, Vec<EndpointSpec>, Vec<EndpointSpec>, &[&str], &[&str], &[&str], &str)> = vec![
+        type Keys = &'static [&'static str];
+        type Case = (&'static str, Vec<EndpointSpec>, Vec<EndpointSpec>, Keys, Keys, Keys, &'static str);
+        let cases: Vec<Case> = vec![
             ("same", vec![a.clone(), b.clone()], vec![a.clone(), b.clone()], &[], &[], &[], "no change"),
             ("reordered", vec![a.clone(), b.clone()], vec![b.clone(), a.clone()], &[], &[], &[], "no change"),
             ("add", vec![a.clone()], vec![a.clone(), b.clone()], &["default/b"], &[], &[], "added default/b"),
@@ -102,7 +104,15 @@ mod tests {
                 &["default/a"],
                 "added default/b; changed default/a",
             ),
-            ("to empty", vec![a.clone(), b.clone()], vec![], &[], &["default/a", "default/b"], &[], "removed default/a, default/b"),
+            (
+                "to empty",
+                vec![a.clone(), b.clone()],
+                vec![],
+                &[],
+                &["default/a", "default/b"],
+                &[],
+                "removed default/a, default/b",
+            ),
         ];
         for (case, old, new, added, removed, changed, display) in cases {
             let d = diff(&old, &new);

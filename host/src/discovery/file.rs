@@ -251,9 +251,9 @@ fn parse_address(s: &str) -> Result<IpAddr, String> {
         // Envoy's ORIGINAL_DST cluster connects to the address exactly as we send it, so a
         // name would have to be resolved here, and re-resolved when DNS changes: that is
         // the job of whatever writes the file.
-        Err(_) if looks_like_hostname(s) => {
-            Err(format!("{s:?} is a hostname; an IPv4 or IPv6 literal is required (resolve it before writing the file)"))
-        }
+        Err(_) if looks_like_hostname(s) => Err(format!(
+            "{s:?} is a hostname; an IPv4 or IPv6 literal is required (resolve it before writing the file)"
+        )),
         Err(_) => Err(format!("{s:?} is not an IPv4 or IPv6 address")),
     }
 }
@@ -391,7 +391,10 @@ endpoints:
     port: "8000"
 "#,
                 endpoints: vec![
-                    in_ns(with_metrics(with_labels(ep("vllm-0", "10.0.0.1", 8000), &[("model", "Qwen3-32B")]), 8001), "prod"),
+                    in_ns(
+                        with_metrics(with_labels(ep("vllm-0", "10.0.0.1", 8000), &[("model", "Qwen3-32B")]), 8001),
+                        "prod",
+                    ),
                     ep("vllm-1", "10.0.0.2", 8000),
                 ],
                 skipped: &[],
@@ -401,7 +404,10 @@ endpoints:
                 name: "string and numeric ports",
                 text: "endpoints:\n- {name: a, address: 127.0.0.1, port: 8000, metricsPort: 9000}\n\
                        - {name: b, address: 127.0.0.1, port: '8001', metricsPort: '65535'}\n",
-                endpoints: vec![with_metrics(ep("a", "127.0.0.1", 8000), 9000), with_metrics(ep("b", "127.0.0.1", 8001), 65535)],
+                endpoints: vec![
+                    with_metrics(ep("a", "127.0.0.1", 8000), 9000),
+                    with_metrics(ep("b", "127.0.0.1", 8001), 65535),
+                ],
                 skipped: &[],
                 warnings: &[],
             },
@@ -476,11 +482,21 @@ endpoints:
                        - {name: a, address: 127.0.0.2, port: 80}\n\
                        - {name: a, namespace: other, address: 127.0.0.3, port: 80}\n\
                        - {name: b, address: 127.0.0.1, port: 80}\n",
-                endpoints: vec![ep("a", "127.0.0.1", 80), in_ns(ep("a", "127.0.0.3", 80), "other"), ep("b", "127.0.0.1", 80)],
+                endpoints: vec![
+                    ep("a", "127.0.0.1", 80),
+                    in_ns(ep("a", "127.0.0.3", 80), "other"),
+                    ep("b", "127.0.0.1", 80),
+                ],
                 skipped: &["endpoints[1] (a): duplicate of endpoints[0] (default/a)"],
                 warnings: &["endpoints[3] (b): same address and port as endpoints[0]"],
             },
-            Good { name: "empty list is an empty pool", text: "endpoints: []\n", endpoints: vec![], skipped: &[], warnings: &[] },
+            Good {
+                name: "empty list is an empty pool",
+                text: "endpoints: []\n",
+                endpoints: vec![],
+                skipped: &[],
+                warnings: &[],
+            },
             Good {
                 name: "JSON, with tabs",
                 text: "{\n\t\"endpoints\": [\n\t\t{\"name\": \"a\", \"address\": \"10.1.2.3\", \"port\": \"8000\", \
@@ -503,7 +519,10 @@ endpoints:
                        - {name: c, address: 127.0.0.3, port: 80, labels: [a]}\n\
                        - {name: d, address: 127.0.0.4, port: 80, labels: null}\n",
                 endpoints: vec![
-                    with_labels(ep("a", "127.0.0.1", 80), &[("canary", "true"), ("ratio", "0.5"), ("s", "x"), ("version", "2")]),
+                    with_labels(
+                        ep("a", "127.0.0.1", 80),
+                        &[("canary", "true"), ("ratio", "0.5"), ("s", "x"), ("version", "2")],
+                    ),
                     ep("d", "127.0.0.4", 80),
                 ],
                 skipped: &[
@@ -554,7 +573,9 @@ endpoints:
         ];
         for (case, text, want) in cases {
             match parse_endpoints(text) {
-                Err(DiscoveryError::Parse(reason)) => assert!(reason.contains(want), "{case}: {reason:?} lacks {want:?}"),
+                Err(DiscoveryError::Parse(reason)) => {
+                    assert!(reason.contains(want), "{case}: {reason:?} lacks {want:?}")
+                }
                 other => panic!("{case}: want a parse error containing {want:?}, got {other:?}"),
             }
         }

@@ -74,7 +74,8 @@ mod tests {
     fn params_table() {
         let base = Path::new("/etc/epp");
         // (parameters, base dir, Ok((path, watch)) or Err(field named in the error))
-        let cases: Vec<(serde_json::Value, Option<&Path>, Result<(&str, bool), &str>)> = vec![
+        type Case<'a> = (serde_json::Value, Option<&'a Path>, Result<(&'a str, bool), &'a str>);
+        let cases: Vec<Case> = vec![
             (json!({"path": "endpoints.yaml"}), Some(base), Ok(("/etc/epp/endpoints.yaml", false))),
             (json!({"path": "endpoints.yaml"}), None, Ok(("endpoints.yaml", false))),
             (json!({"path": "/abs/e.yaml", "watchFile": true}), Some(base), Ok(("/abs/e.yaml", true))),

@@ -159,8 +159,7 @@ impl Watch {
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|e| DiscoveryError::Watch(format!("cannot watch directory {}: {e}", dir.display())))?;
-        let worker =
-            Worker { path: path.to_path_buf(), file_name, rx, seen: Seen::Bytes(initial), shared, on_update };
+        let worker = Worker { path: path.to_path_buf(), file_name, rx, seen: Seen::Bytes(initial), shared, on_update };
         let thread = std::thread::Builder::new()
             .name("epp-discovery".into())
             .spawn(move || worker.run())

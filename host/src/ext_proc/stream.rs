@@ -157,7 +157,8 @@ impl StreamState {
         if h.end_of_stream {
             self.complete(None);
         }
-        vec![reply::continue_headers(true, self.id_header())]
+        // The client always learns the id its request was logged and scheduled under.
+        vec![reply::continue_headers(true, vec![reply::header("x-request-id", &self.request_id)])]
     }
 
     fn response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {

@@ -1,0 +1,107 @@
+//! End to end through real Envoy: client → Envoy → ext_proc (the `epp` binary) → the
+//! simulated worker the EPP picked.
+
+use std::time::Duration;
+
+use crate::stack::{EnvoyConfig, Reply, Stack, eventually, health_status};
+
+fn completion(prompt: &str) -> String {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4}).to_string()
+}
+
+/// Asserts the request reached the worker the EPP logged for it.
+async fn assert_routed_as_picked(stack: &Stack, r: &Reply) {
+    let id = &r.request_id;
+    assert!(!id.is_empty(), "no x-request-id in the response: {r:?}");
+    let worker = r.worker.as_deref().unwrap_or_else(|| panic!("request {id}: no x-sim-worker header"));
+    let picked = stack.routed_to(id).await;
+    assert_eq!(picked, stack.worker_by_name(worker).addr().to_string(), "request {id} went to {worker}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_kind_reaches_the_picked_worker() {
+    let stack = Stack::start(3).await;
+    let cases = [
+        ("/v1/completions", r#"{"model":"m","prompt":"hello there","max_tokens":3}"#),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#),
+        ("/v1/responses", r#"{"model":"m","input":"hi"}"#),
+        ("/v1/embeddings", r#"{"model":"m","input":"embed me"}"#),
+    ];
+    for (i, (path, body)) in cases.iter().enumerate() {
+        let id = format!("kind-{i}");
+        let r = stack.post(path, &id, body).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_routed_as_picked(&stack, &r).await;
+    }
+    // A request without a body (GET) is routed too.
+    let r = stack.client.get(stack.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-sim-worker"));
+    // The EPP's ext_proc port reports health for Envoy's checker.
+    assert_eq!(health_status(stack.epp_port, epp::ext_proc::SERVICE_NAME).await.as_deref(), Some("SERVING"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_through_with_usage() {
+    let stack = Stack::start(2).await;
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"stream please"}],"max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let r = stack.post("/v1/chat/completions", "sse-1", body).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.content_type.starts_with("text/event-stream"), "{r:?}");
+    let events: Vec<&str> = r.body.lines().filter(|l| l.starts_with("data:")).collect();
+    assert!(events.len() >= 5, "expected a token per event: {}", r.body);
+    assert!(r.body.contains("\"usage\""), "usage missing: {}", r.body);
+    assert_eq!(events.last().map(|l| l.trim()), Some("data: [DONE]"));
+    assert_routed_as_picked(&stack, &r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefix_goes_to_the_same_worker() {
+    let stack = Stack::start(4).await;
+    let system: String = (0..40).map(|i| format!("You are assistant number {i:04}, precise and brief. ")).collect();
+    let first = stack.post("/v1/completions", "p-0", &completion(&format!("{system} Question zero?"))).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let home = first.worker.clone().expect("worker header");
+    for i in 1..6 {
+        let r = stack.post("/v1/completions", &format!("p-{i}"), &completion(&format!("{system} Question {i}?"))).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.worker.as_deref(), Some(home.as_str()), "request p-{i} left the worker holding its prefix");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_400_and_an_empty_pool_gets_503() {
+    let stack = Stack::start(2).await;
+    let cases = [
+        ("/v1/completions", "{not json", "not valid JSON"),
+        ("/v1/completions", r#"{"prompt":"x"}"#, "`model` is required"),
+        ("/v1/chat/completions", r#"{"model":"m","messages":"hi"}"#, "`messages` must be"),
+        ("/v1/completions", "", "request body is empty"),
+    ];
+    for (i, (path, body, want)) in cases.iter().enumerate() {
+        let r = stack.post(path, &format!("bad-{i}"), body).await;
+        assert_eq!(r.status, 400, "{body:?}: {r:?}");
+        assert!(r.body.starts_with("inference error: BadRequest - "), "{r:?}");
+        assert!(r.body.contains(want), "{r:?}");
+        assert!(r.worker.is_none(), "a rejected request must not reach a worker: {r:?}");
+    }
+    stack.write_endpoints(&[], &[]);
+    let r = eventually(Duration::from_secs(10), "503 from an empty pool", || async {
+        let r = stack.post("/v1/completions", "empty-pool", &completion("x")).await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert!(r.body.starts_with("inference error: ServiceUnavailable - "), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_guide_envoy_config_works_unchanged() {
+    let stack = Stack::start_with(2, EnvoyConfig::Guide, |_| {}).await;
+    let r = stack.post("/v1/completions", "guide-1", &completion("hello")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_routed_as_picked(&stack, &r).await;
+    let body = r#"{"model":"m","prompt":"stream","max_tokens":4,"stream":true}"#;
+    let r = stack.post("/v1/completions", "guide-2", body).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{r:?}");
+}
