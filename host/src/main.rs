@@ -74,9 +74,7 @@ fn main() -> anyhow::Result<()> {
         pool_namespace: flags.pool_namespace,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
-    runtime.block_on(async {
-        epp::server::run(opts, shutdown_signal()).await.context("epp failed")
-    })
+    runtime.block_on(async { epp::server::run(opts, shutdown_signal()).await.context("epp failed") })
 }
 
 async fn shutdown_signal() {
@@ -110,8 +108,9 @@ fn init_logging(v: u8) {
         3 | 4 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},wasmtime=warn,cranelift=warn,h2=warn,tower=warn,hyper=warn")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},wasmtime=warn,cranelift=warn,h2=warn,tower=warn,hyper=warn"))
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
 }

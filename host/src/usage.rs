@@ -105,7 +105,10 @@ mod tests {
         let cases: &[(Option<&str>, &[&str], Option<Usage>)] = &[
             (
                 Some("application/json"),
-                &[r#"{"id":"x","usage":{"prompt_tokens":10,"#, r#""completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#],
+                &[
+                    r#"{"id":"x","usage":{"prompt_tokens":10,"#,
+                    r#""completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#,
+                ],
                 u(10, 8, 3),
             ),
             (None, &[r#"{"usage":{"input_tokens":4,"output_tokens":2}}"#], u(4, 0, 2)),
@@ -113,7 +116,11 @@ mod tests {
             (None, &["not json"], None),
             (
                 Some("text/event-stream; charset=utf-8"),
-                &["data: {\"choices\":[]}\n\nda", "ta: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\r\n\n", "data: [DONE]\n\n"],
+                &[
+                    "data: {\"choices\":[]}\n\nda",
+                    "ta: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\r\n\n",
+                    "data: [DONE]\n\n",
+                ],
                 u(5, 0, 1),
             ),
             (Some("text/event-stream"), &["data: {\"usage\":null}\n\ndata: [DONE]"], None),

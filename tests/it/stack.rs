@@ -189,7 +189,8 @@ impl Stack {
             EnvoyConfig::Ours => workspace_root().join("config/envoy.yaml"),
             EnvoyConfig::Guide => workspace_root().join("tests/fixtures/guide-envoy.yaml"),
         };
-        let text = std::fs::read_to_string(template).expect("envoy template")
+        let text = std::fs::read_to_string(template)
+            .expect("envoy template")
             .replace("port_value: 8081", &format!("port_value: {}", self.listener))
             .replace("port_value: 9002", &format!("port_value: {}", self.epp_port))
             .replace("localhost:9002", &format!("localhost:{}", self.epp_port))
@@ -262,9 +263,10 @@ impl Stack {
         let needle = format!("request_id={id} ");
         eventually(Duration::from_secs(10), &format!("the EPP log line for request {id}"), || {
             let log = self.epp_log();
-            let found = log.lines().find(|l| l.contains("request routed") && l.contains(&needle)).and_then(|l| {
-                l.split_whitespace().find_map(|f| f.strip_prefix("endpoint=")).map(str::to_string)
-            });
+            let found = log
+                .lines()
+                .find(|l| l.contains("request routed") && l.contains(&needle))
+                .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("endpoint=")).map(str::to_string));
             async move { found }
         })
         .await
@@ -314,7 +316,8 @@ pub fn default_config_with(endpoints: &Path) -> String {
 pub async fn health_status(port: u16, service: &str) -> Option<String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
     let mut client = HealthClient::new(channel);
     let r = client.check(HealthCheckRequest { service: service.to_string() }).await.ok()?;
     Some(r.into_inner().status().as_str_name().to_string())

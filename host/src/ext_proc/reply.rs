@@ -4,11 +4,11 @@
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse, ProcessingResponse,
+    StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 
 use crate::routing::ErrorReply;
@@ -105,8 +105,7 @@ pub fn continue_trailers(response_side: bool) -> ProcessingResponse {
 
 /// Ends the request with an error status and the `inference error: …` body.
 pub fn immediate(reply: &ErrorReply, request_id: &str) -> ProcessingResponse {
-    let headers =
-        vec![header("content-type", "text/plain; charset=utf-8"), header("x-request-id", request_id)];
+    let headers = vec![header("content-type", "text/plain; charset=utf-8"), header("x-request-id", request_id)];
     ProcessingResponse {
         response: Some(Resp::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: reply.status as i32 }),
@@ -128,7 +127,9 @@ pub fn metadata_strings(
 ) -> Option<Vec<String>> {
     let v = metadata?.filter_metadata.get(namespace)?.fields.get(key)?;
     match v.kind.as_ref()? {
-        value::Kind::StringValue(s) => Some(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+        value::Kind::StringValue(s) => {
+            Some(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        }
         value::Kind::ListValue(list) => Some(
             list.values
                 .iter()

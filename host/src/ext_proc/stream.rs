@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse};
 use tracing::{debug, info, warn};
 
 use super::reply;
@@ -70,11 +70,8 @@ impl StreamState {
         let Some(request) = msg.request else { return Vec::new() };
         match request {
             Msg::RequestHeaders(h) => {
-                self.subset = reply::metadata_strings(
-                    msg.metadata_context.as_ref(),
-                    reply::SUBSET_NAMESPACE,
-                    reply::SUBSET_KEY,
-                );
+                self.subset =
+                    reply::metadata_strings(msg.metadata_context.as_ref(), reply::SUBSET_NAMESPACE, reply::SUBSET_KEY);
                 self.request_headers(h).await
             }
             Msg::RequestBody(b) => self.request_body(b).await,
@@ -189,9 +186,10 @@ impl StreamState {
         let (id, headers, subset) = (self.request_id.clone(), self.headers.clone(), self.subset.clone());
         let started = std::time::Instant::now();
         // The scheduler is synchronous (wasm calls): keep it off the async workers.
-        let routed = tokio::task::spawn_blocking(move || router.route(&id, &headers, parsed.as_ref(), subset.as_deref()))
-            .await
-            .map_err(|e| RouteError::Internal(format!("scheduling task failed: {e}")))??;
+        let routed =
+            tokio::task::spawn_blocking(move || router.route(&id, &headers, parsed.as_ref(), subset.as_deref()))
+                .await
+                .map_err(|e| RouteError::Internal(format!("scheduling task failed: {e}")))??;
         info!(
             request_id = %self.request_id,
             path = %self.path,
@@ -226,7 +224,11 @@ fn header_pairs(map: Option<&HeaderMap>) -> Vec<(String, String)> {
     map.headers
         .iter()
         .map(|h| {
-            let v = if h.raw_value.is_empty() { h.value.clone() } else { String::from_utf8_lossy(&h.raw_value).into_owned() };
+            let v = if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
             (h.key.to_ascii_lowercase(), v)
         })
         .collect()

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Starts the whole local stack on loopback: N simulated vLLM workers, the EPP (default
+# config: optimized baseline + file discovery) and a real Envoy, then sends a few requests
+# to show the routing. Ctrl-C stops everything.
+#
+#   scripts/stack.sh                 # 3 workers on 8000..8002, Envoy on :8081
+#   WORKERS=5 BASE_PORT=8100 scripts/stack.sh
+#
+# Ports: Envoy 8081 (admin 19000), EPP ext_proc 9002, health 9003. The endpoints file is
+# .stack/endpoints.yaml: edit and rename a new version over it to change the pool live.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/prepare.sh
+
+WORKERS="${WORKERS:-3}"
+BASE_PORT="${BASE_PORT:-8000}"
+STACK=.stack
+mkdir -p "$STACK"
+
+echo "==> building the epp and sim-worker binaries"
+cargo build -p epp -p sim --bins
+BIN=target/debug
+
+pids=()
+cleanup() {
+    echo
+    echo "==> stopping the stack"
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+echo "==> starting $WORKERS simulated workers"
+{
+    echo "endpoints:"
+    for ((i = 0; i < WORKERS; i++)); do
+        port=$((BASE_PORT + i))
+        "$BIN/sim-worker" --host 127.0.0.1 --port "$port" --name "sim-$i" --served-model-name sim-model \
+            > "$STACK/sim-$i.log" 2>&1 &
+        pids+=($!)
+        printf '  - name: sim-%d\n    address: 127.0.0.1\n    port: "%d"\n    labels:\n      model: sim-model\n' "$i" "$port"
+    done
+} > "$STACK/endpoints.yaml.tmp"
+mv "$STACK/endpoints.yaml.tmp" "$STACK/endpoints.yaml"
+cp config/epp-config.yaml "$STACK/epp-config.yaml"
+
+echo "==> starting the EPP (logs: $STACK/epp.log)"
+"$BIN/epp" --config-file "$STACK/epp-config.yaml" --bind-address 127.0.0.1 \
+    --grpc-port 9002 --grpc-health-port 9003 --secure-serving=false --v=2 > "$STACK/epp.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do
+    grep -q "health is SERVING" "$STACK/epp.log" 2>/dev/null && break
+    if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$STACK/epp.log"; exit 1; fi
+    sleep 0.2
+done
+
+echo "==> starting Envoy on :8081 (logs: $STACK/envoy.log)"
+"$ENVOY_BIN" -c config/envoy.yaml --use-dynamic-base-id --log-level warn > "$STACK/envoy.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 150); do
+    curl -sf http://127.0.0.1:19000/ready > /dev/null 2>&1 && break
+    sleep 0.2
+done
+
+echo "==> requests through Envoy: two conversations, each with its own long system prompt"
+echo "    (x-sim-worker names the worker that answered; a shared prefix stays on one worker)"
+sys_a="You are a travel agent. You answer questions about trains, flights and hotels in Europe, briefly."
+sys_b="You are a cooking assistant. You answer questions about recipes, spices and baking times, briefly."
+for turn in 1 2 3; do
+    for conv in a b; do
+        if [ "$conv" = a ]; then system=$sys_a; else system=$sys_b; fi
+        worker=$(curl -s -o /dev/null -D - http://127.0.0.1:8081/v1/completions \
+            -H 'content-type: application/json' \
+            -d "{\"model\":\"sim-model\",\"prompt\":\"$system Question $turn?\",\"max_tokens\":8}" |
+            tr -d '\r' | awk -F': ' 'tolower($1)=="x-sim-worker"{print $2}')
+        echo "    conversation $conv, turn $turn -> ${worker:-(no answer)}"
+    done
+done
+
+cat <<MSG
+
+The stack is running. Try:
+  curl -s http://127.0.0.1:8081/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model":"sim-model","messages":[{"role":"user","content":"hello"}],"stream":true}'
+
+Change the pool live by rewriting $STACK/endpoints.yaml (write a temp file, then mv it over).
+EPP log: $STACK/epp.log   Envoy log: $STACK/envoy.log   Press Ctrl-C to stop.
+MSG
+wait
