@@ -16,7 +16,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use llmd_plugin_sdk::{EndpointInfo, Metrics};
 
-use crate::discovery::EndpointSpec;
+use crate::discovery::{EndpointDiff, EndpointSpec, diff};
 
 /// Latest scraped values of one endpoint. Written by its scraper, read by requests; each
 /// value is an atomic so neither side ever blocks. NaN means unknown.
@@ -92,20 +92,6 @@ impl PoolSnapshot {
     }
 }
 
-/// What a pool update changed, by endpoint key.
-#[derive(Debug, Default, PartialEq)]
-pub struct PoolChange {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub updated: Vec<String>,
-}
-
-impl PoolChange {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty()
-    }
-}
-
 pub struct Datastore {
     pool: ArcSwap<PoolSnapshot>,
     /// Serialises writers; readers never take it.
@@ -147,10 +133,11 @@ impl Datastore {
 
     /// Publishes `specs` as the whole new pool, keeping ids (and metrics) of endpoints that
     /// stay. Returns the new snapshot and what changed.
-    pub fn set_pool(&self, specs: &[EndpointSpec]) -> (Arc<PoolSnapshot>, PoolChange) {
+    pub fn set_pool(&self, specs: &[EndpointSpec]) -> (Arc<PoolSnapshot>, EndpointDiff) {
         let mut ids = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.pool.load_full();
-        let mut change = PoolChange::default();
+        let old_specs: Vec<EndpointSpec> = old.endpoints.iter().map(|e| e.spec.clone()).collect();
+        let change = diff(&old_specs, specs);
         let mut endpoints = Vec::with_capacity(specs.len());
         let mut keep: HashMap<(String, SocketAddr), u32> = HashMap::new();
         for spec in specs {
@@ -163,19 +150,8 @@ impl Datastore {
                 }
             };
             keep.insert(identity, id);
-            let previous = old.by_id(id);
-            match previous {
-                None => change.added.push(spec.key()),
-                Some(p) if p.spec != *spec => change.updated.push(spec.key()),
-                Some(_) => {}
-            }
-            let metrics = previous.map(|p| p.metrics.clone()).unwrap_or_default();
+            let metrics = old.by_id(id).map(|p| p.metrics.clone()).unwrap_or_default();
             endpoints.push(PoolEndpoint { id, info: endpoint_info(id, spec), spec: spec.clone(), metrics });
-        }
-        for e in &old.endpoints {
-            if !endpoints.iter().any(|n| n.id == e.id) {
-                change.removed.push(e.spec.key());
-            }
         }
         ids.by_identity = keep;
         let generation = if change.is_empty() && old.generation > 0 { old.generation } else { old.generation + 1 };
@@ -235,5 +211,75 @@ fn endpoint_info(id: u32, spec: &EndpointSpec) -> EndpointInfo {
         max_lora: None,
         running_adapters: Vec::new(),
         waiting_adapters: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, port: u16, label: &str) -> EndpointSpec {
+        EndpointSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            port,
+            metrics_port: None,
+            labels: [("tier".to_string(), label.to_string())].into(),
+        }
+    }
+
+    fn ids(s: &PoolSnapshot) -> Vec<(String, u32)> {
+        s.endpoints.iter().map(|e| (e.spec.name.clone(), e.id)).collect()
+    }
+
+    #[test]
+    fn ids_survive_relabelling_but_not_moves() {
+        let ds = Datastore::new();
+        assert!(!ds.loaded());
+        let (s1, c1) = ds.set_pool(&[spec("a", 1, "x"), spec("b", 2, "x")]);
+        assert_eq!(c1.added.len(), 2);
+        assert_eq!(s1.generation, 1);
+        let (a, b) = (s1.endpoints[0].id, s1.endpoints[1].id);
+        // Relabel a, move b: a keeps its id, b gets a new one.
+        let (s2, c2) = ds.set_pool(&[spec("a", 1, "y"), spec("b", 3, "x")]);
+        assert_eq!(ids(&s2)[0], ("a".to_string(), a));
+        assert_ne!(ids(&s2)[1].1, b);
+        assert_eq!(c2.changed, vec!["default/a".to_string(), "default/b".to_string()]);
+        assert_eq!(s2.by_id(a).unwrap().info.labels, vec![("tier".to_string(), "y".to_string())]);
+        // Same set again: no new generation.
+        let (s3, c3) = ds.set_pool(&[spec("a", 1, "y"), spec("b", 3, "x")]);
+        assert!(c3.is_empty());
+        assert_eq!(s3.generation, s2.generation);
+        // Removal: gone from the published snapshot at once.
+        let (s4, c4) = ds.set_pool(&[spec("b", 3, "x")]);
+        assert_eq!(c4.removed, vec!["default/a".to_string()]);
+        assert!(ds.snapshot().by_id(a).is_none());
+        assert_eq!(s4.endpoints.len(), 1);
+        assert!(ds.loaded());
+    }
+
+    #[test]
+    fn metrics_are_nan_until_scraped_and_when_stale() {
+        let ds = Datastore::new();
+        let (s, _) = ds.set_pool(&[spec("a", 1, "x"), spec("b", 2, "x")]);
+        let (a, b) = (s.endpoints[0].id, s.endpoints[1].id);
+        ds.record_metrics(a, Reading { waiting: 3.0, running: 1.0, kv_usage: 0.5 });
+        let snap = ds.snapshot();
+        let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
+        let m = ds.metrics_of(&all, 10_000);
+        assert_eq!(m.ids, vec![a, b]);
+        assert_eq!(m.waiting[0], 3.0);
+        assert!(m.waiting[1].is_nan() && m.kv_usage[1].is_nan());
+        assert_eq!(m.age_ms[1], u32::MAX);
+        // A zero staleness budget makes any reading older than now unknown… but a reading
+        // from this very millisecond may still count, so only check the never-scraped one.
+        let m = ds.metrics_of(&all, 0);
+        assert!(m.waiting[1].is_nan());
+        // Metrics of an endpoint that stays survive a relabel.
+        ds.set_pool(&[spec("a", 1, "z"), spec("b", 2, "x")]);
+        let snap = ds.snapshot();
+        let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
+        assert_eq!(ds.metrics_of(&all, 10_000).waiting[0], 3.0);
     }
 }

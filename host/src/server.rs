@@ -93,10 +93,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 info!(
                     generation = snapshot.generation,
                     endpoints = snapshot.endpoints.len(),
-                    added = ?change.added,
-                    removed = ?change.removed,
-                    updated = ?change.updated,
-                    "endpoint pool published"
+                    "endpoint pool published: {change}"
                 );
                 router.scheduler().pool_changed(snapshot.generation, &snapshot.infos());
             }

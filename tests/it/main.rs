@@ -6,6 +6,7 @@ mod config_parse;
 mod default_profile;
 mod e2e_churn;
 mod e2e_routing;
+mod ext_proc_wire;
 mod plugins;
 mod sandbox;
 mod stack;

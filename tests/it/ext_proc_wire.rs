@@ -1,0 +1,213 @@
+//! The ext_proc protocol spoken directly (no Envoy): a gRPC client plays the data plane
+//! against the in-process service, to check the wire details Envoy alone cannot easily
+//! provoke — subset hints, the body cap, body-less requests, re-chunking, buffered mode.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration, body_mutation,
+};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value};
+use epp::config::PickerConfig;
+use epp::datastore::Datastore;
+use epp::discovery::EndpointSpec;
+use epp::ext_proc::ExtProc;
+use epp::routing::Router;
+use tokio_stream::StreamExt;
+
+use crate::common::runtime;
+
+async fn server(endpoints: usize, max_body: usize) -> String {
+    let config = PickerConfig::default_config().unwrap();
+    let profile = epp::loader::build_profile(runtime(), &config).unwrap();
+    let ds = Arc::new(Datastore::new());
+    let specs: Vec<EndpointSpec> = (0..endpoints)
+        .map(|i| EndpointSpec {
+            name: format!("e{i}"),
+            namespace: "default".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            port: 8000 + i as u16,
+            metrics_port: None,
+            labels: Default::default(),
+        })
+        .collect();
+    let (snap, _) = ds.set_pool(&specs);
+    profile.pool_changed(snap.generation, &snap.infos());
+    let router = Arc::new(Router::new(ds, profile));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ExtProc::new(router, max_body).into_server();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+fn headers(method: &str, path: &str, end_of_stream: bool) -> HttpHeaders {
+    let h = |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
+    HttpHeaders {
+        headers: Some(HeaderMap { headers: vec![h(":method", method), h(":path", path), h("x-request-id", "wire-1")] }),
+        end_of_stream,
+        ..Default::default()
+    }
+}
+
+fn msg(m: Msg) -> ProcessingRequest {
+    ProcessingRequest { request: Some(m), ..Default::default() }
+}
+
+fn with_mode(mut r: ProcessingRequest, mode: BodySendMode) -> ProcessingRequest {
+    r.protocol_config = Some(ProtocolConfiguration { request_body_mode: mode as i32, ..Default::default() });
+    r
+}
+
+fn subset_hint(r: &mut ProcessingRequest, addrs: &[&str]) {
+    let list = ListValue {
+        values: addrs.iter().map(|a| Value { kind: Some(value::Kind::StringValue(a.to_string())) }).collect(),
+    };
+    let s = Struct {
+        fields: [(
+            "x-gateway-destination-endpoint-subset".to_string(),
+            Value { kind: Some(value::Kind::ListValue(list)) },
+        )]
+        .into(),
+    };
+    r.metadata_context =
+        Some(Metadata { filter_metadata: [("envoy.lb.subset_hint".to_string(), s)].into(), ..Default::default() });
+}
+
+fn body(b: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    msg(Msg::RequestBody(HttpBody { body: b.to_vec(), end_of_stream, ..Default::default() }))
+}
+
+/// Sends `msgs`, then collects `expect` answers.
+async fn exchange(url: &str, msgs: Vec<ProcessingRequest>, expect: usize) -> Vec<ProcessingResponse> {
+    let mut client = ExternalProcessorClient::connect(url.to_string()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    let mut answers = client.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while out.len() < expect {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), answers.next()).await {
+            Ok(Some(Ok(r))) => out.push(r),
+            other => panic!("stream ended after {} answers: {other:?}", out.len()),
+        }
+    }
+    drop(tx);
+    out
+}
+
+/// The destination header set by a headers/body answer.
+fn destination(r: &ProcessingResponse) -> Option<String> {
+    let common = match r.response.as_ref()? {
+        Resp::RequestHeaders(h) => h.response.as_ref()?,
+        Resp::RequestBody(b) => b.response.as_ref()?,
+        _ => return None,
+    };
+    let set = &common.header_mutation.as_ref()?.set_headers;
+    let dest = set
+        .iter()
+        .filter_map(|o| o.header.as_ref())
+        .find(|h| h.key == epp::ext_proc::DESTINATION_HEADER)
+        .map(|h| String::from_utf8_lossy(&h.raw_value).into_owned())?;
+    assert!(common.clear_route_cache, "a routing answer must clear the route cache");
+    Some(dest)
+}
+
+fn immediate_status(r: &ProcessingResponse) -> (i32, String) {
+    match r.response.as_ref() {
+        Some(Resp::ImmediateResponse(i)) => {
+            (i.status.as_ref().unwrap().code, String::from_utf8_lossy(&i.body).into_owned())
+        }
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+}
+
+const BODY: &[u8] = br#"{"model":"m","prompt":"hello"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_routes_and_streams_the_body_back_rechunked() {
+    let url = server(3, 1 << 20).await;
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(150_000));
+    let (a, b) = big.as_bytes().split_at(70_000);
+    let first = with_mode(
+        msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))),
+        BodySendMode::FullDuplexStreamed,
+    );
+    // 150 KB comes back as 64 KiB pieces: headers answer + 3 body answers.
+    let out = exchange(&url, vec![first, body(a, false), body(b, true)], 4).await;
+    let dest = destination(&out[0]).expect("destination header");
+    assert!(dest.starts_with("10.0.0.1:800"), "{dest}");
+    let lb = out[0].dynamic_metadata.as_ref().and_then(|m| m.fields.get("envoy.lb")).expect("envoy.lb metadata");
+    assert!(format!("{lb:?}").contains(&dest));
+    let mut echoed = Vec::new();
+    for (i, r) in out[1..].iter().enumerate() {
+        let Some(Resp::RequestBody(b)) = &r.response else { panic!("body answer expected: {r:?}") };
+        let m = b.response.as_ref().unwrap().body_mutation.as_ref().unwrap().mutation.as_ref().unwrap();
+        let body_mutation::Mutation::StreamedResponse(s) = m else { panic!("streamed mutation expected") };
+        assert_eq!(s.end_of_stream, i == 2, "end_of_stream only on the last piece");
+        echoed.extend_from_slice(&s.body);
+    }
+    assert_eq!(echoed, big.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subset_hint_restricts_candidates() {
+    let url = server(3, 1 << 20).await;
+    let mut first = msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false)));
+    subset_hint(&mut first, &["10.0.0.1:8002"]);
+    let out = exchange(&url, vec![first, body(BODY, true)], 2).await;
+    assert_eq!(destination(&out[0]).as_deref(), Some("10.0.0.1:8002"));
+
+    let mut first = msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false)));
+    subset_hint(&mut first, &["10.9.9.9:1"]);
+    let out = exchange(&url, vec![first, body(BODY, true)], 1).await;
+    let (status, text) = immediate_status(&out[0]);
+    assert_eq!(status, 503);
+    assert!(text.starts_with("inference error: ServiceUnavailable - "), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413() {
+    let url = server(2, 1024).await;
+    let first = msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false)));
+    let out = exchange(&url, vec![first, body(&[b' '; 800], false), body(&[b' '; 800], false)], 1).await;
+    let (status, text) = immediate_status(&out[0]);
+    assert_eq!(status, 413);
+    assert!(text.contains("PayloadTooLarge"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_requests_are_answered_at_the_headers() {
+    let url = server(2, 1 << 20).await;
+    // GET without a body: routed at once.
+    let out = exchange(&url, vec![msg(Msg::RequestHeaders(headers("GET", "/v1/models", true)))], 1).await;
+    assert!(destination(&out[0]).is_some(), "{:?}", out[0]);
+    // An inference POST without a body: 400 at once, not a hang.
+    let out = exchange(&url, vec![msg(Msg::RequestHeaders(headers("POST", "/v1/completions", true)))], 1).await;
+    assert_eq!(immediate_status(&out[0]).0, 400);
+    // An unknown path with a body: 404.
+    let first = msg(Msg::RequestHeaders(headers("POST", "/v2/whatever", false)));
+    let out = exchange(&url, vec![first, body(BODY, true)], 1).await;
+    assert_eq!(immediate_status(&out[0]).0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_mode_routes_on_the_body_answer() {
+    let url = server(2, 1 << 20).await;
+    let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
+    let out = exchange(&url, vec![first, body(BODY, true)], 2).await;
+    assert!(matches!(out[0].response, Some(Resp::RequestHeaders(_))));
+    assert!(destination(&out[0]).is_none(), "headers pass untouched in buffered mode");
+    assert!(matches!(out[1].response, Some(Resp::RequestBody(_))));
+    assert!(destination(&out[1]).is_some(), "the route rides on the body answer");
+}
