@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::scheduler::{FailurePolicy, Weight};
+use crate::scheduler::{FailurePolicy, SaturationConfig, Weight};
 use crate::wasm::Sandbox;
 
 /// apiVersions of EndpointPickerConfig we accept, newest first.
@@ -127,6 +127,8 @@ pub struct PickerConfig {
     pub plugins: Vec<PluginSpec>,
     pub profile: ProfileSpec,
     pub data_layer: DataLayerSpec,
+    /// Admission thresholds (`saturationDetector`).
+    pub saturation: SaturationConfig,
     /// Things worth telling the operator (unknown keys, ignored sections).
     pub warnings: Vec<String>,
 }
@@ -144,6 +146,33 @@ impl PickerConfig {
             Some(name) => self.plugin(name),
             None => self.plugins.iter().find(|p| p.kind == PluginKind::Discovery),
         }
+    }
+
+    /// Where to scrape worker metrics (scheme, path), or None when the data layer has no
+    /// metrics source: the configured `metrics-data-source`'s parameters, or upstream's
+    /// default source (http, /metrics) when `dataLayer.injectDefaults` is on.
+    pub fn metrics_source(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let source = self.data_layer.sources.first().and_then(|s| self.plugin(&s.plugin_ref));
+        let params = match source {
+            Some(p) => p.parameters.clone(),
+            None if self.data_layer.inject_defaults => empty_params(),
+            None => return Ok(None),
+        };
+        let field = |k: &str| format!("plugins[{}].parameters.{k}", source.map(|p| p.name.as_str()).unwrap_or("metrics-data-source"));
+        let text = |k: &str, default: &str| match params.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(default.to_string()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(invalid(field(k), "must be a string")),
+        };
+        let scheme = text("scheme", "http")?;
+        if scheme != "http" {
+            return Err(invalid(field("scheme"), format!("`{scheme}` is not supported; use http")));
+        }
+        let path = text("path", "/metrics")?;
+        if !path.starts_with('/') {
+            return Err(invalid(field("path"), format!("`{path}` must start with /")));
+        }
+        Ok(Some((scheme, path)))
     }
 
     /// The default config: the optimized baseline.
@@ -185,7 +214,7 @@ impl PickerConfig {
         }
         for key in raw.extra.keys() {
             let why = match key.as_str() {
-                "featureGates" | "saturationDetector" | "flowControl" | "parser" | "data" | "requestControl" => {
+                "featureGates" | "flowControl" | "parser" | "data" | "requestControl" => {
                     "is not supported by this EPP and is ignored"
                 }
                 _ => "is not a known EndpointPickerConfig field and is ignored",
@@ -213,7 +242,8 @@ impl PickerConfig {
             }
         };
         let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
-        let mut config = PickerConfig { api_version, plugins, profile, data_layer, warnings };
+        let saturation = saturation_spec(raw.saturation_detector)?;
+        let mut config = PickerConfig { api_version, plugins, profile, data_layer, saturation, warnings };
         config.add_implicit_prefix_producer();
         config.check_profile_roles()?;
         Ok(config)
@@ -429,6 +459,45 @@ fn data_layer_spec(raw: Option<RawDataLayer>, plugins: &[PluginSpec]) -> Result<
     Ok(DataLayerSpec { inject_defaults: raw.inject_defaults.unwrap_or(true), discovery, sources })
 }
 
+fn saturation_spec(raw: Option<RawSaturation>) -> Result<SaturationConfig, ConfigError> {
+    let mut c = SaturationConfig::default();
+    let Some(raw) = raw else { return Ok(c) };
+    if let Some(q) = raw.queue_depth_threshold {
+        if !(q.is_finite() && q > 0.0) {
+            return Err(invalid("saturationDetector.queueDepthThreshold", format!("must be > 0, got {q}")));
+        }
+        c.queue_depth_threshold = q as f32;
+    }
+    if let Some(k) = raw.kv_cache_util_threshold {
+        if !(k > 0.0 && k <= 1.0) {
+            return Err(invalid("saturationDetector.kvCacheUtilThreshold", format!("must be in (0, 1], got {k}")));
+        }
+        c.kv_cache_threshold = k as f32;
+    }
+    if let Some(s) = raw.metrics_staleness_threshold {
+        c.staleness_ms = parse_duration_ms(&s)
+            .ok_or_else(|| invalid("saturationDetector.metricsStalenessThreshold", format!("`{s}` is not a duration like 200ms or 1s")))?;
+    }
+    Ok(c)
+}
+
+/// A Go-style duration of one unit (`200ms`, `1s`, `1.5s`, `2m`), in milliseconds.
+fn parse_duration_ms(s: &str) -> Option<u32> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        return None;
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    let ms = v * scale;
+    (ms.is_finite() && ms >= 0.0 && ms <= u32::MAX as f64).then_some(ms as u32)
+}
+
 fn yaml_inline(v: &serde_yaml::Value) -> String {
     serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
@@ -445,8 +514,17 @@ struct RawConfig {
     #[serde(default)]
     scheduling_profiles: Vec<RawProfile>,
     data_layer: Option<RawDataLayer>,
+    saturation_detector: Option<RawSaturation>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSaturation {
+    queue_depth_threshold: Option<f64>,
+    kv_cache_util_threshold: Option<f64>,
+    metrics_staleness_threshold: Option<String>,
 }
 
 #[derive(Deserialize)]

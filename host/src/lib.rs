@@ -11,5 +11,6 @@ pub mod request;
 pub mod routing;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod usage;
 pub mod wasm;

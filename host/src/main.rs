@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -21,6 +22,19 @@ struct Flags {
     /// Port of the Prometheus metrics endpoint.
     #[arg(long, default_value_t = 9090)]
     metrics_port: u16,
+    /// How often each worker's /metrics is scraped (e.g. 50ms).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    refresh_metrics_interval: Duration,
+    /// How often the pool-level Prometheus gauges are recomputed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    refresh_prometheus_metrics_interval: Duration,
+    /// Worker metrics older than this are unknown to the scorers.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    metrics_staleness_threshold: Duration,
+    /// Address the metrics endpoint listens on (defaults to --bind-address; use 127.0.0.1
+    /// to keep it local).
+    #[arg(long)]
+    metrics_bind_address: Option<IpAddr>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     bind_address: IpAddr,
@@ -68,6 +82,11 @@ fn main() -> anyhow::Result<()> {
         bind: flags.bind_address,
         grpc_port: flags.grpc_port,
         grpc_health_port: flags.grpc_health_port,
+        metrics_port: flags.metrics_port,
+        metrics_bind: flags.metrics_bind_address.unwrap_or(flags.bind_address),
+        refresh_prometheus_interval: flags.refresh_prometheus_metrics_interval,
+        refresh_metrics_interval: flags.refresh_metrics_interval.max(Duration::from_millis(1)),
+        metrics_staleness: flags.metrics_staleness_threshold,
         config,
         max_body_bytes: flags.max_request_body_bytes,
         pool_name: flags.pool_name,
@@ -98,6 +117,23 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("shutdown requested");
+}
+
+/// A duration like `50ms`, `2s`, `1.5s` or `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 50ms or 2s"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("`{s}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_logging(v: u8) {

@@ -56,6 +56,25 @@ pub enum RequestError {
     WrongType { field: &'static str, expected: &'static str },
 }
 
+/// The header naming a request's objective (upstream: an InferenceObjective).
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+
+/// A request's priority from its objective header: an integer, or one of the names
+/// `sheddable` (-1), `standard` / `default` (0), `critical` (1). Absent or unknown → 0.
+/// Negative priorities are sheddable: refused with 429 when the pool is saturated.
+pub fn priority(headers: &[(String, String)]) -> i32 {
+    let Some((_, v)) = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(OBJECTIVE_HEADER)) else { return 0 };
+    let v = v.trim();
+    if let Ok(p) = v.parse::<i32>() {
+        return p;
+    }
+    match v.to_ascii_lowercase().as_str() {
+        "sheddable" => -1,
+        "critical" => 1,
+        _ => 0,
+    }
+}
+
 /// Parses `body` as a request of `kind`.
 pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -219,6 +238,15 @@ mod tests {
             assert_eq!(r.stream, *stream, "{body}");
             assert_eq!(r.cache_salt.as_deref(), *salt, "{body}");
         }
+    }
+
+    #[test]
+    fn priorities() {
+        let h = |v: &str| vec![(OBJECTIVE_HEADER.to_string(), v.to_string())];
+        for (v, want) in [("-5", -5), ("2", 2), ("sheddable", -1), ("Critical", 1), ("standard", 0), ("x", 0)] {
+            assert_eq!(priority(&h(v)), want, "{v}");
+        }
+        assert_eq!(priority(&[]), 0);
     }
 
     #[test]

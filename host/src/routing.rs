@@ -12,9 +12,13 @@ use arc_swap::ArcSwap;
 use llmd_plugin_sdk::{Request, Usage};
 use tracing::debug;
 
+use llmd_plugin_sdk::columns::{PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, PREFIX_INDEXED_BLOCKS};
+use llmd_plugin_sdk::types::find_column;
+
 use crate::datastore::{Datastore, PoolEndpoint};
 use crate::request::{InferenceRequest, RequestError};
-use crate::scheduler::{ScheduleError, SchedulerProfile};
+use crate::scheduler::{Decision, SaturationConfig, ScheduleError, SchedulerProfile};
+use crate::telemetry::{InFlight, Telemetry};
 
 /// Metrics older than this are unknown (NaN) to the scheduler.
 pub const DEFAULT_METRICS_STALENESS_MS: u32 = 2_000;
@@ -80,16 +84,29 @@ pub struct Routed {
 pub struct Router {
     datastore: Arc<Datastore>,
     scheduler: ArcSwap<SchedulerProfile>,
+    telemetry: Arc<Telemetry>,
+    saturation: SaturationConfig,
     pub metrics_staleness_ms: u32,
 }
 
 impl Router {
-    pub fn new(datastore: Arc<Datastore>, scheduler: SchedulerProfile) -> Self {
+    pub fn new(
+        datastore: Arc<Datastore>,
+        scheduler: SchedulerProfile,
+        saturation: SaturationConfig,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         Router {
             datastore,
             scheduler: ArcSwap::from_pointee(scheduler),
+            telemetry,
+            saturation,
             metrics_staleness_ms: DEFAULT_METRICS_STALENESS_MS,
         }
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
     }
 
     pub fn datastore(&self) -> &Arc<Datastore> {
@@ -132,17 +149,27 @@ impl Router {
             }
             _ => pool.endpoints.iter().collect(),
         };
-        let metrics = self.datastore.metrics_of(&candidates, self.metrics_staleness_ms);
+        let mut metrics = self.datastore.metrics_of(&candidates, self.metrics_staleness_ms);
+        let priority = crate::request::priority(headers);
+        if self.saturation.shed(priority, &metrics) {
+            return Err(RouteError::Saturated);
+        }
+        let kept = self.saturation.filter(&metrics);
+        if kept.len() != metrics.len() {
+            metrics = metrics.select(&kept);
+        }
         let req = Request {
             id: request_id.to_string(),
             model: request.map(|r| r.model.clone()).unwrap_or_default(),
             prompt: request.map(|r| r.prompt.as_bytes().to_vec()).unwrap_or_default(),
             cache_salt: request.and_then(|r| r.cache_salt.clone()),
             headers: headers.to_vec(),
-            priority: 0,
+            priority,
             random_seed: xxhash_rust::xxh3::xxh3_64(request_id.as_bytes()),
         };
+        let started = std::time::Instant::now();
         let decision = self.scheduler.load().schedule(&req, &metrics).map_err(RouteError::Scheduling)?;
+        self.record_decision(&decision, started.elapsed());
         let targets: Vec<SocketAddr> =
             decision.targets.iter().filter_map(|id| pool.by_id(*id)).map(PoolEndpoint::target).collect();
         let (Some(&endpoint_id), false) = (decision.targets.first(), targets.is_empty()) else {
@@ -150,6 +177,84 @@ impl Router {
         };
         debug!(request_id, ?targets, scores = ?decision.total_scores, candidates = ?decision.candidates, "scheduled");
         Ok(Routed { targets, endpoint_id })
+    }
+
+    fn record_decision(&self, d: &Decision, elapsed: std::time::Duration) {
+        let t = &self.telemetry;
+        t.scheduler_e2e.with_label_values(&[] as &[&str]).observe(elapsed.as_secs_f64());
+        for timing in &d.timings {
+            t.plugin_duration
+                .with_label_values(&[timing.role.as_str(), timing.role.as_str(), timing.plugin.as_str()])
+                .observe(timing.elapsed.as_secs_f64());
+        }
+        for (plugin, error) in &d.failures {
+            t.plugin_errors.with_label_values(&[plugin.as_str(), error.kind()]).inc();
+        }
+        let column = |name| find_column(&d.columns, name);
+        if let (Some(matched), Some(total), Some(pos)) = (
+            column(PREFIX_MATCHED_BLOCKS),
+            column(PREFIX_TOTAL_BLOCKS),
+            d.targets.first().and_then(|id| d.candidates.iter().position(|c| c == id)),
+        ) {
+            let (m, n) = (matched.values.get(pos).copied().unwrap_or(0.0), total.values.get(pos).copied().unwrap_or(0.0));
+            if n > 0.0 && m.is_finite() {
+                t.prefix_indexer_hit_ratio.with_label_values(&[] as &[&str]).observe(f64::from((m / n).clamp(0.0, 1.0)));
+            }
+        }
+        if let Some(indexed) = column(PREFIX_INDEXED_BLOCKS) {
+            let size: f64 = indexed.values.iter().filter(|v| v.is_finite()).map(|v| f64::from(*v)).sum();
+            t.prefix_indexer_size.with_label_values(&[] as &[&str]).set(size as i64);
+        }
+    }
+
+    /// Recomputes the pool-level gauges from the current pool and metrics.
+    pub fn refresh_pool_gauges(&self) {
+        let pool = self.datastore.snapshot();
+        let all: Vec<&PoolEndpoint> = pool.endpoints.iter().collect();
+        let m = self.datastore.metrics_of(&all, self.metrics_staleness_ms);
+        let t = &self.telemetry;
+        let name = t.pool();
+        let fresh: Vec<usize> = (0..m.len()).filter(|&i| m.waiting[i].is_finite() && m.kv_usage[i].is_finite()).collect();
+        let mean = |col: &[f32]| {
+            if fresh.is_empty() { 0.0 } else { fresh.iter().map(|&i| f64::from(col[i])).sum::<f64>() / fresh.len() as f64 }
+        };
+        t.pool_ready_pods.with_label_values(&[name]).set(fresh.len() as f64);
+        t.pool_avg_kv.with_label_values(&[name]).set(mean(&m.kv_usage));
+        t.pool_avg_queue.with_label_values(&[name]).set(mean(&m.waiting));
+        t.pool_saturation.with_label_values(&[name]).set(f64::from(self.saturation.pool_saturation(&m)));
+        t.pool_per_pod_queue.reset();
+        for (i, e) in pool.endpoints.iter().enumerate() {
+            if m.waiting[i].is_finite() {
+                t.pool_per_pod_queue.with_label_values(&[e.spec.name.as_str(), name]).set(f64::from(m.waiting[i]));
+            }
+        }
+    }
+
+    /// Counts a request the EPP answered with an error (the one place errors are counted).
+    pub fn record_error(&self, model: &str, error: &RouteError) {
+        let code = error.reply().status.to_string();
+        self.telemetry.request_total.with_label_values(&[model, model]).inc();
+        self.telemetry.request_error_total.with_label_values(&[model, model, code.as_str()]).inc();
+        if let RouteError::Scheduling(ScheduleError::PluginFailed { plugin, error }) = error {
+            self.telemetry.plugin_errors.with_label_values(&[plugin.as_str(), error.kind()]).inc();
+        }
+    }
+
+    /// Counts a routed request; the returned guard tracks it as running until dropped.
+    pub fn record_routed(&self, model: &str) -> InFlight {
+        self.telemetry.request_total.with_label_values(&[model, model]).inc();
+        self.telemetry.running(model)
+    }
+
+    /// Records a completed response of `model` that took `elapsed`, with its usage if known.
+    pub fn record_completed(&self, model: &str, elapsed: std::time::Duration, usage: Option<Usage>) {
+        let t = &self.telemetry;
+        t.observe_duration(model, elapsed);
+        if let Some(u) = usage {
+            t.input_tokens.with_label_values(&[model, model]).observe(f64::from(u.prompt_tokens));
+            t.output_tokens.with_label_values(&[model, model]).observe(f64::from(u.completion_tokens));
+            t.cached_tokens.with_label_values(&[model, model]).observe(f64::from(u.cached_tokens));
+        }
     }
 
     /// Tells the plugins a response completed.
@@ -166,3 +271,4 @@ fn matches_hint(e: &PoolEndpoint, hint: &str) -> bool {
         Err(_) => hint.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == e.spec.address),
     }
 }
+

@@ -19,6 +19,7 @@ use crate::discovery::{DiscoveryError, FileDiscovery, FileDiscoveryParams};
 use crate::ext_proc::{self, ExtProc};
 use crate::loader::{self, BuildError};
 use crate::routing::Router;
+use crate::telemetry::{self, Telemetry};
 use crate::wasm::{LoadError, WasmRuntime};
 
 /// Where the config comes from.
@@ -34,6 +35,15 @@ pub struct Options {
     pub bind: IpAddr,
     pub grpc_port: u16,
     pub grpc_health_port: u16,
+    pub metrics_port: u16,
+    /// Where the metrics endpoint listens (defaults to `bind`).
+    pub metrics_bind: IpAddr,
+    /// How often pool gauges are recomputed.
+    pub refresh_prometheus_interval: std::time::Duration,
+    /// How often each worker's /metrics is scraped.
+    pub refresh_metrics_interval: std::time::Duration,
+    /// Metrics older than this are unknown to scorers (and excluded from pool gauges).
+    pub metrics_staleness: std::time::Duration,
     pub config: ConfigSource,
     pub max_body_bytes: usize,
     pub pool_name: String,
@@ -80,7 +90,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let runtime = WasmRuntime::new()?;
     let profile = loader::build_profile(&runtime, &config)?;
     let datastore = Arc::new(Datastore::new());
-    let router = Arc::new(Router::new(datastore.clone(), profile));
+    let telemetry = Telemetry::new(&opts.pool_name);
+    let mut router = Router::new(datastore.clone(), profile, config.saturation, telemetry.clone());
+    router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
+    let router = Arc::new(router);
 
     let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
     let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
@@ -121,11 +134,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
 
     let grpc_addr = SocketAddr::new(opts.bind, opts.grpc_port);
     let health_addr = SocketAddr::new(opts.bind, opts.grpc_health_port);
+    let metrics_addr = SocketAddr::new(opts.metrics_bind, opts.metrics_port);
     let grpc_listener = bind(grpc_addr).await?;
     let health_listener = bind(health_addr).await?;
+    let metrics_listener = bind(metrics_addr).await?;
     info!(
         ext_proc = %grpc_listener.local_addr().unwrap_or(grpc_addr),
         health = %health_listener.local_addr().unwrap_or(health_addr),
+        metrics = %metrics_listener.local_addr().unwrap_or(metrics_addr),
         pool = %format!("{}/{}", opts.pool_namespace, opts.pool_name),
         "EPP listening"
     );
@@ -138,6 +154,34 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+
+    tokio::spawn({
+        let stop = stopped(stop_rx.clone());
+        let telemetry = telemetry.clone();
+        async move {
+            if let Err(e) = telemetry::serve(telemetry, metrics_listener, stop).await {
+                warn!(error = %e, "metrics endpoint failed");
+            }
+        }
+    });
+    tokio::spawn({
+        let router = router.clone();
+        let stats = discovery.stats_source();
+        let every = opts.refresh_prometheus_interval;
+        async move {
+            let mut tick = tokio::time::interval(every);
+            let mut counted = (0u64, 0u64);
+            loop {
+                tick.tick().await;
+                router.refresh_pool_gauges();
+                let s = stats();
+                let reloads = &router.telemetry().discovery_reloads;
+                reloads.with_label_values(&["applied"]).inc_by(s.reloads_applied.saturating_sub(counted.0));
+                reloads.with_label_values(&["rejected"]).inc_by(s.reloads_rejected.saturating_sub(counted.1));
+                counted = (s.reloads_applied, s.reloads_rejected);
+            }
+        }
+    });
 
     let ext_proc = ExtProc::new(router.clone(), opts.max_body_bytes).into_server();
     let main_server = tonic::transport::Server::builder()

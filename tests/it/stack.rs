@@ -69,6 +69,7 @@ pub struct Stack {
     pub admin: u16,
     pub epp_port: u16,
     pub health_port: u16,
+    pub metrics_port: u16,
     epp: Option<Child>,
     envoy: Option<Child>,
     pub client: reqwest::Client,
@@ -110,6 +111,7 @@ impl Stack {
             admin: free_port(),
             epp_port: free_port(),
             health_port: free_port(),
+            metrics_port: free_port(),
             epp: None,
             envoy: None,
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
@@ -157,6 +159,7 @@ impl Stack {
             .args(["--bind-address", "127.0.0.1", "--secure-serving=false", "--v=3"])
             .args(["--grpc-port", &self.epp_port.to_string()])
             .args(["--grpc-health-port", &self.health_port.to_string()])
+            .args(["--metrics-port", &self.metrics_port.to_string(), "--refresh-prometheus-metrics-interval", "200ms"])
             .arg("--config-file")
             .arg(self.dir.join("epp-config.yaml"))
             .env("RUST_LOG", "info,epp::ext_proc=info,epp::routing=debug")

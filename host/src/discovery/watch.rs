@@ -101,6 +101,12 @@ impl FileDiscovery {
         self.shared.stats().clone()
     }
 
+    /// A reader of the stats that outlives no one: it can be moved into another task.
+    pub fn stats_source(&self) -> impl Fn() -> DiscoveryStats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.stats().clone()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -39,6 +39,10 @@ pub struct StreamState {
     body: Vec<u8>,
     routed: Option<Routed>,
     usage: Option<UsageTracker>,
+    /// The request's model, once parsed (metric label).
+    model: String,
+    started: std::time::Instant,
+    in_flight: Option<crate::telemetry::InFlight>,
     /// Set once an immediate response was sent: the stream is over for Envoy.
     pub finished: bool,
 }
@@ -58,6 +62,9 @@ impl StreamState {
             body: Vec::new(),
             routed: None,
             usage: None,
+            model: String::new(),
+            started: std::time::Instant::now(),
+            in_flight: None,
             finished: false,
         }
     }
@@ -83,6 +90,7 @@ impl StreamState {
     }
 
     async fn request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        self.started = std::time::Instant::now();
         self.headers = header_pairs(h.headers.as_ref());
         let get = |name: &str| self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         self.method = get(":method").unwrap_or_default();
@@ -119,7 +127,10 @@ impl StreamState {
         }
         let parsed = match ApiKind::from_path(&self.path) {
             Some(kind) => match request::parse(kind, &self.body) {
-                Ok(r) => Some(r),
+                Ok(r) => {
+                    self.model = r.model.clone();
+                    Some(r)
+                }
                 Err(e) => return self.fail(e.into()),
             },
             None if self.method.eq_ignore_ascii_case("GET") || self.method.eq_ignore_ascii_case("HEAD") => None,
@@ -177,6 +188,8 @@ impl StreamState {
     fn complete(&mut self, usage: Option<llmd_plugin_sdk::Usage>) {
         if let Some(routed) = self.routed.take() {
             debug!(request_id = %self.request_id, ?usage, "response complete");
+            self.router.record_completed(&self.model, self.started.elapsed(), usage);
+            self.in_flight = None;
             self.router.response_complete(&self.request_id, routed.endpoint_id, usage.unwrap_or_default());
         }
     }
@@ -198,11 +211,13 @@ impl StreamState {
             "request routed"
         );
         self.routed = Some(routed.clone());
+        self.in_flight = Some(self.router.record_routed(&self.model));
         Ok(routed)
     }
 
     fn fail(&mut self, e: RouteError) -> Vec<ProcessingResponse> {
         let r = e.reply();
+        self.router.record_error(&self.model, &e);
         warn!(request_id = %self.request_id, path = %self.path, status = r.status, error = %e, "request rejected");
         self.finished = true;
         vec![reply::immediate(&r, &self.request_id)]

@@ -3,12 +3,14 @@
 //! the traits in `plugin`; it does no I/O, names no wasmtime or Envoy type, and never
 //! panics on bad plugin output — a failing plugin is handled by its failure policy.
 
+pub mod admission;
 pub mod native;
 pub mod plugin;
 mod profile;
 
+pub use admission::SaturationConfig;
 pub use plugin::{
     FailurePolicy, FilterPlugin, PickerPlugin, PluginCore, PluginError, PluginHandle, ProducerPlugin, Role,
     ScorerPlugin,
 };
-pub use profile::{Decision, ScheduleError, SchedulerProfile, Weight, WeightedScorer};
+pub use profile::{Decision, PluginTiming, ScheduleError, SchedulerProfile, Weight, WeightedScorer};

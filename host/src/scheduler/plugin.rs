@@ -59,6 +59,20 @@ pub enum PluginError {
     InvalidOutput(String),
 }
 
+impl PluginError {
+    /// A short stable name of the kind, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Trap(_) => "trap",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::MemoryLimit(_) => "memory",
+            PluginError::Instantiate(_) => "instantiate",
+            PluginError::Configure(_) => "configure",
+            PluginError::InvalidOutput(_) => "invalid_output",
+        }
+    }
+}
+
 /// Calls every plugin receives, whatever its role.
 pub trait PluginCore: Send + Sync {
     /// The configured name (unique within a config).

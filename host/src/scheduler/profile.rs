@@ -6,12 +6,14 @@
 //! passed in, and a score never enters the sum unless it is finite (then clamped to [0,1]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request, Usage};
 use tracing::{debug, warn};
 
 use super::plugin::{
-    FailurePolicy, FilterPlugin, PickerPlugin, PluginCore, PluginError, PluginHandle, ProducerPlugin, ScorerPlugin,
+    FailurePolicy, FilterPlugin, PickerPlugin, PluginCore, PluginError, PluginHandle, ProducerPlugin, Role,
+    ScorerPlugin,
 };
 
 /// A scorer weight: finite and non-negative (validated where configs are parsed).
@@ -45,9 +47,23 @@ pub struct WeightedScorer {
 pub struct Decision {
     /// Endpoint ids, primary first, then fallbacks; never empty.
     pub targets: Vec<u32>,
-    /// Candidate ids after filtering, aligned with `total_scores`.
+    /// Candidate ids after filtering, aligned with `total_scores` and `columns`.
     pub candidates: Vec<u32>,
     pub total_scores: Vec<f32>,
+    /// The producers' columns over the final candidates.
+    pub columns: Vec<Column>,
+    /// How long each plugin call took, in call order.
+    pub timings: Vec<PluginTiming>,
+    /// Plugins that failed and were skipped (fail-open) in this cycle.
+    pub failures: Vec<(String, PluginError)>,
+}
+
+/// One plugin call's duration (for telemetry; the scheduler itself does not use it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginTiming {
+    pub role: Role,
+    pub plugin: String,
+    pub elapsed: Duration,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -123,9 +139,10 @@ impl SchedulerProfile {
         }
         let mut metrics = candidates.clone();
         let mut columns: Vec<Column> = Vec::new();
+        let mut cycle = Cycle::default();
 
         for producer in &self.producers {
-            match producer.produce(req, &metrics) {
+            match cycle.timed(Role::Producer, producer.name(), || producer.produce(req, &metrics)) {
                 Ok(produced) => {
                     for col in produced {
                         if col.values.len() == metrics.len() {
@@ -137,19 +154,19 @@ impl SchedulerProfile {
                                 col.values.len(),
                                 metrics.len()
                             ));
-                            on_failure(producer.as_ref(), e)?;
+                            cycle.on_failure(producer.as_ref(), e)?;
                         }
                     }
                 }
-                Err(e) => on_failure(producer.as_ref(), e)?,
+                Err(e) => cycle.on_failure(producer.as_ref(), e)?,
             }
         }
 
         for filter in &self.filters {
-            let kept = match filter.filter(req, &metrics, &columns) {
+            let kept = match cycle.timed(Role::Filter, filter.name(), || filter.filter(req, &metrics, &columns)) {
                 Ok(kept) => kept,
                 Err(e) => {
-                    on_failure(filter.as_ref(), e)?;
+                    cycle.on_failure(filter.as_ref(), e)?;
                     continue;
                 }
             };
@@ -166,15 +183,15 @@ impl SchedulerProfile {
         let n = metrics.len();
         let mut total = vec![0.0f32; n];
         for ws in &self.scorers {
-            let scores = match ws.scorer.score(req, &metrics, &columns) {
+            let scores = match cycle.timed(Role::Scorer, ws.scorer.name(), || ws.scorer.score(req, &metrics, &columns)) {
                 Ok(s) if s.len() == n => s,
                 Ok(s) => {
                     let e = PluginError::InvalidOutput(format!("{} scores for {n} candidates", s.len()));
-                    on_failure(ws.scorer.as_ref(), e)?;
+                    cycle.on_failure(ws.scorer.as_ref(), e)?;
                     continue;
                 }
                 Err(e) => {
-                    on_failure(ws.scorer.as_ref(), e)?;
+                    cycle.on_failure(ws.scorer.as_ref(), e)?;
                     continue;
                 }
             };
@@ -186,9 +203,8 @@ impl SchedulerProfile {
             debug!(request_id = %req.id, scorer = ws.scorer.name(), ?scores, "scored");
         }
 
-        let picked = self
-            .picker
-            .pick(req, &metrics, &total)
+        let picked = cycle
+            .timed(Role::Picker, self.picker.name(), || self.picker.pick(req, &metrics, &total))
             .map_err(|error| ScheduleError::PluginFailed { plugin: self.picker.name().to_string(), error })?;
         let mut targets: Vec<u32> = Vec::with_capacity(picked.len());
         for id in picked {
@@ -207,17 +223,43 @@ impl SchedulerProfile {
                 warn!(plugin = p.core().name(), error = %e, "pre-request hook failed");
             }
         }
-        Ok(Decision { targets, candidates: metrics.ids, total_scores: total })
+        Ok(Decision {
+            targets,
+            candidates: metrics.ids,
+            total_scores: total,
+            columns,
+            timings: cycle.timings,
+            failures: cycle.failures,
+        })
     }
 }
 
-/// Applies a plugin's failure policy: fail-open logs and continues, fail-closed aborts.
-fn on_failure(plugin: &dyn PluginCore, error: PluginError) -> Result<(), ScheduleError> {
-    match plugin.failure_policy() {
-        FailurePolicy::FailOpen => {
-            warn!(plugin = plugin.name(), %error, "plugin failed; skipping it for this request (fail-open)");
-            Ok(())
+/// What one cycle records about its plugin calls.
+#[derive(Default)]
+struct Cycle {
+    timings: Vec<PluginTiming>,
+    failures: Vec<(String, PluginError)>,
+}
+
+impl Cycle {
+    fn timed<R>(&mut self, role: Role, plugin: &str, call: impl FnOnce() -> R) -> R {
+        let started = Instant::now();
+        let r = call();
+        self.timings.push(PluginTiming { role, plugin: plugin.to_string(), elapsed: started.elapsed() });
+        r
+    }
+
+    /// Applies a plugin's failure policy: fail-open records and continues, fail-closed aborts.
+    fn on_failure(&mut self, plugin: &dyn PluginCore, error: PluginError) -> Result<(), ScheduleError> {
+        match plugin.failure_policy() {
+            FailurePolicy::FailOpen => {
+                warn!(plugin = plugin.name(), %error, "plugin failed; skipping it for this request (fail-open)");
+                self.failures.push((plugin.name().to_string(), error));
+                Ok(())
+            }
+            FailurePolicy::FailClosed => {
+                Err(ScheduleError::PluginFailed { plugin: plugin.name().to_string(), error })
+            }
         }
-        FailurePolicy::FailClosed => Err(ScheduleError::PluginFailed { plugin: plugin.name().to_string(), error }),
     }
 }

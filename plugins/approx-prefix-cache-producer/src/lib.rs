@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 
-use llmd_plugin_sdk::columns::{PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
+use llmd_plugin_sdk::columns::{PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
 use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Plugin, Producer, Request, params};
 use lru::LruCache;
 use serde::Deserialize;
@@ -200,10 +200,12 @@ impl Producer for PrefixIndexProducer {
             }
         }
         let total = vec![hashes.len() as f32; n];
+        let indexed = metrics.ids.iter().map(|id| self.per_endpoint.get(id).map_or(0.0, |l| l.len() as f32)).collect();
         self.remember_pending(&req.id, hashes);
         vec![
             Column { name: PREFIX_MATCHED_BLOCKS.to_string(), values: matched },
             Column { name: PREFIX_TOTAL_BLOCKS.to_string(), values: total },
+            Column { name: PREFIX_INDEXED_BLOCKS.to_string(), values: indexed },
         ]
     }
 }

@@ -7,3 +7,7 @@ pub const PREFIX_MATCHED_BLOCKS: &str = "prefix-cache/matched-blocks";
 
 /// Per candidate (same value for all): how many prefix blocks the request has.
 pub const PREFIX_TOTAL_BLOCKS: &str = "prefix-cache/total-blocks";
+
+/// Per candidate: how many block hashes the prefix index holds for the endpoint (its share
+/// of the index; the host sums it into the indexer-size metric).
+pub const PREFIX_INDEXED_BLOCKS: &str = "prefix-cache/indexed-blocks";

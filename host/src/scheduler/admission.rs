@@ -1,0 +1,104 @@
+//! Saturation-based admission, as upstream: how loaded is the pool, should a sheddable
+//! request be refused, and which endpoints are over their thresholds.
+//!
+//! Pure: it reads the metrics columns of one cycle and returns numbers and positions. An
+//! endpoint whose metrics are older than the staleness threshold (or unknown) counts as
+//! saturated — not knowing a worker's load must not make it look idle.
+
+use llmd_plugin_sdk::Metrics;
+
+/// Thresholds (upstream defaults: queue 5, kv-cache 0.8, staleness 200 ms).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SaturationConfig {
+    pub queue_depth_threshold: f32,
+    pub kv_cache_threshold: f32,
+    pub staleness_ms: u32,
+}
+
+impl Default for SaturationConfig {
+    fn default() -> Self {
+        SaturationConfig { queue_depth_threshold: 5.0, kv_cache_threshold: 0.8, staleness_ms: 200 }
+    }
+}
+
+impl SaturationConfig {
+    /// One endpoint's load: `max(waiting/queue_threshold, kv/kv_threshold)`, or 1.0 (and
+    /// more) when its metrics are stale or unknown.
+    pub fn load(&self, metrics: &Metrics, i: usize) -> f32 {
+        let age = metrics.age_ms.get(i).copied().unwrap_or(u32::MAX);
+        let waiting = metrics.waiting.get(i).copied().unwrap_or(f32::NAN);
+        let kv = metrics.kv_usage.get(i).copied().unwrap_or(f32::NAN);
+        if age > self.staleness_ms || !waiting.is_finite() || !kv.is_finite() {
+            return f32::INFINITY;
+        }
+        (waiting / self.queue_depth_threshold.max(f32::MIN_POSITIVE))
+            .max(kv / self.kv_cache_threshold.max(f32::MIN_POSITIVE))
+            .max(0.0)
+    }
+
+    /// Pool saturation: the mean endpoint load, each capped at 1 (so one stale endpoint
+    /// weighs as one saturated endpoint, not as infinity). An empty pool is saturated.
+    pub fn pool_saturation(&self, metrics: &Metrics) -> f32 {
+        let n = metrics.len();
+        if n == 0 {
+            return 1.0;
+        }
+        (0..n).map(|i| self.load(metrics, i).min(1.0)).sum::<f32>() / n as f32
+    }
+
+    /// Whether a request of `priority` is refused: sheddable (< 0) and the pool saturated.
+    pub fn shed(&self, priority: i32, metrics: &Metrics) -> bool {
+        priority < 0 && self.pool_saturation(metrics) >= 1.0
+    }
+
+    /// Positions of the endpoints under their thresholds — or all of them, when every one
+    /// is over (dropping all would turn load into errors).
+    pub fn filter(&self, metrics: &Metrics) -> Vec<usize> {
+        let under: Vec<usize> = (0..metrics.len()).filter(|&i| self.load(metrics, i) < 1.0).collect();
+        if under.is_empty() { (0..metrics.len()).collect() } else { under }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rows: &[(f32, f32, u32)]) -> Metrics {
+        Metrics {
+            ids: (0..rows.len() as u32).collect(),
+            waiting: rows.iter().map(|r| r.0).collect(),
+            running: rows.iter().map(|_| 0.0).collect(),
+            kv_usage: rows.iter().map(|r| r.1).collect(),
+            age_ms: rows.iter().map(|r| r.2).collect(),
+        }
+    }
+
+    #[test]
+    fn table() {
+        let c = SaturationConfig::default();
+        // rows (waiting, kv, age) → (pool saturation, kept positions)
+        let cases: &[(&[(f32, f32, u32)], f32, &[usize])] = &[
+            (&[(0.0, 0.0, 10), (0.0, 0.0, 10)], 0.0, &[0, 1]),
+            (&[(5.0, 0.0, 10), (0.0, 0.4, 10)], 0.75, &[1]),
+            (&[(10.0, 0.0, 10), (0.0, 0.9, 10)], 1.0, &[0, 1]),
+            (&[(0.0, 0.0, 500), (2.5, 0.0, 10)], 0.75, &[1]),
+            (&[(f32::NAN, 0.1, 10), (1.0, 0.1, 10)], 0.6, &[1]),
+            (&[], 1.0, &[]),
+        ];
+        for (rows, sat, kept) in cases {
+            let metrics = m(rows);
+            assert!((c.pool_saturation(&metrics) - sat).abs() < 1e-6, "{rows:?}: {}", c.pool_saturation(&metrics));
+            assert_eq!(c.filter(&metrics), *kept, "{rows:?}");
+        }
+    }
+
+    #[test]
+    fn only_sheddable_requests_are_refused() {
+        let c = SaturationConfig::default();
+        let full = m(&[(9.0, 0.9, 10)]);
+        let idle = m(&[(0.0, 0.0, 10)]);
+        assert!(c.shed(-1, &full));
+        assert!(!c.shed(0, &full));
+        assert!(!c.shed(-1, &idle));
+    }
+}
