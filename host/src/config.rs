@@ -158,7 +158,9 @@ impl PickerConfig {
             None if self.data_layer.inject_defaults => empty_params(),
             None => return Ok(None),
         };
-        let field = |k: &str| format!("plugins[{}].parameters.{k}", source.map(|p| p.name.as_str()).unwrap_or("metrics-data-source"));
+        let field = |k: &str| {
+            format!("plugins[{}].parameters.{k}", source.map(|p| p.name.as_str()).unwrap_or("metrics-data-source"))
+        };
         let text = |k: &str, default: &str| match params.get(k) {
             None | Some(serde_json::Value::Null) => Ok(default.to_string()),
             Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -475,8 +477,9 @@ fn saturation_spec(raw: Option<RawSaturation>) -> Result<SaturationConfig, Confi
         c.kv_cache_threshold = k as f32;
     }
     if let Some(s) = raw.metrics_staleness_threshold {
-        c.staleness_ms = parse_duration_ms(&s)
-            .ok_or_else(|| invalid("saturationDetector.metricsStalenessThreshold", format!("`{s}` is not a duration like 200ms or 1s")))?;
+        c.staleness_ms = parse_duration_ms(&s).ok_or_else(|| {
+            invalid("saturationDetector.metricsStalenessThreshold", format!("`{s}` is not a duration like 200ms or 1s"))
+        })?;
     }
     Ok(c)
 }

@@ -150,8 +150,16 @@ impl Datastore {
                 }
             };
             keep.insert(identity, id);
-            let metrics = old.by_id(id).map(|p| p.metrics.clone()).unwrap_or_default();
-            endpoints.push(PoolEndpoint { id, info: endpoint_info(id, spec), spec: spec.clone(), metrics });
+            let previous = old.by_id(id);
+            let metrics = previous.map(|p| p.metrics.clone()).unwrap_or_default();
+            let mut info = endpoint_info(id, spec);
+            if let Some(p) = previous {
+                // LoRA state comes from scraping, not from the file: keep it across reloads.
+                info.max_lora = p.info.max_lora;
+                info.running_adapters = p.info.running_adapters.clone();
+                info.waiting_adapters = p.info.waiting_adapters.clone();
+            }
+            endpoints.push(PoolEndpoint { id, info, spec: spec.clone(), metrics });
         }
         ids.by_identity = keep;
         let generation = if change.is_empty() && old.generation > 0 { old.generation } else { old.generation + 1 };
@@ -159,6 +167,39 @@ impl Datastore {
         // Invariant: after this store, no new request can see a removed endpoint.
         self.pool.store(snapshot.clone());
         (snapshot, change)
+    }
+
+    /// Records endpoint `id`'s LoRA state; when it changed, publishes a new snapshot (a new
+    /// generation, so plugins are told) and returns it.
+    pub fn set_lora(
+        &self,
+        id: u32,
+        max_lora: Option<u32>,
+        running: &[String],
+        waiting: &[String],
+    ) -> Option<Arc<PoolSnapshot>> {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.pool.load_full();
+        let e = old.by_id(id)?;
+        if e.info.max_lora == max_lora && e.info.running_adapters == running && e.info.waiting_adapters == waiting {
+            return None;
+        }
+        let endpoints = old
+            .endpoints
+            .iter()
+            .map(|p| {
+                let mut info = p.info.clone();
+                if p.id == id {
+                    info.max_lora = max_lora;
+                    info.running_adapters = running.to_vec();
+                    info.waiting_adapters = waiting.to_vec();
+                }
+                PoolEndpoint { id: p.id, spec: p.spec.clone(), info, metrics: p.metrics.clone() }
+            })
+            .collect();
+        let snapshot = Arc::new(PoolSnapshot { generation: old.generation + 1, endpoints });
+        self.pool.store(snapshot.clone());
+        Some(snapshot)
     }
 
     /// Records a scrape of endpoint `id` (ignored if it left the pool).

@@ -3,9 +3,14 @@
 //! file), load it through the wasm runtime with its parameters, sandbox and failure policy,
 //! and slot it into the profile by the role the component exports.
 //!
+//! Every newly loaded plugin must pass the probe (`probe.rs`) before it is used. A plugin
+//! whose entry and component bytes are unchanged since the previous build is reused, state
+//! and all (the prefix index survives a reload that did not touch it).
+//!
 //! It reads plugin files and nothing else; it never touches a running scheduler (publishing
 //! a new one is the caller's business), so a failed load changes nothing.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,11 +31,86 @@ pub enum BuildError {
     NoComponent { plugin: String, type_name: String },
     #[error("plugin `{plugin}`: {error}")]
     Load { plugin: String, error: LoadError },
+    #[error("plugin `{plugin}` failed its probe: {error}")]
+    Probe { plugin: String, error: crate::probe::ProbeError },
     #[error("profile `{profile}` lists several pickers ({first}, {second}); a profile has exactly one")]
     SeveralPickers { profile: String, first: String, second: String },
 }
 
-/// Loads one plugin's component and instantiates it.
+/// Loaded plugins by identity (entry + component bytes), for reuse across reloads.
+#[derive(Clone, Default)]
+pub struct PluginSet {
+    by_key: HashMap<u64, PluginHandle>,
+}
+
+impl PluginSet {
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// What a build produced.
+pub struct Built {
+    pub profile: SchedulerProfile,
+    /// Every plugin of the profile, for the next build to reuse.
+    pub plugins: PluginSet,
+    /// Names of the plugins loaded afresh (the others were reused).
+    pub loaded: Vec<String>,
+}
+
+fn plugin_key(spec: &PluginSpec, bytes: &[u8]) -> u64 {
+    let identity = format!(
+        "{}\0{}\0{}\0{:?}\0{:?}\0{:x}",
+        spec.name,
+        spec.type_name,
+        spec.parameters,
+        spec.sandbox,
+        spec.failure_policy,
+        xxhash_rust::xxh3::xxh3_64(bytes)
+    );
+    xxhash_rust::xxh3::xxh3_64(identity.as_bytes())
+}
+
+/// The component bytes of a plugin entry: its `wasm:` file, or the embedded default.
+pub fn component_bytes(spec: &PluginSpec) -> Result<std::borrow::Cow<'static, [u8]>, BuildError> {
+    match &spec.wasm {
+        Some(path) => std::fs::read(path).map(std::borrow::Cow::Owned).map_err(|e| BuildError::ReadWasm {
+            plugin: spec.name.clone(),
+            path: path.clone(),
+            error: e.to_string(),
+        }),
+        None => embedded::find(&spec.type_name)
+            .map(std::borrow::Cow::Borrowed)
+            .ok_or_else(|| BuildError::NoComponent { plugin: spec.name.clone(), type_name: spec.type_name.clone() }),
+    }
+}
+
+/// Loads one plugin (or reuses it from `previous`), probing anything new.
+fn load_or_reuse(
+    runtime: &WasmRuntime,
+    spec: &PluginSpec,
+    previous: &PluginSet,
+    next: &mut PluginSet,
+    loaded: &mut Vec<String>,
+) -> Result<PluginHandle, BuildError> {
+    let bytes = component_bytes(spec)?;
+    let key = plugin_key(spec, &bytes);
+    if let Some(h) = previous.by_key.get(&key).or_else(|| next.by_key.get(&key)).cloned() {
+        next.by_key.insert(key, h.clone());
+        return Ok(h);
+    }
+    let handle = load_plugin(runtime, spec)?;
+    crate::probe::probe(&handle).map_err(|error| BuildError::Probe { plugin: spec.name.clone(), error })?;
+    loaded.push(spec.name.clone());
+    next.by_key.insert(key, handle.clone());
+    Ok(handle)
+}
+
+/// Loads one plugin's component and instantiates it (no probe).
 pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHandle, BuildError> {
     let owned;
     let bytes: &[u8] = match &spec.wasm {
@@ -51,8 +131,15 @@ pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHan
         .map_err(|error| BuildError::Load { plugin: spec.name.clone(), error })
 }
 
-/// Builds the config's one scheduling profile.
+/// Builds the config's one scheduling profile from scratch.
 pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<SchedulerProfile, BuildError> {
+    build(runtime, config, &PluginSet::default()).map(|b| b.profile)
+}
+
+/// Builds the config's profile, reusing unchanged plugins from `previous`.
+pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet) -> Result<Built, BuildError> {
+    let mut next = PluginSet::default();
+    let mut loaded = Vec::new();
     let mut producers = Vec::new();
     let mut filters = Vec::new();
     let mut scorers = Vec::new();
@@ -62,7 +149,7 @@ pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<Sch
         let Some(spec) = config.plugin(&entry.plugin_ref) else {
             continue;
         };
-        match load_plugin(runtime, spec)? {
+        match load_or_reuse(runtime, spec, previous, &mut next, &mut loaded)? {
             PluginHandle::Producer(p) => producers.push(p),
             PluginHandle::Filter(f) => filters.push(f),
             PluginHandle::Scorer(s) => scorers.push(WeightedScorer { scorer: s, weight: entry.weight }),
@@ -91,7 +178,7 @@ pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<Sch
                 sandbox: Default::default(),
                 implicit: true,
             };
-            match load_plugin(runtime, &spec)? {
+            match load_or_reuse(runtime, &spec, previous, &mut next, &mut loaded)? {
                 PluginHandle::Picker(p) => p,
                 other => {
                     return Err(BuildError::Load {
@@ -106,7 +193,8 @@ pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<Sch
     info!(
         profile = %profile.name,
         plugins = ?profile.plugins().iter().map(|p| p.core().name().to_string()).collect::<Vec<_>>(),
+        reloaded = ?loaded,
         "scheduling profile built"
     );
-    Ok(profile)
+    Ok(Built { profile, plugins: next, loaded })
 }

@@ -10,8 +10,59 @@ use clap::Parser;
 use epp::server::{ConfigSource, Options};
 
 /// The llm-d endpoint picker for deployments without Kubernetes, with WebAssembly plugins.
+/// Without a subcommand it serves; `epp plugin …` is the plugin toolkit.
 #[derive(Parser, Debug)]
-#[command(name = "epp", version, about)]
+#[command(name = "epp", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Flags,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write, check and benchmark plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PluginCommand {
+    /// Scaffold a plugin crate that builds to a component.
+    New {
+        /// Crate name, e.g. `prefer-h100`.
+        name: String,
+        /// producer, filter, scorer or picker.
+        #[arg(long, default_value = "scorer")]
+        role: String,
+        /// Where to create it (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The plugin SDK (default: plugins/sdk of the checkout around the current folder).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Validate a component exactly as a reload would: contract, role, configure, probe.
+    Check {
+        file: PathBuf,
+        /// The `parameters` it will get, as JSON.
+        #[arg(long, default_value = "{}")]
+        parameters: String,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 50)]
+        call_timeout_ms: u64,
+    },
+    /// Per-call latency at 8, 100 and 512 endpoints.
+    Bench {
+        file: PathBuf,
+        #[arg(long, default_value = "{}")]
+        parameters: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
 struct Flags {
     /// Port of the Envoy ext_proc gRPC service (also serves gRPC health).
     #[arg(long, default_value_t = 9002)]
@@ -35,6 +86,21 @@ struct Flags {
     /// to keep it local).
     #[arg(long)]
     metrics_bind_address: Option<IpAddr>,
+    /// vLLM metric: requests waiting in the queue.
+    #[arg(long, default_value = "vllm:num_requests_waiting")]
+    total_queued_requests_metric: String,
+    /// vLLM metric: requests running.
+    #[arg(long, default_value = "vllm:num_requests_running")]
+    total_running_requests_metric: String,
+    /// vLLM metric: KV-cache usage in [0, 1] (older vLLM: vllm:gpu_cache_usage_perc, used as a fallback).
+    #[arg(long, default_value = "vllm:kv_cache_usage_perc")]
+    kv_cache_usage_percentage_metric: String,
+    /// vLLM metric: LoRA adapters (labels max_lora, running_lora_adapters, waiting_lora_adapters).
+    #[arg(long, default_value = "vllm:lora_requests_info")]
+    lora_info_metric: String,
+    /// vLLM metric: cache config (labels block_size, num_gpu_blocks).
+    #[arg(long, default_value = "vllm:cache_config_info")]
+    cache_info_metric: String,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     bind_address: IpAddr,
@@ -67,7 +133,13 @@ struct Flags {
 }
 
 fn main() -> anyhow::Result<()> {
-    let flags = Flags::parse();
+    let cli = Cli::parse();
+    let flags = cli.serve;
+    if let Some(Command::Plugin(cmd)) = cli.command {
+        init_logging(flags.verbosity.min(1));
+        let ok = plugin_command(cmd)?;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     init_logging(flags.verbosity);
     if flags.secure_serving {
         bail!("--secure-serving=true is not available in this build; run with --secure-serving=false");
@@ -87,6 +159,14 @@ fn main() -> anyhow::Result<()> {
         refresh_prometheus_interval: flags.refresh_prometheus_metrics_interval,
         refresh_metrics_interval: flags.refresh_metrics_interval.max(Duration::from_millis(1)),
         metrics_staleness: flags.metrics_staleness_threshold,
+        metric_names: epp::metrics_scrape::MetricNames {
+            waiting: flags.total_queued_requests_metric,
+            running: flags.total_running_requests_metric,
+            kv_usage: flags.kv_cache_usage_percentage_metric,
+            lora: flags.lora_info_metric,
+            cache: flags.cache_info_metric,
+            ..Default::default()
+        },
         config,
         max_body_bytes: flags.max_request_body_bytes,
         pool_name: flags.pool_name,
@@ -94,6 +174,39 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async { epp::server::run(opts, shutdown_signal()).await.context("epp failed") })
+}
+
+fn plugin_command(cmd: PluginCommand) -> anyhow::Result<bool> {
+    use epp::toolkit;
+    let mut out = std::io::stdout();
+    match cmd {
+        PluginCommand::New { name, role, dir, sdk } => {
+            let role = toolkit::parse_role(&role).map_err(anyhow::Error::msg)?;
+            let cwd = std::env::current_dir()?;
+            let sdk = match sdk.or_else(|| toolkit::find_sdk(&cwd)) {
+                Some(s) => s,
+                None => bail!("cannot find plugins/sdk around {}; pass --sdk <path>", cwd.display()),
+            };
+            let dir = dir.unwrap_or_else(|| cwd.join(&name));
+            let files = toolkit::scaffold(&name, role, &dir, &sdk).map_err(anyhow::Error::msg)?;
+            for f in &files {
+                println!("created {}", f.display());
+            }
+            println!(
+                "build it:  cargo build --release --target wasm32-wasip2 --manifest-path {}/Cargo.toml",
+                dir.display()
+            );
+            Ok(true)
+        }
+        PluginCommand::Check { file, parameters, memory_mib, call_timeout_ms } => {
+            let sandbox =
+                epp::wasm::Sandbox { memory_bytes: (memory_mib as usize) << 20, call_timeout_ms, ..Default::default() };
+            Ok(toolkit::check(&mut out, &file, &parameters, sandbox)?)
+        }
+        PluginCommand::Bench { file, parameters } => {
+            Ok(toolkit::bench(&mut out, &file, &parameters, epp::wasm::Sandbox::default())?)
+        }
+    }
 }
 
 async fn shutdown_signal() {

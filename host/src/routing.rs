@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use llmd_plugin_sdk::{Request, Usage};
 use tracing::debug;
 
-use llmd_plugin_sdk::columns::{PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, PREFIX_INDEXED_BLOCKS};
+use llmd_plugin_sdk::columns::{PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
 use llmd_plugin_sdk::types::find_column;
 
 use crate::datastore::{Datastore, PoolEndpoint};
@@ -85,7 +85,7 @@ pub struct Router {
     datastore: Arc<Datastore>,
     scheduler: ArcSwap<SchedulerProfile>,
     telemetry: Arc<Telemetry>,
-    saturation: SaturationConfig,
+    saturation: ArcSwap<SaturationConfig>,
     pub metrics_staleness_ms: u32,
 }
 
@@ -100,7 +100,7 @@ impl Router {
             datastore,
             scheduler: ArcSwap::from_pointee(scheduler),
             telemetry,
-            saturation,
+            saturation: ArcSwap::from_pointee(saturation),
             metrics_staleness_ms: DEFAULT_METRICS_STALENESS_MS,
         }
     }
@@ -123,6 +123,11 @@ impl Router {
         let pool = self.datastore.snapshot();
         scheduler.pool_changed(pool.generation, &pool.infos());
         self.scheduler.store(Arc::new(scheduler));
+    }
+
+    /// Publishes new admission thresholds.
+    pub fn set_saturation(&self, saturation: SaturationConfig) {
+        self.saturation.store(Arc::new(saturation));
     }
 
     /// Chooses the endpoint(s) for one request. `request` is None for body-less requests
@@ -151,10 +156,11 @@ impl Router {
         };
         let mut metrics = self.datastore.metrics_of(&candidates, self.metrics_staleness_ms);
         let priority = crate::request::priority(headers);
-        if self.saturation.shed(priority, &metrics) {
+        let saturation = self.saturation.load();
+        if saturation.shed(priority, &metrics) {
             return Err(RouteError::Saturated);
         }
-        let kept = self.saturation.filter(&metrics);
+        let kept = saturation.filter(&metrics);
         if kept.len() != metrics.len() {
             metrics = metrics.select(&kept);
         }
@@ -196,9 +202,12 @@ impl Router {
             column(PREFIX_TOTAL_BLOCKS),
             d.targets.first().and_then(|id| d.candidates.iter().position(|c| c == id)),
         ) {
-            let (m, n) = (matched.values.get(pos).copied().unwrap_or(0.0), total.values.get(pos).copied().unwrap_or(0.0));
+            let (m, n) =
+                (matched.values.get(pos).copied().unwrap_or(0.0), total.values.get(pos).copied().unwrap_or(0.0));
             if n > 0.0 && m.is_finite() {
-                t.prefix_indexer_hit_ratio.with_label_values(&[] as &[&str]).observe(f64::from((m / n).clamp(0.0, 1.0)));
+                t.prefix_indexer_hit_ratio
+                    .with_label_values(&[] as &[&str])
+                    .observe(f64::from((m / n).clamp(0.0, 1.0)));
             }
         }
         if let Some(indexed) = column(PREFIX_INDEXED_BLOCKS) {
@@ -214,14 +223,19 @@ impl Router {
         let m = self.datastore.metrics_of(&all, self.metrics_staleness_ms);
         let t = &self.telemetry;
         let name = t.pool();
-        let fresh: Vec<usize> = (0..m.len()).filter(|&i| m.waiting[i].is_finite() && m.kv_usage[i].is_finite()).collect();
+        let fresh: Vec<usize> =
+            (0..m.len()).filter(|&i| m.waiting[i].is_finite() && m.kv_usage[i].is_finite()).collect();
         let mean = |col: &[f32]| {
-            if fresh.is_empty() { 0.0 } else { fresh.iter().map(|&i| f64::from(col[i])).sum::<f64>() / fresh.len() as f64 }
+            if fresh.is_empty() {
+                0.0
+            } else {
+                fresh.iter().map(|&i| f64::from(col[i])).sum::<f64>() / fresh.len() as f64
+            }
         };
         t.pool_ready_pods.with_label_values(&[name]).set(fresh.len() as f64);
         t.pool_avg_kv.with_label_values(&[name]).set(mean(&m.kv_usage));
         t.pool_avg_queue.with_label_values(&[name]).set(mean(&m.waiting));
-        t.pool_saturation.with_label_values(&[name]).set(f64::from(self.saturation.pool_saturation(&m)));
+        t.pool_saturation.with_label_values(&[name]).set(f64::from(self.saturation.load().pool_saturation(&m)));
         t.pool_per_pod_queue.reset();
         for (i, e) in pool.endpoints.iter().enumerate() {
             if m.waiting[i].is_finite() {
@@ -271,4 +285,3 @@ fn matches_hint(e: &PoolEndpoint, hint: &str) -> bool {
         Err(_) => hint.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == e.spec.address),
     }
 }
-

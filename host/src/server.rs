@@ -14,10 +14,12 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, PickerConfig};
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, Reading};
 use crate::discovery::{DiscoveryError, FileDiscovery, FileDiscoveryParams};
 use crate::ext_proc::{self, ExtProc};
 use crate::loader::{self, BuildError};
+use crate::metrics_scrape::{EngineMetrics, MetricNames, ScrapeConfig, ScrapeError, ScrapeSink, ScrapeTarget, Scraper};
+use crate::reload::Reloader;
 use crate::routing::Router;
 use crate::telemetry::{self, Telemetry};
 use crate::wasm::{LoadError, WasmRuntime};
@@ -44,6 +46,8 @@ pub struct Options {
     pub refresh_metrics_interval: std::time::Duration,
     /// Metrics older than this are unknown to scorers (and excluded from pool gauges).
     pub metrics_staleness: std::time::Duration,
+    /// Names of the vLLM metrics read from each worker.
+    pub metric_names: MetricNames,
     pub config: ConfigSource,
     pub max_body_bytes: usize,
     pub pool_name: String,
@@ -64,6 +68,8 @@ pub enum ServerError {
         "the config has no discovery plugin; add `- type: file-discovery` with `parameters: {{path: endpoints.yaml}}`"
     )]
     NoDiscovery,
+    #[error("cannot watch the config file: {0}")]
+    Watch(String),
     #[error("cannot listen on {addr}: {error}")]
     Bind { addr: SocketAddr, error: std::io::Error },
     #[error("gRPC server on {addr} failed: {error}")]
@@ -88,20 +94,58 @@ pub fn load_config(source: &ConfigSource) -> Result<(PickerConfig, Option<PathBu
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
     let (config, base_dir) = load_config(&opts.config)?;
     let runtime = WasmRuntime::new()?;
-    let profile = loader::build_profile(&runtime, &config)?;
+    let built = loader::build(&runtime, &config, &loader::PluginSet::default())?;
+    let profile = built.profile;
     let datastore = Arc::new(Datastore::new());
     let telemetry = Telemetry::new(&opts.pool_name);
     let mut router = Router::new(datastore.clone(), profile, config.saturation, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
     let router = Arc::new(router);
+    // With a config file, changes to it (or to the components it names) are applied live.
+    let _config_watch = match &opts.config {
+        ConfigSource::File(path) => {
+            let reloader = Reloader::new(runtime.clone(), path.clone(), router.clone(), &config, built.plugins);
+            Some(reloader.watch().map_err(ServerError::Watch)?)
+        }
+        _ => None,
+    };
+
+    let scraper = match config.metrics_source()? {
+        Some((scheme, path)) => {
+            let scrape = ScrapeConfig {
+                scheme,
+                path,
+                interval: opts.refresh_metrics_interval,
+                timeout: std::time::Duration::from_secs(1),
+                names: opts.metric_names.clone(),
+            };
+            info!(path = %scrape.path, interval_ms = scrape.interval.as_millis() as u64, "scraping worker metrics");
+            Some(Arc::new(Scraper::new(scrape, Arc::new(PoolSink { router: router.clone() }))))
+        }
+        None => {
+            warn!(
+                "the config has no metrics source (dataLayer.injectDefaults is off and no sources): scorers see no load"
+            );
+            None
+        }
+    };
 
     let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
     let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
     let (loaded_tx, mut loaded_rx) = watch::channel(false);
     let on_update = {
         let router = router.clone();
+        let scraper = scraper.clone();
         move |specs: Arc<Vec<crate::discovery::EndpointSpec>>| {
             let (snapshot, change) = router.datastore().set_pool(&specs);
+            if let Some(scraper) = &scraper {
+                let targets: Vec<ScrapeTarget> = snapshot
+                    .endpoints
+                    .iter()
+                    .map(|e| ScrapeTarget { id: e.id, key: e.spec.key(), addr: e.spec.metrics_target() })
+                    .collect();
+                scraper.sync(&targets);
+            }
             if !change.is_empty() {
                 info!(
                     generation = snapshot.generation,
@@ -201,6 +245,33 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
     tokio::net::TcpListener::bind(addr).await.map_err(|error| ServerError::Bind { addr, error })
+}
+
+/// Where scrapes land: endpoint load into the datastore's cells, LoRA state into the pool
+/// (telling plugins when it changes), failures into the scrape-error counter.
+struct PoolSink {
+    router: Arc<Router>,
+}
+
+impl ScrapeSink for PoolSink {
+    fn scraped(&self, id: u32, m: &EngineMetrics) {
+        let ds = self.router.datastore();
+        ds.record_metrics(
+            id,
+            Reading { waiting: m.waiting as f32, running: m.running as f32, kv_usage: m.kv_usage as f32 },
+        );
+        let (max_lora, running, waiting) = match &m.lora {
+            Some(l) => (Some(l.max_lora), l.running.as_slice(), l.waiting.as_slice()),
+            None => (None, &[][..], &[][..]),
+        };
+        if let Some(snapshot) = ds.set_lora(id, max_lora, running, waiting) {
+            self.router.scheduler().pool_changed(snapshot.generation, &snapshot.infos());
+        }
+    }
+
+    fn failed(&self, _id: u32, target: &str, _error: &ScrapeError) {
+        self.router.telemetry().scrape_errors.with_label_values(&[target]).inc();
+    }
 }
 
 fn incoming(listener: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

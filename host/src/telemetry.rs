@@ -14,11 +14,15 @@ use prometheus::{
 use tracing::{info, warn};
 
 /// Request latency buckets (seconds), wide enough for long generations.
-const DURATION_BUCKETS: &[f64] =
-    &[0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0,
+    45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
+];
 /// Token-count buckets.
-const TOKEN_BUCKETS: &[f64] =
-    &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0, 65536.0, 131072.0];
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0, 65536.0,
+    131072.0,
+];
 /// Scheduling and plugin latency buckets (seconds), down to microseconds.
 const FAST_BUCKETS: &[f64] =
     &[0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1];
@@ -66,35 +70,117 @@ impl Telemetry {
         // them cannot fail; `must` keeps that assumption in one place.
         let t = Telemetry {
             pool: pool.to_string(),
-            request_total: must(IntCounterVec::new(opts("inference_objective_request_total", "Requests received, by model."), objective)),
+            request_total: must(IntCounterVec::new(
+                opts("inference_objective_request_total", "Requests received, by model."),
+                objective,
+            )),
             request_error_total: must(IntCounterVec::new(
                 opts("inference_objective_request_error_total", "Requests that failed, by model and error code."),
                 &["model_name", "target_model_name", "error_code"],
             )),
             request_duration: must(HistogramVec::new(
-                hist("inference_objective_request_duration_seconds", "End-to-end request latency seen by the EPP.", DURATION_BUCKETS),
+                hist(
+                    "inference_objective_request_duration_seconds",
+                    "End-to-end request latency seen by the EPP.",
+                    DURATION_BUCKETS,
+                ),
                 objective,
             )),
-            input_tokens: must(HistogramVec::new(hist("inference_objective_input_tokens", "Prompt tokens per request (from usage).", TOKEN_BUCKETS), objective)),
-            output_tokens: must(HistogramVec::new(hist("inference_objective_output_tokens", "Completion tokens per request (from usage).", TOKEN_BUCKETS), objective)),
-            cached_tokens: must(HistogramVec::new(hist("inference_objective_cached_tokens", "Prompt tokens served from the prefix cache (from usage).", TOKEN_BUCKETS), objective)),
-            running_requests: must(IntGaugeVec::new(opts("inference_objective_running_requests", "Requests in flight through the EPP, by model."), &["model_name"])),
-            pool_avg_kv: must(GaugeVec::new(opts("inference_pool_average_kv_cache_utilization", "Mean KV-cache utilization over endpoints with fresh metrics."), &["name"])),
-            pool_avg_queue: must(GaugeVec::new(opts("inference_pool_average_queue_size", "Mean waiting-queue length over endpoints with fresh metrics."), &["name"])),
-            pool_ready_pods: must(GaugeVec::new(opts("inference_pool_ready_pods", "Endpoints in the pool with fresh metrics."), &["name"])),
-            pool_per_pod_queue: must(GaugeVec::new(opts("inference_pool_per_pod_queue_size", "Waiting-queue length per endpoint."), &["model_server_pod", "name"])),
-            pool_saturation: must(GaugeVec::new(opts("epp_pool_saturation", "Pool saturation: mean of max(queue/threshold, kv/threshold); 1 = saturated."), &["name"])),
-            scheduler_e2e: must(HistogramVec::new(hist("inference_extension_scheduler_e2e_duration_seconds", "Time of one scheduling cycle.", FAST_BUCKETS), &[])),
+            input_tokens: must(HistogramVec::new(
+                hist("inference_objective_input_tokens", "Prompt tokens per request (from usage).", TOKEN_BUCKETS),
+                objective,
+            )),
+            output_tokens: must(HistogramVec::new(
+                hist("inference_objective_output_tokens", "Completion tokens per request (from usage).", TOKEN_BUCKETS),
+                objective,
+            )),
+            cached_tokens: must(HistogramVec::new(
+                hist(
+                    "inference_objective_cached_tokens",
+                    "Prompt tokens served from the prefix cache (from usage).",
+                    TOKEN_BUCKETS,
+                ),
+                objective,
+            )),
+            running_requests: must(IntGaugeVec::new(
+                opts("inference_objective_running_requests", "Requests in flight through the EPP, by model."),
+                &["model_name"],
+            )),
+            pool_avg_kv: must(GaugeVec::new(
+                opts(
+                    "inference_pool_average_kv_cache_utilization",
+                    "Mean KV-cache utilization over endpoints with fresh metrics.",
+                ),
+                &["name"],
+            )),
+            pool_avg_queue: must(GaugeVec::new(
+                opts(
+                    "inference_pool_average_queue_size",
+                    "Mean waiting-queue length over endpoints with fresh metrics.",
+                ),
+                &["name"],
+            )),
+            pool_ready_pods: must(GaugeVec::new(
+                opts("inference_pool_ready_pods", "Endpoints in the pool with fresh metrics."),
+                &["name"],
+            )),
+            pool_per_pod_queue: must(GaugeVec::new(
+                opts("inference_pool_per_pod_queue_size", "Waiting-queue length per endpoint."),
+                &["model_server_pod", "name"],
+            )),
+            pool_saturation: must(GaugeVec::new(
+                opts(
+                    "epp_pool_saturation",
+                    "Pool saturation: mean of max(queue/threshold, kv/threshold); 1 = saturated.",
+                ),
+                &["name"],
+            )),
+            scheduler_e2e: must(HistogramVec::new(
+                hist(
+                    "inference_extension_scheduler_e2e_duration_seconds",
+                    "Time of one scheduling cycle.",
+                    FAST_BUCKETS,
+                ),
+                &[],
+            )),
             plugin_duration: must(HistogramVec::new(
                 hist("inference_extension_plugin_duration_seconds", "Time of one plugin call.", FAST_BUCKETS),
                 &["extension_point", "plugin_type", "plugin_name"],
             )),
-            prefix_indexer_size: must(IntGaugeVec::new(opts("inference_extension_prefix_indexer_size", "Block hashes held by the prefix index (over the last request's candidates)."), &[])),
-            prefix_indexer_hit_ratio: must(HistogramVec::new(hist("inference_extension_prefix_indexer_hit_ratio", "Share of a request's prefix blocks held by the chosen endpoint.", RATIO_BUCKETS), &[])),
-            plugin_errors: must(IntCounterVec::new(opts("epp_plugin_errors_total", "Failed plugin calls, by plugin and kind (trap, timeout, memory, invalid output, …)."), &["plugin_name", "kind"])),
-            discovery_reloads: must(IntCounterVec::new(opts("epp_discovery_reloads_total", "Endpoints-file reloads, by result (applied, rejected)."), &["result"])),
-            scrape_errors: must(IntCounterVec::new(opts("epp_scrape_errors_total", "Failed /metrics scrapes, by endpoint."), &["endpoint"])),
-            config_reloads: must(IntCounterVec::new(opts("epp_config_reload_total", "Config reloads, by result."), &["result"])),
+            prefix_indexer_size: must(IntGaugeVec::new(
+                opts(
+                    "inference_extension_prefix_indexer_size",
+                    "Block hashes held by the prefix index (over the last request's candidates).",
+                ),
+                &[],
+            )),
+            prefix_indexer_hit_ratio: must(HistogramVec::new(
+                hist(
+                    "inference_extension_prefix_indexer_hit_ratio",
+                    "Share of a request's prefix blocks held by the chosen endpoint.",
+                    RATIO_BUCKETS,
+                ),
+                &[],
+            )),
+            plugin_errors: must(IntCounterVec::new(
+                opts(
+                    "epp_plugin_errors_total",
+                    "Failed plugin calls, by plugin and kind (trap, timeout, memory, invalid output, …).",
+                ),
+                &["plugin_name", "kind"],
+            )),
+            discovery_reloads: must(IntCounterVec::new(
+                opts("epp_discovery_reloads_total", "Endpoints-file reloads, by result (applied, rejected)."),
+                &["result"],
+            )),
+            scrape_errors: must(IntCounterVec::new(
+                opts("epp_scrape_errors_total", "Failed /metrics scrapes, by endpoint."),
+                &["endpoint"],
+            )),
+            config_reloads: must(IntCounterVec::new(
+                opts("epp_config_reload_total", "Config reloads, by result."),
+                &["result"],
+            )),
             registry,
         };
         for c in t.collectors() {

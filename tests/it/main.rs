@@ -5,6 +5,8 @@ mod common;
 mod config_parse;
 mod default_profile;
 mod e2e_churn;
+mod e2e_load;
+mod e2e_reload;
 mod e2e_routing;
 mod ext_proc_wire;
 mod plugins;

@@ -113,3 +113,18 @@ fn bad_components_are_rejected_at_load_with_a_reason() {
     let err = runtime().load("core", core_module, "{}", sandbox("core"), FailurePolicy::FailOpen).err().unwrap();
     assert!(matches!(err, LoadError::Compile(_)), "{err}");
 }
+
+#[test]
+fn a_plugin_that_keeps_failing_is_taken_out_by_its_breaker() {
+    let bad = misbehaving("trap", FailurePolicy::FailOpen).unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..8 {
+        kinds.push(bad.score(&request("r", ""), &idle(2), &[]).expect_err("fails").kind());
+    }
+    // Six failures within the window trip it; later calls are refused without running.
+    assert_eq!(kinds[..6], ["trap"; 6], "{kinds:?}");
+    assert_eq!(kinds[6..], ["disabled"; 2], "{kinds:?}");
+    // With fail-open the request is still scheduled around it.
+    let profile = profile_with(bad);
+    assert_eq!(profile.schedule(&request("x", ""), &busy_metrics()).unwrap().targets, vec![1]);
+}

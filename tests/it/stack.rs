@@ -129,8 +129,14 @@ impl Stack {
 
     /// Atomically replaces the endpoints file with workers `which`, each with `labels`.
     pub fn write_endpoints(&self, which: &[usize], labels: &[(&str, &str)]) {
-        let mut text = String::from(if which.is_empty() { "endpoints: []\n" } else { "endpoints:\n" });
-        for &i in which {
+        let entries: Vec<(usize, &[(&str, &str)])> = which.iter().map(|&i| (i, labels)).collect();
+        self.write_endpoints_labelled(&entries);
+    }
+
+    /// Atomically replaces the endpoints file with the given workers and their own labels.
+    pub fn write_endpoints_labelled(&self, entries: &[(usize, &[(&str, &str)])]) {
+        let mut text = String::from(if entries.is_empty() { "endpoints: []\n" } else { "endpoints:\n" });
+        for &(i, labels) in entries {
             let w = &self.workers[i];
             text.push_str(&format!(
                 "  - name: {}\n    address: 127.0.0.1\n    port: \"{}\"\n",
@@ -145,6 +151,14 @@ impl Stack {
             }
         }
         self.write_endpoints_text(&text);
+    }
+
+    /// Atomically replaces the EPP's config file.
+    pub fn write_config(&self, text: &str) {
+        let path = self.dir.join("epp-config.yaml");
+        let tmp = self.dir.join("epp-config.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write config tmp");
+        std::fs::rename(&tmp, &path).expect("rename config");
     }
 
     pub fn write_endpoints_text(&self, text: &str) {

@@ -77,7 +77,8 @@ mod tests {
     fn table() {
         let c = SaturationConfig::default();
         // rows (waiting, kv, age) → (pool saturation, kept positions)
-        let cases: &[(&[(f32, f32, u32)], f32, &[usize])] = &[
+        type Case<'a> = (&'a [(f32, f32, u32)], f32, &'a [usize]);
+        let cases: &[Case] = &[
             (&[(0.0, 0.0, 10), (0.0, 0.0, 10)], 0.0, &[0, 1]),
             (&[(5.0, 0.0, 10), (0.0, 0.4, 10)], 0.75, &[1]),
             (&[(10.0, 0.0, 10), (0.0, 0.9, 10)], 1.0, &[0, 1]),

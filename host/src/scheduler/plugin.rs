@@ -57,6 +57,8 @@ pub enum PluginError {
     Configure(String),
     #[error("plugin returned an invalid result: {0}")]
     InvalidOutput(String),
+    #[error("plugin is taken out by its circuit breaker after repeated failures (for {0} ms more)")]
+    Disabled(u64),
 }
 
 impl PluginError {
@@ -69,6 +71,7 @@ impl PluginError {
             PluginError::Instantiate(_) => "instantiate",
             PluginError::Configure(_) => "configure",
             PluginError::InvalidOutput(_) => "invalid_output",
+            PluginError::Disabled(_) => "disabled",
         }
     }
 }

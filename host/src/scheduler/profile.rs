@@ -183,7 +183,8 @@ impl SchedulerProfile {
         let n = metrics.len();
         let mut total = vec![0.0f32; n];
         for ws in &self.scorers {
-            let scores = match cycle.timed(Role::Scorer, ws.scorer.name(), || ws.scorer.score(req, &metrics, &columns)) {
+            let scores = match cycle.timed(Role::Scorer, ws.scorer.name(), || ws.scorer.score(req, &metrics, &columns))
+            {
                 Ok(s) if s.len() == n => s,
                 Ok(s) => {
                     let e = PluginError::InvalidOutput(format!("{} scores for {n} candidates", s.len()));
@@ -257,9 +258,7 @@ impl Cycle {
                 self.failures.push((plugin.name().to_string(), error));
                 Ok(())
             }
-            FailurePolicy::FailClosed => {
-                Err(ScheduleError::PluginFailed { plugin: plugin.name().to_string(), error })
-            }
+            FailurePolicy::FailClosed => Err(ScheduleError::PluginFailed { plugin: plugin.name().to_string(), error }),
         }
     }
 }

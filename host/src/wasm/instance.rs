@@ -7,7 +7,9 @@
 //! dropped, the error is returned as a value, and the next call rebuilds a fresh instance
 //! (configured again and told the last pool), so the host keeps serving.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request, Usage};
 use tracing::warn;
@@ -96,6 +98,49 @@ struct State {
     live: Option<Live>,
     /// The last pool told to the plugin, replayed into a rebuilt instance.
     pool: Option<(u64, Vec<EndpointInfo>)>,
+    breaker: Breaker,
+}
+
+/// Failures within `BREAKER_WINDOW` beyond this many take the plugin out.
+const BREAKER_FAILURES: usize = 5;
+const BREAKER_WINDOW: Duration = Duration::from_secs(10);
+/// How long a tripped plugin stays out before it is tried again.
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// A circuit breaker: a plugin that keeps failing is not called (its failure policy
+/// applies at once) for a cooldown, instead of costing every request a deadline.
+#[derive(Default)]
+struct Breaker {
+    recent: VecDeque<Instant>,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    /// `Some(remaining)` while the breaker is open.
+    fn open_for(&mut self, now: Instant) -> Option<Duration> {
+        match self.open_until {
+            Some(until) if until > now => Some(until - now),
+            Some(_) => {
+                self.open_until = None;
+                self.recent.clear();
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records a failure; true when it trips the breaker.
+    fn failed(&mut self, now: Instant) -> bool {
+        self.recent.push_back(now);
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > BREAKER_WINDOW) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() > BREAKER_FAILURES {
+            self.open_until = Some(now + BREAKER_COOLDOWN);
+            return true;
+        }
+        false
+    }
 }
 
 pub struct WasmPlugin {
@@ -139,7 +184,7 @@ impl WasmPlugin {
             params_json,
             sandbox,
             policy,
-            state: Mutex::new(State { live: None, pool: None }),
+            state: Mutex::new(State { live: None, pool: None, breaker: Breaker::default() }),
         };
         let first = plugin.instantiate(None)?;
         plugin.lock().live = Some(first);
@@ -233,9 +278,18 @@ impl WasmPlugin {
         f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let mut state = self.lock();
+        if let Some(remaining) = state.breaker.open_for(Instant::now()) {
+            return Err(PluginError::Disabled(remaining.as_millis() as u64));
+        }
         let mut live = match state.live.take() {
             Some(live) => live,
-            None => self.instantiate(state.pool.as_ref())?,
+            None => match self.instantiate(state.pool.as_ref()) {
+                Ok(live) => live,
+                Err(e) => {
+                    self.trip(&mut state);
+                    return Err(e);
+                }
+            },
         };
         live.store.set_epoch_deadline(ticks(self.sandbox.call_timeout_ms));
         match f(&mut live.store, &live.exports) {
@@ -246,8 +300,23 @@ impl WasmPlugin {
             Err(e) => {
                 let err = self.classify(e, &live.store, self.sandbox.call_timeout_ms);
                 warn!(plugin = %self.name, error = %err, "plugin call failed; its instance will be rebuilt");
+                self.trip(&mut state);
                 Err(err)
             }
+        }
+    }
+}
+
+impl WasmPlugin {
+    fn trip(&self, state: &mut State) {
+        if state.breaker.failed(Instant::now()) {
+            warn!(
+                plugin = %self.name,
+                failures = BREAKER_FAILURES + 1,
+                window_s = BREAKER_WINDOW.as_secs(),
+                cooldown_s = BREAKER_COOLDOWN.as_secs(),
+                "circuit breaker opened: plugin taken out after repeated failures"
+            );
         }
     }
 }

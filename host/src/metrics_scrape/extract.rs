@@ -1,0 +1,424 @@
+//! Picking an inference engine's load out of a parsed metrics page.
+//!
+//! It owns which metric names mean what (`MetricNames`, defaulting to vLLM's), how several
+//! series of one metric combine (summed queues, the fullest KV cache, the newest LoRA
+//! report) and the checks that keep a nonsense page from passing for an idle engine: a
+//! missing load gauge, or a value that is NaN, infinite or negative, is an error. It is pure;
+//! it does no I/O and knows nothing of endpoints or scheduling.
+
+use super::parse::Sample;
+
+/// Labels of `vllm:lora_requests_info` and `vllm:cache_config_info` (vLLM's own names).
+const MAX_LORA: &str = "max_lora";
+const RUNNING_LORA_ADAPTERS: &str = "running_lora_adapters";
+const WAITING_LORA_ADAPTERS: &str = "waiting_lora_adapters";
+const BLOCK_SIZE: &str = "block_size";
+const NUM_GPU_BLOCKS: &str = "num_gpu_blocks";
+
+/// The metric names read from a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricNames {
+    /// Requests queued (gauge).
+    pub waiting: String,
+    /// Requests being executed (gauge).
+    pub running: String,
+    /// KV-cache usage, 0..=1 (gauge).
+    pub kv_usage: String,
+    /// Read when `kv_usage` is absent: vLLM's name for it before the V1 engine.
+    pub kv_usage_fallback: Option<String>,
+    /// LoRA adapters in use; the value is the report's Unix time.
+    pub lora: String,
+    /// The engine's KV-cache configuration, in labels.
+    pub cache: String,
+}
+
+impl Default for MetricNames {
+    fn default() -> Self {
+        MetricNames {
+            waiting: "vllm:num_requests_waiting".to_string(),
+            running: "vllm:num_requests_running".to_string(),
+            kv_usage: "vllm:kv_cache_usage_perc".to_string(),
+            kv_usage_fallback: Some("vllm:gpu_cache_usage_perc".to_string()),
+            lora: "vllm:lora_requests_info".to_string(),
+            cache: "vllm:cache_config_info".to_string(),
+        }
+    }
+}
+
+/// One engine's load as of one scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineMetrics {
+    pub waiting: f64,
+    pub running: f64,
+    /// 0..=1 as the engine reports it; not clamped here.
+    pub kv_usage: f64,
+    /// `None` when the page has no LoRA report (LoRA disabled).
+    pub lora: Option<LoraInfo>,
+    /// `None` when the page has no cache configuration.
+    pub cache: Option<CacheInfo>,
+}
+
+/// The newest LoRA report of an engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraInfo {
+    pub max_lora: u32,
+    pub running: Vec<String>,
+    pub waiting: Vec<String>,
+}
+
+/// An engine's KV-cache geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheInfo {
+    /// Tokens per KV block.
+    pub block_size: u32,
+    pub num_gpu_blocks: u32,
+}
+
+/// Why a page's samples do not describe an engine's load.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExtractError {
+    /// `names` are the metric and its fallbacks, in the order tried.
+    #[error("no sample of `{}`", .names.join("` or `"))]
+    Missing { names: Vec<String> },
+    #[error("`{name}` has the value {value}, not a finite number ≥ 0")]
+    BadValue { name: String, value: f64 },
+    #[error("`{name}` has no label `{label}`")]
+    MissingLabel { name: String, label: &'static str },
+    #[error("`{name}`: label `{label}` is {value:?}, not a whole number")]
+    BadLabel { name: String, label: &'static str, value: String },
+    #[error("`{name}`: samples disagree on label `{label}`")]
+    Inconsistent { name: String, label: &'static str },
+}
+
+/// The engine's load from a page's samples.
+///
+/// Several series of one gauge (one per `model_name`, or per data-parallel `engine`) are
+/// summed for the queues and maxed for the KV cache — the fullest cache is the one that
+/// preempts first. Of several LoRA reports the newest (highest value) wins, the first one on
+/// the page among equals: vLLM keeps a series per distinct adapter list, so old lists linger
+/// on the page with old timestamps. Several cache configurations must agree on the block
+/// size; the smallest block count is kept, as the capacity every engine behind the endpoint
+/// has. The optional metrics are checked as strictly as the required ones: a page that
+/// states them wrongly is not trusted for the rest.
+pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics, ExtractError> {
+    let missing = |names: &[&String]| ExtractError::Missing { names: names.iter().map(|n| n.to_string()).collect() };
+    let waiting = fold(samples, &names.waiting, |a, b| a + b)?.ok_or_else(|| missing(&[&names.waiting]))?;
+    let running = fold(samples, &names.running, |a, b| a + b)?.ok_or_else(|| missing(&[&names.running]))?;
+    let kv_usage = match (fold(samples, &names.kv_usage, f64::max)?, &names.kv_usage_fallback) {
+        (Some(kv), _) => kv,
+        (None, Some(fallback)) => {
+            fold(samples, fallback, f64::max)?.ok_or_else(|| missing(&[&names.kv_usage, fallback]))?
+        }
+        (None, None) => return Err(missing(&[&names.kv_usage])),
+    };
+    Ok(EngineMetrics {
+        waiting,
+        running,
+        kv_usage,
+        lora: lora(samples, &names.lora)?,
+        cache: cache(samples, &names.cache)?,
+    })
+}
+
+/// All samples named `name`, each with a checked value.
+fn series<'a>(samples: &'a [Sample], name: &'a str) -> impl Iterator<Item = Result<&'a Sample, ExtractError>> + 'a {
+    samples.iter().filter(move |s| s.name == name).map(move |s| {
+        if s.value.is_finite() && s.value >= 0.0 {
+            Ok(s)
+        } else {
+            Err(ExtractError::BadValue { name: name.to_string(), value: s.value })
+        }
+    })
+}
+
+/// The values of `name` combined by `combine`; `None` when the page has none.
+fn fold(samples: &[Sample], name: &str, combine: fn(f64, f64) -> f64) -> Result<Option<f64>, ExtractError> {
+    let mut acc = None;
+    for sample in series(samples, name) {
+        let value = sample?.value;
+        acc = Some(acc.map_or(value, |a| combine(a, value)));
+    }
+    Ok(acc)
+}
+
+fn lora(samples: &[Sample], name: &str) -> Result<Option<LoraInfo>, ExtractError> {
+    let mut newest: Option<&Sample> = None;
+    for sample in series(samples, name) {
+        let sample = sample?;
+        if newest.is_none_or(|n| sample.value > n.value) {
+            newest = Some(sample);
+        }
+    }
+    let Some(sample) = newest else { return Ok(None) };
+    Ok(Some(LoraInfo {
+        max_lora: whole_label(sample, name, MAX_LORA)?,
+        running: adapters(label(sample, name, RUNNING_LORA_ADAPTERS)?),
+        waiting: adapters(label(sample, name, WAITING_LORA_ADAPTERS)?),
+    }))
+}
+
+fn cache(samples: &[Sample], name: &str) -> Result<Option<CacheInfo>, ExtractError> {
+    let mut info: Option<CacheInfo> = None;
+    // The value of an info metric is a constant 1, so it is not checked.
+    for sample in samples.iter().filter(|s| s.name == name) {
+        let this = CacheInfo {
+            block_size: whole_label(sample, name, BLOCK_SIZE)?,
+            num_gpu_blocks: whole_label(sample, name, NUM_GPU_BLOCKS)?,
+        };
+        info = Some(match info {
+            None => this,
+            Some(seen) if seen.block_size != this.block_size => {
+                return Err(ExtractError::Inconsistent { name: name.to_string(), label: BLOCK_SIZE });
+            }
+            Some(seen) => CacheInfo { num_gpu_blocks: seen.num_gpu_blocks.min(this.num_gpu_blocks), ..seen },
+        });
+    }
+    Ok(info)
+}
+
+fn label<'a>(sample: &'a Sample, name: &str, label: &'static str) -> Result<&'a str, ExtractError> {
+    sample.label(label).ok_or_else(|| ExtractError::MissingLabel { name: name.to_string(), label })
+}
+
+fn whole_label(sample: &Sample, name: &str, label_name: &'static str) -> Result<u32, ExtractError> {
+    let value = label(sample, name, label_name)?;
+    value.parse().map_err(|_| ExtractError::BadLabel { name: name.to_string(), label: label_name, value: value.into() })
+}
+
+/// `"a,b"` → `[a, b]`; blanks around names and empty entries are dropped (`""` → none).
+fn adapters(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse::parse;
+    use super::*;
+
+    const CURRENT: &str = include_str!("../../../tests/fixtures/vllm-metrics/current.txt");
+    const V0_GPU_CACHE: &str = include_str!("../../../tests/fixtures/vllm-metrics/v0-gpu-cache.txt");
+    const LORA: &str = include_str!("../../../tests/fixtures/vllm-metrics/lora.txt");
+    const MULTI_MODEL: &str = include_str!("../../../tests/fixtures/vllm-metrics/multi-model.txt");
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn extract_page(page: &str) -> Result<EngineMetrics, ExtractError> {
+        let samples = parse(page).unwrap_or_else(|e| panic!("fixture does not parse: {e}"));
+        extract(&samples, &MetricNames::default())
+    }
+
+    #[test]
+    fn fixtures() {
+        let cases: &[(&str, &str, EngineMetrics)] = &[
+            (
+                "current",
+                CURRENT,
+                EngineMetrics {
+                    waiting: 3.0,
+                    running: 12.0,
+                    kv_usage: 0.4172,
+                    lora: None,
+                    cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27690 }),
+                },
+            ),
+            (
+                "v0-gpu-cache",
+                V0_GPU_CACHE,
+                EngineMetrics {
+                    waiting: 1.0,
+                    running: 4.0,
+                    kv_usage: 0.0912,
+                    lora: Some(LoraInfo { max_lora: 0, running: vec![], waiting: vec![] }),
+                    cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 7724 }),
+                },
+            ),
+            (
+                "lora",
+                LORA,
+                EngineMetrics {
+                    waiting: 2.0,
+                    running: 6.0,
+                    kv_usage: 0.2281,
+                    lora: Some(LoraInfo {
+                        max_lora: 4,
+                        running: strings(&["sql-lora", "tweet-lora"]),
+                        waiting: strings(&["sql-lora-v2"]),
+                    }),
+                    cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 25812 }),
+                },
+            ),
+            (
+                "multi-model",
+                MULTI_MODEL,
+                EngineMetrics {
+                    waiting: 8.0,
+                    running: 17.0,
+                    kv_usage: 0.6105,
+                    lora: None,
+                    cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27104 }),
+                },
+            ),
+        ];
+        for (fixture, page, expected) in cases {
+            assert_eq!(&extract_page(page), &Ok(expected.clone()), "fixture {fixture}");
+        }
+    }
+
+    #[test]
+    fn a_page_cut_before_the_kv_gauge_is_an_error_not_an_idle_engine() {
+        let cut = CURRENT.find("# HELP vllm:kv_cache_usage_perc").unwrap_or_else(|| panic!("fixture changed"));
+        let missing =
+            ExtractError::Missing { names: strings(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]) };
+        assert_eq!(extract_page(&CURRENT[..cut]), Err(missing));
+    }
+
+    #[test]
+    fn pages() {
+        let names = MetricNames::default();
+        let missing = |names: &[&str]| Err(ExtractError::Missing { names: strings(names) });
+        let bad = |name: &str, value: f64| Err(ExtractError::BadValue { name: name.into(), value });
+        let base = "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n";
+        let ok = |lora: Option<LoraInfo>, cache: Option<CacheInfo>| {
+            Ok(EngineMetrics { waiting: 1.0, running: 2.0, kv_usage: 0.5, lora, cache })
+        };
+        let lora = |max_lora, running: &[&str], waiting: &[&str]| {
+            Some(LoraInfo { max_lora, running: strings(running), waiting: strings(waiting) })
+        };
+        let cases: Vec<(String, Result<EngineMetrics, ExtractError>)> = vec![
+            (base.into(), ok(None, None)),
+            ("".into(), missing(&["vllm:num_requests_waiting"])),
+            ("vllm:num_requests_waiting 1\n".into(), missing(&["vllm:num_requests_running"])),
+            (
+                "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\n".into(),
+                missing(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]),
+            ),
+            (
+                // Other metrics that merely share a prefix are not the gauge.
+                "vllm:num_requests_waiting_total 1\nvllm:num_requests_waiting_created 5\n".into(),
+                missing(&["vllm:num_requests_waiting"]),
+            ),
+            (
+                "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:gpu_cache_usage_perc 0.5\n".into(),
+                ok(None, None),
+            ),
+            (
+                // The current name wins over the old one.
+                format!("{base}vllm:gpu_cache_usage_perc 0.9\n"),
+                ok(None, None),
+            ),
+            (
+                "vllm:num_requests_waiting{m=\"a\"} 0.5\nvllm:num_requests_waiting{m=\"b\"} 0.5\n\
+                 vllm:num_requests_running{m=\"a\"} 1\nvllm:num_requests_running{m=\"b\"} 1\n\
+                 vllm:kv_cache_usage_perc{m=\"a\"} 0.5\nvllm:kv_cache_usage_perc{m=\"b\"} 0.25\n"
+                    .into(),
+                ok(None, None),
+            ),
+            ("vllm:num_requests_waiting NaN\n".into(), bad("vllm:num_requests_waiting", f64::NAN)),
+            (
+                "vllm:num_requests_waiting 1\nvllm:num_requests_running -1\n".into(),
+                bad("vllm:num_requests_running", -1.0),
+            ),
+            (
+                "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc +Inf\n".into(),
+                bad("vllm:kv_cache_usage_perc", f64::INFINITY),
+            ),
+            (
+                // A bad series is an error even when another series of the gauge is fine.
+                format!("{base}vllm:kv_cache_usage_perc{{engine=\"1\"}} -0.1\n"),
+                bad("vllm:kv_cache_usage_perc", -0.1),
+            ),
+            (
+                format!(
+                    "{base}vllm:lora_requests_info{{max_lora=\"2\",running_lora_adapters=\" a , ,b \",waiting_lora_adapters=\"\"}} 10\n"
+                ),
+                ok(lora(2, &["a", "b"], &[]), None),
+            ),
+            (
+                // Equal timestamps: the first wins.
+                format!(
+                    "{base}vllm:lora_requests_info{{max_lora=\"2\",running_lora_adapters=\"a\",waiting_lora_adapters=\"\"}} 10\n\
+                     vllm:lora_requests_info{{max_lora=\"2\",running_lora_adapters=\"b\",waiting_lora_adapters=\"\"}} 10\n"
+                ),
+                ok(lora(2, &["a"], &[]), None),
+            ),
+            (
+                format!("{base}vllm:lora_requests_info{{running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} 10\n"),
+                Err(ExtractError::MissingLabel { name: "vllm:lora_requests_info".into(), label: MAX_LORA }),
+            ),
+            (
+                format!("{base}vllm:lora_requests_info{{max_lora=\"1\",waiting_lora_adapters=\"\"}} 10\n"),
+                Err(ExtractError::MissingLabel {
+                    name: "vllm:lora_requests_info".into(),
+                    label: RUNNING_LORA_ADAPTERS,
+                }),
+            ),
+            (
+                format!(
+                    "{base}vllm:lora_requests_info{{max_lora=\"-1\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} 10\n"
+                ),
+                Err(ExtractError::BadLabel {
+                    name: "vllm:lora_requests_info".into(),
+                    label: MAX_LORA,
+                    value: "-1".into(),
+                }),
+            ),
+            (
+                format!(
+                    "{base}vllm:lora_requests_info{{max_lora=\"1\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} NaN\n"
+                ),
+                bad("vllm:lora_requests_info", f64::NAN),
+            ),
+            (
+                format!("{base}vllm:cache_config_info{{block_size=\"32\",num_gpu_blocks=\"100\"}} 1\n"),
+                ok(None, Some(CacheInfo { block_size: 32, num_gpu_blocks: 100 })),
+            ),
+            (
+                format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"None\"}} 1\n"),
+                Err(ExtractError::BadLabel {
+                    name: "vllm:cache_config_info".into(),
+                    label: NUM_GPU_BLOCKS,
+                    value: "None".into(),
+                }),
+            ),
+            (
+                format!("{base}vllm:cache_config_info{{num_gpu_blocks=\"100\"}} 1\n"),
+                Err(ExtractError::MissingLabel { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+            ),
+            (
+                format!(
+                    "{base}vllm:cache_config_info{{engine=\"0\",block_size=\"16\",num_gpu_blocks=\"100\"}} 1\n\
+                     vllm:cache_config_info{{engine=\"1\",block_size=\"32\",num_gpu_blocks=\"100\"}} 1\n"
+                ),
+                Err(ExtractError::Inconsistent { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+            ),
+        ];
+        for (page, expected) in &cases {
+            let samples = parse(page).unwrap_or_else(|e| panic!("{page:?}: {e}"));
+            let got = extract(&samples, &names);
+            // NaN never equals itself, so compare errors by their text.
+            let text = |r: &Result<EngineMetrics, ExtractError>| r.as_ref().map_err(|e| e.to_string()).cloned();
+            assert_eq!(text(&got), text(expected), "{page:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_configurable() {
+        let names = MetricNames {
+            waiting: "sglang:num_queue_reqs".into(),
+            running: "sglang:num_running_reqs".into(),
+            kv_usage: "sglang:token_usage".into(),
+            kv_usage_fallback: None,
+            lora: "none".into(),
+            cache: "none".into(),
+        };
+        let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\nsglang:token_usage 0.75\n";
+        let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
+        let expected = EngineMetrics { waiting: 4.0, running: 5.0, kv_usage: 0.75, lora: None, cache: None };
+        assert_eq!(extract(&samples, &names), Ok(expected));
+        let samples = parse("sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\n").unwrap_or_else(|e| panic!("{e}"));
+        let missing = ExtractError::Missing { names: strings(&["sglang:token_usage"]) };
+        assert_eq!(extract(&samples, &names), Err(missing));
+    }
+}

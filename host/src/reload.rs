@@ -1,0 +1,168 @@
+//! Hot reload of the config file and the `.wasm` files it names.
+//!
+//! On a change (atomic rename, in-place write or symlink swap of the config or of any
+//! referenced component), a new scheduler is built off the request path: parse + validate,
+//! compile what changed (the runtime caches by content hash), instantiate, configure, probe —
+//! reusing unchanged plugins with their state — then published atomically. In-flight
+//! requests finish on the scheduler they started with. Any failure keeps the old scheduler,
+//! is logged with its reason, and counted in `epp_config_reload_total{result}`.
+//!
+//! It owns the config watcher thread and nothing on the request path.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tracing::{info, warn};
+
+use crate::config::PickerConfig;
+use crate::loader::{self, PluginSet};
+use crate::routing::Router;
+use crate::wasm::WasmRuntime;
+
+/// Quiet time after the last file event before a reload (editors write in bursts).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, PartialEq)]
+pub enum ReloadOutcome {
+    /// A new scheduler was published; these plugins were loaded afresh.
+    Applied { loaded: Vec<String> },
+    /// Config and components are byte-for-byte what is running.
+    Unchanged,
+}
+
+pub struct Reloader {
+    runtime: WasmRuntime,
+    path: PathBuf,
+    router: Arc<Router>,
+    state: Mutex<State>,
+}
+
+struct State {
+    fingerprint: u64,
+    plugins: PluginSet,
+}
+
+impl Reloader {
+    /// `plugins` and `config` are what the running scheduler was built from.
+    pub fn new(
+        runtime: WasmRuntime,
+        path: PathBuf,
+        router: Arc<Router>,
+        config: &PickerConfig,
+        plugins: PluginSet,
+    ) -> Arc<Reloader> {
+        let fingerprint = fingerprint(&path, config);
+        Arc::new(Reloader { runtime, path, router, state: Mutex::new(State { fingerprint, plugins }) })
+    }
+
+    /// Re-reads the config and, if anything changed, builds and publishes a new scheduler.
+    pub fn reload(&self) -> Result<ReloadOutcome, String> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let config = PickerConfig::from_file(&self.path).map_err(|e| e.to_string())?;
+        let fp = fingerprint(&self.path, &config);
+        if fp == state.fingerprint {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        for w in &config.warnings {
+            warn!("config: {w}");
+        }
+        let built = loader::build(&self.runtime, &config, &state.plugins).map_err(|e| e.to_string())?;
+        self.router.set_scheduler(built.profile);
+        self.router.set_saturation(config.saturation);
+        state.plugins = built.plugins;
+        state.fingerprint = fp;
+        Ok(ReloadOutcome::Applied { loaded: built.loaded })
+    }
+
+    /// Reloads and reports the outcome in the log and the reload counter.
+    pub fn reload_and_report(&self) {
+        let counter = &self.router.telemetry().config_reloads;
+        match self.reload() {
+            Ok(ReloadOutcome::Applied { loaded }) => {
+                counter.with_label_values(&["applied"]).inc();
+                info!(path = %self.path.display(), reloaded_plugins = ?loaded, "config reloaded; new scheduler published");
+            }
+            Ok(ReloadOutcome::Unchanged) => {}
+            Err(reason) => {
+                counter.with_label_values(&["rejected"]).inc();
+                warn!(path = %self.path.display(), %reason, "config reload rejected; the running scheduler stays");
+            }
+        }
+    }
+
+    /// Watches the config's folder and the folders of its `.wasm` files; returns a handle
+    /// that stops watching when dropped.
+    pub fn watch(self: Arc<Self>) -> Result<ConfigWatch, String> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let relevant = match &event {
+                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                Err(_) => true,
+            };
+            if relevant {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        let mut watched = BTreeSet::new();
+        self.watch_dirs(&mut watcher, &mut watched);
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("epp-config-watch".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Debounce: wait for a quiet moment, then reload once.
+                    while rx.recv_timeout(DEBOUNCE).is_ok() {}
+                    me.reload_and_report();
+                    me.watch_dirs(&mut watcher, &mut watched);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        info!(path = %self.path.display(), "watching the config file and its plugins");
+        Ok(ConfigWatch { _thread: thread })
+    }
+
+    /// Adds watches for the folders of the config and of every component it names now.
+    fn watch_dirs(&self, watcher: &mut notify::RecommendedWatcher, watched: &mut BTreeSet<PathBuf>) {
+        let mut dirs = vec![parent(&self.path)];
+        if let Ok(config) = PickerConfig::from_file(&self.path) {
+            dirs.extend(config.plugins.iter().filter_map(|p| p.wasm.as_deref()).map(parent));
+        }
+        for dir in dirs {
+            if !watched.contains(&dir) {
+                match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        watched.insert(dir);
+                    }
+                    Err(e) => warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the watcher thread (which owns the watcher) alive; the process ends it.
+pub struct ConfigWatch {
+    _thread: std::thread::JoinHandle<()>,
+}
+
+fn parent(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A hash of the config file's bytes and of every component file it names.
+fn fingerprint(path: &Path, config: &PickerConfig) -> u64 {
+    let mut bytes = std::fs::read(path).unwrap_or_default();
+    for p in config.plugins.iter().filter_map(|p| p.wasm.as_deref()) {
+        bytes.extend_from_slice(p.as_os_str().as_encoded_bytes());
+        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default()).to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}

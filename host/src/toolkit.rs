@@ -1,0 +1,273 @@
+//! The operator toolkit behind `epp plugin …`: scaffold a plugin crate, check a component
+//! exactly as a reload would (WIT version, role, configure, probe), and benchmark its calls.
+//!
+//! Each command writes a human-readable report to the given writer and returns whether the
+//! plugin passed; `main` turns that into the exit status. No server is started.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::probe;
+use crate::scheduler::{FailurePolicy, Role};
+use crate::wasm::{Sandbox, WasmRuntime};
+
+/// `epp plugin check`: loads, configures and probes `file`; true when it may be deployed.
+pub fn check(out: &mut dyn Write, file: &Path, params_json: &str, sandbox: Sandbox) -> std::io::Result<bool> {
+    writeln!(out, "checking {}", file.display())?;
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return verdict(out, Err(format!("cannot read the file: {e}"))),
+    };
+    writeln!(out, "  size:       {} bytes", bytes.len())?;
+    let runtime = match WasmRuntime::new() {
+        Ok(r) => r,
+        Err(e) => return verdict(out, Err(e.to_string())),
+    };
+    let started = Instant::now();
+    let role = match runtime.compile(&bytes) {
+        Ok((_, role)) => role,
+        Err(e) => return verdict(out, Err(e.to_string())),
+    };
+    writeln!(out, "  contract:   {} (compiled in {})", crate::wasm::WIT_PACKAGE, ms(started.elapsed()))?;
+    writeln!(out, "  role:       {role}")?;
+    let started = Instant::now();
+    let plugin = match runtime.load("checked", &bytes, params_json, sandbox, FailurePolicy::FailClosed) {
+        Ok(p) => p,
+        Err(e) => return verdict(out, Err(e.to_string())),
+    };
+    writeln!(out, "  configure:  ok with {params_json} ({})", ms(started.elapsed()))?;
+    match probe::probe(&plugin) {
+        Ok(calls) => {
+            let slowest = calls.iter().max_by_key(|c| c.elapsed);
+            writeln!(
+                out,
+                "  probe:      {} calls ok (0, 1 and 64 endpoints; fresh, unknown and stale metrics)",
+                calls.len()
+            )?;
+            if let Some(c) = slowest {
+                writeln!(out, "  slowest:    {} in {}", c.case, ms(c.elapsed))?;
+            }
+            verdict(out, Ok(()))
+        }
+        Err(e) => verdict(out, Err(e.to_string())),
+    }
+}
+
+fn verdict(out: &mut dyn Write, result: Result<(), String>) -> std::io::Result<bool> {
+    match result {
+        Ok(()) => {
+            writeln!(out, "verdict: OK — the plugin can be used in a config")?;
+            Ok(true)
+        }
+        Err(reason) => {
+            writeln!(out, "verdict: REJECTED — {reason}")?;
+            Ok(false)
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// `epp plugin bench`: per-call latency of the plugin's role at 8, 100 and 512 endpoints.
+pub fn bench(out: &mut dyn Write, file: &Path, params_json: &str, sandbox: Sandbox) -> std::io::Result<bool> {
+    let loaded = std::fs::read(file).map_err(|e| e.to_string()).and_then(|bytes| {
+        let runtime = WasmRuntime::new().map_err(|e| e.to_string())?;
+        runtime.load("bench", &bytes, params_json, sandbox, FailurePolicy::FailClosed).map_err(|e| e.to_string())
+    });
+    let plugin = match loaded {
+        Ok(p) => p,
+        Err(reason) => {
+            writeln!(out, "cannot load {}: {reason}", file.display())?;
+            return Ok(false);
+        }
+    };
+    writeln!(out, "{} ({}), 16 KB prompts, fresh metrics", file.display(), plugin.role())?;
+    writeln!(out, "{:>9} {:>8} {:>10} {:>10} {:>10}", "endpoints", "calls", "p50 µs", "p99 µs", "mean µs")?;
+    for n in [8u32, 100, 512] {
+        let pool = probe::synthetic_pool(n);
+        if let Err(e) = plugin.core().pool_changed(1, &pool) {
+            writeln!(out, "pool-changed failed at {n} endpoints: {e}")?;
+            return Ok(false);
+        }
+        let metrics = probe::synthetic_metrics(&pool, "fresh");
+        let calls = match n {
+            8 => 2_000,
+            100 => 1_000,
+            _ => 300,
+        };
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let req = probe::synthetic_request(i, 16 << 10);
+            let started = Instant::now();
+            if let Err(reason) = probe::check_call(&plugin, &req, &metrics) {
+                writeln!(out, "call failed at {n} endpoints: {reason}")?;
+                return Ok(false);
+            }
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let p = |q: f64| us(samples[((samples.len() - 1) as f64 * q) as usize]);
+        let mean = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
+        writeln!(out, "{n:>9} {calls:>8} {:>10.1} {:>10.1} {mean:>10.1}", p(0.5), p(0.99))?;
+    }
+    Ok(true)
+}
+
+/// `epp plugin new`: writes a plugin crate for `role` at `dir`, depending on the SDK at
+/// `sdk` (a path). Refuses to overwrite an existing folder.
+pub fn scaffold(name: &str, role: Role, dir: &Path, sdk: &Path) -> Result<Vec<PathBuf>, String> {
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid || name.starts_with('-') {
+        return Err(format!("`{name}` is not a valid crate name: use lower-case letters, digits and dashes"));
+    }
+    if dir.exists() {
+        return Err(format!("{} already exists; choose another --dir", dir.display()));
+    }
+    let sdk = std::fs::canonicalize(sdk).map_err(|e| format!("SDK not found at {}: {e}", sdk.display()))?;
+    let ty: String = name
+        .split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+        })
+        .collect();
+    let cargo = format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+llmd-plugin-sdk = {{ path = "{sdk}" }}
+serde = {{ version = "1", features = ["derive"] }}
+
+# A plugin builds on its own, outside any workspace.
+[workspace]
+
+[profile.release]
+opt-level = 3
+lto = true
+codegen-units = 1
+panic = "abort"
+strip = "debuginfo"
+"#,
+        sdk = sdk.display()
+    );
+    let body = match role {
+        Role::Scorer => format!(
+            r#"impl Scorer for {ty} {{
+    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {{
+        // One score per candidate, in [0, 1]; NaN metrics mean "unknown".
+        metrics.waiting.iter().map(|w| if w.is_finite() {{ 1.0 / (1.0 + self.params.weight * w) }} else {{ 0.0 }}).collect()
+    }}
+}}
+
+llmd_plugin_sdk::export_scorer!({ty});"#
+        ),
+        Role::Filter => format!(
+            r#"impl Filter for {ty} {{
+    fn filter(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<u32> {{
+        // Keep the candidates whose queue is known and short.
+        (0..metrics.len()).filter(|&i| metrics.waiting[i] <= 10.0 * self.params.weight).map(|i| metrics.ids[i]).collect()
+    }}
+}}
+
+llmd_plugin_sdk::export_filter!({ty});"#
+        ),
+        Role::Picker => format!(
+            r#"impl Picker for {ty} {{
+    fn pick(&mut self, _req: &Request, metrics: &Metrics, scores: &[f32]) -> Vec<u32> {{
+        // The highest total score wins; ties go to the first.
+        let best = (0..metrics.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        best.map(|i| vec![metrics.ids[i]]).unwrap_or_default()
+    }}
+}}
+
+llmd_plugin_sdk::export_picker!({ty});"#
+        ),
+        Role::Producer => format!(
+            r#"impl Producer for {ty} {{
+    fn produce(&mut self, _req: &Request, metrics: &Metrics) -> Vec<Column> {{
+        // A column other plugins can read by name.
+        let load = metrics.running.iter().map(|r| r * self.params.weight).collect();
+        vec![Column {{ name: "{name}/load".into(), values: load }}]
+    }}
+}}
+
+llmd_plugin_sdk::export_producer!({ty});"#
+        ),
+    };
+    let trait_name = match role {
+        Role::Producer => "Producer",
+        Role::Filter => "Filter",
+        Role::Scorer => "Scorer",
+        Role::Picker => "Picker",
+    };
+    let lib = format!(
+        r#"//! `{name}`: a {role} plugin for the endpoint picker. Describe here what it prefers and why.
+
+use llmd_plugin_sdk::{{Column, Metrics, Plugin, Request, {trait_name}, params}};
+use serde::Deserialize;
+
+/// Parameters from the config entry's `parameters`.
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Params {{
+    pub weight: f32,
+}}
+
+impl Default for Params {{
+    fn default() -> Self {{
+        Params {{ weight: 1.0 }}
+    }}
+}}
+
+#[derive(Default)]
+pub struct {ty} {{
+    params: Params,
+}}
+
+impl Plugin for {ty} {{
+    fn configure(&mut self, params_json: &str) -> Result<(), String> {{
+        self.params = params::parse(params_json)?;
+        if !(self.params.weight.is_finite() && self.params.weight >= 0.0) {{
+            return Err("weight must be a finite number >= 0".into());
+        }}
+        Ok(())
+    }}
+}}
+
+{body}
+"#
+    );
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).map_err(|e| format!("cannot create {}: {e}", src.display()))?;
+    let files = vec![dir.join("Cargo.toml"), src.join("lib.rs")];
+    for (path, text) in files.iter().zip([cargo, lib]) {
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(files)
+}
+
+/// Finds the SDK of this checkout: `plugins/sdk` in `start` or one of its parents.
+pub fn find_sdk(start: &Path) -> Option<PathBuf> {
+    start.ancestors().map(|d| d.join("plugins/sdk")).find(|p| p.join("Cargo.toml").exists())
+}
+
+/// The role named on the command line.
+pub fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "producer" => Ok(Role::Producer),
+        "filter" => Ok(Role::Filter),
+        "scorer" => Ok(Role::Scorer),
+        "picker" => Ok(Role::Picker),
+        other => Err(format!("unknown role `{other}`: use producer, filter, scorer or picker")),
+    }
+}
