@@ -256,8 +256,14 @@ impl Plugin for {ty} {{
     Ok(files)
 }
 
-/// Finds the SDK of this checkout: `plugins/sdk` in `start` or one of its parents.
+/// Environment variable naming the plugin SDK folder, for scaffolding outside a checkout.
+pub const SDK_ENV: &str = "LLMD_PLUGIN_SDK";
+
+/// Finds the SDK: `$LLMD_PLUGIN_SDK`, or `plugins/sdk` in `start` or one of its parents.
 pub fn find_sdk(start: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(SDK_ENV) {
+        return Some(PathBuf::from(p));
+    }
     start.ancestors().map(|d| d.join("plugins/sdk")).find(|p| p.join("Cargo.toml").exists())
 }
 

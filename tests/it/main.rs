@@ -12,3 +12,4 @@ mod ext_proc_wire;
 mod plugins;
 mod sandbox;
 mod stack;
+mod toolkit;
