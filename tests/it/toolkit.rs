@@ -45,7 +45,7 @@ fn check(file: &Path, params: &str) -> (bool, String) {
 #[test]
 fn a_component_for_another_wit_version_is_refused_naming_both() {
     let patched = other_wit_version(&wasm_file_bytes("queue_scorer"));
-    let err = runtime().load("old", &patched, "{}", Default::default(), Default::default()).err().expect("refused");
+    let err = runtime().load("old", &patched, "{}", Default::default(), Default::default()).expect_err("refused");
     assert!(matches!(err, LoadError::WitVersion { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("llmd:scheduler@0.9.0") && text.contains("llmd:scheduler@0.1.0"), "{text}");
