@@ -46,7 +46,7 @@ cp config/epp-config.yaml "$STACK/epp-config.yaml"
 
 echo "==> starting the EPP (logs: $STACK/epp.log)"
 "$BIN/epp" --config-file "$STACK/epp-config.yaml" --bind-address 127.0.0.1 \
-    --grpc-port 9002 --grpc-health-port 9003 --secure-serving=false --v=2 > "$STACK/epp.log" 2>&1 &
+    --grpc-port 9002 --grpc-health-port 9003 --v=2 > "$STACK/epp.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 300); do
     grep -q "health is SERVING" "$STACK/epp.log" 2>/dev/null && break

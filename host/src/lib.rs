@@ -10,6 +10,7 @@ pub mod loader;
 pub mod metrics_scrape;
 pub mod probe;
 pub mod reload;
+pub mod replay;
 pub mod request;
 pub mod routing;
 pub mod scheduler;

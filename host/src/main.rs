@@ -111,10 +111,15 @@ struct Flags {
     /// EndpointPickerConfig as text.
     #[arg(long)]
     config_text: Option<String>,
-    /// Serve ext_proc over TLS. Only plaintext is available in this build; Envoy and the
-    /// EPP should then share a host or a trusted network.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// Serve ext_proc over TLS (self-signed unless --cert-path is given).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     secure_serving: bool,
+    /// Folder holding tls.crt and tls.key for --secure-serving.
+    #[arg(long)]
+    cert_path: Option<PathBuf>,
+    /// After SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Name of the pool (a label on logs and metrics here).
     #[arg(long, default_value = "epp")]
     pool_name: String,
@@ -124,6 +129,12 @@ struct Flags {
     /// Accepted for compatibility: gRPC health is always served, on both gRPC ports.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     health_checking: bool,
+    /// Keep compiled plugins in wasmtime's on-disk cache (faster restarts).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    wasm_compile_cache: bool,
+    /// Requests in flight (routed, response not finished) beyond this get 429 at once.
+    #[arg(long, default_value_t = epp::routing::DEFAULT_MAX_IN_FLIGHT)]
+    max_inflight_requests: usize,
     /// Largest request body buffered, in bytes; larger requests get 413.
     #[arg(long, default_value_t = epp::ext_proc::DEFAULT_MAX_BODY_BYTES)]
     max_request_body_bytes: usize,
@@ -141,9 +152,6 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(if ok { 0 } else { 1 });
     }
     init_logging(flags.verbosity);
-    if flags.secure_serving {
-        bail!("--secure-serving=true is not available in this build; run with --secure-serving=false");
-    }
     let config = match (flags.config_file, flags.config_text) {
         (Some(_), Some(_)) => bail!("give either --config-file or --config-text, not both"),
         (Some(path), None) => ConfigSource::File(path),
@@ -169,6 +177,11 @@ fn main() -> anyhow::Result<()> {
         },
         config,
         max_body_bytes: flags.max_request_body_bytes,
+        max_in_flight: flags.max_inflight_requests.max(1),
+        wasm_disk_cache: flags.wasm_compile_cache,
+        secure_serving: flags.secure_serving,
+        cert_path: flags.cert_path,
+        drain_timeout: flags.drain_timeout,
         pool_name: flags.pool_name,
         pool_namespace: flags.pool_namespace,
     };

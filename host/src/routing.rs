@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use llmd_plugin_sdk::{Request, Usage};
@@ -38,6 +39,8 @@ pub enum RouteError {
     SubsetUnavailable(String),
     #[error("the pool is saturated; sheddable request rejected")]
     Saturated,
+    #[error("too many requests in flight (limit {0}); retry later")]
+    Overloaded(usize),
     #[error("scheduling failed: {0}")]
     Scheduling(ScheduleError),
     #[error("internal error: {0}")]
@@ -59,7 +62,7 @@ impl RouteError {
             RouteError::BadRequest(_) => (400, "BadRequest"),
             RouteError::UnknownPath(_) => (404, "NotFound"),
             RouteError::PayloadTooLarge(_) => (413, "PayloadTooLarge"),
-            RouteError::Saturated => (429, "ResourceExhausted"),
+            RouteError::Saturated | RouteError::Overloaded(_) => (429, "ResourceExhausted"),
             RouteError::NoEndpoints | RouteError::SubsetUnavailable(_) => (503, "ServiceUnavailable"),
             RouteError::Scheduling(ScheduleError::NoCandidates | ScheduleError::AllFiltered { .. }) => {
                 (503, "ServiceUnavailable")
@@ -87,6 +90,24 @@ pub struct Router {
     telemetry: Arc<Telemetry>,
     saturation: ArcSwap<SaturationConfig>,
     pub metrics_staleness_ms: u32,
+    /// Requests routed and not yet completed; above `max_in_flight` new ones get 429.
+    in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: usize,
+}
+
+/// Default bound on requests in flight through one EPP.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+
+/// A routed request, counted as in flight until dropped.
+pub struct Admitted {
+    _running: InFlight,
+    counter: Arc<AtomicUsize>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Router {
@@ -102,6 +123,8 @@ impl Router {
             telemetry,
             saturation: ArcSwap::from_pointee(saturation),
             metrics_staleness_ms: DEFAULT_METRICS_STALENESS_MS,
+            in_flight: Arc::default(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -139,6 +162,10 @@ impl Router {
         request: Option<&InferenceRequest>,
         subset: Option<&[String]>,
     ) -> Result<Routed, RouteError> {
+        // Invariant: work beyond the bound is refused at once rather than queued.
+        if self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight {
+            return Err(RouteError::Overloaded(self.max_in_flight));
+        }
         let pool = self.datastore.snapshot();
         if pool.endpoints.is_empty() {
             return Err(RouteError::NoEndpoints);
@@ -255,9 +282,15 @@ impl Router {
     }
 
     /// Counts a routed request; the returned guard tracks it as running until dropped.
-    pub fn record_routed(&self, model: &str) -> InFlight {
+    pub fn record_routed(&self, model: &str) -> Admitted {
         self.telemetry.request_total.with_label_values(&[model, model]).inc();
-        self.telemetry.running(model)
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Admitted { _running: self.telemetry.running(model), counter: self.in_flight.clone() }
+    }
+
+    /// Requests routed and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Records a completed response of `model` that took `elapsed`, with its usage if known.

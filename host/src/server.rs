@@ -46,10 +46,20 @@ pub struct Options {
     pub refresh_metrics_interval: std::time::Duration,
     /// Metrics older than this are unknown to scorers (and excluded from pool gauges).
     pub metrics_staleness: std::time::Duration,
+    /// Keep compiled plugins in wasmtime's on-disk cache.
+    pub wasm_disk_cache: bool,
+    /// Requests in flight beyond this get 429.
+    pub max_in_flight: usize,
     /// Names of the vLLM metrics read from each worker.
     pub metric_names: MetricNames,
     pub config: ConfigSource,
     pub max_body_bytes: usize,
+    /// Serve ext_proc over TLS.
+    pub secure_serving: bool,
+    /// Folder with `tls.crt` and `tls.key`; without it a self-signed certificate is made.
+    pub cert_path: Option<PathBuf>,
+    /// After a shutdown signal, how long in-flight streams may take to finish.
+    pub drain_timeout: std::time::Duration,
     pub pool_name: String,
     pub pool_namespace: String,
 }
@@ -68,6 +78,8 @@ pub enum ServerError {
         "the config has no discovery plugin; add `- type: file-discovery` with `parameters: {{path: endpoints.yaml}}`"
     )]
     NoDiscovery,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot watch the config file: {0}")]
     Watch(String),
     #[error("cannot listen on {addr}: {error}")]
@@ -93,13 +105,14 @@ pub fn load_config(source: &ConfigSource) -> Result<(PickerConfig, Option<PathBu
 /// Runs the EPP until `shutdown` resolves.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
     let (config, base_dir) = load_config(&opts.config)?;
-    let runtime = WasmRuntime::new()?;
+    let runtime = if opts.wasm_disk_cache { WasmRuntime::with_disk_cache()? } else { WasmRuntime::new()? };
     let built = loader::build(&runtime, &config, &loader::PluginSet::default())?;
     let profile = built.profile;
     let datastore = Arc::new(Datastore::new());
     let telemetry = Telemetry::new(&opts.pool_name);
     let mut router = Router::new(datastore.clone(), profile, config.saturation, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
+    router.max_in_flight = opts.max_in_flight;
     let router = Arc::new(router);
     // With a config file, changes to it (or to the components it names) are applied live.
     let _config_watch = match &opts.config {
@@ -191,6 +204,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_main = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop_tx.send_replace(true);
@@ -228,14 +242,35 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     });
 
     let ext_proc = ExtProc::new(router.clone(), opts.max_body_bytes).into_server();
-    let main_server = tonic::transport::Server::builder()
+    let mut main_builder = tonic::transport::Server::builder();
+    if opts.secure_serving {
+        main_builder = main_builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(tls_identity(opts.cert_path.as_deref())?))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let main_server = main_builder
         .add_service(health_service.clone())
         .add_service(ext_proc)
         .serve_with_incoming_shutdown(incoming(grpc_listener), stopped(stop_rx.clone()));
     let health_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .serve_with_incoming_shutdown(incoming(health_listener), stopped(stop_rx));
-    let (a, b) = tokio::join!(main_server, health_server);
+    let servers = async { tokio::join!(main_server, health_server) };
+    tokio::pin!(servers);
+    // Once shutdown begins, in-flight streams get `drain_timeout` to finish.
+    let mut draining = stop_rx_main.clone();
+    let (a, b) = tokio::select! {
+        done = &mut servers => done,
+        _ = async {
+            let _ = draining.wait_for(|s| *s).await;
+            info!(timeout_s = opts.drain_timeout.as_secs_f64(), "draining in-flight requests");
+            tokio::time::sleep(opts.drain_timeout).await;
+        } => {
+            warn!(in_flight = router.in_flight(), "drain timeout reached; stopping with requests in flight");
+            drop(discovery);
+            return Ok(());
+        }
+    };
     drop(discovery);
     a.map_err(|error| ServerError::Serve { addr: grpc_addr, error })?;
     b.map_err(|error| ServerError::Serve { addr: health_addr, error })?;
@@ -245,6 +280,26 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
     tokio::net::TcpListener::bind(addr).await.map_err(|error| ServerError::Bind { addr, error })
+}
+
+/// The server identity: `tls.crt` + `tls.key` from `cert_path`, or a fresh self-signed
+/// certificate for `localhost` (as upstream does when no certificate is given).
+fn tls_identity(cert_path: Option<&std::path::Path>) -> Result<tonic::transport::Identity, ServerError> {
+    match cert_path {
+        Some(dir) => {
+            let read = |name: &str| {
+                std::fs::read(dir.join(name))
+                    .map_err(|e| ServerError::Tls(format!("{}: {e}", dir.join(name).display())))
+            };
+            Ok(tonic::transport::Identity::from_pem(read("tls.crt")?, read("tls.key")?))
+        }
+        None => {
+            let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            let certified = rcgen::generate_simple_self_signed(names).map_err(|e| ServerError::Tls(e.to_string()))?;
+            info!("serving ext_proc over TLS with a self-signed certificate");
+            Ok(tonic::transport::Identity::from_pem(certified.cert.pem(), certified.signing_key.serialize_pem()))
+        }
+    }
 }
 
 /// Where scrapes land: endpoint load into the datastore's cells, LoRA state into the pool

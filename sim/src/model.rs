@@ -310,6 +310,17 @@ impl Model {
         std::mem::take(&mut self.outbox)
     }
 
+    /// Sequences in the batch right now; unlike [`Model::stats`] it allocates nothing, for
+    /// callers that sample the load at every request (the offline replay).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests in the waiting queue right now (allocation-free, like [`Model::running`]).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     pub fn stats(&self) -> ModelStats {
         let loras = |seqs: &mut dyn Iterator<Item = &Seq>| -> Vec<String> {
             let set: BTreeSet<&str> = seqs.filter_map(|s| s.req.lora.as_deref()).collect();

@@ -37,8 +37,9 @@ async fn every_api_kind_reaches_the_picked_worker() {
     let r = stack.client.get(stack.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-sim-worker"));
-    // The EPP's ext_proc port reports health for Envoy's checker.
-    assert_eq!(health_status(stack.epp_port, epp::ext_proc::SERVICE_NAME).await.as_deref(), Some("SERVING"));
+    // The health port reports the ext_proc service too (the ext_proc port speaks TLS here;
+    // it is checked in plaintext with the guide's config below).
+    assert_eq!(health_status(stack.health_port, epp::ext_proc::SERVICE_NAME).await.as_deref(), Some("SERVING"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,6 +98,8 @@ async fn bad_bodies_get_400_and_an_empty_pool_gets_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_guide_envoy_config_works_unchanged() {
     let stack = Stack::start_with(2, EnvoyConfig::Guide, |_| {}).await;
+    // The guide's Envoy health-checks the EPP on its ext_proc port.
+    assert_eq!(health_status(stack.epp_port, epp::ext_proc::SERVICE_NAME).await.as_deref(), Some("SERVING"));
     let r = stack.post("/v1/completions", "guide-1", &completion("hello")).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_routed_as_picked(&stack, &r).await;

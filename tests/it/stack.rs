@@ -72,6 +72,8 @@ pub struct Stack {
     pub metrics_port: u16,
     epp: Option<Child>,
     envoy: Option<Child>,
+    /// Extra flags for the EPP.
+    pub epp_args: Vec<String>,
     pub client: reqwest::Client,
 }
 
@@ -89,6 +91,16 @@ impl Stack {
     }
 
     pub async fn start_with(workers: usize, envoy: EnvoyConfig, tune: impl Fn(&mut SimConfig)) -> Stack {
+        Stack::start_full(workers, envoy, tune, &[]).await
+    }
+
+    /// Like `start_with`, with extra EPP flags.
+    pub async fn start_full(
+        workers: usize,
+        envoy: EnvoyConfig,
+        tune: impl Fn(&mut SimConfig),
+        epp_args: &[&str],
+    ) -> Stack {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("epp-it-{}-{n}", std::process::id()));
@@ -114,13 +126,15 @@ impl Stack {
             metrics_port: free_port(),
             epp: None,
             envoy: None,
+            epp_args: Vec::new(),
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
         };
+        stack.epp_args = epp_args.iter().map(|a| a.to_string()).collect();
         let all: Vec<usize> = (0..workers).collect();
         stack.write_endpoints(&all, &[]);
         let config = crate::stack::default_config_with(&stack.endpoints_path);
         std::fs::write(stack.dir.join("epp-config.yaml"), config).expect("write config");
-        stack.start_epp();
+        stack.start_epp(envoy);
         stack.wait_serving().await;
         stack.start_envoy(envoy);
         stack.wait_envoy_ready().await;
@@ -167,10 +181,15 @@ impl Stack {
         std::fs::rename(&tmp, &self.endpoints_path).expect("rename endpoints");
     }
 
-    fn start_epp(&mut self) {
-        let log = std::fs::File::create(self.dir.join("epp.log")).expect("epp log");
+    /// Starts the EPP: TLS on ext_proc with our Envoy config (its default), plaintext with
+    /// the upstream guide's (which runs it with --secure-serving=false).
+    pub fn start_epp(&mut self, envoy: EnvoyConfig) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("epp.log")).expect("epp log");
+        let secure = if envoy == EnvoyConfig::Guide { "--secure-serving=false" } else { "--secure-serving=true" };
         let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-            .args(["--bind-address", "127.0.0.1", "--secure-serving=false", "--v=3"])
+            .args(["--bind-address", "127.0.0.1", secure, "--v=3"])
+            .args(&self.epp_args)
             .args(["--grpc-port", &self.epp_port.to_string()])
             .args(["--grpc-health-port", &self.health_port.to_string()])
             .args(["--metrics-port", &self.metrics_port.to_string(), "--refresh-prometheus-metrics-interval", "200ms"])
@@ -184,7 +203,28 @@ impl Stack {
         self.epp = Some(child);
     }
 
-    async fn wait_serving(&mut self) {
+    /// The EPP's process id.
+    pub fn epp_pid(&self) -> Option<u32> {
+        self.epp.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM to the EPP and waits (up to `limit`) for it to exit; its exit status.
+    pub fn terminate_epp(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.epp.as_mut()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.epp = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits until the EPP reports SERVING on its health port.
+    pub async fn wait_serving(&mut self) {
         let port = self.health_port;
         let epp = &mut self.epp;
         let dir = self.dir.clone();

@@ -42,7 +42,7 @@ pub struct StreamState {
     /// The request's model, once parsed (metric label).
     model: String,
     started: std::time::Instant,
-    in_flight: Option<crate::telemetry::InFlight>,
+    in_flight: Option<crate::routing::Admitted>,
     /// Set once an immediate response was sent: the stream is over for Envoy.
     pub finished: bool,
 }

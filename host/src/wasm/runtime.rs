@@ -51,9 +51,30 @@ struct Inner {
 }
 
 impl WasmRuntime {
+    /// A runtime without an on-disk compilation cache.
     pub fn new() -> Result<Self, LoadError> {
+        WasmRuntime::build(false)
+    }
+
+    /// A runtime that keeps compiled components in wasmtime's on-disk cache (the user's
+    /// cache folder), so a restart skips compiling unchanged plugins. If the cache cannot be
+    /// set up, it runs without one and says so.
+    pub fn with_disk_cache() -> Result<Self, LoadError> {
+        WasmRuntime::build(true)
+    }
+
+    fn build(disk_cache: bool) -> Result<Self, LoadError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        if disk_cache {
+            match wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
+                Ok(cache) => {
+                    info!(dir = %cache.directory().display(), "wasm compilation cache enabled");
+                    config.cache(Some(cache));
+                }
+                Err(e) => tracing::warn!(error = %e, "wasm compilation cache unavailable; compiling at every start"),
+            }
+        }
         let engine = Engine::new(&config).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Compile(format!("{e:#}")))?;

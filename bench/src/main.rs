@@ -1,0 +1,106 @@
+//! `epp-bench`: runs the benchmarks (micro, e2e, quality, or all), prints their progress and
+//! the report, and writes the report as markdown (docs/benchmarks.md via scripts/bench.sh).
+//! A thin shell over the `bench` library; all measuring lives there.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bench::e2e::{self, E2eOptions};
+use bench::micro::{self, MicroOptions};
+use bench::quality::{self, QualityOptions};
+use bench::report::{Machine, Report};
+use bench::stack;
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// Scheduling cost: wasm vs native, per plugin, request parsing.
+    Micro,
+    /// End to end through Envoy: EPP path vs round-robin.
+    E2e,
+    /// Routing quality on a shared-prefix workload.
+    Quality,
+    /// All three.
+    All,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "epp-bench", about = "Benchmarks of the EPP: scheduling cost, end-to-end overhead, routing quality")]
+struct Flags {
+    #[arg(value_enum, default_value_t = Part::All)]
+    part: Part,
+    /// A few seconds of each part: proves the harness works, measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Write the markdown report here (e.g. docs/benchmarks.md).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The `epp` binary (default: built with cargo in this build's target folder).
+    #[arg(long)]
+    epp_bin: Option<PathBuf>,
+    /// The Envoy binary (default: $ENVOY_BIN, .venv/bin/envoy, PATH).
+    #[arg(long)]
+    envoy_bin: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    if cfg!(debug_assertions) && !flags.smoke {
+        eprintln!("warning: a debug build measures nothing useful; use `cargo run --release -p bench`");
+    }
+    let machine = Machine::detect();
+    let wants = |p: Part| flags.part == p || flags.part == Part::All;
+    let mut progress = |line: String| eprintln!("{line}");
+
+    let micro = if wants(Part::Micro) {
+        let opts = if flags.smoke { MicroOptions::smoke() } else { MicroOptions::full() };
+        Some(micro::run(&opts, &mut progress).context("micro benchmark")?)
+    } else {
+        None
+    };
+
+    let (mut e2e_results, mut quality_results) = (None, None);
+    if wants(Part::E2e) || wants(Part::Quality) {
+        let epp_bin = stack::locate_epp(flags.epp_bin.as_deref()).context("the epp binary")?;
+        let envoy_bin = stack::locate_envoy(flags.envoy_bin.as_deref()).context("the Envoy binary")?;
+        eprintln!("using {} and {}", epp_bin.display(), envoy_bin.display());
+        // Two worker threads, like the machine: the load generator and the simulated workers
+        // share them (their CPU time is reported).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("tokio runtime")?;
+        if wants(Part::E2e) {
+            let opts = if flags.smoke { E2eOptions::smoke() } else { E2eOptions::full() };
+            let r = rt.block_on(e2e::run(&opts, &epp_bin, &envoy_bin, &mut progress)).context("end-to-end benchmark")?;
+            e2e_results = Some(r);
+        }
+        if wants(Part::Quality) {
+            let opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
+            let r = rt
+                .block_on(quality::run(&opts, &epp_bin, &envoy_bin, &mut progress))
+                .context("routing-quality benchmark")?;
+            quality_results = Some(r);
+        }
+    }
+
+    let command = std::env::args()
+        .skip(1)
+        .fold(String::from("cargo run --release -p bench --"), |acc, a| format!("{acc} {a}"));
+    let report = Report {
+        machine: &machine,
+        command,
+        smoke: flags.smoke,
+        micro: micro.as_ref(),
+        e2e: e2e_results.as_ref(),
+        quality: quality_results.as_ref(),
+    };
+    let markdown = report.markdown();
+    println!("{markdown}");
+    if let Some(out) = &flags.out {
+        std::fs::write(out, &markdown).with_context(|| format!("write {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The live stacks the end-to-end and quality benchmarks drive, all on loopback: simulated
+//! workers (in this process), the `epp` binary, and real Envoy processes — one with the
+//! ext_proc filter pointing at the EPP (the project's `config/envoy.yaml`, ports changed),
+//! one with a static round-robin cluster of the same workers and no ext_proc (the baseline).
+//!
+//! It owns starting, readiness, CPU accounting and stopping of those processes; every child
+//! is killed when its handle drops. It measures nothing itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sim::{SimConfig, SimHandle};
+
+/// The project's Envoy bootstrap for the EPP path, embedded so the binary runs anywhere.
+const EXT_PROC_ENVOY: &str = include_str!("../../config/envoy.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    #[error("{what} did not happen within {limit:?}{log}")]
+    Timeout { what: String, limit: Duration, log: String },
+    #[error("{what} exited early ({status}){log}")]
+    Exited { what: String, status: String, log: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
+    let what = what.into();
+    move |error| StackError::Io { what, error }
+}
+
+/// The workspace root (this crate's parent folder), where `target/`, `.venv/` and
+/// `config/` are found.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn free_port() -> Result<u16, StackError> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(io("free port"))
+}
+
+/// The `epp` binary: `explicit` if given; else the one in this build's target folder
+/// (same profile as this binary), built with cargo first — a no-op when it is up to date,
+/// and it keeps a stale binary from being measured.
+pub fn locate_epp(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(StackError::Setup(format!("--epp-bin {} is not a file", p.display())))
+        };
+    }
+    let release = !cfg!(debug_assertions);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join(if release { "release" } else { "debug" }).join("epp");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root()).args(["build", "--quiet", "-p", "epp", "--bin", "epp"]);
+    if release {
+        cmd.arg("--release");
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        // Without cargo (a copied binary) an existing epp is still usable.
+        _ if bin.is_file() => eprintln!("warning: could not rebuild {}; using it as it is", bin.display()),
+        Ok(s) => return Err(StackError::Setup(format!("`cargo build -p epp` failed ({s})"))),
+        Err(e) => return Err(StackError::Setup(format!("cannot run cargo to build epp: {e}; pass --epp-bin"))),
+    }
+    if bin.is_file() { Ok(bin) } else { Err(StackError::Setup(format!("{} was not built", bin.display()))) }
+}
+
+/// The Envoy binary: `explicit`, $ENVOY_BIN, the repo's .venv (scripts/prepare.sh), PATH.
+pub fn locate_envoy(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
+    let candidates = explicit
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(std::env::var_os("ENVOY_BIN").map(PathBuf::from))
+        .chain(Some(workspace_root().join(".venv/bin/envoy")))
+        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
+            std::env::split_paths(&p).map(|d| d.join("envoy")).collect::<Vec<_>>()
+        }));
+    for c in candidates {
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    Err(StackError::Setup(
+        "Envoy not found: run scripts/bench.sh (it installs Envoy into .venv), or set ENVOY_BIN / --envoy-bin".into(),
+    ))
+}
+
+/// A scratch folder for configs and logs, removed when dropped.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Scratch, StackError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("epp-bench-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
+        Ok(Scratch { path })
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf, StackError> {
+        let p = self.path.join(name);
+        std::fs::write(&p, text).map_err(io(format!("write {}", p.display())))?;
+        Ok(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Simulated workers, stopped when dropped.
+pub struct Workers {
+    pub handles: Vec<SimHandle>,
+}
+
+impl Workers {
+    /// Starts `n` workers named w0.., each from `base` (its name and port replaced).
+    pub async fn spawn(n: usize, base: &SimConfig) -> Result<Workers, StackError> {
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let cfg = SimConfig { name: format!("w{i}"), port: 0, ..base.clone() };
+            let h = sim::spawn(cfg).await.map_err(|e| StackError::Setup(format!("simulated worker w{i}: {e:#}")))?;
+            handles.push(h);
+        }
+        Ok(Workers { handles })
+    }
+
+    /// The EPP's endpoints file listing every worker.
+    pub fn endpoints_yaml(&self) -> String {
+        let mut text = String::from("endpoints:\n");
+        for h in &self.handles {
+            text.push_str(&format!("  - name: {}\n    address: 127.0.0.1\n    port: \"{}\"\n", h.name(), h.addr().port()));
+        }
+        text
+    }
+}
+
+/// CPU time a process has used (user + system, all threads).
+pub fn cpu_time(pid: u32) -> Result<Duration, StackError> {
+    let path = if pid == std::process::id() { "/proc/self/stat".to_string() } else { format!("/proc/{pid}/stat") };
+    let text = std::fs::read_to_string(&path).map_err(io(format!("read {path}")))?;
+    let ticks = parse_stat_ticks(&text).ok_or_else(|| StackError::Setup(format!("cannot parse {path}")))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64))
+}
+
+/// utime + stime from the text of /proc/<pid>/stat (fields 14 and 15; the command name in
+/// field 2 may hold spaces and parentheses, so fields are counted after its last `)`).
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, index 11.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// USER_HZ, from `getconf CLK_TCK` (100 on every Linux we know, the fallback).
+fn clock_ticks_per_second() -> u64 {
+    static HZ: OnceLock<u64> = OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&hz| hz > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// A child process, killed when dropped, logging to a file.
+pub struct Process {
+    what: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(what: &str, cmd: &mut Command, log: PathBuf) -> Result<Process, StackError> {
+        let file = std::fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
+        let err = file.try_clone().map_err(io("log file"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("start {what} ({:?})", cmd.get_program())))?;
+        Ok(Process { what: what.into(), child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cpu_time(&self) -> Result<Duration, StackError> {
+        cpu_time(self.pid())
+    }
+
+    /// The last lines of the log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        if tail.is_empty() { String::new() } else { format!("; last log lines of {}:\n{tail}", self.what) }
+    }
+
+    /// Fails if the process has exited.
+    fn check_alive(&mut self) -> Result<(), StackError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                Err(StackError::Exited { what: self.what.clone(), status: status.to_string(), log: self.log_tail() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `ready` every 20 ms until it holds, `proc` dies, or `limit` passes.
+async fn wait_until<F, Fut>(proc: &mut Process, what: &str, limit: Duration, mut ready: F) -> Result<(), StackError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        proc.check_alive()?;
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(StackError::Timeout { what: what.into(), limit, log: proc.log_tail() });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running `epp`.
+pub struct Epp {
+    pub process: Process,
+    pub grpc_port: u16,
+}
+
+impl Epp {
+    /// Starts the EPP with `config` (its discovery path must point at an endpoints file)
+    /// and waits until its gRPC health reports SERVING (endpoints loaded).
+    pub async fn start(bin: &Path, scratch: &Scratch, config: &str) -> Result<Epp, StackError> {
+        let config_path = scratch.write("epp-config.yaml", config)?;
+        let (grpc_port, health_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
+        let mut cmd = Command::new(bin);
+        // Serving (TLS or not) is left at the EPP's default, which config/envoy.yaml matches.
+        cmd.args(["--bind-address", "127.0.0.1", "--metrics-bind-address", "127.0.0.1"])
+            .args(["--grpc-port", &grpc_port.to_string()])
+            .args(["--grpc-health-port", &health_port.to_string()])
+            .args(["--metrics-port", &metrics_port.to_string()])
+            .arg("--config-file")
+            .arg(&config_path)
+            // The default verbosity (info, one line per routed request), as users run it.
+            .env_remove("RUST_LOG");
+        let mut process = Process::spawn("epp", &mut cmd, scratch.path.join("epp.log"))?;
+        wait_until(&mut process, "the EPP's gRPC health reporting SERVING", Duration::from_secs(90), || {
+            health_serving(health_port)
+        })
+        .await?;
+        Ok(Epp { process, grpc_port })
+    }
+}
+
+async fn health_serving(port: u16) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else { return false };
+    let reply = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
+    reply.map(|r| r.into_inner().status().as_str_name() == "SERVING").unwrap_or(false)
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    pub process: Process,
+    pub listener: u16,
+}
+
+impl Envoy {
+    /// Envoy with the project's ext_proc bootstrap, asking the EPP on `epp_port`.
+    pub async fn ext_proc(bin: &Path, scratch: &Scratch, epp_port: u16) -> Result<Envoy, StackError> {
+        let (listener, admin) = (free_port()?, free_port()?);
+        let text = ext_proc_bootstrap(listener, admin, epp_port);
+        Envoy::start(bin, scratch, "envoy-ext-proc", &text, listener, admin).await
+    }
+
+    /// Envoy round-robin over `workers`, without ext_proc.
+    pub async fn round_robin(bin: &Path, scratch: &Scratch, workers: &Workers) -> Result<Envoy, StackError> {
+        let (listener, admin) = (free_port()?, free_port()?);
+        let ports: Vec<u16> = workers.handles.iter().map(|h| h.addr().port()).collect();
+        let text = round_robin_bootstrap(listener, admin, &ports);
+        Envoy::start(bin, scratch, "envoy-round-robin", &text, listener, admin).await
+    }
+
+    async fn start(
+        bin: &Path,
+        scratch: &Scratch,
+        name: &str,
+        bootstrap: &str,
+        listener: u16,
+        admin: u16,
+    ) -> Result<Envoy, StackError> {
+        let path = scratch.write(&format!("{name}.yaml"), bootstrap)?;
+        let mut cmd = Command::new(bin);
+        // Two worker threads: the machine's cores, as the test stack runs it.
+        cmd.arg("-c").arg(&path).args(["--use-dynamic-base-id", "--concurrency", "2", "--log-level", "warn"]);
+        let mut process = Process::spawn(name, &mut cmd, scratch.path.join(format!("{name}.log")))?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| StackError::Setup(format!("http client: {e}")))?;
+        let ready = format!("http://127.0.0.1:{admin}/ready");
+        wait_until(&mut process, &format!("{name} admin /ready"), Duration::from_secs(60), || {
+            let (client, ready) = (client.clone(), ready.clone());
+            async move { client.get(&ready).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
+        })
+        .await?;
+        // Ready for Envoy is not ready for traffic (the ext_proc cluster's health check may
+        // not have passed yet): wait for one request to go all the way through.
+        let url = format!("http://127.0.0.1:{listener}/v1/chat/completions");
+        let body = crate::workload::chat_body("ready?", "ready?", 1, false);
+        wait_until(&mut process, &format!("a request through {name}"), Duration::from_secs(60), || {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            async move {
+                let r = client.post(&url).header("content-type", "application/json").body(body).send().await;
+                r.map(|r| r.status().is_success()).unwrap_or(false)
+            }
+        })
+        .await?;
+        Ok(Envoy { process, listener })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.listener)
+    }
+}
+
+/// Whether the project's bootstrap reaches the EPP over TLS (for the report's wording).
+pub fn ext_proc_uses_tls() -> bool {
+    EXT_PROC_ENVOY.contains("envoy.transport_sockets.tls")
+}
+
+/// config/envoy.yaml with its listener, admin and EPP ports replaced, listening on loopback.
+pub fn ext_proc_bootstrap(listener: u16, admin: u16, epp_port: u16) -> String {
+    EXT_PROC_ENVOY
+        .replace("port_value: 8081", &format!("port_value: {listener}"))
+        .replace("port_value: 9002", &format!("port_value: {epp_port}"))
+        .replace("localhost:9002", &format!("localhost:{epp_port}"))
+        .replace("port_value: 19000", &format!("port_value: {admin}"))
+        .replace("address: 0.0.0.0", "address: 127.0.0.1")
+}
+
+/// The baseline: the same listener and HTTP settings as config/envoy.yaml, but a STATIC
+/// cluster of the workers with ROUND_ROBIN and no ext_proc filter. Everything the two
+/// bootstraps share is kept equal so that the difference measured is the EPP path.
+pub fn round_robin_bootstrap(listener: u16, admin: u16, worker_ports: &[u16]) -> String {
+    let endpoints: String = worker_ports
+        .iter()
+        .map(|p| {
+            format!(
+                "              - endpoint:\n                  address:\n                    socket_address: {{address: 127.0.0.1, port_value: {p}}}\n"
+            )
+        })
+        .collect();
+    format!(
+        r#"# Generated by epp-bench: round-robin over the workers, no ext_proc.
+admin:
+  address:
+    socket_address: {{address: 127.0.0.1, port_value: {admin}}}
+static_resources:
+  listeners:
+    - name: vllm
+      address:
+        socket_address: {{address: 127.0.0.1, port_value: {listener}}}
+      per_connection_buffer_limit_bytes: 32768
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: http-rr
+                route_config:
+                  name: vllm
+                  virtual_hosts:
+                    - name: vllm-default
+                      domains: ["*"]
+                      routes:
+                        - match: {{prefix: "/"}}
+                          route:
+                            cluster: workers
+                            timeout: 86400s
+                            idle_timeout: 86400s
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+                      suppress_envoy_headers: true
+                use_remote_address: true
+                normalize_path: true
+                merge_slashes: true
+                server_header_transformation: PASS_THROUGH
+  clusters:
+    - name: workers
+      type: STATIC
+      connect_timeout: 10s
+      lb_policy: ROUND_ROBIN
+      circuit_breakers:
+        thresholds:
+          - max_connections: 40000
+            max_pending_requests: 40000
+            max_requests: 40000
+      load_assignment:
+        cluster_name: workers
+        endpoints:
+          - lb_endpoints:
+{endpoints}"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_are_fields_14_and_15_even_with_odd_names() {
+        let stat = "4242 (epp (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 123 45 0 0 20 0 9 0 100 0 0";
+        assert_eq!(parse_stat_ticks(stat), Some(168));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_cpu_time_is_readable() {
+        assert!(cpu_time(std::process::id()).is_ok());
+    }
+
+    #[test]
+    fn bootstraps_name_the_ports_given() {
+        let ext = ext_proc_bootstrap(1111, 2222, 3333);
+        assert!(ext.contains("port_value: 1111") && ext.contains("port_value: 2222") && ext.contains("port_value: 3333"));
+        assert!(!ext.contains("address: 0.0.0.0") && !ext.contains("port_value: 9002"));
+        assert!(ext.contains("envoy.filters.http.ext_proc"));
+        let rr = round_robin_bootstrap(1111, 2222, &[4001, 4002]);
+        assert!(rr.contains("port_value: 4001}") && rr.contains("port_value: 4002}") && rr.contains("ROUND_ROBIN"));
+        assert!(!rr.contains("envoy.filters.http.ext_proc"));
+    }
+}

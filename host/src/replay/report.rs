@@ -1,0 +1,240 @@
+//! The numbers a replay reports per policy, computed from the run records, and their two
+//! renderings: an aligned table for the terminal and CSV.
+//!
+//! Pure: records in, rows and text out. Percentiles are nearest-rank over completed
+//! requests; rates are over the span from the first arrival to the last completion.
+
+use std::fmt::Write;
+
+use super::engine::{Outcome, RunResult};
+
+/// One policy's row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyReport {
+    pub policy: String,
+    pub requests: usize,
+    pub completed: usize,
+    /// Time to first token, milliseconds: p50, p90, p99.
+    pub ttft_ms: [f64; 3],
+    /// Arrival to last token, milliseconds: p50, p90, p99.
+    pub e2e_ms: [f64; 3],
+    /// Completed requests per second.
+    pub throughput_rps: f64,
+    /// Output tokens per second.
+    pub output_tps: f64,
+    /// Prompt tokens served from the workers' prefix caches / all prompt tokens (completed requests).
+    pub prefix_hit_rate: f64,
+    /// Mean over arrivals of max/mean running sequences across workers (1 = perfectly even).
+    pub imbalance: f64,
+    pub rejected_429: usize,
+    pub rejected_503: usize,
+    /// Other EPP errors (e.g. 500).
+    pub rejected_other: usize,
+    /// Requests too large for a worker's KV cache.
+    pub too_large: usize,
+}
+
+/// The CSV header (and the table's column names).
+pub const COLUMNS: [&str; 17] = [
+    "policy",
+    "requests",
+    "completed",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "e2e_p99_ms",
+    "throughput_rps",
+    "output_tok_s",
+    "prefix_hit_rate",
+    "imbalance",
+    "http_429",
+    "http_503",
+    "other_errors",
+    "too_large",
+];
+
+/// Nearest-rank percentile `p` (0–100) of ascending `sorted`; NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Sorted time-to-first-token values of a run's completed requests, milliseconds.
+pub fn ttfts_ms(run: &RunResult) -> Vec<f64> {
+    let mut v: Vec<f64> = run
+        .records
+        .iter()
+        .filter_map(|r| match r.outcome {
+            Outcome::Completed { first_token, .. } => Some((first_token - r.arrival) * 1000.0),
+            _ => None,
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+impl PolicyReport {
+    pub fn from_run(run: &RunResult) -> PolicyReport {
+        let ttft = ttfts_ms(run);
+        let mut e2e = Vec::with_capacity(ttft.len());
+        let (mut prompt, mut cached, mut output) = (0u64, 0u64, 0u64);
+        let (mut r429, mut r503, mut other, mut too_large) = (0, 0, 0, 0);
+        let first_arrival = run.records.first().map(|r| r.arrival).unwrap_or(0.0);
+        let mut last_finish = first_arrival;
+        for r in &run.records {
+            match r.outcome {
+                Outcome::Completed { finished, usage, .. } => {
+                    e2e.push((finished - r.arrival) * 1000.0);
+                    prompt += u64::from(usage.prompt_tokens);
+                    cached += u64::from(usage.cached_tokens);
+                    output += u64::from(usage.completion_tokens);
+                    last_finish = last_finish.max(finished);
+                }
+                Outcome::Rejected(429) => r429 += 1,
+                Outcome::Rejected(503) => r503 += 1,
+                Outcome::Rejected(_) | Outcome::InFlight => other += 1,
+                Outcome::TooLarge => too_large += 1,
+            }
+        }
+        e2e.sort_by(f64::total_cmp);
+        let span = last_finish - first_arrival;
+        let per_second = |x: f64| if span > 0.0 { x / span } else { 0.0 };
+        let pct = |v: &[f64]| [percentile(v, 50.0), percentile(v, 90.0), percentile(v, 99.0)];
+        PolicyReport {
+            policy: run.policy.clone(),
+            requests: run.records.len(),
+            completed: ttft.len(),
+            ttft_ms: pct(&ttft),
+            e2e_ms: pct(&e2e),
+            throughput_rps: per_second(ttft.len() as f64),
+            output_tps: per_second(output as f64),
+            prefix_hit_rate: if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
+            imbalance: if run.imbalance_samples > 0 {
+                run.imbalance_sum / run.imbalance_samples as f64
+            } else {
+                1.0
+            },
+            rejected_429: r429,
+            rejected_503: r503,
+            rejected_other: other,
+            too_large,
+        }
+    }
+
+    /// The row's cells, formatted, in [`COLUMNS`] order.
+    pub fn cells(&self) -> Vec<String> {
+        let ms = |x: f64| format!("{x:.1}");
+        vec![
+            self.policy.clone(),
+            self.requests.to_string(),
+            self.completed.to_string(),
+            ms(self.ttft_ms[0]),
+            ms(self.ttft_ms[1]),
+            ms(self.ttft_ms[2]),
+            ms(self.e2e_ms[0]),
+            ms(self.e2e_ms[1]),
+            ms(self.e2e_ms[2]),
+            format!("{:.2}", self.throughput_rps),
+            format!("{:.0}", self.output_tps),
+            format!("{:.3}", self.prefix_hit_rate),
+            format!("{:.2}", self.imbalance),
+            self.rejected_429.to_string(),
+            self.rejected_503.to_string(),
+            self.rejected_other.to_string(),
+            self.too_large.to_string(),
+        ]
+    }
+}
+
+/// An aligned table, one row per policy, names left-aligned and numbers right-aligned.
+pub fn table(reports: &[PolicyReport]) -> String {
+    let rows: Vec<Vec<String>> = reports.iter().map(PolicyReport::cells).collect();
+    let widths: Vec<usize> = (0..COLUMNS.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).chain([COLUMNS[c].len()]).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut parts = Vec::with_capacity(cells.len());
+        for (c, cell) in cells.iter().enumerate() {
+            parts.push(if c == 0 { format!("{cell:<w$}", w = widths[c]) } else { format!("{cell:>w$}", w = widths[c]) });
+        }
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(&COLUMNS);
+    for row in &rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+/// The rows as CSV, with a header. Policy names are quoted when they need it.
+pub fn csv(reports: &[PolicyReport]) -> String {
+    let mut out = COLUMNS.join(",");
+    out.push('\n');
+    for r in reports {
+        let mut cells = r.cells();
+        if cells[0].contains([',', '"', '\n']) {
+            cells[0] = format!("\"{}\"", cells[0].replace('"', "\"\""));
+        }
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::engine::Record;
+    use llmd_plugin_sdk::Usage;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        let cases = [(50.0, 50.0), (90.0, 90.0), (99.0, 99.0), (100.0, 100.0), (0.0, 1.0)];
+        for (p, want) in cases {
+            assert_eq!(percentile(&v, p), want, "p{p}");
+        }
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    fn completed(arrival: f64, first: f64, finished: f64, prompt: u32, cached: u32) -> Record {
+        let usage = Usage { prompt_tokens: prompt, cached_tokens: cached, completion_tokens: 10 };
+        Record::new(arrival, Outcome::Completed { first_token: first, finished, usage })
+    }
+
+    #[test]
+    fn rows_from_records() {
+        let run = RunResult {
+            policy: "p,1".into(),
+            records: vec![
+                completed(0.0, 0.1, 1.0, 100, 50),
+                completed(1.0, 1.3, 2.0, 100, 0),
+                Record::new(1.5, Outcome::Rejected(429)),
+                Record::new(1.6, Outcome::Rejected(503)),
+                Record::new(1.7, Outcome::TooLarge),
+            ],
+            imbalance_sum: 3.0,
+            imbalance_samples: 2,
+        };
+        let r = PolicyReport::from_run(&run);
+        assert_eq!((r.requests, r.completed, r.rejected_429, r.rejected_503, r.too_large), (5, 2, 1, 1, 1));
+        assert!((r.ttft_ms[0] - 100.0).abs() < 1e-9 && (r.ttft_ms[2] - 300.0).abs() < 1e-9, "{:?}", r.ttft_ms);
+        assert!((r.e2e_ms[0] - 1000.0).abs() < 1e-9);
+        assert_eq!((r.throughput_rps, r.output_tps), (1.0, 10.0), "2 requests, 20 tokens over 2 s");
+        assert_eq!((r.prefix_hit_rate, r.imbalance), (0.25, 1.5));
+        let csv = csv(&[r.clone()]);
+        assert!(csv.starts_with("policy,requests,completed,ttft_p50_ms"));
+        assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("\"p,1\",5,2,100.0,")), "{csv}");
+        let table = table(&[r]);
+        assert_eq!(table.lines().count(), 2);
+        assert!(table.lines().all(|l| l.len() == table.lines().next().map_or(0, str::len)), "aligned:\n{table}");
+    }
+}

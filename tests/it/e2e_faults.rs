@@ -1,0 +1,181 @@
+//! Faults through the whole stack: dead and hanging workers, bad requests at the edge,
+//! overload, and shutdown/restart. The EPP must stay up, keep serving what it can, and
+//! answer everything else with a clear status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sim::{FaultMode, FaultUpdate};
+
+use crate::stack::{EnvoyConfig, Stack, eventually, health_status};
+
+fn completion(tag: &str, max_tokens: u32) -> String {
+    serde_json::json!({"model": "m", "prompt": format!("{tag}: a question"), "max_tokens": max_tokens}).to_string()
+}
+
+async fn statuses(stack: &Stack, tag: &str, n: usize) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let r = stack.post("/v1/completions", &format!("{tag}-{i}"), &completion(&format!("{tag} {i}"), 1)).await;
+        out.push((r.status, r.worker.unwrap_or_default()));
+    }
+    out
+}
+
+/// Peak resident memory of a process, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_hanging_workers_are_routed_around() {
+    let mut stack = Stack::start(3).await;
+    eventually(Duration::from_secs(10), "first scrapes", || async {
+        (statuses(&stack, "warm", 3).await.iter().all(|(s, _)| *s == 200)).then_some(())
+    })
+    .await;
+    // w1 dies; w2 accepts connections but never answers, /metrics included.
+    let dead = stack.workers.remove(1);
+    dead.handle.shutdown().await;
+    stack.workers[1].handle.set_faults(FaultUpdate { metrics: Some(FaultMode::Hang), requests: Some(FaultMode::Hang) });
+    // Once their metrics are stale (200 ms for admission) both are left out: every request
+    // is served by w0.
+    let settled = eventually(Duration::from_secs(15), "traffic to settle on w0", || async {
+        let mut client_ok = Vec::new();
+        for i in 0..10 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(3),
+                stack.post("/v1/completions", &format!("after-{i}"), &completion(&format!("after {i}"), 1)),
+            )
+            .await;
+            match r {
+                Ok(r) if r.status == 200 => client_ok.push(r.worker.unwrap_or_default()),
+                _ => return None,
+            }
+        }
+        Some(client_ok)
+    })
+    .await;
+    assert!(settled.iter().all(|w| w == "w0"), "{settled:?}");
+    assert_eq!(health_status(stack.health_port, "").await.as_deref(), Some("SERVING"), "the EPP must stay up");
+    let log = stack.epp_log();
+    assert!(log.contains("w1") && log.contains("w2"), "worker failures should be logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_at_the_edge_get_clear_4xx() {
+    let stack = Stack::start_full(1, EnvoyConfig::Ours, |_| {}, &["--max-request-body-bytes", "65536"]).await;
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/v1/completions", big.into_bytes(), 413, "PayloadTooLarge"),
+        ("/v1/completions", b"\xff\xfe\xfd".to_vec(), 400, "UTF-8"),
+        ("/v1/completions", br#"{"model":"m","prompt":5.5}"#.to_vec(), 400, "`prompt` must be"),
+        ("/v1/completions", br#"{"model":["m"],"prompt":"x"}"#.to_vec(), 400, "`model` must be a string"),
+        ("/v1/chat/completions", br#"{"messages":[]}"#.to_vec(), 400, "`model` is required"),
+        ("/v2/unknown", br#"{"model":"m"}"#.to_vec(), 404, "NotFound"),
+    ];
+    for (path, body, status, text) in cases {
+        let r = stack
+            .client
+            .post(stack.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let got = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.starts_with("inference error: ") && body.contains(text), "{path}: {body}");
+    }
+    assert_eq!(statuses(&stack, "still-fine", 2).await.iter().filter(|(s, _)| *s == 200).count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_not_queued_and_the_epp_recovers() {
+    let stack = Arc::new(
+        Stack::start_full(
+            2,
+            EnvoyConfig::Ours,
+            |c| {
+                c.time_scale = 1.0;
+                c.model.max_num_seqs = 2;
+            },
+            &["--max-inflight-requests", "4"],
+        )
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let stack = stack.clone();
+        tasks.push(tokio::spawn(async move {
+            stack.post("/v1/completions", &format!("burst-{i}"), &completion(&format!("burst {i}"), 20)).await
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status == 429 {
+            assert!(r.body.contains("too many requests in flight"), "{r:?}");
+        }
+        *counts.entry(r.status).or_insert(0) += 1;
+    }
+    assert!(counts.keys().all(|s| *s == 200 || *s == 429), "{counts:?}");
+    assert!(counts.get(&429).copied().unwrap_or(0) > 0, "nothing was refused: {counts:?}");
+    assert!(counts.get(&200).copied().unwrap_or(0) >= 4, "too little was served: {counts:?}");
+    // Load gone: served again.
+    let after = statuses(&stack, "calm", 3).await;
+    assert!(after.iter().all(|(s, _)| *s == 200), "{after:?}");
+    if let Some(kib) = stack.epp_pid().and_then(peak_rss_kib) {
+        println!("epp peak RSS under the burst: {kib} KiB");
+        assert!(kib < 1 << 20, "peak RSS {kib} KiB");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_and_a_restart_serves_again() {
+    let mut stack = Stack::start_with(1, EnvoyConfig::Ours, |c| c.time_scale = 1.0).await;
+    let body = r#"{"model":"m","prompt":"stream through a shutdown","max_tokens":60,"stream":true}"#;
+    let r = stack
+        .client
+        .post(stack.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.expect("first chunk").expect("chunk");
+    assert!(!first.is_empty());
+    // Mid-stream: SIGTERM. The stream must still complete.
+    let terminating = std::thread::spawn({
+        let pid = stack.epp_pid().expect("epp pid");
+        move || std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()
+    });
+    let mut rest = Vec::from(first.as_ref());
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.expect("stream broke during drain"));
+    }
+    let _ = terminating.join();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "stream cut short: {text}");
+    let status = stack.terminate_epp(Duration::from_secs(20)).expect("the EPP exits after draining");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(stack.epp_log().contains("draining in-flight requests"));
+
+    // Restart with the same files: NOT_SERVING never lies, SERVING comes back quickly.
+    let started = Instant::now();
+    stack.start_epp(EnvoyConfig::Ours);
+    stack.wait_serving().await;
+    let elapsed = started.elapsed();
+    println!("restart to SERVING: {elapsed:?}");
+    let ok = eventually(Duration::from_secs(20), "a request after the restart", || async {
+        let r = stack.post("/v1/completions", "after-restart", &completion("after restart", 1)).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(ok.worker.as_deref(), Some("w0"));
+}
