@@ -71,6 +71,32 @@ async fn churn_loses_no_request_and_never_uses_a_removed_worker() {
     stack.write_endpoints_text("");
     logged(&stack, rejected, before).await;
     traffic().await;
+    // Every kind of bad file is reported exactly once, with its reason.
+    let w = |i: usize| stack.workers[i].addr().port();
+    let bad_files = [
+        ("all entries invalid (bad ports)", format!("endpoints:\n  - name: a\n    address: 127.0.0.1\n    port: \"0\"\n  - name: b\n    address: 127.0.0.1\n    port: \"99999\"\n")),
+        ("a hostname", "endpoints:\n  - name: a\n    address: worker.example\n    port: \"8000\"\n".to_string()),
+        ("not a list", "endpoints: 7\n".to_string()),
+    ];
+    for (what, text) in &bad_files {
+        let before = count(&stack, rejected);
+        stack.write_endpoints_text(text);
+        logged(&stack, rejected, before).await;
+        traffic().await;
+        assert_eq!(count(&stack, rejected), before + 1, "{what}: reported more than once");
+    }
+    // Duplicates and one bad port among good entries: the good ones apply, the rest are
+    // skipped with a reason. Written in place (not renamed), as a careless editor would.
+    let before = count(&stack, published);
+    let text = format!(
+        "endpoints:\n  - name: w0\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: w0\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: w1\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: bad\n    address: 127.0.0.1\n    port: \"http\"\n",
+        w(0), w(2), w(1)
+    );
+    std::fs::write(&stack.endpoints_path, text).unwrap();
+    logged(&stack, published, before).await;
+    traffic().await;
+    let log = stack.epp_log();
+    assert!(log.contains("endpoint skipped"), "skipped entries must be logged with a reason");
     // Fixed: all three again.
     let before = count(&stack, published);
     stack.write_endpoints(&[0, 1, 2], &[]);
