@@ -73,7 +73,8 @@ fn main() -> anyhow::Result<()> {
             .context("tokio runtime")?;
         if wants(Part::E2e) {
             let opts = if flags.smoke { E2eOptions::smoke() } else { E2eOptions::full() };
-            let r = rt.block_on(e2e::run(&opts, &epp_bin, &envoy_bin, &mut progress)).context("end-to-end benchmark")?;
+            let r =
+                rt.block_on(e2e::run(&opts, &epp_bin, &envoy_bin, &mut progress)).context("end-to-end benchmark")?;
             e2e_results = Some(r);
         }
         if wants(Part::Quality) {
@@ -85,9 +86,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let command = std::env::args()
-        .skip(1)
-        .fold(String::from("cargo run --release -p bench --"), |acc, a| format!("{acc} {a}"));
+    let command =
+        std::env::args().skip(1).fold(String::from("cargo run --release -p bench --"), |acc, a| format!("{acc} {a}"));
     let report = Report {
         machine: &machine,
         command,

@@ -51,7 +51,7 @@ pub fn native_profile(config: &PickerConfig) -> Result<SchedulerProfile, NativeE
     let mut filters = Vec::new();
     let mut scorers = Vec::new();
     let mut picker = None;
-    for entry in &config.profile.plugins {
+    for entry in &config.profile().plugins {
         let Some(spec) = config.plugin(&entry.plugin_ref) else { continue };
         match native_of(spec)? {
             PluginHandle::Producer(p) => producers.push(p),
@@ -67,7 +67,7 @@ pub fn native_profile(config: &PickerConfig) -> Result<SchedulerProfile, NativeE
             _ => return Err(NativeError::UnknownType(DEFAULT_PICKER.into(), "non-picker".into())),
         },
     };
-    Ok(SchedulerProfile::new(config.profile.name.clone(), producers, filters, scorers, picker))
+    Ok(SchedulerProfile::new(config.profile().name.clone(), producers, filters, scorers, picker))
 }
 
 fn native_of(spec: &PluginSpec) -> Result<PluginHandle, NativeError> {

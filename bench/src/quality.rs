@@ -113,8 +113,13 @@ pub async fn run(
     envoy_bin: &std::path::Path,
     progress: &mut dyn FnMut(String),
 ) -> Result<QualityResults, StackError> {
-    let workload =
-        Arc::new(SharedPrefix::new(opts.system_prompts, opts.system_bytes, opts.users, opts.user_bytes, opts.max_tokens));
+    let workload = Arc::new(SharedPrefix::new(
+        opts.system_prompts,
+        opts.system_bytes,
+        opts.users,
+        opts.user_bytes,
+        opts.max_tokens,
+    ));
     let mut runs = Vec::new();
     for policy in Policy::ALL {
         let load = run_policy(opts, policy, &workload, epp_bin, envoy_bin).await?;
@@ -188,7 +193,7 @@ mod tests {
     fn the_random_config_is_a_valid_config_with_only_a_random_picker() {
         let config = epp::config::PickerConfig::parse(&random_config(std::path::Path::new("/tmp/e.yaml")), None)
             .expect("random config parses");
-        let refs: Vec<&str> = config.profile.plugins.iter().map(|e| e.plugin_ref.as_str()).collect();
+        let refs: Vec<&str> = config.profile().plugins.iter().map(|e| e.plugin_ref.as_str()).collect();
         assert_eq!(refs, ["random-picker"]);
     }
 }

@@ -145,7 +145,13 @@ impl Report<'_> {
                 let r = many.epp.load.throughput() / many.round_robin.load.throughput();
                 t.push(Target {
                     what: "EPP path throughput ≥ 0.8 × Envoy round-robin (closed loop, many clients)",
-                    measured: format!("{} ({}: {:.0} vs {:.0} req/s)", fmt_ratio(r), many.name, many.epp.load.throughput(), many.round_robin.load.throughput()),
+                    measured: format!(
+                        "{} ({}: {:.0} vs {:.0} req/s)",
+                        fmt_ratio(r),
+                        many.name,
+                        many.epp.load.throughput(),
+                        many.round_robin.load.throughput()
+                    ),
                     met: Some(r >= 0.8),
                 });
             }
@@ -154,7 +160,10 @@ impl Report<'_> {
                 t.push(Target {
                     what: "added p50 < 0.3 ms (EPP path − round-robin, 1 client)",
                     measured: added.clone(),
-                    met: Some(one.epp.load.latency.summary().p50.saturating_sub(one.round_robin.load.latency.summary().p50) < Duration::from_micros(300)),
+                    met: Some(
+                        one.epp.load.latency.summary().p50.saturating_sub(one.round_robin.load.latency.summary().p50)
+                            < Duration::from_micros(300),
+                    ),
                 });
             }
         }
@@ -382,7 +391,12 @@ mod tests {
     use crate::micro::{Cell, MicroResults};
 
     fn summary(p50_us: u64, p99_us: u64) -> Summary {
-        Summary { count: 10, p50: Duration::from_micros(p50_us), p99: Duration::from_micros(p99_us), mean: Duration::ZERO }
+        Summary {
+            count: 10,
+            p50: Duration::from_micros(p50_us),
+            p99: Duration::from_micros(p99_us),
+            mean: Duration::ZERO,
+        }
     }
 
     #[test]
@@ -398,7 +412,14 @@ mod tests {
             ..Default::default()
         };
         let machine = Machine { cores: 2, cpu: "cpu".into(), kernel: "k".into(), date: "today".into() };
-        let report = Report { machine: &machine, command: "cmd".into(), smoke: false, micro: Some(&micro), e2e: None, quality: None };
+        let report = Report {
+            machine: &machine,
+            command: "cmd".into(),
+            smoke: false,
+            micro: Some(&micro),
+            e2e: None,
+            quality: None,
+        };
         let md = report.markdown();
         assert!(md.contains("| decision p99 < 100 µs (wasm, 100 endpoints, 16 KB prompt) | 90.0 µs | yes |"), "{md}");
         assert!(md.contains("| wasm/native ≤ 1.3 (decision p50, 100 endpoints, 16 KB) | 1.50 | **no** |"), "{md}");

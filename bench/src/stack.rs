@@ -55,7 +55,8 @@ pub fn locate_epp(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
         };
     }
     let release = !cfg!(debug_assertions);
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let bin = target.join(if release { "release" } else { "debug" }).join("epp");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -80,9 +81,11 @@ pub fn locate_envoy(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
         .into_iter()
         .chain(std::env::var_os("ENVOY_BIN").map(PathBuf::from))
         .chain(Some(workspace_root().join(".venv/bin/envoy")))
-        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
-            std::env::split_paths(&p).map(|d| d.join("envoy")).collect::<Vec<_>>()
-        }));
+        .chain(
+            std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|p| std::env::split_paths(&p).map(|d| d.join("envoy")).collect::<Vec<_>>()),
+        );
     for c in candidates {
         if c.is_file() {
             return Ok(c);
@@ -142,7 +145,11 @@ impl Workers {
     pub fn endpoints_yaml(&self) -> String {
         let mut text = String::from("endpoints:\n");
         for h in &self.handles {
-            text.push_str(&format!("  - name: {}\n    address: 127.0.0.1\n    port: \"{}\"\n", h.name(), h.addr().port()));
+            text.push_str(&format!(
+                "  - name: {}\n    address: 127.0.0.1\n    port: \"{}\"\n",
+                h.name(),
+                h.addr().port()
+            ));
         }
         text
     }
@@ -463,7 +470,9 @@ mod tests {
     #[test]
     fn bootstraps_name_the_ports_given() {
         let ext = ext_proc_bootstrap(1111, 2222, 3333);
-        assert!(ext.contains("port_value: 1111") && ext.contains("port_value: 2222") && ext.contains("port_value: 3333"));
+        assert!(
+            ext.contains("port_value: 1111") && ext.contains("port_value: 2222") && ext.contains("port_value: 3333")
+        );
         assert!(!ext.contains("address: 0.0.0.0") && !ext.contains("port_value: 9002"));
         assert!(ext.contains("envoy.filters.http.ext_proc"));
         let rr = round_robin_bootstrap(1111, 2222, &[4001, 4002]);

@@ -19,7 +19,14 @@ fn micro_smoke_runs_both_builds_and_reports() {
     assert_eq!(results.parse.len(), 2);
 
     let machine = Machine::detect();
-    let report = Report { machine: &machine, command: "test".into(), smoke: true, micro: Some(&results), e2e: None, quality: None };
+    let report = Report {
+        machine: &machine,
+        command: "test".into(),
+        smoke: true,
+        micro: Some(&results),
+        e2e: None,
+        quality: None,
+    };
     let md = report.markdown();
     assert!(md.contains("## 1. Scheduling cost") && md.contains("| 100 | 16 KB |"), "{md}");
 }

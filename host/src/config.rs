@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::experiment::ExperimentSpec;
 use crate::scheduler::{FailurePolicy, SaturationConfig, Weight};
 use crate::wasm::Sandbox;
 
@@ -70,7 +71,7 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
@@ -125,7 +126,11 @@ pub struct DataLayerSpec {
 pub struct PickerConfig {
     pub api_version: String,
     pub plugins: Vec<PluginSpec>,
-    pub profile: ProfileSpec,
+    /// Every scheduling profile; the first is the primary (the only one without an
+    /// experiment). Invariant: never empty.
+    pub profiles: Vec<ProfileSpec>,
+    /// Our extension: variants of an A/B experiment over the profiles.
+    pub experiment: Option<ExperimentSpec>,
     pub data_layer: DataLayerSpec,
     /// Admission thresholds (`saturationDetector`).
     pub saturation: SaturationConfig,
@@ -134,6 +139,17 @@ pub struct PickerConfig {
 }
 
 impl PickerConfig {
+    /// The primary scheduling profile.
+    pub fn profile(&self) -> &ProfileSpec {
+        // Invariant: `profiles` is never empty (parse adds the default profile).
+        &self.profiles[0]
+    }
+
+    /// The profile named `name`.
+    pub fn profile_named(&self, name: &str) -> Option<&ProfileSpec> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+
     /// The plugin named `name`.
     pub fn plugin(&self, name: &str) -> Option<&PluginSpec> {
         self.plugins.iter().find(|p| p.name == name)
@@ -233,20 +249,37 @@ impl PickerConfig {
             plugins.push(spec);
         }
 
-        let profile = match raw.scheduling_profiles.len() {
-            0 => default_profile(&plugins),
-            1 => profile_spec(raw.scheduling_profiles.into_iter().next().unwrap_or_default(), &plugins)?,
-            n => {
+        let n = raw.scheduling_profiles.len();
+        if n > 1 && raw.experiment.is_none() {
+            return Err(invalid(
+                "schedulingProfiles",
+                format!("{n} profiles given; without an `experiment` section this EPP runs exactly one"),
+            ));
+        }
+        let mut profiles = Vec::with_capacity(n.max(1));
+        for (i, raw_profile) in raw.scheduling_profiles.into_iter().enumerate() {
+            let p = profile_spec(i, raw_profile, &plugins)?;
+            if profiles.iter().any(|q: &ProfileSpec| q.name == p.name) {
                 return Err(invalid(
-                    "schedulingProfiles",
-                    format!("{n} profiles given; this EPP runs exactly one (with the single-profile handler)"),
+                    format!("schedulingProfiles[{i}].name"),
+                    format!("duplicate profile `{}`", p.name),
                 ));
             }
+            profiles.push(p);
+        }
+        if profiles.is_empty() {
+            profiles.push(default_profile(&plugins));
+        }
+        let experiment = match raw.experiment {
+            Some(e) => Some(crate::experiment::parse_spec(e, &profiles)?),
+            None => None,
         };
         let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
         let saturation = saturation_spec(raw.saturation_detector)?;
-        let mut config = PickerConfig { api_version, plugins, profile, data_layer, saturation, warnings };
-        config.add_implicit_prefix_producer();
+        let mut config = PickerConfig { api_version, plugins, profiles, experiment, data_layer, saturation, warnings };
+        for i in 0..config.profiles.len() {
+            config.add_implicit_prefix_producer(i);
+        }
         config.check_profile_roles()?;
         Ok(config)
     }
@@ -254,9 +287,12 @@ impl PickerConfig {
     /// Upstream's prefix scorer carries its own index; ours is a separate producer. A
     /// profile with a prefix-reading scorer and no producer gets one, configured with the
     /// prefix-cache-scorer's parameters (block size, LRU capacity, …).
-    fn add_implicit_prefix_producer(&mut self) {
+    fn add_implicit_prefix_producer(&mut self, profile: usize) {
         let in_profile = |cfg: &PickerConfig, type_name: &str| {
-            cfg.profile.plugins.iter().any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| p.type_name == type_name))
+            cfg.profiles[profile]
+                .plugins
+                .iter()
+                .any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| p.type_name == type_name))
         };
         if in_profile(self, PREFIX_PRODUCER_TYPE) || !PREFIX_READERS.iter().any(|t| in_profile(self, t)) {
             return;
@@ -270,7 +306,7 @@ impl PickerConfig {
                     .iter()
                     .find(|p| {
                         p.type_name == "prefix-cache-scorer"
-                            && self.profile.plugins.iter().any(|e| e.plugin_ref == p.name)
+                            && self.profiles[profile].plugins.iter().any(|e| e.plugin_ref == p.name)
                     })
                     .map(|p| p.parameters.clone())
                     .unwrap_or_else(empty_params);
@@ -291,22 +327,24 @@ impl PickerConfig {
                 name
             }
         };
-        self.profile.plugins.insert(0, ProfileEntry { plugin_ref: name, weight: Weight::ONE });
+        self.profiles[profile].plugins.insert(0, ProfileEntry { plugin_ref: name, weight: Weight::ONE });
     }
 
     /// A profile may only reference scheduling plugins.
     fn check_profile_roles(&self) -> Result<(), ConfigError> {
-        for (i, e) in self.profile.plugins.iter().enumerate() {
-            if let Some(p) = self.plugin(&e.plugin_ref)
-                && p.kind != PluginKind::Scheduling
-            {
-                return Err(invalid(
-                    format!("schedulingProfiles[0].plugins[{i}].pluginRef"),
-                    format!(
-                        "`{}` is a {:?} plugin (type {}), not a filter, scorer or picker",
-                        p.name, p.kind, p.type_name
-                    ),
-                ));
+        for (k, profile) in self.profiles.iter().enumerate() {
+            for (i, e) in profile.plugins.iter().enumerate() {
+                if let Some(p) = self.plugin(&e.plugin_ref)
+                    && p.kind != PluginKind::Scheduling
+                {
+                    return Err(invalid(
+                        format!("schedulingProfiles[{k}].plugins[{i}].pluginRef"),
+                        format!(
+                            "`{}` is a {:?} plugin (type {}), not a filter, scorer or picker",
+                            p.name, p.kind, p.type_name
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -387,11 +425,11 @@ fn plugin_spec(
     Ok(PluginSpec { name, type_name, kind, parameters, wasm, failure_policy, sandbox, implicit: false })
 }
 
-fn profile_spec(raw: RawProfile, plugins: &[PluginSpec]) -> Result<ProfileSpec, ConfigError> {
+fn profile_spec(k: usize, raw: RawProfile, plugins: &[PluginSpec]) -> Result<ProfileSpec, ConfigError> {
     let name = raw.name.unwrap_or_else(|| "default".into());
     let mut entries: Vec<ProfileEntry> = Vec::new();
     for (i, e) in raw.plugins.into_iter().enumerate() {
-        let field = |f: &str| format!("schedulingProfiles[0].plugins[{i}].{f}");
+        let field = |f: &str| format!("schedulingProfiles[{k}].plugins[{i}].{f}");
         let plugin_ref = e.plugin_ref.ok_or_else(|| invalid(field("pluginRef"), "missing"))?;
         if !plugins.iter().any(|p| p.name == plugin_ref) {
             return Err(invalid(field("pluginRef"), format!("no plugin named `{plugin_ref}` in `plugins`")));
@@ -518,6 +556,7 @@ struct RawConfig {
     scheduling_profiles: Vec<RawProfile>,
     data_layer: Option<RawDataLayer>,
     saturation_detector: Option<RawSaturation>,
+    experiment: Option<crate::experiment::RawExperiment>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_yaml::Value>,
 }

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod datastore;
 pub mod discovery;
+pub mod experiment;
 pub mod ext_proc;
 pub mod loader;
 pub mod metrics_scrape;

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use crate::config::{PickerConfig, PluginSpec};
-use crate::scheduler::{PluginHandle, SchedulerProfile, WeightedScorer};
+use crate::config::{PickerConfig, PluginSpec, ProfileSpec};
+use crate::scheduler::{PluginHandle, Scheduler, SchedulerProfile, Variant, WeightedScorer};
 use crate::wasm::{LoadError, WasmRuntime, embedded};
 
 /// The picker used when a profile lists none.
@@ -55,16 +55,18 @@ impl PluginSet {
 
 /// What a build produced.
 pub struct Built {
-    pub profile: SchedulerProfile,
+    pub scheduler: Scheduler,
     /// Every plugin of the profile, for the next build to reuse.
     pub plugins: PluginSet,
     /// Names of the plugins loaded afresh (the others were reused).
     pub loaded: Vec<String>,
 }
 
-fn plugin_key(spec: &PluginSpec, bytes: &[u8]) -> u64 {
+/// Identity of a loaded plugin: the variant it serves (variants never share instances, so
+/// their state stays apart), its entry, and its component bytes.
+fn plugin_key(owner: &str, spec: &PluginSpec, bytes: &[u8]) -> u64 {
     let identity = format!(
-        "{}\0{}\0{}\0{:?}\0{:?}\0{:x}",
+        "{owner}\0{}\0{}\0{}\0{:?}\0{:?}\0{:x}",
         spec.name,
         spec.type_name,
         spec.parameters,
@@ -92,13 +94,14 @@ pub fn component_bytes(spec: &PluginSpec) -> Result<std::borrow::Cow<'static, [u
 /// Loads one plugin (or reuses it from `previous`), probing anything new.
 fn load_or_reuse(
     runtime: &WasmRuntime,
+    owner: &str,
     spec: &PluginSpec,
     previous: &PluginSet,
     next: &mut PluginSet,
     loaded: &mut Vec<String>,
 ) -> Result<PluginHandle, BuildError> {
     let bytes = component_bytes(spec)?;
-    let key = plugin_key(spec, &bytes);
+    let key = plugin_key(owner, spec, &bytes);
     if let Some(h) = previous.by_key.get(&key).or_else(|| next.by_key.get(&key)).cloned() {
         next.by_key.insert(key, h.clone());
         return Ok(h);
@@ -131,32 +134,69 @@ pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHan
         .map_err(|error| BuildError::Load { plugin: spec.name.clone(), error })
 }
 
-/// Builds the config's one scheduling profile from scratch.
+/// Builds the config's primary scheduling profile from scratch.
 pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<SchedulerProfile, BuildError> {
-    build(runtime, config, &PluginSet::default()).map(|b| b.profile)
+    let (mut next, mut loaded) = (PluginSet::default(), Vec::new());
+    let primary = config.profile();
+    build_one(runtime, config, primary, &primary.name, &PluginSet::default(), &mut next, &mut loaded)
 }
 
-/// Builds the config's profile, reusing unchanged plugins from `previous`.
+/// Builds everything the config runs (one profile, or every variant of its experiment),
+/// reusing unchanged plugins from `previous`.
 pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet) -> Result<Built, BuildError> {
     let mut next = PluginSet::default();
     let mut loaded = Vec::new();
+    let scheduler = match &config.experiment {
+        None => {
+            let primary = config.profile();
+            Scheduler::single(build_one(runtime, config, primary, &primary.name, previous, &mut next, &mut loaded)?)
+        }
+        Some(experiment) => {
+            let mut variants = Vec::new();
+            for v in &experiment.variants {
+                // Invariant: config validation checked that every variant names a profile.
+                let Some(profile) = config.profile_named(&v.profile) else { continue };
+                let built = build_one(runtime, config, profile, &v.name, previous, &mut next, &mut loaded)?;
+                variants.push(Variant { name: v.name.clone(), profile: built, shadow: v.shadow });
+            }
+            Scheduler { variants, experiment: Some(experiment.clone()) }
+        }
+    };
+    info!(
+        variants = ?scheduler.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        reloaded = ?loaded,
+        "scheduler built"
+    );
+    Ok(Built { scheduler, plugins: next, loaded })
+}
+
+/// Builds one profile; its plugins are keyed under `owner` (the variant).
+fn build_one(
+    runtime: &WasmRuntime,
+    config: &PickerConfig,
+    spec_profile: &ProfileSpec,
+    owner: &str,
+    previous: &PluginSet,
+    next: &mut PluginSet,
+    loaded: &mut Vec<String>,
+) -> Result<SchedulerProfile, BuildError> {
     let mut producers = Vec::new();
     let mut filters = Vec::new();
     let mut scorers = Vec::new();
     let mut picker: Option<(String, Arc<dyn crate::scheduler::PickerPlugin>)> = None;
-    for entry in &config.profile.plugins {
+    for entry in &spec_profile.plugins {
         // Invariant: config validation guarantees every pluginRef names a plugin.
         let Some(spec) = config.plugin(&entry.plugin_ref) else {
             continue;
         };
-        match load_or_reuse(runtime, spec, previous, &mut next, &mut loaded)? {
+        match load_or_reuse(runtime, owner, spec, previous, next, loaded)? {
             PluginHandle::Producer(p) => producers.push(p),
             PluginHandle::Filter(f) => filters.push(f),
             PluginHandle::Scorer(s) => scorers.push(WeightedScorer { scorer: s, weight: entry.weight }),
             PluginHandle::Picker(p) => {
                 if let Some((first, _)) = &picker {
                     return Err(BuildError::SeveralPickers {
-                        profile: config.profile.name.clone(),
+                        profile: spec_profile.name.clone(),
                         first: first.clone(),
                         second: spec.name.clone(),
                     });
@@ -178,7 +218,7 @@ pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet)
                 sandbox: Default::default(),
                 implicit: true,
             };
-            match load_or_reuse(runtime, &spec, previous, &mut next, &mut loaded)? {
+            match load_or_reuse(runtime, owner, &spec, previous, next, loaded)? {
                 PluginHandle::Picker(p) => p,
                 other => {
                     return Err(BuildError::Load {
@@ -189,12 +229,11 @@ pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet)
             }
         }
     };
-    let profile = SchedulerProfile::new(config.profile.name.clone(), producers, filters, scorers, picker);
+    let profile = SchedulerProfile::new(spec_profile.name.clone(), producers, filters, scorers, picker);
     info!(
         profile = %profile.name,
         plugins = ?profile.plugins().iter().map(|p| p.core().name().to_string()).collect::<Vec<_>>(),
-        reloaded = ?loaded,
         "scheduling profile built"
     );
-    Ok(Built { profile, plugins: next, loaded })
+    Ok(profile)
 }

@@ -25,6 +25,22 @@ enum Command {
     /// Write, check and benchmark plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// A/B experiments.
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ExperimentCommand {
+    /// Compare the variants of a running (or recorded) experiment side by side.
+    Report {
+        /// The EPP's metrics endpoint, e.g. http://127.0.0.1:9090/metrics.
+        #[arg(long, conflicts_with = "file")]
+        url: Option<String>,
+        /// A saved scrape of that endpoint.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -146,10 +162,29 @@ struct Flags {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let flags = cli.serve;
-    if let Some(Command::Plugin(cmd)) = cli.command {
-        init_logging(flags.verbosity.min(1));
-        let ok = plugin_command(cmd)?;
-        std::process::exit(if ok { 0 } else { 1 });
+    match cli.command {
+        Some(Command::Plugin(cmd)) => {
+            init_logging(flags.verbosity.min(1));
+            let ok = plugin_command(cmd)?;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Some(Command::Experiment(ExperimentCommand::Report { url, file })) => {
+            init_logging(flags.verbosity.min(1));
+            let text = match (url, file) {
+                (Some(url), _) => {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    rt.block_on(async { reqwest::get(&url).await?.error_for_status()?.text().await })
+                        .with_context(|| format!("cannot fetch {url}"))?
+                }
+                (None, Some(path)) => {
+                    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?
+                }
+                (None, None) => bail!("give --url <metrics endpoint> or --file <saved scrape>"),
+            };
+            epp::experiment::report::report(&text, &mut std::io::stdout())?;
+            return Ok(());
+        }
+        None => {}
     }
     init_logging(flags.verbosity);
     let config = match (flags.config_file, flags.config_text) {

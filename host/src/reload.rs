@@ -71,7 +71,7 @@ impl Reloader {
             warn!("config: {w}");
         }
         let built = loader::build(&self.runtime, &config, &state.plugins).map_err(|e| e.to_string())?;
-        self.router.set_scheduler(built.profile);
+        self.router.set_scheduler(built.scheduler);
         self.router.set_saturation(config.saturation);
         state.plugins = built.plugins;
         state.fingerprint = fp;

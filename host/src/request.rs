@@ -38,6 +38,8 @@ pub struct InferenceRequest {
     pub prompt: String,
     pub cache_salt: Option<String>,
     pub stream: bool,
+    /// The OpenAI `user` field (a sticky key for experiments).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -114,7 +116,8 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestErro
             text
         }
     };
-    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream })
+    let user = obj.get("user").and_then(Value::as_str).map(str::to_string);
+    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user })
 }
 
 /// A completions-style prompt: a string, a list of strings, or token ids (kept as their

@@ -18,7 +18,7 @@ use llmd_plugin_sdk::types::find_column;
 
 use crate::datastore::{Datastore, PoolEndpoint};
 use crate::request::{InferenceRequest, RequestError};
-use crate::scheduler::{Decision, SaturationConfig, ScheduleError, SchedulerProfile};
+use crate::scheduler::{Decision, SaturationConfig, ScheduleError, Scheduler};
 use crate::telemetry::{InFlight, Telemetry};
 
 /// Metrics older than this are unknown (NaN) to the scheduler.
@@ -75,18 +75,41 @@ impl RouteError {
 }
 
 /// A routed request: where to send it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Routed {
     /// Primary first, then fallbacks; never empty.
     pub targets: Vec<SocketAddr>,
     /// The primary's endpoint id (for response hooks).
     pub endpoint_id: u32,
+    /// The variant that routed it (index into the scheduler's variants) and its name.
+    pub variant: usize,
+    pub variant_name: String,
+    /// Whether responses should carry the variant's name.
+    pub name_variant: bool,
+    /// Shadow variants to score this request with, off the request path.
+    pub shadows: Option<Arc<ShadowJob>>,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routed").field("targets", &self.targets).field("variant", &self.variant_name).finish()
+    }
+}
+
+/// Everything a shadow cycle needs: the same request and candidates the routing variant saw.
+pub struct ShadowJob {
+    scheduler: Arc<Scheduler>,
+    shadows: Vec<usize>,
+    request: Request,
+    metrics: llmd_plugin_sdk::Metrics,
+    /// Where the request really went (ids), primary first.
+    actual: Vec<u32>,
 }
 
 /// Everything the request path needs, shared by all streams.
 pub struct Router {
     datastore: Arc<Datastore>,
-    scheduler: ArcSwap<SchedulerProfile>,
+    scheduler: ArcSwap<Scheduler>,
     telemetry: Arc<Telemetry>,
     saturation: ArcSwap<SaturationConfig>,
     pub metrics_staleness_ms: u32,
@@ -113,7 +136,7 @@ impl Drop for Admitted {
 impl Router {
     pub fn new(
         datastore: Arc<Datastore>,
-        scheduler: SchedulerProfile,
+        scheduler: Scheduler,
         saturation: SaturationConfig,
         telemetry: Arc<Telemetry>,
     ) -> Self {
@@ -136,13 +159,13 @@ impl Router {
         &self.datastore
     }
 
-    pub fn scheduler(&self) -> Arc<SchedulerProfile> {
+    pub fn scheduler(&self) -> Arc<Scheduler> {
         self.scheduler.load_full()
     }
 
     /// Publishes a new scheduler (told the current pool first); in-flight requests finish on
     /// the one they started with.
-    pub fn set_scheduler(&self, scheduler: SchedulerProfile) {
+    pub fn set_scheduler(&self, scheduler: Scheduler) {
         let pool = self.datastore.snapshot();
         scheduler.pool_changed(pool.generation, &pool.infos());
         self.scheduler.store(Arc::new(scheduler));
@@ -200,21 +223,75 @@ impl Router {
             priority,
             random_seed: xxhash_rust::xxh3::xxh3_64(request_id.as_bytes()),
         };
+        let scheduler = self.scheduler.load_full();
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let variant = scheduler.choose(request_id, &header, request.and_then(|r| r.user.as_deref()));
+        let Some(chosen) = scheduler.variants.get(variant) else {
+            return Err(RouteError::Internal(format!("variant {variant} does not exist")));
+        };
         let started = std::time::Instant::now();
-        let decision = self.scheduler.load().schedule(&req, &metrics).map_err(RouteError::Scheduling)?;
-        self.record_decision(&decision, started.elapsed());
+        let decision = match chosen.profile.schedule(&req, &metrics) {
+            Ok(d) => d,
+            Err(e) => {
+                self.telemetry.variant_errors.with_label_values(&[chosen.name.as_str()]).inc();
+                return Err(RouteError::Scheduling(e));
+            }
+        };
+        self.record_decision(&chosen.name, &decision, started.elapsed());
         let targets: Vec<SocketAddr> =
             decision.targets.iter().filter_map(|id| pool.by_id(*id)).map(PoolEndpoint::target).collect();
         let (Some(&endpoint_id), false) = (decision.targets.first(), targets.is_empty()) else {
             return Err(RouteError::Internal("the picked endpoint is not in the pool snapshot".into()));
         };
-        debug!(request_id, ?targets, scores = ?decision.total_scores, candidates = ?decision.candidates, "scheduled");
-        Ok(Routed { targets, endpoint_id })
+        if let Some(e) = pool.by_id(endpoint_id) {
+            self.telemetry.variant_picks.with_label_values(&[chosen.name.as_str(), e.spec.name.as_str()]).inc();
+        }
+        debug!(request_id, variant = %chosen.name, ?targets, scores = ?decision.total_scores, candidates = ?decision.candidates, "scheduled");
+        let shadows = scheduler.shadows_for(request_id);
+        let shadows = (!shadows.is_empty()).then(|| {
+            Arc::new(ShadowJob {
+                scheduler: scheduler.clone(),
+                shadows,
+                request: req,
+                metrics,
+                actual: decision.targets.clone(),
+            })
+        });
+        Ok(Routed {
+            targets,
+            endpoint_id,
+            variant,
+            variant_name: chosen.name.clone(),
+            name_variant: scheduler.names_variants(),
+            shadows,
+        })
     }
 
-    fn record_decision(&self, d: &Decision, elapsed: std::time::Duration) {
+    /// Runs the shadow variants of a routed request and records what they would have
+    /// picked. Never affects the request: call it after answering, off the request path.
+    pub fn run_shadows(&self, job: &ShadowJob) {
+        for &i in &job.shadows {
+            let Some(v) = job.scheduler.variants.get(i) else { continue };
+            let started = std::time::Instant::now();
+            let outcome = match v.profile.schedule_shadow(&job.request, &job.metrics, &job.actual) {
+                Ok(d) if d.targets.first() == job.actual.first() => "agree",
+                Ok(_) => "disagree",
+                Err(e) => {
+                    debug!(variant = %v.name, error = %e, "shadow variant failed");
+                    "error"
+                }
+            };
+            let t = &self.telemetry;
+            t.variant_scheduling.with_label_values(&[v.name.as_str()]).observe(started.elapsed().as_secs_f64());
+            t.shadow_decisions.with_label_values(&[v.name.as_str(), outcome]).inc();
+        }
+    }
+
+    fn record_decision(&self, variant: &str, d: &Decision, elapsed: std::time::Duration) {
         let t = &self.telemetry;
         t.scheduler_e2e.with_label_values(&[] as &[&str]).observe(elapsed.as_secs_f64());
+        t.variant_requests.with_label_values(&[variant]).inc();
+        t.variant_scheduling.with_label_values(&[variant]).observe(elapsed.as_secs_f64());
         for timing in &d.timings {
             t.plugin_duration
                 .with_label_values(&[timing.role.as_str(), timing.role.as_str(), timing.plugin.as_str()])
@@ -293,10 +370,26 @@ impl Router {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Records a completed response of `model` that took `elapsed`, with its usage if known.
-    pub fn record_completed(&self, model: &str, elapsed: std::time::Duration, usage: Option<Usage>) {
+    /// Records a completed response of `model` (routed by `variant`) that took `elapsed`,
+    /// whose first body byte came after `ttft`, with its usage if known.
+    pub fn record_completed(
+        &self,
+        model: &str,
+        variant: &str,
+        elapsed: std::time::Duration,
+        ttft: Option<std::time::Duration>,
+        usage: Option<Usage>,
+    ) {
         let t = &self.telemetry;
         t.observe_duration(model, elapsed);
+        t.variant_duration.with_label_values(&[variant]).observe(elapsed.as_secs_f64());
+        if let Some(ttft) = ttft {
+            t.variant_ttft.with_label_values(&[variant]).observe(ttft.as_secs_f64());
+        }
+        if let Some(u) = usage {
+            t.variant_prompt_tokens.with_label_values(&[variant]).inc_by(u64::from(u.prompt_tokens));
+            t.variant_cached_tokens.with_label_values(&[variant]).inc_by(u64::from(u.cached_tokens));
+        }
         if let Some(u) = usage {
             t.input_tokens.with_label_values(&[model, model]).observe(f64::from(u.prompt_tokens));
             t.output_tokens.with_label_values(&[model, model]).observe(f64::from(u.completion_tokens));
@@ -304,9 +397,9 @@ impl Router {
         }
     }
 
-    /// Tells the plugins a response completed.
-    pub fn response_complete(&self, request_id: &str, endpoint_id: u32, usage: Usage) {
-        self.scheduler.load().response_complete(request_id, endpoint_id, usage);
+    /// Tells the routing variant's plugins a response completed.
+    pub fn response_complete(&self, variant: usize, request_id: &str, endpoint_id: u32, usage: Usage) {
+        self.scheduler.load().response_complete(variant, request_id, endpoint_id, usage);
     }
 }
 

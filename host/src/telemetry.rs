@@ -51,6 +51,15 @@ pub struct Telemetry {
     pub discovery_reloads: IntCounterVec,
     pub scrape_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub variant_requests: IntCounterVec,
+    pub variant_errors: IntCounterVec,
+    pub variant_scheduling: HistogramVec,
+    pub variant_ttft: HistogramVec,
+    pub variant_duration: HistogramVec,
+    pub variant_prompt_tokens: IntCounterVec,
+    pub variant_cached_tokens: IntCounterVec,
+    pub variant_picks: IntCounterVec,
+    pub shadow_decisions: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -181,6 +190,56 @@ impl Telemetry {
                 opts("epp_config_reload_total", "Config reloads, by result."),
                 &["result"],
             )),
+            variant_requests: must(IntCounterVec::new(
+                opts("epp_variant_requests_total", "Requests routed, by experiment variant."),
+                &["variant"],
+            )),
+            variant_errors: must(IntCounterVec::new(
+                opts("epp_variant_errors_total", "Requests a variant failed to schedule."),
+                &["variant"],
+            )),
+            variant_scheduling: must(HistogramVec::new(
+                hist(
+                    "epp_variant_scheduling_duration_seconds",
+                    "Scheduling time, by variant (shadows included).",
+                    FAST_BUCKETS,
+                ),
+                &["variant"],
+            )),
+            variant_ttft: must(HistogramVec::new(
+                hist("epp_variant_ttft_seconds", "Time to the first response byte, by variant.", DURATION_BUCKETS),
+                &["variant"],
+            )),
+            variant_duration: must(HistogramVec::new(
+                hist(
+                    "epp_variant_request_duration_seconds",
+                    "End-to-end request latency, by variant.",
+                    DURATION_BUCKETS,
+                ),
+                &["variant"],
+            )),
+            variant_prompt_tokens: must(IntCounterVec::new(
+                opts("epp_variant_prompt_tokens_total", "Prompt tokens (from usage), by variant."),
+                &["variant"],
+            )),
+            variant_cached_tokens: must(IntCounterVec::new(
+                opts(
+                    "epp_variant_cached_tokens_total",
+                    "Prompt tokens served from the prefix cache (from usage), by variant.",
+                ),
+                &["variant"],
+            )),
+            variant_picks: must(IntCounterVec::new(
+                opts("epp_variant_picks_total", "Requests sent to each endpoint, by variant."),
+                &["variant", "endpoint"],
+            )),
+            shadow_decisions: must(IntCounterVec::new(
+                opts(
+                    "epp_shadow_decisions_total",
+                    "Shadow variant decisions: agree / disagree with the routing pick, or error.",
+                ),
+                &["variant", "outcome"],
+            )),
             registry,
         };
         for c in t.collectors() {
@@ -213,6 +272,15 @@ impl Telemetry {
             Box::new(self.discovery_reloads.clone()),
             Box::new(self.scrape_errors.clone()),
             Box::new(self.config_reloads.clone()),
+            Box::new(self.variant_requests.clone()),
+            Box::new(self.variant_errors.clone()),
+            Box::new(self.variant_scheduling.clone()),
+            Box::new(self.variant_ttft.clone()),
+            Box::new(self.variant_duration.clone()),
+            Box::new(self.variant_prompt_tokens.clone()),
+            Box::new(self.variant_cached_tokens.clone()),
+            Box::new(self.variant_picks.clone()),
+            Box::new(self.shadow_decisions.clone()),
         ]
     }
 

@@ -7,7 +7,7 @@ use epp::scheduler::FailurePolicy;
 const GUIDE: &str = include_str!("../fixtures/guide-epp-config.yaml");
 
 fn profile_of(c: &PickerConfig) -> Vec<(String, f32)> {
-    c.profile.plugins.iter().map(|e| (e.plugin_ref.clone(), e.weight.get())).collect()
+    c.profile().plugins.iter().map(|e| (e.plugin_ref.clone(), e.weight.get())).collect()
 }
 
 fn owned(v: &[(&str, f32)]) -> Vec<(String, f32)> {
@@ -142,7 +142,7 @@ fn mistakes_are_errors_naming_the_field() {
         ),
         (
             "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n- name: b\n",
-            "`schedulingProfiles`: 2 profiles",
+            "`schedulingProfiles`: 2 profiles given; without an `experiment`",
         ),
         (
             "plugins:\n- type: queue-scorer\ndataLayer:\n  discovery:\n    pluginRef: queue-scorer\n",

@@ -74,7 +74,11 @@ async fn churn_loses_no_request_and_never_uses_a_removed_worker() {
     // Every kind of bad file is reported exactly once, with its reason.
     let w = |i: usize| stack.workers[i].addr().port();
     let bad_files = [
-        ("all entries invalid (bad ports)", format!("endpoints:\n  - name: a\n    address: 127.0.0.1\n    port: \"0\"\n  - name: b\n    address: 127.0.0.1\n    port: \"99999\"\n")),
+        (
+            "all entries invalid (bad ports)",
+            "endpoints:\n  - name: a\n    address: 127.0.0.1\n    port: \"0\"\n  - name: b\n    address: 127.0.0.1\n    port: \"99999\"\n"
+                .to_string(),
+        ),
         ("a hostname", "endpoints:\n  - name: a\n    address: worker.example\n    port: \"8000\"\n".to_string()),
         ("not a list", "endpoints: 7\n".to_string()),
     ];
@@ -90,7 +94,9 @@ async fn churn_loses_no_request_and_never_uses_a_removed_worker() {
     let before = count(&stack, published);
     let text = format!(
         "endpoints:\n  - name: w0\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: w0\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: w1\n    address: 127.0.0.1\n    port: \"{}\"\n  - name: bad\n    address: 127.0.0.1\n    port: \"http\"\n",
-        w(0), w(2), w(1)
+        w(0),
+        w(2),
+        w(1)
     );
     std::fs::write(&stack.endpoints_path, text).unwrap();
     logged(&stack, published, before).await;

@@ -38,7 +38,7 @@ async fn dead_and_hanging_workers_are_routed_around() {
     .await;
     // w1 dies; w2 accepts connections but never answers, /metrics included.
     let dead = stack.workers.remove(1);
-    dead.handle.shutdown().await;
+    let _ = dead.handle.shutdown().await;
     stack.workers[1].handle.set_faults(FaultUpdate { metrics: Some(FaultMode::Hang), requests: Some(FaultMode::Hang) });
     // Once their metrics are stale (200 ms for admission) both are left out: every request
     // is served by w0.

@@ -38,7 +38,12 @@ async fn server(endpoints: usize, max_body: usize) -> String {
         .collect();
     let (snap, _) = ds.set_pool(&specs);
     profile.pool_changed(snap.generation, &snap.infos());
-    let router = Arc::new(Router::new(ds, profile, Default::default(), epp::telemetry::Telemetry::new("test")));
+    let router = Arc::new(Router::new(
+        ds,
+        epp::scheduler::Scheduler::single(profile),
+        Default::default(),
+        epp::telemetry::Telemetry::new("test"),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let svc = ExtProc::new(router, max_body).into_server();

@@ -42,6 +42,8 @@ pub struct StreamState {
     /// The request's model, once parsed (metric label).
     model: String,
     started: std::time::Instant,
+    /// When the first response body byte passed (time to first token).
+    first_byte: Option<std::time::Duration>,
     in_flight: Option<crate::routing::Admitted>,
     /// Set once an immediate response was sent: the stream is over for Envoy.
     pub finished: bool,
@@ -64,6 +66,7 @@ impl StreamState {
             usage: None,
             model: String::new(),
             started: std::time::Instant::now(),
+            first_byte: None,
             in_flight: None,
             finished: false,
         }
@@ -162,14 +165,22 @@ impl StreamState {
         let headers = header_pairs(h.headers.as_ref());
         let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
         self.usage = Some(UsageTracker::new(content_type));
+        // The client always learns the id its request was logged and scheduled under (and,
+        // if the experiment says so, the variant that routed it).
+        let mut extra = vec![reply::header("x-request-id", &self.request_id)];
+        if let Some(r) = self.routed.as_ref().filter(|r| r.name_variant) {
+            extra.push(reply::header(crate::experiment::VARIANT_HEADER, &r.variant_name));
+        }
         if h.end_of_stream {
             self.complete(None);
         }
-        // The client always learns the id its request was logged and scheduled under.
-        vec![reply::continue_headers(true, vec![reply::header("x-request-id", &self.request_id)])]
+        vec![reply::continue_headers(true, extra)]
     }
 
     fn response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        if self.first_byte.is_none() && !b.body.is_empty() {
+            self.first_byte = Some(self.started.elapsed());
+        }
         if let Some(t) = self.usage.as_mut() {
             t.feed(&b.body);
         }
@@ -188,9 +199,20 @@ impl StreamState {
     fn complete(&mut self, usage: Option<llmd_plugin_sdk::Usage>) {
         if let Some(routed) = self.routed.take() {
             debug!(request_id = %self.request_id, ?usage, "response complete");
-            self.router.record_completed(&self.model, self.started.elapsed(), usage);
+            self.router.record_completed(
+                &self.model,
+                &routed.variant_name,
+                self.started.elapsed(),
+                self.first_byte,
+                usage,
+            );
             self.in_flight = None;
-            self.router.response_complete(&self.request_id, routed.endpoint_id, usage.unwrap_or_default());
+            self.router.response_complete(
+                routed.variant,
+                &self.request_id,
+                routed.endpoint_id,
+                usage.unwrap_or_default(),
+            );
         }
     }
 
@@ -210,6 +232,11 @@ impl StreamState {
             elapsed_us = started.elapsed().as_micros() as u64,
             "request routed"
         );
+        if let Some(job) = routed.shadows.clone() {
+            // Shadows score after the decision, on their own thread: never on this request's path.
+            let router = self.router.clone();
+            tokio::task::spawn_blocking(move || router.run_shadows(&job));
+        }
         self.routed = Some(routed.clone());
         self.in_flight = Some(self.router.record_routed(&self.model));
         Ok(routed)

@@ -13,7 +13,10 @@ use sim::model::{AdmitError, EventKind, Model, ModelParams, ModelRequest, Params
 
 /// Named model parameter sets (`--model-profile`).
 pub const PROFILES: &[(&str, &str)] = &[
-    ("small", "the live simulator's defaults: 32 sequences, 2048 blocks of 16 tokens (32k tokens), 50 µs/prefill token"),
+    (
+        "small",
+        "the live simulator's defaults: 32 sequences, 2048 blocks of 16 tokens (32k tokens), 50 µs/prefill token",
+    ),
     ("8b-1gpu", "roughly an 8B model on one 80 GB GPU: 256 sequences, 26k blocks (416k tokens), 60 µs/prefill token"),
 ];
 

@@ -364,12 +364,8 @@ pub fn run_cli(args: ReplayArgs, out: &mut dyn Write) -> Result<bool, ReplayErro
             replay.workload, replay.requests, s.workers, args.model_profile, args.scrape_delay_ms, args.seed
         );
         let ttfts: Vec<Vec<f64>> = replay.runs.iter().map(report::ttfts_ms).collect();
-        let series: Vec<plot::Series<'_>> = replay
-            .reports
-            .iter()
-            .zip(&ttfts)
-            .map(|(report, ttft)| plot::Series { report, ttft_ms: ttft })
-            .collect();
+        let series: Vec<plot::Series<'_>> =
+            replay.reports.iter().zip(&ttfts).map(|(report, ttft)| plot::Series { report, ttft_ms: ttft }).collect();
         let svg = plot::svg(&title, &series).map_err(ReplayError::Plot)?;
         write_file(path, svg.as_bytes())?;
         writeln!(out, "plot: {}", path.display())?;
@@ -405,12 +401,8 @@ mod tests {
 
     #[test]
     fn bad_flags_are_refused() {
-        let cases: &[&[&str]] = &[
-            &["--workload", "chaos"],
-            &["--model-profile", "70b"],
-            &["--policy", "fancy"],
-            &["--workers", "-1"],
-        ];
+        let cases: &[&[&str]] =
+            &[&["--workload", "chaos"], &["--model-profile", "70b"], &["--policy", "fancy"], &["--workers", "-1"]];
         for flags in cases {
             assert!(ReplayArgs::parse_flags(flags.iter()).is_err(), "{flags:?}");
         }

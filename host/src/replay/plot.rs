@@ -176,10 +176,11 @@ mod tests {
         let ttft_b = [50.0, 300.0, 900.0];
         let svg = svg(
             "replay",
-            &[Series { report: &a, ttft_ms: &ttft_a }, Series { report: &b, ttft_ms: &ttft_b }, Series {
-                report: &b,
-                ttft_ms: &[],
-            }],
+            &[
+                Series { report: &a, ttft_ms: &ttft_a },
+                Series { report: &b, ttft_ms: &ttft_b },
+                Series { report: &b, ttft_ms: &[] },
+            ],
         )
         .expect("drawn");
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);

@@ -105,7 +105,9 @@ pub enum PolicyError {
 enum Router {
     Scheduler(Box<SchedulerProfile>),
     /// The position after the last pick, in endpoint id order.
-    RoundRobin { next: u32 },
+    RoundRobin {
+        next: u32,
+    },
 }
 
 /// A ready policy: admission thresholds plus a scheduler (or round-robin).
@@ -209,7 +211,8 @@ mod tests {
 
     #[test]
     fn policy_values_parse() {
-        let cfg = |name: &str, path: &str| Ok(PolicySpec { name: name.into(), source: PolicySource::Config(path.into()) });
+        let cfg =
+            |name: &str, path: &str| Ok(PolicySpec { name: name.into(), source: PolicySource::Config(path.into()) });
         let cases: Vec<(&str, Result<PolicySpec, ()>)> = vec![
             ("baseline", Ok(PolicySpec { name: "baseline".into(), source: PolicySource::Baseline })),
             ("round-robin", Ok(PolicySpec { name: "round-robin".into(), source: PolicySource::RoundRobin })),
@@ -238,11 +241,7 @@ mod tests {
     }
 
     fn round_robin() -> Policy {
-        Policy {
-            name: "rr".into(),
-            saturation: SaturationConfig::default(),
-            router: Router::RoundRobin { next: 0 },
-        }
+        Policy { name: "rr".into(), saturation: SaturationConfig::default(), router: Router::RoundRobin { next: 0 } }
     }
 
     #[test]

@@ -114,11 +114,7 @@ impl PolicyReport {
             throughput_rps: per_second(ttft.len() as f64),
             output_tps: per_second(output as f64),
             prefix_hit_rate: if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
-            imbalance: if run.imbalance_samples > 0 {
-                run.imbalance_sum / run.imbalance_samples as f64
-            } else {
-                1.0
-            },
+            imbalance: if run.imbalance_samples > 0 { run.imbalance_sum / run.imbalance_samples as f64 } else { 1.0 },
             rejected_429: r429,
             rejected_503: r503,
             rejected_other: other,
@@ -161,7 +157,11 @@ pub fn table(reports: &[PolicyReport]) -> String {
     let mut line = |cells: &[&str]| {
         let mut parts = Vec::with_capacity(cells.len());
         for (c, cell) in cells.iter().enumerate() {
-            parts.push(if c == 0 { format!("{cell:<w$}", w = widths[c]) } else { format!("{cell:>w$}", w = widths[c]) });
+            parts.push(if c == 0 {
+                format!("{cell:<w$}", w = widths[c])
+            } else {
+                format!("{cell:>w$}", w = widths[c])
+            });
         }
         // Writing to a String cannot fail.
         let _ = writeln!(out, "{}", parts.join("  ").trim_end());

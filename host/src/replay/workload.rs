@@ -141,7 +141,8 @@ pub enum Generator {
 }
 
 impl Generator {
-    pub const ALL: [Generator; 4] = [Generator::SharedPrefix, Generator::MultiTurn, Generator::LoraMix, Generator::Bursts];
+    pub const ALL: [Generator; 4] =
+        [Generator::SharedPrefix, Generator::MultiTurn, Generator::LoraMix, Generator::Bursts];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod native;
 pub mod plugin;
 mod profile;
+mod variants;
 
 pub use admission::SaturationConfig;
 pub use plugin::{
@@ -14,3 +15,4 @@ pub use plugin::{
     ScorerPlugin,
 };
 pub use profile::{Decision, PluginTiming, ScheduleError, SchedulerProfile, Weight, WeightedScorer};
+pub use variants::{Scheduler, Variant};

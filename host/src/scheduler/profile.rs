@@ -134,6 +134,34 @@ impl SchedulerProfile {
 
     /// Runs one cycle over `candidates` and, on success, the `pre-request` hooks.
     pub fn schedule(&self, req: &Request, candidates: &Metrics) -> Result<Decision, ScheduleError> {
+        let decision = self.cycle(req, candidates)?;
+        self.pre_request(&req.id, &decision.targets);
+        Ok(decision)
+    }
+
+    /// A shadow cycle: decides without acting, then tells the plugins where the request
+    /// really went (`actual`, chosen by another profile), so their state follows reality.
+    pub fn schedule_shadow(
+        &self,
+        req: &Request,
+        candidates: &Metrics,
+        actual: &[u32],
+    ) -> Result<Decision, ScheduleError> {
+        let decision = self.cycle(req, candidates);
+        self.pre_request(&req.id, actual);
+        decision
+    }
+
+    fn pre_request(&self, request_id: &str, targets: &[u32]) {
+        for p in &self.plugins {
+            if let Err(e) = p.core().pre_request(request_id, targets) {
+                warn!(plugin = p.core().name(), error = %e, "pre-request hook failed");
+            }
+        }
+    }
+
+    /// Producers → filters → scorers → picker, without hooks.
+    fn cycle(&self, req: &Request, candidates: &Metrics) -> Result<Decision, ScheduleError> {
         if candidates.is_empty() {
             return Err(ScheduleError::NoCandidates);
         }
@@ -218,11 +246,6 @@ impl SchedulerProfile {
                 plugin: self.picker.name().to_string(),
                 error: PluginError::InvalidOutput("picked no candidate endpoint".into()),
             });
-        }
-        for p in &self.plugins {
-            if let Err(e) = p.core().pre_request(&req.id, &targets) {
-                warn!(plugin = p.core().name(), error = %e, "pre-request hook failed");
-            }
         }
         Ok(Decision {
             targets,

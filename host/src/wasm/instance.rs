@@ -268,7 +268,9 @@ impl WasmPlugin {
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             return PluginError::Timeout(timeout_ms);
         }
-        PluginError::Trap(format!("{e:#}"))
+        // The first line names the trap; the wasm backtrace after it is noise in logs.
+        let text = format!("{e:#}");
+        PluginError::Trap(text.lines().next().unwrap_or("trap").trim_end_matches(':').to_string())
     }
 
     /// Runs `f` on the live instance (building one if needed) under the call deadline.

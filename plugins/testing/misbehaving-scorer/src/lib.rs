@@ -1,8 +1,9 @@
 //! `misbehaving-scorer`: a scorer that fails on purpose, for testing the host's sandbox
 //! and failure handling. Its `mode` parameter selects the failure: `trap` (panics), `loop`
 //! (never returns), `alloc` (allocates until the memory cap stops it), `nan` (returns NaN
-//! scores), `short` (returns too few scores), `reject` (refuses its configuration) or `ok`
-//! (scores 0.5). Never part of a real configuration.
+//! scores), `short` (returns too few scores), `reject` (refuses its configuration),
+//! `trap-after` (works for `after` calls, then traps on every call: a plugin that passes its
+//! probe and breaks in production) or `ok` (scores 0.5). Never part of a real configuration.
 
 use llmd_plugin_sdk::{Column, Metrics, Plugin, Request, Scorer, params};
 use serde::Deserialize;
@@ -11,11 +12,14 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     pub mode: String,
+    pub after: u32,
 }
 
 #[derive(Default)]
 pub struct MisbehavingScorer {
     mode: String,
+    after: u32,
+    calls: u32,
     hoard: Vec<Vec<u8>>,
 }
 
@@ -26,6 +30,7 @@ impl Plugin for MisbehavingScorer {
             return Err("this plugin refuses every configuration".into());
         }
         self.mode = p.mode;
+        self.after = p.after;
         Ok(())
     }
 }
@@ -33,7 +38,9 @@ impl Plugin for MisbehavingScorer {
 impl Scorer for MisbehavingScorer {
     fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
         let n = metrics.ids.len();
+        self.calls = self.calls.saturating_add(1);
         match self.mode.as_str() {
+            "trap-after" if self.calls > self.after => panic!("misbehaving-scorer: trap after {} calls", self.after),
             "trap" => panic!("misbehaving-scorer: trap requested"),
             "loop" => {
                 let mut x: u64 = 1;
