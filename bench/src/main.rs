@@ -41,6 +41,12 @@ struct Flags {
     /// The Envoy binary (default: $ENVOY_BIN, .venv/bin/envoy, PATH).
     #[arg(long)]
     envoy_bin: Option<PathBuf>,
+    /// Micro: only these pool sizes (repeatable; for profiling one cell).
+    #[arg(long = "endpoints")]
+    endpoints: Vec<usize>,
+    /// Micro: only these prompt sizes in KB (repeatable).
+    #[arg(long = "prompt-kb")]
+    prompt_kb: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +59,13 @@ fn main() -> anyhow::Result<()> {
     let mut progress = |line: String| eprintln!("{line}");
 
     let micro = if wants(Part::Micro) {
-        let opts = if flags.smoke { MicroOptions::smoke() } else { MicroOptions::full() };
+        let mut opts = if flags.smoke { MicroOptions::smoke() } else { MicroOptions::full() };
+        if !flags.endpoints.is_empty() {
+            opts.endpoints.clone_from(&flags.endpoints);
+        }
+        if !flags.prompt_kb.is_empty() {
+            opts.prompt_bytes = flags.prompt_kb.iter().map(|kb| kb * 1024).collect();
+        }
         Some(micro::run(&opts, &mut progress).context("micro benchmark")?)
     } else {
         None

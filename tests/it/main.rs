@@ -13,6 +13,7 @@ mod e2e_routing;
 mod ext_proc_wire;
 mod plugins;
 mod properties;
+mod python_plugin;
 mod replay;
 mod sandbox;
 mod stack;
