@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::{self, BodyFn, LoadResult, Shape, Target};
-use crate::stack::{Envoy, Epp, Scratch, StackError, Workers, cpu_time};
+use crate::stack::{Envoy, Epp, Scratch, Setup, StackError, Workers, cpu_time};
 use crate::workload;
 
 #[derive(Clone, Debug)]
@@ -84,24 +84,21 @@ pub struct ShapeRun {
 #[derive(Clone)]
 pub struct E2eResults {
     pub options: E2eOptions,
+    /// Whether Envoy reached the EPP over TLS.
+    pub tls: bool,
     pub shapes: Vec<ShapeRun>,
 }
 
 /// Runs both paths over every shape; `progress` hears one line per shape.
-pub async fn run(
-    opts: &E2eOptions,
-    epp_bin: &std::path::Path,
-    envoy_bin: &std::path::Path,
-    progress: &mut dyn FnMut(String),
-) -> Result<E2eResults, StackError> {
+pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(String)) -> Result<E2eResults, StackError> {
     let scratch = Scratch::new("e2e")?;
     let base = sim::SimConfig { time_scale: 0.0, ..Default::default() };
     let workers = Workers::spawn(opts.workers, &base).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     let config = epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()));
-    let epp = Epp::start(epp_bin, &scratch, &config).await?;
-    let via_epp = Envoy::ext_proc(envoy_bin, &scratch, epp.grpc_port).await?;
-    let via_rr = Envoy::round_robin(envoy_bin, &scratch, &workers).await?;
+    let epp = Epp::start(setup, &scratch, &config).await?;
+    let via_epp = Envoy::ext_proc(setup, &scratch, epp.grpc_port).await?;
+    let via_rr = Envoy::round_robin(setup, &scratch, &workers).await?;
 
     // Distinct prompts over a few shared system prompts, as real traffic: identical
     // prompts would all stick to one worker through the prefix scorer.
@@ -148,7 +145,8 @@ pub async fn run(
     let name = format!("{per_sec:.0} req/s (open loop)");
     shapes.push(run_shape(&name, rate, opts.clients, &epp, &via_epp, &via_rr, &target).await?);
     progress(describe(shapes.last()));
-    Ok(E2eResults { options: opts.clone(), shapes })
+    let tls = crate::stack::ext_proc_uses_tls() && !setup.plaintext_ext_proc;
+    Ok(E2eResults { options: opts.clone(), tls, shapes })
 }
 
 fn describe(s: Option<&ShapeRun>) -> String {

@@ -41,12 +41,18 @@ struct Flags {
     /// The Envoy binary (default: $ENVOY_BIN, .venv/bin/envoy, PATH).
     #[arg(long)]
     envoy_bin: Option<PathBuf>,
+    /// Plaintext gRPC between Envoy and the EPP instead of the default TLS (to measure TLS).
+    #[arg(long)]
+    plaintext_ext_proc: bool,
     /// Micro: only these pool sizes (repeatable; for profiling one cell).
     #[arg(long = "endpoints")]
     endpoints: Vec<usize>,
     /// Micro: only these prompt sizes in KB (repeatable).
     #[arg(long = "prompt-kb")]
     prompt_kb: Vec<usize>,
+    /// Micro: wall time per cell in milliseconds (longer for profiling).
+    #[arg(long)]
+    cell_ms: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +69,10 @@ fn main() -> anyhow::Result<()> {
         if !flags.endpoints.is_empty() {
             opts.endpoints.clone_from(&flags.endpoints);
         }
+        if let Some(ms) = flags.cell_ms {
+            opts.cell_budget = std::time::Duration::from_millis(ms);
+            opts.max_samples = usize::MAX;
+        }
         if !flags.prompt_kb.is_empty() {
             opts.prompt_bytes = flags.prompt_kb.iter().map(|kb| kb * 1024).collect();
         }
@@ -76,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         let epp_bin = stack::locate_epp(flags.epp_bin.as_deref()).context("the epp binary")?;
         let envoy_bin = stack::locate_envoy(flags.envoy_bin.as_deref()).context("the Envoy binary")?;
         eprintln!("using {} and {}", epp_bin.display(), envoy_bin.display());
+        let setup = stack::Setup { epp: epp_bin, envoy: envoy_bin, plaintext_ext_proc: flags.plaintext_ext_proc };
         // Two worker threads, like the machine: the load generator and the simulated workers
         // share them (their CPU time is reported).
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -85,15 +96,12 @@ fn main() -> anyhow::Result<()> {
             .context("tokio runtime")?;
         if wants(Part::E2e) {
             let opts = if flags.smoke { E2eOptions::smoke() } else { E2eOptions::full() };
-            let r =
-                rt.block_on(e2e::run(&opts, &epp_bin, &envoy_bin, &mut progress)).context("end-to-end benchmark")?;
+            let r = rt.block_on(e2e::run(&opts, &setup, &mut progress)).context("end-to-end benchmark")?;
             e2e_results = Some(r);
         }
         if wants(Part::Quality) {
             let opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
-            let r = rt
-                .block_on(quality::run(&opts, &epp_bin, &envoy_bin, &mut progress))
-                .context("routing-quality benchmark")?;
+            let r = rt.block_on(quality::run(&opts, &setup, &mut progress)).context("routing-quality benchmark")?;
             quality_results = Some(r);
         }
     }

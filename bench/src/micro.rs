@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use epp::config::PickerConfig;
 use epp::request::{ApiKind, parse};
-use epp::scheduler::{Role, SchedulerProfile};
-use epp::wasm::WasmRuntime;
-use llmd_plugin_sdk::{Metrics, Request};
+use epp::scheduler::native::NativePlugin;
+use epp::scheduler::{FailurePolicy, PluginCore, PluginHandle, Role, SchedulerProfile, ScorerPlugin};
+use epp::wasm::{Sandbox, WasmRuntime, embedded};
+use llmd_plugin_sdk::{Column, Metrics, Request};
 
 use crate::latency::{Latency, Summary};
 use crate::native::{NativeError, native_profile};
@@ -113,10 +114,20 @@ pub struct ParseCost {
     pub summary: Summary,
 }
 
+/// One call of a trivial scorer with a given input shape: what crossing the component
+/// boundary costs apart from the plugin's own work.
+#[derive(Clone, Debug)]
+pub struct CallCost {
+    pub call: String,
+    pub wasm: Summary,
+    pub native: Summary,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct MicroResults {
     pub cells: Vec<Cell>,
     pub plugins: Vec<PluginCost>,
+    pub calls: Vec<CallCost>,
     pub parse: Vec<ParseCost>,
 }
 
@@ -164,6 +175,8 @@ pub fn run(opts: &MicroOptions, progress: &mut dyn FnMut(String)) -> Result<Micr
             results.plugins.extend(plugins);
         }
     }
+    results.calls = call_costs(&runtime, opts)?;
+    progress(format!("micro: call overhead, {} input shapes", results.calls.len()));
     for &bytes in &opts.prompt_bytes {
         let cost = parse_cost(bytes, opts)?;
         progress(format!(
@@ -275,4 +288,81 @@ fn parse_cost(prompt_bytes: usize, opts: &MicroOptions) -> Result<ParseCost, Mic
         }
     }
     Ok(ParseCost { body_bytes: body.len(), summary: lat.summary() })
+}
+
+/// The scorer whose calls measure the boundary: it reads one metrics column and does
+/// almost nothing else, so its wasm time is nearly all crossing cost.
+const TRIVIAL_SCORER: &str = "kv-cache-utilization-scorer";
+
+/// One trivial-scorer call per input shape, growing one input at a time, plus a bare
+/// `pre-request` hook: where the fixed cost of a component call goes.
+fn call_costs(runtime: &WasmRuntime, opts: &MicroOptions) -> Result<Vec<CallCost>, MicroError> {
+    let bytes =
+        embedded::find(TRIVIAL_SCORER).ok_or_else(|| MicroError::Build(format!("{TRIVIAL_SCORER} is not embedded")))?;
+    let wasm = match runtime.load(TRIVIAL_SCORER, bytes, "{}", Sandbox::default(), FailurePolicy::FailOpen) {
+        Ok(PluginHandle::Scorer(s)) => s,
+        Ok(other) => return Err(MicroError::Build(format!("{TRIVIAL_SCORER} loaded as {other:?}"))),
+        Err(e) => return Err(MicroError::Build(e.to_string())),
+    };
+    let native: std::sync::Arc<dyn ScorerPlugin> = std::sync::Arc::new(
+        NativePlugin::<kv_cache_utilization_scorer::KvCacheUtilizationScorer>::new(TRIVIAL_SCORER, "{}")
+            .map_err(|e| MicroError::Build(e.to_string()))?,
+    );
+    let columns = |n: usize| -> Vec<Column> {
+        ["prefix-cache/matched-blocks", "prefix-cache/total-blocks", "prefix-cache/indexed-blocks"]
+            .iter()
+            .map(|name| Column { name: (*name).into(), values: vec![1.0; n] })
+            .collect()
+    };
+    let request = |prompt_bytes: usize| Request {
+        id: "req-0".into(),
+        model: workload::MODEL.into(),
+        prompt: workload::text(1, prompt_bytes).into_bytes(),
+        ..Default::default()
+    };
+    let shapes: Vec<(String, Request, Metrics, Vec<Column>)> = vec![
+        ("1 endpoint, empty prompt, no columns".into(), request(0), workload::busy_metrics(1), vec![]),
+        ("100 endpoints, empty prompt, no columns".into(), request(0), workload::busy_metrics(100), vec![]),
+        ("100 endpoints, empty prompt, 3 columns".into(), request(0), workload::busy_metrics(100), columns(100)),
+        ("100 endpoints, 16 KB prompt, 3 columns".into(), request(16 << 10), workload::busy_metrics(100), columns(100)),
+        (
+            "100 endpoints, 200 KB prompt, 3 columns".into(),
+            request(200 << 10),
+            workload::busy_metrics(100),
+            columns(100),
+        ),
+    ];
+    let per_shape = (opts.max_samples / 4).max(opts.min_samples);
+    let mut out = Vec::new();
+    let time = |f: &dyn Fn() -> bool| -> Result<Latency, MicroError> {
+        let mut lat = Latency::new();
+        let started = Instant::now();
+        while (lat.count() as usize) < per_shape
+            && (started.elapsed() < opts.parse_budget || lat.count() < opts.min_samples as u64)
+        {
+            let t = Instant::now();
+            let ok = f();
+            lat.record(t.elapsed());
+            if !ok {
+                return Err(MicroError::Schedule {
+                    build: "call",
+                    endpoints: 0,
+                    error: format!("{TRIVIAL_SCORER} call failed"),
+                });
+            }
+        }
+        Ok(lat)
+    };
+    {
+        let hook = |p: &dyn PluginCore| p.pre_request("req-0", &[0]).is_ok();
+        let w = time(&|| hook(wasm.as_ref()))?;
+        let n = time(&|| hook(native.as_ref()))?;
+        out.push(CallCost { call: "pre-request hook (id + 1 target)".into(), wasm: w.summary(), native: n.summary() });
+    }
+    for (name, req, metrics, cols) in &shapes {
+        let w = time(&|| wasm.score(req, metrics, cols).is_ok())?;
+        let n = time(&|| native.score(req, metrics, cols).is_ok())?;
+        out.push(CallCost { call: format!("score: {name}"), wasm: w.summary(), native: n.summary() });
+    }
+    Ok(out)
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::{self, LoadResult, Shape, Target};
-use crate::stack::{Envoy, Epp, Scratch, StackError, Workers};
+use crate::stack::{Envoy, Epp, Scratch, Setup, StackError, Workers};
 use crate::workload::SharedPrefix;
 
 #[derive(Clone, Debug)]
@@ -44,7 +44,7 @@ impl QualityOptions {
             clients: 8,
             requests: 700,
             warmup: 100,
-            gpu_blocks: 256,
+            gpu_blocks: 192,
         }
     }
 
@@ -109,8 +109,7 @@ pub struct QualityResults {
 
 pub async fn run(
     opts: &QualityOptions,
-    epp_bin: &std::path::Path,
-    envoy_bin: &std::path::Path,
+    setup: &Setup,
     progress: &mut dyn FnMut(String),
 ) -> Result<QualityResults, StackError> {
     let workload = Arc::new(SharedPrefix::new(
@@ -122,7 +121,7 @@ pub async fn run(
     ));
     let mut runs = Vec::new();
     for policy in Policy::ALL {
-        let load = run_policy(opts, policy, &workload, epp_bin, envoy_bin).await?;
+        let load = run_policy(opts, policy, &workload, setup).await?;
         if load.ok == 0 {
             return Err(StackError::Setup(format!(
                 "{}: no request succeeded: {}",
@@ -147,8 +146,7 @@ async fn run_policy(
     opts: &QualityOptions,
     policy: Policy,
     workload: &Arc<SharedPrefix>,
-    epp_bin: &std::path::Path,
-    envoy_bin: &std::path::Path,
+    setup: &Setup,
 ) -> Result<LoadResult, StackError> {
     let scratch = Scratch::new("quality")?;
     let model = sim::ModelParams { num_gpu_blocks: opts.gpu_blocks, ..Default::default() };
@@ -157,15 +155,15 @@ async fn run_policy(
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     // The EPP (when used) must outlive the load: keep its handle in scope.
     let (_epp, envoy) = match policy {
-        Policy::RoundRobin => (None, Envoy::round_robin(envoy_bin, &scratch, &workers).await?),
+        Policy::RoundRobin => (None, Envoy::round_robin(setup, &scratch, &workers).await?),
         Policy::Baseline | Policy::Random => {
             let config = if policy == Policy::Baseline {
                 epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
             } else {
                 random_config(&endpoints)
             };
-            let epp = Epp::start(epp_bin, &scratch, &config).await?;
-            let envoy = Envoy::ext_proc(envoy_bin, &scratch, epp.grpc_port).await?;
+            let epp = Epp::start(setup, &scratch, &config).await?;
+            let envoy = Envoy::ext_proc(setup, &scratch, epp.grpc_port).await?;
             (Some(epp), envoy)
         }
     };

@@ -258,6 +258,25 @@ fn micro_tables(m: &MicroResults) -> String {
         );
     }
 
+    if !m.calls.is_empty() {
+        let _ = write!(
+            out,
+            "\n### What a component call costs (the `{}` alone, inputs grown one at a time)\n\n\
+             | call | wasm p50 | wasm p99 | native p50 | wasm − native p50 |\n|---|---:|---:|---:|---:|\n",
+            "kv-cache-utilization-scorer"
+        );
+        for c in &m.calls {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                c.call,
+                fmt_duration(c.wasm.p50),
+                fmt_duration(c.wasm.p99),
+                fmt_duration(c.native.p50),
+                added(c.wasm.p50, c.native.p50)
+            );
+        }
+    }
     out.push_str(
         "\n### Request parsing (`epp::request::parse`, chat completions)\n\n\
          | body | p50 | p99 | MB/s at p50 |\n|---:|---:|---:|---:|\n",
@@ -287,7 +306,7 @@ fn e2e_tables(e: &E2eResults) -> String {
         "## 2. End to end through Envoy on loopback\n\n\
          {} simulated workers answering at once (time_scale 0), non-streamed chat completions with \
          {} prompts and {} output tokens, sent by our client (reqwest, HDR histograms). *EPP* is \
-         Envoy → ext_proc ({}, as config/envoy.yaml and the EPP's defaults have it) → `epp` (default config, default log level) → worker; *round-robin* is \
+         Envoy → ext_proc ({}) → `epp` (default config, default log level) → worker; *round-robin* is \
          Envoy with a static round-robin cluster of the same workers and no ext_proc. Each shape \
          ran EPP, round-robin, EPP, round-robin for {} each. CPU per request from \
          /proc/<pid>/stat (utime + stime, 10 ms ticks); *client+workers* is this benchmark's own \
@@ -297,7 +316,11 @@ fn e2e_tables(e: &E2eResults) -> String {
         o.workers,
         fmt_bytes(o.prompt_bytes),
         o.max_tokens,
-        if crate::stack::ext_proc_uses_tls() { "gRPC over TLS" } else { "plaintext gRPC" },
+        if e.tls {
+            "gRPC over TLS, as config/envoy.yaml and the EPP's defaults have it"
+        } else {
+            "plaintext gRPC, `--plaintext-ext-proc`"
+        },
         fmt_duration(o.half),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     );

@@ -96,7 +96,9 @@ pub fn locate_envoy(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
     ))
 }
 
-/// A scratch folder for configs and logs, removed when dropped.
+/// A scratch folder, removed when dropped: `conf/` for configs, `logs/` for logs. They are
+/// apart because the EPP watches the folders of its config and endpoints files: a log
+/// written beside them would wake its watchers on every line and be measured as EPP cost.
 pub struct Scratch {
     pub path: PathBuf,
 }
@@ -107,15 +109,33 @@ impl Scratch {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("epp-bench-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
+        for sub in ["conf", "logs"] {
+            std::fs::create_dir_all(path.join(sub)).map_err(io(format!("create {}", path.display())))?;
+        }
         Ok(Scratch { path })
     }
 
+    /// Writes `conf/<name>`.
     pub fn write(&self, name: &str, text: &str) -> Result<PathBuf, StackError> {
-        let p = self.path.join(name);
+        let p = self.path.join("conf").join(name);
         std::fs::write(&p, text).map_err(io(format!("write {}", p.display())))?;
         Ok(p)
     }
+
+    /// The path of `logs/<name>`.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.path.join("logs").join(name)
+    }
+}
+
+/// What the stacks run: the binaries, and how Envoy reaches the EPP.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub epp: PathBuf,
+    pub envoy: PathBuf,
+    /// Plaintext gRPC to the EPP (`--secure-serving=false`, no TLS transport socket in the
+    /// bootstrap) instead of the defaults; for measuring what TLS costs.
+    pub plaintext_ext_proc: bool,
 }
 
 impl Drop for Scratch {
@@ -271,11 +291,14 @@ pub struct Epp {
 impl Epp {
     /// Starts the EPP with `config` (its discovery path must point at an endpoints file)
     /// and waits until its gRPC health reports SERVING (endpoints loaded).
-    pub async fn start(bin: &Path, scratch: &Scratch, config: &str) -> Result<Epp, StackError> {
+    pub async fn start(setup: &Setup, scratch: &Scratch, config: &str) -> Result<Epp, StackError> {
         let config_path = scratch.write("epp-config.yaml", config)?;
         let (grpc_port, health_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(&setup.epp);
         // Serving (TLS or not) is left at the EPP's default, which config/envoy.yaml matches.
+        if setup.plaintext_ext_proc {
+            cmd.arg("--secure-serving=false");
+        }
         cmd.args(["--bind-address", "127.0.0.1", "--metrics-bind-address", "127.0.0.1"])
             .args(["--grpc-port", &grpc_port.to_string()])
             .args(["--grpc-health-port", &health_port.to_string()])
@@ -284,7 +307,7 @@ impl Epp {
             .arg(&config_path)
             // The default verbosity (info, one line per routed request), as users run it.
             .env_remove("RUST_LOG");
-        let mut process = Process::spawn("epp", &mut cmd, scratch.path.join("epp.log"))?;
+        let mut process = Process::spawn("epp", &mut cmd, scratch.log("epp.log"))?;
         wait_until(&mut process, "the EPP's gRPC health reporting SERVING", Duration::from_secs(90), || {
             health_serving(health_port)
         })
@@ -312,18 +335,21 @@ pub struct Envoy {
 
 impl Envoy {
     /// Envoy with the project's ext_proc bootstrap, asking the EPP on `epp_port`.
-    pub async fn ext_proc(bin: &Path, scratch: &Scratch, epp_port: u16) -> Result<Envoy, StackError> {
+    pub async fn ext_proc(setup: &Setup, scratch: &Scratch, epp_port: u16) -> Result<Envoy, StackError> {
         let (listener, admin) = (free_port()?, free_port()?);
-        let text = ext_proc_bootstrap(listener, admin, epp_port);
-        Envoy::start(bin, scratch, "envoy-ext-proc", &text, listener, admin).await
+        let mut text = ext_proc_bootstrap(listener, admin, epp_port);
+        if setup.plaintext_ext_proc {
+            text = without_tls(&text);
+        }
+        Envoy::start(&setup.envoy, scratch, "envoy-ext-proc", &text, listener, admin).await
     }
 
     /// Envoy round-robin over `workers`, without ext_proc.
-    pub async fn round_robin(bin: &Path, scratch: &Scratch, workers: &Workers) -> Result<Envoy, StackError> {
+    pub async fn round_robin(setup: &Setup, scratch: &Scratch, workers: &Workers) -> Result<Envoy, StackError> {
         let (listener, admin) = (free_port()?, free_port()?);
         let ports: Vec<u16> = workers.handles.iter().map(|h| h.addr().port()).collect();
         let text = round_robin_bootstrap(listener, admin, &ports);
-        Envoy::start(bin, scratch, "envoy-round-robin", &text, listener, admin).await
+        Envoy::start(&setup.envoy, scratch, "envoy-round-robin", &text, listener, admin).await
     }
 
     async fn start(
@@ -338,7 +364,7 @@ impl Envoy {
         let mut cmd = Command::new(bin);
         // Two worker threads: the machine's cores, as the test stack runs it.
         cmd.arg("-c").arg(&path).args(["--use-dynamic-base-id", "--concurrency", "2", "--log-level", "warn"]);
-        let mut process = Process::spawn(name, &mut cmd, scratch.path.join(format!("{name}.log")))?;
+        let mut process = Process::spawn(name, &mut cmd, scratch.log(&format!("{name}.log")))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -382,6 +408,29 @@ pub fn ext_proc_bootstrap(listener: u16, admin: u16, epp_port: u16) -> String {
         .replace("localhost:9002", &format!("localhost:{epp_port}"))
         .replace("port_value: 19000", &format!("port_value: {admin}"))
         .replace("address: 0.0.0.0", "address: 127.0.0.1")
+}
+
+/// `bootstrap` without its `transport_socket` blocks (the TLS to the EPP): the block's
+/// key line and every following line indented deeper than it.
+pub fn without_tls(bootstrap: &str) -> String {
+    let mut out = String::with_capacity(bootstrap.len());
+    let mut skipping: Option<usize> = None;
+    for line in bootstrap.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(depth) = skipping {
+            if line.trim().is_empty() || indent > depth {
+                continue;
+            }
+            skipping = None;
+        }
+        if line.trim_start().starts_with("transport_socket:") {
+            skipping = Some(indent);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The baseline: the same listener and HTTP settings as config/envoy.yaml, but a STATIC
@@ -475,6 +524,9 @@ mod tests {
         );
         assert!(!ext.contains("address: 0.0.0.0") && !ext.contains("port_value: 9002"));
         assert!(ext.contains("envoy.filters.http.ext_proc"));
+        let plain = without_tls(&ext);
+        assert!(!plain.contains("transport_socket") && !plain.contains("UpstreamTlsContext"), "{plain}");
+        assert!(plain.contains("name: ext_proc") && plain.contains("port_value: 3333"));
         let rr = round_robin_bootstrap(1111, 2222, &[4001, 4002]);
         assert!(rr.contains("port_value: 4001}") && rr.contains("port_value: 4002}") && rr.contains("ROUND_ROBIN"));
         assert!(!rr.contains("envoy.filters.http.ext_proc"));

@@ -28,6 +28,8 @@ enum Command {
     /// A/B experiments.
     #[command(subcommand)]
     Experiment(ExperimentCommand),
+    /// Replay a workload on a simulated cluster in virtual time and compare policies.
+    Replay(epp::replay::ReplayArgs),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -183,6 +185,11 @@ fn main() -> anyhow::Result<()> {
             };
             epp::experiment::report::report(&text, &mut std::io::stdout())?;
             return Ok(());
+        }
+        Some(Command::Replay(args)) => {
+            init_logging(flags.verbosity.min(1));
+            let ok = epp::replay::run_cli(args, &mut std::io::stdout())?;
+            std::process::exit(if ok { 0 } else { 1 });
         }
         None => {}
     }

@@ -195,7 +195,6 @@ impl ReplayArgs {
                 let params = GenParams {
                     requests: self.requests.unwrap_or(DEFAULT_REQUESTS),
                     rate,
-                    workers: self.workers,
                     seed: self.seed,
                 };
                 Ok(workload::generate(*g, &params))

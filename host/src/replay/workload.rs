@@ -157,7 +157,7 @@ impl Generator {
     /// `small` worker serves with prefix-aware routing, so a naive policy queues visibly.
     pub fn default_rate_per_worker(self) -> f64 {
         match self {
-            Generator::SharedPrefix | Generator::Bursts => 12.0,
+            Generator::SharedPrefix | Generator::Bursts => 10.0,
             Generator::MultiTurn => 6.0,
             Generator::LoraMix => 6.0,
         }
@@ -181,16 +181,15 @@ pub struct GenParams {
     pub requests: usize,
     /// Mean arrival rate, requests per second.
     pub rate: f64,
-    /// Cluster size: the number of shared prompts scales with it (see [`SHARED_PROMPTS_PER_WORKER`]).
-    pub workers: usize,
     pub seed: u64,
 }
 
-/// System prompts per worker in the generated workloads. Eight 1024-token prompts (512 KV
-/// blocks of 16 tokens) fit a `small` worker's 2048 blocks alongside its running requests,
-/// while all of the cluster's prompts together do not: a policy that keeps each prompt on
-/// one worker hits the prefix cache, one that spreads them thrashes it.
-pub const SHARED_PROMPTS_PER_WORKER: usize = 8;
+/// Distinct system prompts in the generated workloads. 48 prompts of 1024 tokens are 3072
+/// KV blocks of 16 tokens: more than a `small` worker's 2048, so a worker that sees all of
+/// them thrashes its prefix cache, while a policy that keeps each prompt on a few workers
+/// fits them (12 per worker on 4 workers). The count does not depend on the cluster, so one
+/// workload can be replayed on clusters of any size.
+pub const SHARED_PROMPTS: usize = 48;
 /// Tokens of a shared system prompt.
 pub const SYSTEM_PROMPT_TOKENS: u32 = 1024;
 /// Tokens of a user message: uniform in this range.
@@ -252,9 +251,6 @@ pub fn generate(generator: Generator, p: &GenParams) -> Workload {
     Workload { name: generator.name().to_string(), items }
 }
 
-fn prompts(p: &GenParams) -> usize {
-    (SHARED_PROMPTS_PER_WORKER * p.workers).max(1)
-}
 
 fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f64, sheddable: bool) -> Vec<WorkItem> {
     let model: Arc<str> = Arc::from(DEFAULT_MODEL);
@@ -264,7 +260,7 @@ fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f6
     (0..p.requests)
         .map(|i| {
             t = next(&mut arrivals, t);
-            let group = choices.below(prompts(p)) as u64;
+            let group = choices.below(SHARED_PROMPTS) as u64;
             let user = uniform(&mut choices, USER_TOKENS);
             let output = uniform(&mut choices, OUTPUT_TOKENS);
             let priority = if sheddable && choices.next_f64() < SHEDDABLE_SHARE { -1 } else { 0 };
@@ -326,7 +322,7 @@ fn multi_turn(p: &GenParams) -> Vec<WorkItem> {
             settled += 1;
         }
         let key: Arc<str> = Arc::from(format!("session-{session}"));
-        let group = choices.below(prompts(p)) as u64;
+        let group = choices.below(SHARED_PROMPTS) as u64;
         let mut segments = vec![synthetic(stream_seed(p.seed, Stream::SystemPrompt, group), SYSTEM_PROMPT_TOKENS)];
         let mut context = SYSTEM_PROMPT_TOKENS;
         let mut at = start;
@@ -387,7 +383,7 @@ fn lora_mix(p: &GenParams) -> Vec<WorkItem> {
                 }
                 adapters.get(pick).cloned()
             };
-            let group = choices.below(prompts(p)) as u64;
+            let group = choices.below(SHARED_PROMPTS) as u64;
             WorkItem {
                 at: t,
                 model: model.clone(),
@@ -549,7 +545,7 @@ mod tests {
     use super::*;
 
     fn params(requests: usize) -> GenParams {
-        GenParams { requests, rate: 20.0, workers: 2, seed: 7 }
+        GenParams { requests, rate: 20.0, seed: 7 }
     }
 
     #[test]
@@ -587,7 +583,7 @@ mod tests {
         let shared = generate(Generator::SharedPrefix, &params(200));
         let groups: std::collections::BTreeSet<_> =
             shared.items.iter().map(|i| i.prompt.0.first().cloned().map(|s| format!("{s:?}"))).collect();
-        assert!(groups.len() <= SHARED_PROMPTS_PER_WORKER * 2 && groups.len() > 1, "{} groups", groups.len());
+        assert!(groups.len() <= SHARED_PROMPTS && groups.len() > 24, "{} groups", groups.len());
 
         let chat = generate(Generator::MultiTurn, &params(200));
         let first = chat.items.iter().find(|i| i.session.as_deref() == Some("session-0")).expect("session 0");
