@@ -34,7 +34,7 @@ impl E2eOptions {
             prompt_bytes: 1024,
             max_tokens: 16,
             clients: 16,
-            half: Duration::from_secs(5),
+            half: Duration::from_secs(4),
             rate_fraction: 0.5,
             warmup_requests: 300,
         }

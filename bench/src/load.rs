@@ -188,7 +188,9 @@ async fn send(t: &Target, k: u64, due: Instant) -> Outcome {
 /// (prompt_tokens, cached_tokens) from the last SSE `data:` frame that carries `usage`.
 pub fn sse_usage(body: &[u8]) -> Option<(u32, u32)> {
     let text = std::str::from_utf8(body).ok()?;
+    // The usage frame is the last but one ([DONE] closes the stream): search from the end.
     text.lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("data:"))
         .map(str::trim)
         .filter(|d| *d != "[DONE]")
@@ -199,7 +201,7 @@ pub fn sse_usage(body: &[u8]) -> Option<(u32, u32)> {
             let cached = u.pointer("/prompt_tokens_details/cached_tokens").and_then(|c| c.as_u64()).unwrap_or(0);
             Some((u32::try_from(prompt).ok()?, u32::try_from(cached).ok()?))
         })
-        .last()
+        .next()
 }
 
 /// Runs `shape` against `target`.

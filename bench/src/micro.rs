@@ -227,7 +227,7 @@ fn run_cell(
             break;
         }
         // Alternate which build goes first, so neither always runs on a warmer cache.
-        let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
+        let order: [bool; 2] = if round.is_multiple_of(2) { [true, false] } else { [false, true] };
         for is_wasm in order {
             for i in 0..BATCH {
                 let req = &requests[(k + i) % RING];

@@ -58,6 +58,9 @@ impl QualityOptions {
 pub enum Policy {
     /// The EPP with the default config.
     Baseline,
+    /// The default config with the prefix index sized to the workers' KV cache
+    /// (`lruCapacityPerServer` = their block count), as a deployment would tune it.
+    BaselineSized,
     /// The EPP with a random picker and nothing else.
     Random,
     /// Envoy round-robin, no EPP.
@@ -65,14 +68,29 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub const ALL: [Policy; 3] = [Policy::Baseline, Policy::Random, Policy::RoundRobin];
+    pub const ALL: [Policy; 4] = [Policy::Baseline, Policy::BaselineSized, Policy::Random, Policy::RoundRobin];
 
     pub fn label(self) -> &'static str {
         match self {
             Policy::Baseline => "EPP optimized baseline",
+            Policy::BaselineSized => "EPP optimized baseline, index sized to the workers' cache",
             Policy::Random => "EPP random-picker",
             Policy::RoundRobin => "Envoy round-robin (no EPP)",
         }
+    }
+}
+
+/// The default config reading `endpoints`; with `lru_blocks`, the prefix index keeps at
+/// most that many blocks per endpoint (the implicit producer takes the prefix-cache-scorer's
+/// parameters).
+pub fn baseline_config(endpoints: &std::path::Path, lru_blocks: Option<usize>) -> String {
+    let text = epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()));
+    match lru_blocks {
+        None => text,
+        Some(n) => text.replace(
+            "  - type: prefix-cache-scorer\n",
+            &format!("  - type: prefix-cache-scorer\n    parameters: {{lruCapacityPerServer: {n}}}\n"),
+        ),
     }
 }
 
@@ -156,11 +174,11 @@ async fn run_policy(
     // The EPP (when used) must outlive the load: keep its handle in scope.
     let (_epp, envoy) = match policy {
         Policy::RoundRobin => (None, Envoy::round_robin(setup, &scratch, &workers).await?),
-        Policy::Baseline | Policy::Random => {
-            let config = if policy == Policy::Baseline {
-                epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
-            } else {
-                random_config(&endpoints)
+        Policy::Baseline | Policy::BaselineSized | Policy::Random => {
+            let config = match policy {
+                Policy::Baseline => baseline_config(&endpoints, None),
+                Policy::BaselineSized => baseline_config(&endpoints, Some(opts.gpu_blocks)),
+                _ => random_config(&endpoints),
             };
             let epp = Epp::start(setup, &scratch, &config).await?;
             let envoy = Envoy::ext_proc(setup, &scratch, epp.grpc_port).await?;
@@ -186,6 +204,19 @@ async fn run_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sized_baseline_hands_its_lru_capacity_to_the_prefix_producer() {
+        let text = baseline_config(std::path::Path::new("/tmp/e.yaml"), Some(192));
+        let config = epp::config::PickerConfig::parse(&text, None).expect("sized baseline parses");
+        let producer = config
+            .plugins
+            .iter()
+            .find(|p| p.type_name == "approx-prefix-cache-producer")
+            .expect("the implicit prefix producer");
+        assert_eq!(producer.parameters["lruCapacityPerServer"], 192, "{:?}", producer.parameters);
+        assert_eq!(baseline_config(std::path::Path::new("/tmp/e.yaml"), None).matches("lruCapacity").count(), 0);
+    }
 
     #[test]
     fn the_random_config_is_a_valid_config_with_only_a_random_picker() {

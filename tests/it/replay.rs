@@ -2,7 +2,8 @@
 //! cluster. On the built-in shared-prefix workload the optimized baseline must beat random
 //! and round-robin on prefix-cache hits and median TTFT (the ordering, not the numbers);
 //! equal seeds must give identical reports, other seeds a small variation; traces must parse
-//! or fail naming the line; custom config policies, CSV and the plot must work.
+//! or fail naming the line; config policies with a `.wasm` plugin of one's own, CSV and the
+//! plot must work.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +13,8 @@ use epp::replay::report::PolicyReport;
 use epp::replay::workload::{TraceError, read_trace};
 use epp::replay::{self, ReplayArgs, ReplayError};
 use indicatif::ProgressBar;
+
+use crate::common::wasm_file_bytes;
 
 /// A small shared-prefix run: 1500 requests on 4 workers (seconds in a debug build).
 fn shared_prefix(seed: u64) -> Vec<PolicyReport> {
@@ -134,7 +137,7 @@ fn trace_files_parse_or_name_the_bad_line() {
 }
 
 #[test]
-fn a_trace_replays_with_a_custom_policy_csv_and_plot() {
+fn a_trace_replays_with_a_custom_wasm_policy_csv_and_plot() {
     let dir = temp_dir("cli");
     let mut trace = String::new();
     for i in 0..60 {
@@ -153,13 +156,20 @@ fn a_trace_replays_with_a_custom_policy_csv_and_plot() {
         "plugins:\n",
         "  - type: prefix-cache-scorer\n",
         "  - type: max-score-picker\n",
+        "  - name: mine\n",
+        "    type: label-affinity-scorer\n",
+        "    wasm: mine.wasm\n",
+        "    parameters: {label: gpu, scores: {h100: 1.0}}\n",
         "schedulingProfiles:\n",
         "  - name: p\n",
         "    plugins:\n",
         "      - pluginRef: prefix-cache-scorer\n",
+        "      - pluginRef: mine\n",
         "      - pluginRef: max-score-picker\n",
     );
     std::fs::write(dir.join("prefix.yaml"), config).expect("write config");
+    // A component from a file, as a user's own plugin would be.
+    std::fs::write(dir.join("mine.wasm"), wasm_file_bytes("label_affinity_scorer")).expect("write component");
     let path = |name: &str| dir.join(name).to_str().expect("utf-8 path").to_string();
     let args = ReplayArgs::parse_flags([
         "--workload",

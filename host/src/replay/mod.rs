@@ -192,11 +192,7 @@ impl ReplayArgs {
                 if !(rate.is_finite() && rate > 0.0) {
                     return Err(ReplayError::Args(format!("--rate must be a positive number, got {rate}")));
                 }
-                let params = GenParams {
-                    requests: self.requests.unwrap_or(DEFAULT_REQUESTS),
-                    rate,
-                    seed: self.seed,
-                };
+                let params = GenParams { requests: self.requests.unwrap_or(DEFAULT_REQUESTS), rate, seed: self.seed };
                 Ok(workload::generate(*g, &params))
             }
         }
@@ -330,7 +326,7 @@ pub fn run_cli(args: ReplayArgs, out: &mut dyn Write) -> Result<bool, ReplayErro
     } else {
         let bar = ProgressBar::new(0);
         if let Ok(style) =
-            ProgressStyle::with_template("{spinner} replaying [{bar:40}] {pos}/{len} requests ({per_sec}, eta {eta})")
+            ProgressStyle::with_template("{spinner} replay [{bar:30}] {human_pos}/{human_len} requests, eta {eta}")
         {
             bar.set_style(style.progress_chars("=> "));
         }

@@ -60,8 +60,10 @@ fn ttft_cdf(area: &DrawingArea<SVGBackend<'_>, Shift>, series: &[Series<'_>]) ->
     // A log axis needs positive bounds; sub-0.1 ms TTFTs are drawn at 0.1 ms.
     let floor = 0.1;
     let lo = series.iter().filter_map(|s| s.ttft_ms.first()).copied().fold(f64::INFINITY, f64::min).max(floor);
-    let hi = series.iter().filter_map(|s| s.ttft_ms.last()).copied().fold(0.0, f64::max).max(lo * 10.0);
     let lo = if lo.is_finite() { lo } else { floor };
+    // Start at a power of ten, so the axis labels of the first decade are round numbers.
+    let lo = 10f64.powf(lo.log10().floor());
+    let hi = series.iter().filter_map(|s| s.ttft_ms.last()).copied().fold(0.0, f64::max).max(lo * 10.0);
     let mut chart = ChartBuilder::on(area)
         .caption("Time to first token (CDF)", ("sans-serif", 16))
         .margin(12)
@@ -72,6 +74,8 @@ fn ttft_cdf(area: &DrawingArea<SVGBackend<'_>, Shift>, series: &[Series<'_>]) ->
     chart
         .configure_mesh()
         .x_desc("TTFT (ms, log scale)")
+        .x_labels(12)
+        .max_light_lines(1)
         .y_desc("share of requests")
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.1}"))
@@ -104,7 +108,8 @@ fn hit_rates(area: &DrawingArea<SVGBackend<'_>, Shift>, series: &[Series<'_>]) -
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d((0..n).into_segmented(), 0.0..1.0)
+        // An integer range includes its end, so 0..n-1 makes exactly n segments.
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..1.0)
         .map_err(err)?;
     chart
         .configure_mesh()

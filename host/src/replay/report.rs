@@ -230,7 +230,7 @@ mod tests {
         assert!((r.e2e_ms[0] - 1000.0).abs() < 1e-9);
         assert_eq!((r.throughput_rps, r.output_tps), (1.0, 10.0), "2 requests, 20 tokens over 2 s");
         assert_eq!((r.prefix_hit_rate, r.imbalance), (0.25, 1.5));
-        let csv = csv(&[r.clone()]);
+        let csv = csv(std::slice::from_ref(&r));
         assert!(csv.starts_with("policy,requests,completed,ttft_p50_ms"));
         assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("\"p,1\",5,2,100.0,")), "{csv}");
         let table = table(&[r]);

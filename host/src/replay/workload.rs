@@ -251,7 +251,6 @@ pub fn generate(generator: Generator, p: &GenParams) -> Workload {
     Workload { name: generator.name().to_string(), items }
 }
 
-
 fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f64, sheddable: bool) -> Vec<WorkItem> {
     let model: Arc<str> = Arc::from(DEFAULT_MODEL);
     let mut arrivals = SplitMix64::new(stream_seed(p.seed, Stream::Arrivals, 0));
