@@ -525,7 +525,7 @@ mod tests {
         assert!(!ext.contains("address: 0.0.0.0") && !ext.contains("port_value: 9002"));
         assert!(ext.contains("envoy.filters.http.ext_proc"));
         let plain = without_tls(&ext);
-        assert!(!plain.contains("transport_socket") && !plain.contains("UpstreamTlsContext"), "{plain}");
+        assert!(!plain.contains("envoy.transport_sockets.tls") && !plain.contains("UpstreamTlsContext"), "{plain}");
         assert!(plain.contains("name: ext_proc") && plain.contains("port_value: 3333"));
         let rr = round_robin_bootstrap(1111, 2222, &[4001, 4002]);
         assert!(rr.contains("port_value: 4001}") && rr.contains("port_value: 4002}") && rr.contains("ROUND_ROBIN"));
