@@ -25,6 +25,8 @@ use crate::wasm::WasmRuntime;
 
 /// Quiet time after the last file event before a reload (editors write in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A change is applied at most this long after it is first seen, even if writes go on.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, PartialEq)]
 pub enum ReloadOutcome {
@@ -42,7 +44,11 @@ pub struct Reloader {
 }
 
 struct State {
+    /// What the running scheduler was built from.
     fingerprint: u64,
+    /// The last files tried, applied or not: a rejected config is not retried until its
+    /// bytes change (file events from unrelated writes in the folder must not loop).
+    attempted: u64,
     plugins: PluginSet,
 }
 
@@ -56,7 +62,12 @@ impl Reloader {
         plugins: PluginSet,
     ) -> Arc<Reloader> {
         let fingerprint = fingerprint(&path, config);
-        Arc::new(Reloader { runtime, path, router, state: Mutex::new(State { fingerprint, plugins }) })
+        Arc::new(Reloader {
+            runtime,
+            path,
+            router,
+            state: Mutex::new(State { fingerprint, attempted: fingerprint, plugins }),
+        })
     }
 
     /// Re-reads the config and, if anything changed, builds and publishes a new scheduler.
@@ -64,9 +75,10 @@ impl Reloader {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let config = PickerConfig::from_file(&self.path).map_err(|e| e.to_string())?;
         let fp = fingerprint(&self.path, &config);
-        if fp == state.fingerprint {
+        if fp == state.fingerprint || fp == state.attempted {
             return Ok(ReloadOutcome::Unchanged);
         }
+        state.attempted = fp;
         for w in &config.warnings {
             warn!("config: {w}");
         }
@@ -98,9 +110,21 @@ impl Reloader {
     /// that stops watching when dropped.
     pub fn watch(self: Arc<Self>) -> Result<ConfigWatch, String> {
         let (tx, rx) = mpsc::channel::<()>();
+        // Only the config, its components and symlink-swap names (`..data`) matter: the
+        // folders may hold busy files (logs) whose writes must not trigger anything.
+        let names: Arc<Mutex<BTreeSet<std::ffi::OsString>>> = Arc::default();
+        let filter = names.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let relevant = match &event {
-                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => false,
+                Ok(e) if e.need_rescan() || e.paths.is_empty() => true,
+                Ok(e) => {
+                    let names = filter.lock().unwrap_or_else(|p| p.into_inner());
+                    e.paths
+                        .iter()
+                        .filter_map(|p| p.file_name())
+                        .any(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+                }
                 Err(_) => true,
             };
             if relevant {
@@ -109,16 +133,17 @@ impl Reloader {
         })
         .map_err(|e| e.to_string())?;
         let mut watched = BTreeSet::new();
-        self.watch_dirs(&mut watcher, &mut watched);
+        self.watch_dirs(&mut watcher, &mut watched, &names);
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("epp-config-watch".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
-                    // Debounce: wait for a quiet moment, then reload once.
-                    while rx.recv_timeout(DEBOUNCE).is_ok() {}
+                    // Debounce: wait for a quiet moment (at most MAX_DEBOUNCE), then reload once.
+                    let first = std::time::Instant::now();
+                    while first.elapsed() < MAX_DEBOUNCE && rx.recv_timeout(DEBOUNCE).is_ok() {}
                     me.reload_and_report();
-                    me.watch_dirs(&mut watcher, &mut watched);
+                    me.watch_dirs(&mut watcher, &mut watched, &names);
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -126,11 +151,23 @@ impl Reloader {
         Ok(ConfigWatch { _thread: thread })
     }
 
-    /// Adds watches for the folders of the config and of every component it names now.
-    fn watch_dirs(&self, watcher: &mut notify::RecommendedWatcher, watched: &mut BTreeSet<PathBuf>) {
+    /// Adds watches for the folders of the config and of every component it names now, and
+    /// records the file names that matter.
+    fn watch_dirs(
+        &self,
+        watcher: &mut notify::RecommendedWatcher,
+        watched: &mut BTreeSet<PathBuf>,
+        names: &Mutex<BTreeSet<std::ffi::OsString>>,
+    ) {
         let mut dirs = vec![parent(&self.path)];
+        let mut files = vec![self.path.clone()];
         if let Ok(config) = PickerConfig::from_file(&self.path) {
-            dirs.extend(config.plugins.iter().filter_map(|p| p.wasm.as_deref()).map(parent));
+            files.extend(config.plugins.iter().filter_map(|p| p.wasm.clone()));
+        }
+        dirs.extend(files.iter().skip(1).map(|f| parent(f)));
+        {
+            let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+            names.extend(files.iter().filter_map(|f| f.file_name().map(|n| n.to_os_string())));
         }
         for dir in dirs {
             if !watched.contains(&dir) {

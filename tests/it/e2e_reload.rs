@@ -59,11 +59,15 @@ fn count(stack: &Stack, needle: &str) -> usize {
 }
 
 async fn logged(stack: &Stack, needle: &str, before: usize) {
-    eventually(Duration::from_secs(20), needle, || {
-        let n = count(stack, needle);
-        async move { (n > before).then_some(()) }
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count(stack, needle) <= before {
+        if std::time::Instant::now() > deadline {
+            let log = stack.epp_log();
+            let tail: Vec<&str> = log.lines().filter(|l| !l.contains("request routed")).rev().take(30).collect();
+            panic!("timed out waiting for `{needle}`; EPP log tail (newest first):\n{}", tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
