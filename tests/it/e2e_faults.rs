@@ -95,6 +95,7 @@ async fn bad_requests_at_the_edge_get_clear_4xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_not_queued_and_the_epp_recovers() {
+    // Each request takes ~0.5 s of model time, so 40 at once far exceed the bound of 2.
     let stack = Arc::new(
         Stack::start_full(
             2,
@@ -103,7 +104,7 @@ async fn overload_is_refused_not_queued_and_the_epp_recovers() {
                 c.time_scale = 1.0;
                 c.model.max_num_seqs = 2;
             },
-            &["--max-inflight-requests", "4"],
+            &["--max-inflight-requests", "2"],
         )
         .await,
     );
@@ -111,7 +112,7 @@ async fn overload_is_refused_not_queued_and_the_epp_recovers() {
     for i in 0..40 {
         let stack = stack.clone();
         tasks.push(tokio::spawn(async move {
-            stack.post("/v1/completions", &format!("burst-{i}"), &completion(&format!("burst {i}"), 20)).await
+            stack.post("/v1/completions", &format!("burst-{i}"), &completion(&format!("burst {i}"), 60)).await
         }));
     }
     let mut counts = std::collections::BTreeMap::new();
@@ -124,7 +125,7 @@ async fn overload_is_refused_not_queued_and_the_epp_recovers() {
     }
     assert!(counts.keys().all(|s| *s == 200 || *s == 429), "{counts:?}");
     assert!(counts.get(&429).copied().unwrap_or(0) > 0, "nothing was refused: {counts:?}");
-    assert!(counts.get(&200).copied().unwrap_or(0) >= 4, "too little was served: {counts:?}");
+    assert!(counts.get(&200).copied().unwrap_or(0) >= 2, "too little was served: {counts:?}");
     // Load gone: served again.
     let after = statuses(&stack, "calm", 3).await;
     assert!(after.iter().all(|(s, _)| *s == 200), "{after:?}");
