@@ -287,21 +287,15 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-/// A duration like `50ms`, `2s`, `1.5s` or `1m`.
+/// A duration like `50ms`, `2s`, `1.5s` or `1m` (a bare number means seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 50ms or 2s"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("`{s}` must be positive"));
+    let parsed = epp::config::parse_duration(s)
+        .or_else(|| s.trim().parse::<f64>().ok().and_then(|v| Duration::try_from_secs_f64(v).ok()));
+    match parsed {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err(format!("`{s}` must be positive")),
+        None => Err(format!("`{s}` is not a duration like 50ms or 2s")),
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_logging(v: u8) {
