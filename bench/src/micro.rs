@@ -1,8 +1,9 @@
-//! Part 1, the micro benchmark: the cost of one full scheduling decision of the optimized
-//! baseline (producer, four scorers, picker and every plugin's `pre-request` hook) as
-//! embedded wasm components and as the natively compiled twin, over pools of several sizes
-//! and prompts of several lengths; the cost of each plugin call inside those decisions; and
-//! the cost of parsing a request body.
+//! Part 1, the micro benchmark: the cost of one full decision (`epp_core`'s
+//! `Scheduler::decide`: admission, the profile's producers, filters, scorers and picker, and
+//! the `decided` hooks the plugins ask for) of the default profile as embedded wasm
+//! components and as the natively compiled twin, over pools of several sizes and prompts
+//! of several lengths; the cost of each plugin call inside those decisions; what a
+//! component call costs by input shape; and the cost of parsing a request body.
 //!
 //! The wasm and native profiles are measured side by side: short batches alternate between
 //! them, so drift on a noisy machine hits both alike and their ratio stays meaningful. Both
@@ -13,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use epp::config::PickerConfig;
 use epp::request::{ApiKind, parse};
-use epp::scheduler::native::NativePlugin;
-use epp::scheduler::{FailurePolicy, PluginCore, PluginHandle, Role, SchedulerProfile, ScorerPlugin};
 use epp::wasm::{Sandbox, WasmRuntime, embedded};
-use llmd_plugin_sdk::{Column, Metrics, Request};
+use epp_core::native::NativePlugin;
+use epp_core::{
+    CallInput, Candidates, FailurePolicy, PluginCore, PluginHandle, Request, Role, Scheduler, ScorerPlugin,
+};
 
 use crate::latency::{Latency, Summary};
-use crate::native::{NativeError, native_profile};
+use crate::native::{NativeError, native_scheduler};
 use crate::workload;
 
 /// Requests cycled through in one cell; they share `SHARED_PROMPTS` system prompts.
@@ -104,9 +106,9 @@ pub struct PluginCost {
     pub native: Summary,
 }
 
-/// The part of a decision outside the timed plugin calls: the `pre-request` hooks of every
-/// plugin, copying the candidates, summing the weighted scores.
-pub const HOOKS_AND_GLUE: &str = "pre-request hooks + profile glue";
+/// The part of a decision outside the timed plugin calls: admission, the `decided` hooks of
+/// the plugins that ask for them, building the column table, summing the weighted scores.
+pub const HOOKS_AND_GLUE: &str = "decided hooks + admission and profile glue";
 
 #[derive(Clone, Debug)]
 pub struct ParseCost {
@@ -141,18 +143,31 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn run(&mut self, profile: &SchedulerProfile, req: &Request, metrics: &Metrics) -> Result<Vec<u32>, String> {
+    fn run(
+        &mut self,
+        scheduler: &Scheduler,
+        cycle: u64,
+        req: &Request,
+        candidates: &Candidates,
+    ) -> Result<Vec<u32>, String> {
+        let candidates = candidates.clone();
         let started = Instant::now();
-        let decision = profile.schedule(req, metrics).map_err(|e| e.to_string())?;
+        let decision = scheduler.decide(cycle, req, candidates).map_err(|e| e.to_string())?;
         let elapsed = started.elapsed();
         self.decision.record(elapsed);
+        let plugins = scheduler.primary().plugins();
         let mut in_plugins = Duration::ZERO;
-        for (i, t) in decision.timings.iter().enumerate() {
+        for (i, t) in decision.result.timings.iter().enumerate() {
             in_plugins += t.elapsed;
-            self.plugins.entry((i, t.plugin.clone())).or_insert_with(|| (t.role, Latency::new())).1.record(t.elapsed);
+            let Some(p) = plugins.get(t.plugin) else { continue };
+            let key = (i, p.core().name().to_string());
+            self.plugins.entry(key).or_insert_with(|| (p.role(), Latency::new())).1.record(t.elapsed);
         }
         self.glue.record(elapsed.saturating_sub(in_plugins));
-        Ok(decision.targets)
+        // A finished request releases what it holds (the in-flight load) as live traffic does.
+        let done = epp_core::Completion { endpoint: decision.primary(), status: 200, ..Default::default() };
+        scheduler.finished(&[decision.variant], cycle, &done);
+        Ok(decision.result.targets)
     }
 }
 
@@ -196,9 +211,11 @@ fn run_cell(
     n: usize,
     bytes: usize,
 ) -> Result<(Cell, Vec<PluginCost>), MicroError> {
-    // Fresh profiles per cell, so the prefix index holds only this cell's prompts.
-    let wasm = epp::loader::build_profile(runtime, config).map_err(|e| MicroError::Build(e.to_string()))?;
-    let native = native_profile(config)?;
+    // Fresh schedulers per cell, so the prefix index holds only this cell's prompts.
+    let wasm = epp::loader::build(runtime, config, &Default::default())
+        .map_err(|e| MicroError::Build(e.to_string()))?
+        .scheduler;
+    let native = native_scheduler(config)?;
     let pool = workload::pool(n);
     wasm.pool_changed(1, &pool);
     native.pool_changed(1, &pool);
@@ -209,9 +226,11 @@ fn run_cell(
     // Warm-up pass: fills the prefix index and the caches, and checks the builds agree.
     let mut scratch = Recorder::default();
     let mut decisions_agree = true;
+    let mut cycle = 0u64;
     for req in &requests {
-        let a = scratch.run(&wasm, req, &metrics).map_err(fail("wasm"))?;
-        let b = scratch.run(&native, req, &metrics).map_err(fail("native"))?;
+        cycle += 1;
+        let a = scratch.run(&wasm, cycle, req, &metrics).map_err(fail("wasm"))?;
+        let b = scratch.run(&native, cycle, req, &metrics).map_err(fail("native"))?;
         decisions_agree &= a == b;
     }
 
@@ -231,10 +250,11 @@ fn run_cell(
         for is_wasm in order {
             for i in 0..BATCH {
                 let req = &requests[(k + i) % RING];
+                cycle += 1;
                 if is_wasm {
-                    w.run(&wasm, req, &metrics).map_err(fail("wasm"))?;
+                    w.run(&wasm, cycle, req, &metrics).map_err(fail("wasm"))?;
                 } else {
-                    nat.run(&native, req, &metrics).map_err(fail("native"))?;
+                    nat.run(&native, cycle, req, &metrics).map_err(fail("native"))?;
                 }
             }
         }
@@ -291,46 +311,49 @@ fn parse_cost(prompt_bytes: usize, opts: &MicroOptions) -> Result<ParseCost, Mic
 }
 
 /// The scorer whose calls measure the boundary: it reads one metrics column and does
-/// almost nothing else, so its wasm time is nearly all crossing cost.
+/// almost nothing else, so its wasm time is nearly all crossing cost. Its manifest asks for
+/// no prompt, so the prompt's size must not change what a call costs.
 const TRIVIAL_SCORER: &str = "kv-cache-utilization-scorer";
+/// A plugin that asks for the `decided` hook, to time a hook call.
+const HOOKED_SCORER: &str = "no-hit-lru-scorer";
 
 /// One trivial-scorer call per input shape, growing one input at a time, plus a bare
-/// `pre-request` hook: where the fixed cost of a component call goes.
+/// `decided` hook: where the fixed cost of a component call goes.
 fn call_costs(runtime: &WasmRuntime, opts: &MicroOptions) -> Result<Vec<CallCost>, MicroError> {
-    let bytes =
-        embedded::find(TRIVIAL_SCORER).ok_or_else(|| MicroError::Build(format!("{TRIVIAL_SCORER} is not embedded")))?;
-    let wasm = match runtime.load(TRIVIAL_SCORER, bytes, "{}", Sandbox::default(), FailurePolicy::FailOpen) {
-        Ok(PluginHandle::Scorer(s)) => s,
-        Ok(other) => return Err(MicroError::Build(format!("{TRIVIAL_SCORER} loaded as {other:?}"))),
-        Err(e) => return Err(MicroError::Build(e.to_string())),
+    let load = |t: &str| -> Result<std::sync::Arc<dyn ScorerPlugin>, MicroError> {
+        let bytes = embedded::find(t).ok_or_else(|| MicroError::Build(format!("{t} is not embedded")))?;
+        match runtime.load(t, bytes, "{}", Sandbox::default(), FailurePolicy::FailOpen) {
+            Ok(PluginHandle::Scorer(s)) => Ok(s),
+            Ok(other) => Err(MicroError::Build(format!("{t} loaded as {other:?}"))),
+            Err(e) => Err(MicroError::Build(e.to_string())),
+        }
     };
+    let wasm = load(TRIVIAL_SCORER)?;
     let native: std::sync::Arc<dyn ScorerPlugin> = std::sync::Arc::new(
         NativePlugin::<kv_cache_utilization_scorer::KvCacheUtilizationScorer>::new(TRIVIAL_SCORER, "{}")
             .map_err(|e| MicroError::Build(e.to_string()))?,
     );
-    let columns = |n: usize| -> Vec<Column> {
-        ["prefix-cache/matched-blocks", "prefix-cache/total-blocks", "prefix-cache/indexed-blocks"]
-            .iter()
-            .map(|name| Column { name: (*name).into(), values: vec![1.0; n] })
-            .collect()
+    let hooked_wasm = load(HOOKED_SCORER)?;
+    let hooked_native: std::sync::Arc<dyn ScorerPlugin> = std::sync::Arc::new(
+        NativePlugin::<no_hit_lru_scorer::NoHitLruScorer>::new(HOOKED_SCORER, "{}")
+            .map_err(|e| MicroError::Build(e.to_string()))?,
+    );
+    let request = |prompt_bytes: usize| {
+        let prompt = workload::text(1, prompt_bytes);
+        Request {
+            id: "req-0".into(),
+            model: workload::MODEL.into(),
+            prompt_tokens: Request::estimate_tokens(prompt.len()),
+            prompt,
+            ..Default::default()
+        }
     };
-    let request = |prompt_bytes: usize| Request {
-        id: "req-0".into(),
-        model: workload::MODEL.into(),
-        prompt: workload::text(1, prompt_bytes).into_bytes(),
-        ..Default::default()
-    };
-    let shapes: Vec<(String, Request, Metrics, Vec<Column>)> = vec![
-        ("1 endpoint, empty prompt, no columns".into(), request(0), workload::busy_metrics(1), vec![]),
-        ("100 endpoints, empty prompt, no columns".into(), request(0), workload::busy_metrics(100), vec![]),
-        ("100 endpoints, empty prompt, 3 columns".into(), request(0), workload::busy_metrics(100), columns(100)),
-        ("100 endpoints, 16 KB prompt, 3 columns".into(), request(16 << 10), workload::busy_metrics(100), columns(100)),
-        (
-            "100 endpoints, 200 KB prompt, 3 columns".into(),
-            request(200 << 10),
-            workload::busy_metrics(100),
-            columns(100),
-        ),
+    let shapes: Vec<(String, Request, Candidates)> = vec![
+        ("1 endpoint, empty prompt".into(), request(0), workload::busy_metrics(1)),
+        ("100 endpoints, empty prompt".into(), request(0), workload::busy_metrics(100)),
+        ("100 endpoints, 16 KB prompt (not read)".into(), request(16 << 10), workload::busy_metrics(100)),
+        ("100 endpoints, 200 KB prompt (not read)".into(), request(200 << 10), workload::busy_metrics(100)),
+        ("512 endpoints, 200 KB prompt (not read)".into(), request(200 << 10), workload::busy_metrics(512)),
     ];
     let per_shape = (opts.max_samples / 4).max(opts.min_samples);
     let mut out = Vec::new();
@@ -354,14 +377,20 @@ fn call_costs(runtime: &WasmRuntime, opts: &MicroOptions) -> Result<Vec<CallCost
         Ok(lat)
     };
     {
-        let hook = |p: &dyn PluginCore| p.pre_request("req-0", &[0]).is_ok();
-        let w = time(&|| hook(wasm.as_ref()))?;
-        let n = time(&|| hook(native.as_ref()))?;
-        out.push(CallCost { call: "pre-request hook (id + 1 target)".into(), wasm: w.summary(), native: n.summary() });
+        let hook = |p: &dyn PluginCore| p.decided(1, 0).is_ok();
+        let w = time(&|| hook(hooked_wasm.as_ref()))?;
+        let n = time(&|| hook(hooked_native.as_ref()))?;
+        out.push(CallCost { call: "decided hook (cycle + endpoint)".into(), wasm: w.summary(), native: n.summary() });
     }
-    for (name, req, metrics, cols) in &shapes {
-        let w = time(&|| wasm.score(req, metrics, cols).is_ok())?;
-        let n = time(&|| native.score(req, metrics, cols).is_ok())?;
+    for (name, req, candidates) in &shapes {
+        // The one column it reads (kv-usage), gathered as the profile would.
+        let cols = candidates.kv_usage.clone();
+        let call = |s: &dyn ScorerPlugin| {
+            let input = CallInput { cycle: 1, request: req, ids: &candidates.ids, columns: &cols };
+            s.score(&input).is_ok()
+        };
+        let w = time(&|| call(wasm.as_ref()))?;
+        let n = time(&|| call(native.as_ref()))?;
         out.push(CallCost { call: format!("score: {name}"), wasm: w.summary(), native: n.summary() });
     }
     Ok(out)

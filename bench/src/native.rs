@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use epp::config::{PickerConfig, PluginSpec};
 use epp::loader::DEFAULT_PICKER;
-use epp::scheduler::native::NativePlugin;
-use epp::scheduler::{PluginError, PluginHandle, SchedulerProfile, WeightedScorer};
+use epp_core::native::NativePlugin;
+use epp_core::{PluginError, PluginHandle, ProfileError, Scheduler, SchedulerProfile, WeightedScorer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
@@ -19,6 +19,8 @@ pub enum NativeError {
     UnknownType(String, String),
     #[error("plugin `{0}`: {1}")]
     Configure(String, PluginError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
 }
 
 fn make<T>(spec_name: &str, params: &str) -> Result<Arc<NativePlugin<T>>, NativeError>
@@ -41,8 +43,26 @@ fn native_plugin(name: &str, type_name: &str, params: &str) -> Result<PluginHand
         "prefix-cache-scorer" => PluginHandle::Scorer(make::<prefix_cache_scorer::PrefixCacheScorer>(name, params)?),
         "no-hit-lru-scorer" => PluginHandle::Scorer(make::<no_hit_lru_scorer::NoHitLruScorer>(name, params)?),
         "max-score-picker" => PluginHandle::Picker(make::<max_score_picker::MaxScorePicker>(name, params)?),
+        "inflight-load-producer" => {
+            PluginHandle::Producer(make::<inflight_load_producer::InflightLoadProducer>(name, params)?)
+        }
+        "prefix-cache-affinity-filter" => {
+            PluginHandle::Filter(make::<prefix_cache_affinity_filter::PrefixCacheAffinityFilter>(name, params)?)
+        }
+        "token-load-scorer" => PluginHandle::Scorer(make::<token_load_scorer::TokenLoadScorer>(name, params)?),
+        "active-request-scorer" => {
+            PluginHandle::Scorer(make::<active_request_scorer::ActiveRequestScorer>(name, params)?)
+        }
         other => return Err(NativeError::UnknownType(name.into(), other.into())),
     })
+}
+
+/// The native twin of `config`'s scheduler (its primary profile), as `loader::build` makes
+/// the wasm one: same plugins, order, weights and admission thresholds.
+pub fn native_scheduler(config: &PickerConfig) -> Result<Scheduler, NativeError> {
+    let mut s = Scheduler::single(native_profile(config)?);
+    s.saturation = config.saturation;
+    Ok(s)
 }
 
 /// The native twin of `config`'s profile, built in the order `loader::build` uses.
@@ -67,7 +87,7 @@ pub fn native_profile(config: &PickerConfig) -> Result<SchedulerProfile, NativeE
             _ => return Err(NativeError::UnknownType(DEFAULT_PICKER.into(), "non-picker".into())),
         },
     };
-    Ok(SchedulerProfile::new(config.profile().name.clone(), producers, filters, scorers, picker))
+    Ok(SchedulerProfile::new(config.profile().name.clone(), producers, filters, scorers, picker)?)
 }
 
 fn native_of(spec: &PluginSpec) -> Result<PluginHandle, NativeError> {
@@ -94,13 +114,15 @@ mod tests {
                 "max-score-picker"
             ]
         );
-        let weights: Vec<f32> = profile.scorers.iter().map(|s| s.weight.get()).collect();
-        assert_eq!(weights, [2.0, 2.0, 3.0, 2.0]);
+        assert_eq!(profile.weights(), [2.0, 2.0, 3.0, 2.0]);
     }
 
     #[test]
     fn a_type_without_twin_is_named() {
-        let err = native_plugin("x", "lora-affinity-scorer", "{}").err().map(|e| e.to_string());
-        assert_eq!(err.as_deref(), Some("plugin `x`: type lora-affinity-scorer has no native twin in the benchmark"));
+        let err = native_plugin("x", "session-affinity-scorer", "{}").err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("plugin `x`: type session-affinity-scorer has no native twin in the benchmark")
+        );
     }
 }

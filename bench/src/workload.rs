@@ -5,8 +5,8 @@
 //! Everything here is a pure function of its arguments and a seed, so two runs (and the
 //! wasm and native halves of one run) see exactly the same inputs.
 
+use epp_core::{Candidates, EndpointInfo, Request};
 use llmd_plugin_sdk::rng::SplitMix64;
-use llmd_plugin_sdk::{EndpointInfo, Metrics, Request};
 
 /// The model name every benchmark request names (the simulated workers serve any name).
 pub const MODEL: &str = "sim-model";
@@ -60,15 +60,15 @@ pub fn pool(n: usize) -> Vec<EndpointInfo> {
         .collect()
 }
 
-/// Metrics columns for `n` endpoints with spread-out queues and cache use, so that every
-/// scorer has real work (an idle pool would let scores tie).
-pub fn busy_metrics(n: usize) -> Metrics {
+/// Candidates for `n` endpoints with spread-out queues and cache use, so that every scorer
+/// has real work (an idle pool would let scores tie).
+pub fn busy_metrics(n: usize) -> Candidates {
     let ids: Vec<u32> = (0..n as u32).collect();
-    Metrics {
+    Candidates {
         waiting: ids.iter().map(|i| (i * 7 % 11) as f32).collect(),
         running: ids.iter().map(|i| (i % 5) as f32).collect(),
         kv_usage: ids.iter().map(|i| (i * 13 % 90) as f32 / 100.0).collect(),
-        age_ms: ids.iter().map(|_| 10).collect(),
+        age_ms: ids.iter().map(|_| 10.0).collect(),
         ids,
     }
 }
@@ -85,7 +85,8 @@ pub fn scheduler_requests(count: usize, prompt_bytes: usize, shared: usize) -> V
             Request {
                 id: format!("req-{k}"),
                 model: MODEL.into(),
-                prompt: prompt.into_bytes(),
+                prompt_tokens: Request::estimate_tokens(prompt.len()),
+                prompt,
                 random_seed: k as u64,
                 ..Default::default()
             }

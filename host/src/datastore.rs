@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use llmd_plugin_sdk::{EndpointInfo, Metrics};
+use epp_core::{CacheInfo, Candidates, EndpointInfo};
 
 use crate::discovery::{EndpointDiff, EndpointSpec, diff};
 
@@ -154,10 +154,8 @@ impl Datastore {
             let metrics = previous.map(|p| p.metrics.clone()).unwrap_or_default();
             let mut info = endpoint_info(id, spec);
             if let Some(p) = previous {
-                // LoRA state comes from scraping, not from the file: keep it across reloads.
-                info.max_lora = p.info.max_lora;
-                info.running_adapters = p.info.running_adapters.clone();
-                info.waiting_adapters = p.info.waiting_adapters.clone();
+                // Engine state comes from scraping, not from the file: keep it across reloads.
+                EngineInfo::of(&p.info).apply(&mut info);
             }
             endpoints.push(PoolEndpoint { id, info, spec: spec.clone(), metrics });
         }
@@ -169,19 +167,14 @@ impl Datastore {
         (snapshot, change)
     }
 
-    /// Records endpoint `id`'s LoRA state; when it changed, publishes a new snapshot (a new
-    /// generation, so plugins are told) and returns it.
-    pub fn set_lora(
-        &self,
-        id: u32,
-        max_lora: Option<u32>,
-        running: &[String],
-        waiting: &[String],
-    ) -> Option<Arc<PoolSnapshot>> {
+    /// Records endpoint `id`'s engine state (LoRA adapters, cache geometry); when it
+    /// changed, publishes a new snapshot (a new generation, so plugins are told) and
+    /// returns it.
+    pub fn set_engine(&self, id: u32, engine: &EngineInfo) -> Option<Arc<PoolSnapshot>> {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.pool.load_full();
         let e = old.by_id(id)?;
-        if e.info.max_lora == max_lora && e.info.running_adapters == running && e.info.waiting_adapters == waiting {
+        if EngineInfo::of(&e.info) == *engine {
             return None;
         }
         let endpoints = old
@@ -190,9 +183,7 @@ impl Datastore {
             .map(|p| {
                 let mut info = p.info.clone();
                 if p.id == id {
-                    info.max_lora = max_lora;
-                    info.running_adapters = running.to_vec();
-                    info.waiting_adapters = waiting.to_vec();
+                    engine.apply(&mut info);
                 }
                 PoolEndpoint { id: p.id, spec: p.spec.clone(), info, metrics: p.metrics.clone() }
             })
@@ -200,6 +191,12 @@ impl Datastore {
         let snapshot = Arc::new(PoolSnapshot { generation: old.generation + 1, endpoints });
         self.pool.store(snapshot.clone());
         Some(snapshot)
+    }
+
+    /// Whether `engine` differs from what the pool holds for endpoint `id` (false when the
+    /// endpoint left). Cheap: one snapshot load, no lock.
+    pub fn engine_differs(&self, id: u32, engine: &EngineInfo) -> bool {
+        self.pool.load().by_id(id).is_some_and(|e| EngineInfo::of(&e.info) != *engine)
     }
 
     /// Records a scrape of endpoint `id` (ignored if it left the pool).
@@ -216,9 +213,9 @@ impl Datastore {
 
     /// The scheduler's view of `endpoints` of `snapshot`: metrics columns, with values older
     /// than `max_age_ms` (or never scraped) reported as NaN.
-    pub fn metrics_of(&self, endpoints: &[&PoolEndpoint], max_age_ms: u32) -> Metrics {
+    pub fn candidates(&self, endpoints: &[&PoolEndpoint], max_age_ms: u32) -> Candidates {
         let now = self.epoch.elapsed().as_millis() as u64;
-        let mut m = Metrics {
+        let mut m = Candidates {
             ids: Vec::with_capacity(endpoints.len()),
             waiting: Vec::with_capacity(endpoints.len()),
             running: Vec::with_capacity(endpoints.len()),
@@ -234,9 +231,37 @@ impl Datastore {
             m.waiting.push(v(r.waiting));
             m.running.push(v(r.running));
             m.kv_usage.push(v(r.kv_usage));
-            m.age_ms.push(age);
+            m.age_ms.push(age as f32);
         }
         m
+    }
+}
+
+/// What scraping tells about an endpoint's engine beyond its load: LoRA adapters and the
+/// KV-cache geometry. Pushed to plugins (with the pool) when it changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineInfo {
+    pub max_lora: Option<u32>,
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
+    pub cache: Option<CacheInfo>,
+}
+
+impl EngineInfo {
+    fn of(info: &EndpointInfo) -> EngineInfo {
+        EngineInfo {
+            max_lora: info.max_lora,
+            running_adapters: info.running_adapters.clone(),
+            waiting_adapters: info.waiting_adapters.clone(),
+            cache: info.cache,
+        }
+    }
+
+    fn apply(&self, info: &mut EndpointInfo) {
+        info.max_lora = self.max_lora;
+        info.running_adapters.clone_from(&self.running_adapters);
+        info.waiting_adapters.clone_from(&self.waiting_adapters);
+        info.cache = self.cache;
     }
 }
 
@@ -252,6 +277,7 @@ fn endpoint_info(id: u32, spec: &EndpointSpec) -> EndpointInfo {
         max_lora: None,
         running_adapters: Vec::new(),
         waiting_adapters: Vec::new(),
+        cache: None,
     }
 }
 
@@ -308,19 +334,19 @@ mod tests {
         ds.record_metrics(a, Reading { waiting: 3.0, running: 1.0, kv_usage: 0.5 });
         let snap = ds.snapshot();
         let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
-        let m = ds.metrics_of(&all, 10_000);
+        let m = ds.candidates(&all, 10_000);
         assert_eq!(m.ids, vec![a, b]);
         assert_eq!(m.waiting[0], 3.0);
         assert!(m.waiting[1].is_nan() && m.kv_usage[1].is_nan());
-        assert_eq!(m.age_ms[1], u32::MAX);
+        assert_eq!(m.age_ms[1], u32::MAX as f32);
         // A zero staleness budget makes any reading older than now unknown… but a reading
         // from this very millisecond may still count, so only check the never-scraped one.
-        let m = ds.metrics_of(&all, 0);
+        let m = ds.candidates(&all, 0);
         assert!(m.waiting[1].is_nan());
         // Metrics of an endpoint that stays survive a relabel.
         ds.set_pool(&[spec("a", 1, "z"), spec("b", 2, "x")]);
         let snap = ds.snapshot();
         let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
-        assert_eq!(ds.metrics_of(&all, 10_000).waiting[0], 3.0);
+        assert_eq!(ds.candidates(&all, 10_000).waiting[0], 3.0);
     }
 }

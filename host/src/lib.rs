@@ -1,6 +1,6 @@
 //! The endpoint picker (EPP) library: configuration, endpoint discovery, the datastore, the
-//! pure scheduler, the wasm plugin runtime and the Envoy ext_proc service. `main.rs` is a
-//! thin shell over `server`.
+//! wasm plugin runtime and the Envoy ext_proc service around `epp_core`, the pure decision.
+//! `main.rs` is a thin shell over `server`.
 
 pub mod config;
 pub mod datastore;
@@ -10,11 +10,11 @@ pub mod ext_proc;
 pub mod loader;
 pub mod metrics_scrape;
 pub mod probe;
+pub mod publisher;
 pub mod reload;
 pub mod replay;
 pub mod request;
 pub mod routing;
-pub mod scheduler;
 pub mod server;
 pub mod telemetry;
 pub mod toolkit;

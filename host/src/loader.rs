@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use epp_core::scheduler::Admission;
+use epp_core::{PluginHandle, ProfileError, Scheduler, SchedulerProfile, Variant, WeightedScorer};
+
 use crate::config::{PickerConfig, PluginSpec, ProfileSpec};
-use crate::scheduler::{PluginHandle, Scheduler, SchedulerProfile, Variant, WeightedScorer};
 use crate::wasm::{LoadError, WasmRuntime, embedded};
 
 /// The picker used when a profile lists none.
@@ -35,6 +37,14 @@ pub enum BuildError {
     Probe { plugin: String, error: crate::probe::ProbeError },
     #[error("profile `{profile}` lists several pickers ({first}, {second}); a profile has exactly one")]
     SeveralPickers { profile: String, first: String, second: String },
+    #[error(transparent)]
+    Profile(Box<ProfileError>),
+}
+
+impl From<ProfileError> for BuildError {
+    fn from(e: ProfileError) -> Self {
+        BuildError::Profile(Box::new(e))
+    }
 }
 
 /// Loaded plugins by identity (entry + component bytes), for reuse across reloads.
@@ -115,30 +125,11 @@ fn load_or_reuse(
 
 /// Loads one plugin's component and instantiates it (no probe).
 pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHandle, BuildError> {
-    let owned;
-    let bytes: &[u8] = match &spec.wasm {
-        Some(path) => {
-            owned = std::fs::read(path).map_err(|e| BuildError::ReadWasm {
-                plugin: spec.name.clone(),
-                path: path.clone(),
-                error: e.to_string(),
-            })?;
-            &owned
-        }
-        None => embedded::find(&spec.type_name)
-            .ok_or_else(|| BuildError::NoComponent { plugin: spec.name.clone(), type_name: spec.type_name.clone() })?,
-    };
+    let bytes = component_bytes(spec)?;
     let params = spec.parameters.to_string();
     runtime
-        .load(&spec.name, bytes, &params, spec.sandbox, spec.failure_policy)
+        .load(&spec.name, &bytes, &params, spec.sandbox, spec.failure_policy)
         .map_err(|error| BuildError::Load { plugin: spec.name.clone(), error })
-}
-
-/// Builds the config's primary scheduling profile from scratch.
-pub fn build_profile(runtime: &WasmRuntime, config: &PickerConfig) -> Result<SchedulerProfile, BuildError> {
-    let (mut next, mut loaded) = (PluginSet::default(), Vec::new());
-    let primary = config.profile();
-    build_one(runtime, config, primary, &primary.name, &PluginSet::default(), &mut next, &mut loaded)
 }
 
 /// Builds everything the config runs (one profile, or every variant of its experiment),
@@ -159,9 +150,15 @@ pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet)
                 let built = build_one(runtime, config, profile, &v.name, previous, &mut next, &mut loaded)?;
                 variants.push(Variant { name: v.name.clone(), profile: built, shadow: v.shadow });
             }
-            Scheduler { variants, experiment: Some(experiment.clone()) }
+            Scheduler {
+                variants,
+                experiment: Some(experiment.clone()),
+                saturation: config.saturation,
+                admission: Admission::default(),
+            }
         }
     };
+    let scheduler = Scheduler { saturation: config.saturation, ..scheduler };
     info!(
         variants = ?scheduler.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
         reloaded = ?loaded,
@@ -183,7 +180,7 @@ fn build_one(
     let mut producers = Vec::new();
     let mut filters = Vec::new();
     let mut scorers = Vec::new();
-    let mut picker: Option<(String, Arc<dyn crate::scheduler::PickerPlugin>)> = None;
+    let mut picker: Option<(String, Arc<dyn epp_core::PickerPlugin>)> = None;
     for entry in &spec_profile.plugins {
         // Invariant: config validation guarantees every pluginRef names a plugin.
         let Some(spec) = config.plugin(&entry.plugin_ref) else {
@@ -229,7 +226,7 @@ fn build_one(
             }
         }
     };
-    let profile = SchedulerProfile::new(spec_profile.name.clone(), producers, filters, scorers, picker);
+    let profile = SchedulerProfile::new(spec_profile.name.clone(), producers, filters, scorers, picker)?;
     info!(
         profile = %profile.name,
         plugins = ?profile.plugins().iter().map(|p| p.core().name().to_string()).collect::<Vec<_>>(),

@@ -57,7 +57,8 @@ enum PluginCommand {
         /// Where to create it (default: ./<name>).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The plugin SDK (default: plugins/sdk of the checkout around the current folder).
+        /// Depend on this SDK checkout (default: write the SDK this binary carries beside
+        /// the plugin, so it builds anywhere; `$LLMD_PLUGIN_SDK` also names a checkout).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -238,12 +239,8 @@ fn plugin_command(cmd: PluginCommand) -> anyhow::Result<bool> {
         PluginCommand::New { name, role, dir, sdk } => {
             let role = toolkit::parse_role(&role).map_err(anyhow::Error::msg)?;
             let cwd = std::env::current_dir()?;
-            let sdk = match sdk.or_else(|| toolkit::find_sdk(&cwd)) {
-                Some(s) => s,
-                None => bail!("cannot find plugins/sdk around {}; pass --sdk <path>", cwd.display()),
-            };
             let dir = dir.unwrap_or_else(|| cwd.join(&name));
-            let files = toolkit::scaffold(&name, role, &dir, &sdk).map_err(anyhow::Error::msg)?;
+            let files = toolkit::scaffold(&name, role, &dir, &toolkit::sdk_source(sdk)).map_err(anyhow::Error::msg)?;
             for f in &files {
                 println!("created {}", f.display());
             }

@@ -1,15 +1,16 @@
 //! The probe a plugin must pass before it may serve traffic (at start-up, on every reload,
 //! and in `epp plugin check`): calls over 0, 1 and 64 endpoints, with fresh, unknown (NaN)
-//! and stale metrics, checking that outputs have the right shape and range and that every
-//! call returns within the plugin's time limit.
+//! and stale metrics, checking that outputs have the right shape and range, that the hooks
+//! its manifest declares answer, and that every call returns within the plugin's time limit.
 //!
 //! It talks to plugins only through the scheduler's traits; it never publishes anything.
+//! Columns a plugin reads from producers it is probed without are filled with plausible
+//! values (and NaN in the "unknown" case), so a plugin is checked on its own.
 
 use std::time::{Duration, Instant};
 
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request};
-
-use crate::scheduler::{PluginError, PluginHandle};
+use epp_core::{CacheInfo, CallInput, Candidates, Completion, EndpointInfo, PluginError, PluginHandle, Request, Table};
+use llmd_plugin_sdk::columns::BUILT_IN;
 
 /// One probe call's outcome.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,7 +31,7 @@ fn fail(case: &str, reason: impl Into<String>) -> ProbeError {
     ProbeError { case: case.to_string(), reason: reason.into() }
 }
 
-/// A synthetic pool of `n` endpoints with labels and LoRA data.
+/// A synthetic pool of `n` endpoints with labels, LoRA data and cache geometry.
 pub fn synthetic_pool(n: u32) -> Vec<EndpointInfo> {
     (0..n)
         .map(|i| EndpointInfo {
@@ -43,20 +44,21 @@ pub fn synthetic_pool(n: u32) -> Vec<EndpointInfo> {
             max_lora: Some(4),
             running_adapters: vec![format!("lora-{}", i % 3)],
             waiting_adapters: Vec::new(),
+            cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 2048 + i }),
         })
         .collect()
 }
 
-/// Metrics for `pool`: `kind` is "fresh", "unknown" (NaN everywhere) or "stale" (old).
-pub fn synthetic_metrics(pool: &[EndpointInfo], kind: &str) -> Metrics {
+/// The candidates of `pool`: `kind` is "fresh", "unknown" (NaN everywhere) or "stale".
+pub fn synthetic_metrics(pool: &[EndpointInfo], kind: &str) -> Candidates {
     let n = pool.len();
     let (nan, age) = match kind {
-        "unknown" => (true, u32::MAX),
-        "stale" => (false, 60_000),
-        _ => (false, 20),
+        "unknown" => (true, f32::MAX),
+        "stale" => (false, 60_000.0),
+        _ => (false, 20.0),
     };
     let v = |i: usize, scale: f32| if nan { f32::NAN } else { (i % 7) as f32 * scale };
-    Metrics {
+    Candidates {
         ids: pool.iter().map(|e| e.id).collect(),
         waiting: (0..n).map(|i| v(i, 1.0)).collect(),
         running: (0..n).map(|i| v(i, 2.0)).collect(),
@@ -65,17 +67,21 @@ pub fn synthetic_metrics(pool: &[EndpointInfo], kind: &str) -> Metrics {
     }
 }
 
-/// A request whose prompt is a few kilobytes of repeated text.
+/// A request whose prompt is `prompt_bytes` of repeated text.
 pub fn synthetic_request(i: usize, prompt_bytes: usize) -> Request {
     let text = "The quick brown fox jumps over the lazy dog. ";
+    let prompt: String = text.chars().cycle().take(prompt_bytes).collect();
     Request {
         id: format!("probe-request-{i}"),
         model: "lora-1".into(),
-        prompt: text.bytes().cycle().take(prompt_bytes).collect(),
-        cache_salt: None,
-        headers: vec![("x-probe".into(), "1".into())],
+        prompt_tokens: Request::estimate_tokens(prompt.len()),
+        prompt,
+        max_tokens: Some(16),
+        headers: vec![("x-probe".into(), "1".into()), ("x-session-token".into(), "cHJvYmUvcHJvYmUtMA==".into())],
         priority: 0,
         random_seed: i as u64,
+        now_ms: 1_000 + i as u64,
+        ..Default::default()
     }
 }
 
@@ -92,36 +98,68 @@ pub fn probe(plugin: &PluginHandle) -> Result<Vec<ProbeCall>, ProbeError> {
         for kind in ["fresh", "unknown", "stale"] {
             i += 1;
             let case = format!("{}/{n}-endpoints/{kind}", plugin.role());
-            let metrics = synthetic_metrics(&pool, kind);
+            let candidates = synthetic_metrics(&pool, kind);
             let req = synthetic_request(i, 4096);
             let started = Instant::now();
-            check_call(plugin, &req, &metrics).map_err(|reason| fail(&case, reason))?;
+            check_call(plugin, i as u64, &req, &candidates, kind == "unknown").map_err(|reason| fail(&case, reason))?;
             calls.push(ProbeCall { case, elapsed: started.elapsed() });
+            if let Some(&first) = candidates.ids.first() {
+                let case = format!("hooks/{n}-endpoints/{kind}");
+                let started = Instant::now();
+                check_hooks(plugin, i as u64, first).map_err(|reason| fail(&case, reason))?;
+                calls.push(ProbeCall { case, elapsed: started.elapsed() });
+            }
         }
     }
     Ok(calls)
 }
 
-/// One call of the plugin's role, with its output validated.
-pub fn check_call(plugin: &PluginHandle, req: &Request, m: &Metrics) -> Result<(), String> {
-    let n = m.len();
+/// The plugin's `reads` columns over `candidates`, gathered in manifest order: built-in
+/// ones from the metrics, producer ones made up (NaN when `unknown`).
+fn probe_columns(plugin: &PluginHandle, candidates: &Candidates, unknown: bool) -> Vec<f32> {
+    let n = candidates.len();
+    let table = Table::new(candidates, BUILT_IN.len());
+    let mut out = Vec::new();
+    for column in &plugin.core().manifest().reads {
+        match BUILT_IN.iter().position(|b| b == column) {
+            Some(slot) => out.extend_from_slice(table.column(slot)),
+            None if unknown => out.extend(std::iter::repeat_n(f32::NAN, n)),
+            None if column.ends_with("/total-blocks") => out.extend(std::iter::repeat_n(4.0, n)),
+            None if column.ends_with("/block-tokens") => out.extend(std::iter::repeat_n(64.0, n)),
+            None => out.extend((0..n).map(|i| (i % 5) as f32)),
+        }
+    }
+    out
+}
+
+/// One call of the plugin's role (cycle `cycle`), with its output validated.
+pub fn check_call(
+    plugin: &PluginHandle,
+    cycle: u64,
+    req: &Request,
+    candidates: &Candidates,
+    unknown: bool,
+) -> Result<(), String> {
+    let n = candidates.len();
+    let columns = probe_columns(plugin, candidates, unknown);
+    let input = CallInput { cycle, request: req, ids: &candidates.ids, columns: &columns };
     let err = |e: PluginError| e.to_string();
     match plugin {
         PluginHandle::Producer(p) => {
-            for col in p.produce(req, m).map_err(err)? {
-                if col.values.len() != n {
-                    return Err(format!("column {} has {} values for {n} endpoints", col.name, col.values.len()));
-                }
+            let writes = p.manifest().writes.len();
+            let values = p.produce(&input).map_err(err)?;
+            if values.len() != n * writes {
+                return Err(format!("returned {} values for {writes} columns of {n} endpoints", values.len()));
             }
         }
         PluginHandle::Filter(f) => {
-            let kept = f.filter(req, m, &probe_columns(n)).map_err(err)?;
-            if let Some(bad) = kept.iter().find(|id| !m.ids.contains(id)) {
+            let kept = f.filter(&input).map_err(err)?;
+            if let Some(bad) = kept.iter().find(|id| !candidates.ids.contains(id)) {
                 return Err(format!("kept endpoint id {bad}, which was not a candidate"));
             }
         }
         PluginHandle::Scorer(s) => {
-            let scores = s.score(req, m, &probe_columns(n)).map_err(err)?;
+            let scores = s.score(&input).map_err(err)?;
             if scores.len() != n {
                 return Err(format!("returned {} scores for {n} endpoints", scores.len()));
             }
@@ -131,11 +169,11 @@ pub fn check_call(plugin: &PluginHandle, req: &Request, m: &Metrics) -> Result<(
         }
         PluginHandle::Picker(p) => {
             let scores: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
-            let picked = p.pick(req, m, &scores).map_err(err)?;
+            let picked = p.pick(&input, &scores).map_err(err)?;
             if n > 0 && picked.is_empty() {
                 return Err(format!("picked nothing out of {n} endpoints"));
             }
-            if let Some(bad) = picked.iter().find(|id| !m.ids.contains(id)) {
+            if let Some(bad) = picked.iter().find(|id| !candidates.ids.contains(id)) {
                 return Err(format!("picked endpoint id {bad}, which was not a candidate"));
             }
         }
@@ -143,11 +181,22 @@ pub fn check_call(plugin: &PluginHandle, req: &Request, m: &Metrics) -> Result<(
     Ok(())
 }
 
-/// The prefix columns a scorer may expect, filled with plausible values.
-fn probe_columns(n: usize) -> Vec<Column> {
-    use llmd_plugin_sdk::columns::{PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
-    vec![
-        Column { name: PREFIX_MATCHED_BLOCKS.into(), values: (0..n).map(|i| (i % 4) as f32).collect() },
-        Column { name: PREFIX_TOTAL_BLOCKS.into(), values: vec![4.0; n] },
-    ]
+/// The hooks the manifest declares, for a request of cycle `cycle` sent to `endpoint`.
+fn check_hooks(plugin: &PluginHandle, cycle: u64, endpoint: u32) -> Result<(), String> {
+    let p = plugin.core();
+    let headers = p.decided(cycle, endpoint).map_err(|e| e.to_string())?;
+    if let Some((name, _)) = headers.iter().find(|(k, v)| !valid_header(k, v)) {
+        return Err(format!("decided returned the header `{name}`, which is not a valid HTTP header"));
+    }
+    p.first_chunk(cycle, endpoint).map_err(|e| e.to_string())?;
+    p.finished(cycle, &Completion { endpoint, status: 200, ..Default::default() }).map_err(|e| e.to_string())
+}
+
+/// A header a plugin may add to a response: a token name (lower case, not a pseudo-header
+/// or hop-by-hop header) and a value without control characters.
+pub fn valid_header(name: &str, value: &str) -> bool {
+    let token = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b));
+    let reserved = matches!(name, "content-length" | "transfer-encoding" | "connection" | "host" | "te" | "upgrade");
+    token && !reserved && value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }

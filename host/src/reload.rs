@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use crate::config::PickerConfig;
 use crate::loader::{self, PluginSet};
-use crate::routing::Router;
+use crate::publisher::Publisher;
+use crate::routing::{Built, Router};
 use crate::wasm::WasmRuntime;
 
 /// Quiet time after the last file event before a reload (editors write in bursts).
@@ -40,6 +41,7 @@ pub struct Reloader {
     runtime: WasmRuntime,
     path: PathBuf,
     router: Arc<Router>,
+    publisher: Publisher,
     state: Mutex<State>,
 }
 
@@ -58,6 +60,7 @@ impl Reloader {
         runtime: WasmRuntime,
         path: PathBuf,
         router: Arc<Router>,
+        publisher: Publisher,
         config: &PickerConfig,
         plugins: PluginSet,
     ) -> Arc<Reloader> {
@@ -66,6 +69,7 @@ impl Reloader {
             runtime,
             path,
             router,
+            publisher,
             state: Mutex::new(State { fingerprint, attempted: fingerprint, plugins }),
         })
     }
@@ -83,8 +87,8 @@ impl Reloader {
             warn!("config: {w}");
         }
         let built = loader::build(&self.runtime, &config, &state.plugins).map_err(|e| e.to_string())?;
-        self.router.set_scheduler(built.scheduler);
-        self.router.set_saturation(config.saturation);
+        let scheduler = Arc::new(Built::new(built.scheduler, self.router.telemetry()));
+        self.publisher.scheduler(scheduler);
         state.plugins = built.plugins;
         state.fingerprint = fp;
         Ok(ReloadOutcome::Applied { loaded: built.loaded })
@@ -92,15 +96,15 @@ impl Reloader {
 
     /// Reloads and reports the outcome in the log and the reload counter.
     pub fn reload_and_report(&self) {
-        let counter = &self.router.telemetry().config_reloads;
+        let telemetry = self.router.telemetry();
         match self.reload() {
             Ok(ReloadOutcome::Applied { loaded }) => {
-                counter.with_label_values(&["applied"]).inc();
+                telemetry.config_reload(true);
                 info!(path = %self.path.display(), reloaded_plugins = ?loaded, "config reloaded; new scheduler published");
             }
             Ok(ReloadOutcome::Unchanged) => {}
             Err(reason) => {
-                counter.with_label_values(&["rejected"]).inc();
+                telemetry.config_reload(false);
                 warn!(path = %self.path.display(), %reason, "config reload rejected; the running scheduler stays");
             }
         }

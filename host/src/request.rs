@@ -40,6 +40,9 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// The OpenAI `user` field (a sticky key for experiments).
     pub user: Option<String>,
+    /// The client's cap on generated tokens (`max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens`).
+    pub max_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -58,14 +61,18 @@ pub enum RequestError {
     WrongType { field: &'static str, expected: &'static str },
 }
 
-/// The header naming a request's objective (upstream: an InferenceObjective).
-pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// The headers naming a request's objective (upstream: an InferenceObjective), upstream's
+/// current name first, then its older one.
+pub const OBJECTIVE_HEADERS: [&str; 2] = ["x-llm-d-inference-objective", "x-gateway-inference-objective"];
+/// The older objective header, still accepted.
+pub const OBJECTIVE_HEADER: &str = OBJECTIVE_HEADERS[1];
 
 /// A request's priority from its objective header: an integer, or one of the names
 /// `sheddable` (-1), `standard` / `default` (0), `critical` (1). Absent or unknown → 0.
 /// Negative priorities are sheddable: refused with 429 when the pool is saturated.
 pub fn priority(headers: &[(String, String)]) -> i32 {
-    let Some((_, v)) = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(OBJECTIVE_HEADER)) else { return 0 };
+    let found = OBJECTIVE_HEADERS.iter().find_map(|h| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(h)));
+    let Some((_, v)) = found else { return 0 };
     let v = v.trim();
     if let Ok(p) = v.parse::<i32>() {
         return p;
@@ -117,7 +124,38 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestErro
         }
     };
     let user = obj.get("user").and_then(Value::as_str).map(str::to_string);
-    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user })
+    let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_u64))
+        .map(|n| n.min(u64::from(u32::MAX)) as u32);
+    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user, max_tokens })
+}
+
+/// The scheduler's view of a request: its id, headers (lower-case names) and, when it had
+/// a body this EPP parses, the parsed body. A body-less request (e.g. `GET /v1/models`) has
+/// no model and no prompt. The prompt's token count is estimated (about four bytes a token).
+pub fn for_scheduling(id: &str, headers: &[(String, String)], parsed: Option<InferenceRequest>) -> epp_core::Request {
+    let priority = priority(headers);
+    let random_seed = xxhash_rust::xxh3::xxh3_64(id.as_bytes());
+    let base = epp_core::Request {
+        id: id.to_string(),
+        headers: headers.to_vec(),
+        priority,
+        random_seed,
+        ..Default::default()
+    };
+    match parsed {
+        None => base,
+        Some(r) => epp_core::Request {
+            model: r.model,
+            cache_salt: r.cache_salt,
+            prompt_tokens: epp_core::Request::estimate_tokens(r.prompt.len()),
+            prompt: r.prompt,
+            max_tokens: r.max_tokens,
+            user: r.user,
+            ..base
+        },
+    }
 }
 
 /// A completions-style prompt: a string, a list of strings, or token ids (kept as their

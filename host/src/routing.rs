@@ -1,28 +1,33 @@
-//! The decision for one request, independent of the wire: take the pool snapshot, narrow it
-//! to the subset hint, build the scheduler's view, run the active profile, and name the
-//! targets. Also the one place where every failure becomes an HTTP status and body.
+//! The decision for one request, independent of the wire: bound the requests in flight,
+//! take the pool snapshot, narrow it to the subset hint, hand the candidates and the request
+//! to `epp_core`'s `Scheduler::decide`, and name the targets. `Routed` then carries the
+//! request's life: the first response bytes and the end reach the plugins that asked, and
+//! exactly once — a request dropped without an end (client gone, stream reset) ends as
+//! cancelled. Also the one place where every failure becomes an HTTP status and body.
 //!
-//! It does no network I/O; the scheduler call is synchronous and short (callers on an async
-//! runtime run it with `spawn_blocking`).
+//! It does no network I/O. A decision runs inline on the caller's thread: it is a few
+//! microseconds of plugin calls, each bounded by its sandbox deadline. Shadow variants run
+//! off the request path, at most `MAX_SHADOW_JOBS` at a time.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use llmd_plugin_sdk::{Request, Usage};
+use epp_core::{Completion, DecideError, Decision, Outcome, Request, ScheduleError, Scheduler, Usage};
 use tracing::debug;
 
-use llmd_plugin_sdk::columns::{PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
-use llmd_plugin_sdk::types::find_column;
-
 use crate::datastore::{Datastore, PoolEndpoint};
-use crate::request::{InferenceRequest, RequestError};
-use crate::scheduler::{Decision, SaturationConfig, ScheduleError, Scheduler};
-use crate::telemetry::{InFlight, Telemetry};
+use crate::request::RequestError;
+use crate::telemetry::{InFlight, PoolGauges, SchedulerMetrics, Telemetry};
 
 /// Metrics older than this are unknown (NaN) to the scheduler.
 pub const DEFAULT_METRICS_STALENESS_MS: u32 = 2_000;
+/// Default bound on requests in flight through one EPP.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Shadow cycles running or waiting at most; beyond, a shadow is skipped (and counted).
+pub const MAX_SHADOW_JOBS: usize = 64;
 
 /// Every reason a request is not routed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -64,30 +69,128 @@ impl RouteError {
             RouteError::PayloadTooLarge(_) => (413, "PayloadTooLarge"),
             RouteError::Saturated | RouteError::Overloaded(_) => (429, "ResourceExhausted"),
             RouteError::NoEndpoints | RouteError::SubsetUnavailable(_) => (503, "ServiceUnavailable"),
-            RouteError::Scheduling(ScheduleError::NoCandidates | ScheduleError::AllFiltered { .. }) => {
-                (503, "ServiceUnavailable")
-            }
-            RouteError::Scheduling(ScheduleError::PluginFailed { .. }) => (503, "ServiceUnavailable"),
+            RouteError::Scheduling(_) => (503, "ServiceUnavailable"),
             RouteError::Internal(_) => (500, "Internal"),
         };
         ErrorReply { status, body: format!("inference error: {code} - {self}") }
     }
+
+    /// The plugin (and the kind of its failure) that caused this error, if one did.
+    pub fn plugin(&self) -> Option<(&str, &str)> {
+        match self {
+            RouteError::Scheduling(ScheduleError::PluginFailed { plugin, error }) => Some((plugin, error.kind())),
+            _ => None,
+        }
+    }
 }
 
-/// A routed request: where to send it.
-#[derive(Clone)]
+impl From<DecideError> for RouteError {
+    fn from(e: DecideError) -> Self {
+        match e {
+            DecideError::NoEndpoints => RouteError::NoEndpoints,
+            DecideError::Saturated => RouteError::Saturated,
+            DecideError::Schedule { error, .. } => RouteError::Scheduling(error),
+        }
+    }
+}
+
+/// A scheduler and the metric handles resolved for it, published together.
+pub struct Built {
+    pub scheduler: Scheduler,
+    pub metrics: SchedulerMetrics,
+    /// The pool generation its plugins were last told (the publisher keeps it current).
+    told: AtomicU64,
+}
+
+impl Built {
+    pub fn new(scheduler: Scheduler, telemetry: &Telemetry) -> Built {
+        let metrics = telemetry.scheduler_metrics(&scheduler);
+        Built { scheduler, metrics, told: AtomicU64::new(0) }
+    }
+
+    /// The pool generation its plugins were last told.
+    pub fn told_generation(&self) -> u64 {
+        self.told.load(Ordering::Acquire)
+    }
+
+    /// Tells every variant's plugins the pool of `generation`.
+    pub fn pool_changed(&self, generation: u64, endpoints: &[epp_core::EndpointInfo]) {
+        let failures = self.scheduler.pool_changed(generation, endpoints);
+        self.metrics.hook_failures(&failures);
+        self.told.store(generation, Ordering::Release);
+    }
+}
+
+/// Everything the request path needs, shared by all streams.
+pub struct Router {
+    datastore: Arc<Datastore>,
+    built: ArcSwap<Built>,
+    telemetry: Arc<Telemetry>,
+    pub metrics_staleness_ms: u32,
+    /// Requests routed and not yet completed; above `max_in_flight` new ones get 429.
+    in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: usize,
+    /// The last cycle id handed out; every decision gets the next one.
+    cycles: AtomicU64,
+    /// Shadow jobs running or waiting.
+    shadow_jobs: Arc<AtomicUsize>,
+    clock: Instant,
+}
+
+/// A request counted in flight until dropped.
+pub struct Admitted {
+    counter: Arc<AtomicUsize>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How the response of a routed request ended, as the wire saw it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ending {
+    pub outcome: Outcome,
+    /// The worker's HTTP status, 0 when none arrived.
+    pub status: u16,
+    pub usage: Option<Usage>,
+}
+
+/// Shadow variants' plugins learn a request's placement (`decided`) only when their job
+/// runs, off the request path; hooks of the request that come earlier wait here and are
+/// replayed after it.
+#[derive(Default)]
+struct ShadowLink {
+    /// The shadow variants whose plugins were told the placement, once the job ran.
+    ran: Option<Vec<usize>>,
+    first_chunk: bool,
+    finished: Option<Completion>,
+}
+
+/// A routed request: where to send it, and its life until its response ends.
 pub struct Routed {
     /// Primary first, then fallbacks; never empty.
     pub targets: Vec<SocketAddr>,
-    /// The primary's endpoint id (for response hooks).
+    /// The primary's endpoint id.
     pub endpoint_id: u32,
     /// The variant that routed it (index into the scheduler's variants) and its name.
     pub variant: usize,
     pub variant_name: String,
     /// Whether responses should carry the variant's name.
     pub name_variant: bool,
-    /// Shadow variants to score this request with, off the request path.
-    pub shadows: Option<Arc<ShadowJob>>,
+    /// Headers the plugins add to the client's response.
+    pub response_headers: Vec<(String, String)>,
+    pub cycle: u64,
+    pub model: String,
+    built: Arc<Built>,
+    telemetry: Arc<Telemetry>,
+    started: Instant,
+    first_chunk: Option<Duration>,
+    finished: bool,
+    shadows: Option<Arc<Mutex<ShadowLink>>>,
+    _running: InFlight,
+    _admitted: Admitted,
 }
 
 impl std::fmt::Debug for Routed {
@@ -98,56 +201,106 @@ impl std::fmt::Debug for Routed {
 
 /// Everything a shadow cycle needs: the same request and candidates the routing variant saw.
 pub struct ShadowJob {
-    scheduler: Arc<Scheduler>,
-    shadows: Vec<usize>,
+    built: Arc<Built>,
+    cycle: u64,
     request: Request,
-    metrics: llmd_plugin_sdk::Metrics,
-    /// Where the request really went (ids), primary first.
-    actual: Vec<u32>,
+    decision: Decision,
+    link: Arc<Mutex<ShadowLink>>,
+    slot: ShadowSlot,
 }
 
-/// Everything the request path needs, shared by all streams.
-pub struct Router {
-    datastore: Arc<Datastore>,
-    scheduler: ArcSwap<Scheduler>,
-    telemetry: Arc<Telemetry>,
-    saturation: ArcSwap<SaturationConfig>,
-    pub metrics_staleness_ms: u32,
-    /// Requests routed and not yet completed; above `max_in_flight` new ones get 429.
-    in_flight: Arc<AtomicUsize>,
-    pub max_in_flight: usize,
-}
+/// One of the `MAX_SHADOW_JOBS` slots, released when the job is done (or dropped).
+struct ShadowSlot(Arc<AtomicUsize>);
 
-/// Default bound on requests in flight through one EPP.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
-
-/// A routed request, counted as in flight until dropped.
-pub struct Admitted {
-    _running: InFlight,
-    counter: Arc<AtomicUsize>,
-}
-
-impl Drop for Admitted {
+impl Drop for ShadowSlot {
     fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Routed {
+    /// The first response bytes arrived: the plugins that asked learn it (once).
+    pub fn first_chunk(&mut self) {
+        if self.first_chunk.is_some() || self.finished {
+            return;
+        }
+        self.first_chunk = Some(self.started.elapsed());
+        let failures = self.built.scheduler.first_chunk(&[self.variant], self.cycle, self.endpoint_id);
+        self.built.metrics.hook_failures(&failures);
+        if let Some(link) = &self.shadows {
+            let mut link = lock(link);
+            match &link.ran {
+                Some(ran) => {
+                    let failures = self.built.scheduler.first_chunk(ran, self.cycle, self.endpoint_id);
+                    self.built.metrics.hook_failures(&failures);
+                }
+                None => link.first_chunk = true,
+            }
+        }
+    }
+
+    /// The request ended: metrics are recorded and the plugins that asked learn it (once;
+    /// dropping an unfinished `Routed` finishes it as cancelled).
+    pub fn finish(&mut self, ending: Ending) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if let Some(v) = self.built.metrics.variant(self.variant) {
+            let ttft = self.first_chunk;
+            self.telemetry.completed(&self.model, v, self.started.elapsed(), ttft, ending.usage);
+        }
+        let completion = Completion {
+            endpoint: self.endpoint_id,
+            outcome: ending.outcome,
+            status: ending.status,
+            usage: ending.usage,
+        };
+        debug!(cycle = self.cycle, ?completion, "request finished");
+        let failures = self.built.scheduler.finished(&[self.variant], self.cycle, &completion);
+        self.built.metrics.hook_failures(&failures);
+        if let Some(link) = &self.shadows {
+            let mut link = lock(link);
+            match &link.ran {
+                Some(ran) => {
+                    let failures = self.built.scheduler.finished(ran, self.cycle, &completion);
+                    self.built.metrics.hook_failures(&failures);
+                }
+                None => link.finished = Some(completion),
+            }
+        }
+    }
+
+    /// Time from routing to the first response bytes, once they came.
+    pub fn first_chunk_after(&self) -> Option<Duration> {
+        self.first_chunk
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(Ending { outcome: Outcome::Cancelled, status: 0, usage: None });
+        }
     }
 }
 
 impl Router {
-    pub fn new(
-        datastore: Arc<Datastore>,
-        scheduler: Scheduler,
-        saturation: SaturationConfig,
-        telemetry: Arc<Telemetry>,
-    ) -> Self {
+    pub fn new(datastore: Arc<Datastore>, scheduler: Scheduler, telemetry: Arc<Telemetry>) -> Self {
         Router {
+            built: ArcSwap::from_pointee(Built::new(scheduler, &telemetry)),
             datastore,
-            scheduler: ArcSwap::from_pointee(scheduler),
             telemetry,
-            saturation: ArcSwap::from_pointee(saturation),
             metrics_staleness_ms: DEFAULT_METRICS_STALENESS_MS,
             in_flight: Arc::default(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            cycles: AtomicU64::new(0),
+            shadow_jobs: Arc::default(),
+            clock: Instant::now(),
         }
     }
 
@@ -159,36 +312,41 @@ impl Router {
         &self.datastore
     }
 
-    pub fn scheduler(&self) -> Arc<Scheduler> {
-        self.scheduler.load_full()
+    /// The running scheduler and its metric handles.
+    pub fn built(&self) -> Arc<Built> {
+        self.built.load_full()
     }
 
-    /// Publishes a new scheduler (told the current pool first); in-flight requests finish on
-    /// the one they started with.
-    pub fn set_scheduler(&self, scheduler: Scheduler) {
-        let pool = self.datastore.snapshot();
-        scheduler.pool_changed(pool.generation, &pool.infos());
-        self.scheduler.store(Arc::new(scheduler));
+    /// Publishes `built` (already told the current pool); in-flight requests finish on the
+    /// one they started with. Only the pool publisher calls it, so pool and scheduler
+    /// changes are applied in one order.
+    pub(crate) fn install(&self, built: Arc<Built>) {
+        self.built.store(built);
     }
 
-    /// Publishes new admission thresholds.
-    pub fn set_saturation(&self, saturation: SaturationConfig) {
-        self.saturation.store(Arc::new(saturation));
+    /// Milliseconds since the router started (the `now-ms` plugins see).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
     }
 
-    /// Chooses the endpoint(s) for one request. `request` is None for body-less requests
-    /// (e.g. `GET /v1/models`), which go to any endpoint the profile picks.
+    /// Counts a request in flight, or refuses it when `max_in_flight` are.
+    fn admit(&self) -> Result<Admitted, RouteError> {
+        // Invariant: work beyond the bound is refused at once rather than queued; the check
+        // and the increment are one atomic step, so concurrent requests cannot overshoot.
+        let max = self.max_in_flight;
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| RouteError::Overloaded(max))?;
+        Ok(Admitted { counter: self.in_flight.clone() })
+    }
+
+    /// Chooses the endpoint(s) for one request (`req.now_ms` is set here).
     pub fn route(
         &self,
-        request_id: &str,
-        headers: &[(String, String)],
-        request: Option<&InferenceRequest>,
+        mut req: Request,
         subset: Option<&[String]>,
-    ) -> Result<Routed, RouteError> {
-        // Invariant: work beyond the bound is refused at once rather than queued.
-        if self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight {
-            return Err(RouteError::Overloaded(self.max_in_flight));
-        }
+    ) -> Result<(Routed, Option<ShadowJob>), RouteError> {
+        let admitted = self.admit()?;
         let pool = self.datastore.snapshot();
         if pool.endpoints.is_empty() {
             return Err(RouteError::NoEndpoints);
@@ -204,129 +362,108 @@ impl Router {
             }
             _ => pool.endpoints.iter().collect(),
         };
-        let mut metrics = self.datastore.metrics_of(&candidates, self.metrics_staleness_ms);
-        let priority = crate::request::priority(headers);
-        let saturation = self.saturation.load();
-        if saturation.shed(priority, &metrics) {
-            return Err(RouteError::Saturated);
-        }
-        let kept = saturation.filter(&metrics);
-        if kept.len() != metrics.len() {
-            metrics = metrics.select(&kept);
-        }
-        let req = Request {
-            id: request_id.to_string(),
-            model: request.map(|r| r.model.clone()).unwrap_or_default(),
-            prompt: request.map(|r| r.prompt.as_bytes().to_vec()).unwrap_or_default(),
-            cache_salt: request.and_then(|r| r.cache_salt.clone()),
-            headers: headers.to_vec(),
-            priority,
-            random_seed: xxhash_rust::xxh3::xxh3_64(request_id.as_bytes()),
-        };
-        let scheduler = self.scheduler.load_full();
-        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let variant = scheduler.choose(request_id, &header, request.and_then(|r| r.user.as_deref()));
-        let Some(chosen) = scheduler.variants.get(variant) else {
-            return Err(RouteError::Internal(format!("variant {variant} does not exist")));
-        };
-        let started = std::time::Instant::now();
-        let decision = match chosen.profile.schedule(&req, &metrics) {
+        let candidates = self.datastore.candidates(&candidates, self.metrics_staleness_ms);
+        let built = self.built.load_full();
+        let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
+        req.now_ms = self.now_ms();
+        let started = Instant::now();
+        let decision = match built.scheduler.decide(cycle, &req, candidates) {
             Ok(d) => d,
             Err(e) => {
-                self.telemetry.variant_errors.with_label_values(&[chosen.name.as_str()]).inc();
-                return Err(RouteError::Scheduling(e));
+                if let DecideError::Schedule { variant, .. } = &e {
+                    built.metrics.failed(*variant);
+                }
+                return Err(e.into());
             }
         };
-        self.record_decision(&chosen.name, &decision, started.elapsed());
+        let elapsed = started.elapsed();
         let targets: Vec<SocketAddr> =
-            decision.targets.iter().filter_map(|id| pool.by_id(*id)).map(PoolEndpoint::target).collect();
-        let (Some(&endpoint_id), false) = (decision.targets.first(), targets.is_empty()) else {
+            decision.result.targets.iter().filter_map(|id| pool.by_id(*id)).map(PoolEndpoint::target).collect();
+        let primary = decision.primary();
+        let Some(endpoint) = pool.by_id(primary).filter(|_| !targets.is_empty()) else {
             return Err(RouteError::Internal("the picked endpoint is not in the pool snapshot".into()));
         };
-        if let Some(e) = pool.by_id(endpoint_id) {
-            self.telemetry.variant_picks.with_label_values(&[chosen.name.as_str(), e.spec.name.as_str()]).inc();
-        }
-        debug!(request_id, variant = %chosen.name, ?targets, scores = ?decision.total_scores, candidates = ?decision.candidates, "scheduled");
-        let shadows = scheduler.shadows_for(request_id);
-        let shadows = (!shadows.is_empty()).then(|| {
-            Arc::new(ShadowJob {
-                scheduler: scheduler.clone(),
-                shadows,
-                request: req,
-                metrics,
-                actual: decision.targets.clone(),
-            })
-        });
-        Ok(Routed {
+        built.metrics.decided(&decision, elapsed, &endpoint.spec.name);
+        let variant = &built.scheduler.variants[decision.variant];
+        debug!(
+            request_id = %req.id,
+            cycle,
+            variant = %variant.name,
+            ?targets,
+            scores = ?decision.result.total_scores,
+            candidates = ?decision.result.table.ids(),
+            "scheduled"
+        );
+        let mut routed = Routed {
             targets,
-            endpoint_id,
-            variant,
-            variant_name: chosen.name.clone(),
-            name_variant: scheduler.names_variants(),
-            shadows,
-        })
+            endpoint_id: primary,
+            variant: decision.variant,
+            variant_name: variant.name.clone(),
+            name_variant: built.scheduler.names_variants(),
+            response_headers: decision.result.response_headers.clone(),
+            cycle,
+            model: req.model.clone(),
+            built: built.clone(),
+            telemetry: self.telemetry.clone(),
+            started,
+            first_chunk: None,
+            finished: false,
+            shadows: None,
+            _running: self.telemetry.routed(&req.model),
+            _admitted: admitted,
+        };
+        let job = if decision.shadows.is_empty() {
+            None
+        } else if self.shadow_jobs.fetch_add(1, Ordering::AcqRel) < MAX_SHADOW_JOBS {
+            let link = Arc::new(Mutex::new(ShadowLink::default()));
+            routed.shadows = Some(link.clone());
+            let slot = ShadowSlot(self.shadow_jobs.clone());
+            Some(ShadowJob { built, cycle, request: req, decision, link, slot })
+        } else {
+            self.shadow_jobs.fetch_sub(1, Ordering::AcqRel);
+            built.metrics.shadow_dropped();
+            None
+        };
+        Ok((routed, job))
     }
 
     /// Runs the shadow variants of a routed request and records what they would have
-    /// picked. Never affects the request: call it after answering, off the request path.
-    pub fn run_shadows(&self, job: &ShadowJob) {
-        for &i in &job.shadows {
-            let Some(v) = job.scheduler.variants.get(i) else { continue };
-            let started = std::time::Instant::now();
-            let outcome = match v.profile.schedule_shadow(&job.request, &job.metrics, &job.actual) {
-                Ok(d) if d.targets.first() == job.actual.first() => "agree",
-                Ok(_) => "disagree",
-                Err(e) => {
-                    debug!(variant = %v.name, error = %e, "shadow variant failed");
-                    "error"
+    /// picked; then replays the hooks its request saw meanwhile. Never affects the request:
+    /// call it after answering, off the request path.
+    pub fn run_shadows(job: ShadowJob) {
+        let ShadowJob { built, cycle, request, decision, link, slot } = job;
+        let mut ran = Vec::new();
+        for &i in &decision.shadows {
+            let started = Instant::now();
+            let outcome = built.scheduler.run_shadow(i, cycle, &request, &decision);
+            let (agreed, result) = match &outcome {
+                Some(Ok(r)) => (Some(r.targets.first() == Some(&decision.primary())), Some(r)),
+                Some(Err(e)) => {
+                    debug!(variant = i, error = %e, "shadow variant failed");
+                    (None, None)
                 }
+                None => continue,
             };
-            let t = &self.telemetry;
-            t.variant_scheduling.with_label_values(&[v.name.as_str()]).observe(started.elapsed().as_secs_f64());
-            t.shadow_decisions.with_label_values(&[v.name.as_str(), outcome]).inc();
+            built.metrics.shadow(i, started.elapsed(), agreed, result);
+            ran.push(i);
         }
-    }
-
-    fn record_decision(&self, variant: &str, d: &Decision, elapsed: std::time::Duration) {
-        let t = &self.telemetry;
-        t.scheduler_e2e.with_label_values(&[] as &[&str]).observe(elapsed.as_secs_f64());
-        t.variant_requests.with_label_values(&[variant]).inc();
-        t.variant_scheduling.with_label_values(&[variant]).observe(elapsed.as_secs_f64());
-        for timing in &d.timings {
-            t.plugin_duration
-                .with_label_values(&[timing.role.as_str(), timing.role.as_str(), timing.plugin.as_str()])
-                .observe(timing.elapsed.as_secs_f64());
+        let mut link = lock(&link);
+        let endpoint = decision.primary();
+        if link.first_chunk {
+            built.metrics.hook_failures(&built.scheduler.first_chunk(&ran, cycle, endpoint));
         }
-        for (plugin, error) in &d.failures {
-            t.plugin_errors.with_label_values(&[plugin.as_str(), error.kind()]).inc();
+        if let Some(c) = link.finished.take() {
+            built.metrics.hook_failures(&built.scheduler.finished(&ran, cycle, &c));
         }
-        let column = |name| find_column(&d.columns, name);
-        if let (Some(matched), Some(total), Some(pos)) = (
-            column(PREFIX_MATCHED_BLOCKS),
-            column(PREFIX_TOTAL_BLOCKS),
-            d.targets.first().and_then(|id| d.candidates.iter().position(|c| c == id)),
-        ) {
-            let (m, n) =
-                (matched.values.get(pos).copied().unwrap_or(0.0), total.values.get(pos).copied().unwrap_or(0.0));
-            if n > 0.0 && m.is_finite() {
-                t.prefix_indexer_hit_ratio
-                    .with_label_values(&[] as &[&str])
-                    .observe(f64::from((m / n).clamp(0.0, 1.0)));
-            }
-        }
-        if let Some(indexed) = column(PREFIX_INDEXED_BLOCKS) {
-            let size: f64 = indexed.values.iter().filter(|v| v.is_finite()).map(|v| f64::from(*v)).sum();
-            t.prefix_indexer_size.with_label_values(&[] as &[&str]).set(size as i64);
-        }
+        link.ran = Some(ran);
+        drop(slot);
     }
 
     /// Recomputes the pool-level gauges from the current pool and metrics.
     pub fn refresh_pool_gauges(&self) {
         let pool = self.datastore.snapshot();
         let all: Vec<&PoolEndpoint> = pool.endpoints.iter().collect();
-        let m = self.datastore.metrics_of(&all, self.metrics_staleness_ms);
-        let t = &self.telemetry;
-        let name = t.pool();
+        let m = self.datastore.candidates(&all, self.metrics_staleness_ms);
         let fresh: Vec<usize> =
             (0..m.len()).filter(|&i| m.waiting[i].is_finite() && m.kv_usage[i].is_finite()).collect();
         let mean = |col: &[f32]| {
@@ -336,70 +473,31 @@ impl Router {
                 fresh.iter().map(|&i| f64::from(col[i])).sum::<f64>() / fresh.len() as f64
             }
         };
-        t.pool_ready_pods.with_label_values(&[name]).set(fresh.len() as f64);
-        t.pool_avg_kv.with_label_values(&[name]).set(mean(&m.kv_usage));
-        t.pool_avg_queue.with_label_values(&[name]).set(mean(&m.waiting));
-        t.pool_saturation.with_label_values(&[name]).set(f64::from(self.saturation.load().pool_saturation(&m)));
-        t.pool_per_pod_queue.reset();
-        for (i, e) in pool.endpoints.iter().enumerate() {
-            if m.waiting[i].is_finite() {
-                t.pool_per_pod_queue.with_label_values(&[e.spec.name.as_str(), name]).set(f64::from(m.waiting[i]));
-            }
-        }
+        let per_pod: Vec<(String, f64)> = pool
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| m.waiting[*i].is_finite())
+            .map(|(i, e)| (e.spec.name.clone(), f64::from(m.waiting[i])))
+            .collect();
+        let saturation = self.built.load().scheduler.saturation.pool_saturation(&m);
+        self.telemetry.pool_gauges(&PoolGauges {
+            ready: fresh.len(),
+            avg_kv: mean(&m.kv_usage),
+            avg_queue: mean(&m.waiting),
+            saturation: f64::from(saturation),
+            per_pod_queue: &per_pod,
+        });
     }
 
     /// Counts a request the EPP answered with an error (the one place errors are counted).
     pub fn record_error(&self, model: &str, error: &RouteError) {
-        let code = error.reply().status.to_string();
-        self.telemetry.request_total.with_label_values(&[model, model]).inc();
-        self.telemetry.request_error_total.with_label_values(&[model, model, code.as_str()]).inc();
-        if let RouteError::Scheduling(ScheduleError::PluginFailed { plugin, error }) = error {
-            self.telemetry.plugin_errors.with_label_values(&[plugin.as_str(), error.kind()]).inc();
-        }
-    }
-
-    /// Counts a routed request; the returned guard tracks it as running until dropped.
-    pub fn record_routed(&self, model: &str) -> Admitted {
-        self.telemetry.request_total.with_label_values(&[model, model]).inc();
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Admitted { _running: self.telemetry.running(model), counter: self.in_flight.clone() }
+        self.telemetry.rejected(model, error.reply().status, error.plugin());
     }
 
     /// Requests routed and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Records a completed response of `model` (routed by `variant`) that took `elapsed`,
-    /// whose first body byte came after `ttft`, with its usage if known.
-    pub fn record_completed(
-        &self,
-        model: &str,
-        variant: &str,
-        elapsed: std::time::Duration,
-        ttft: Option<std::time::Duration>,
-        usage: Option<Usage>,
-    ) {
-        let t = &self.telemetry;
-        t.observe_duration(model, elapsed);
-        t.variant_duration.with_label_values(&[variant]).observe(elapsed.as_secs_f64());
-        if let Some(ttft) = ttft {
-            t.variant_ttft.with_label_values(&[variant]).observe(ttft.as_secs_f64());
-        }
-        if let Some(u) = usage {
-            t.variant_prompt_tokens.with_label_values(&[variant]).inc_by(u64::from(u.prompt_tokens));
-            t.variant_cached_tokens.with_label_values(&[variant]).inc_by(u64::from(u.cached_tokens));
-        }
-        if let Some(u) = usage {
-            t.input_tokens.with_label_values(&[model, model]).observe(f64::from(u.prompt_tokens));
-            t.output_tokens.with_label_values(&[model, model]).observe(f64::from(u.completion_tokens));
-            t.cached_tokens.with_label_values(&[model, model]).observe(f64::from(u.cached_tokens));
-        }
-    }
-
-    /// Tells the routing variant's plugins a response completed.
-    pub fn response_complete(&self, variant: usize, request_id: &str, endpoint_id: u32, usage: Usage) {
-        self.scheduler.load().response_complete(variant, request_id, endpoint_id, usage);
+        self.in_flight.load(Ordering::Acquire)
     }
 }
 

@@ -14,11 +14,12 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, PickerConfig};
-use crate::datastore::{Datastore, Reading};
+use crate::datastore::{Datastore, EngineInfo, Reading};
 use crate::discovery::{DiscoveryError, FileDiscovery, FileDiscoveryParams};
 use crate::ext_proc::{self, ExtProc};
 use crate::loader::{self, BuildError};
 use crate::metrics_scrape::{EngineMetrics, MetricNames, ScrapeConfig, ScrapeError, ScrapeSink, ScrapeTarget, Scraper};
+use crate::publisher::Publisher;
 use crate::reload::Reloader;
 use crate::routing::Router;
 use crate::telemetry::{self, Telemetry};
@@ -107,21 +108,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let (config, base_dir) = load_config(&opts.config)?;
     let runtime = if opts.wasm_disk_cache { WasmRuntime::with_disk_cache()? } else { WasmRuntime::new()? };
     let built = loader::build(&runtime, &config, &loader::PluginSet::default())?;
-    let scheduler = built.scheduler;
     let datastore = Arc::new(Datastore::new());
     let telemetry = Telemetry::new(&opts.pool_name);
-    let mut router = Router::new(datastore.clone(), scheduler, config.saturation, telemetry.clone());
+    let mut router = Router::new(datastore.clone(), built.scheduler, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
     router.max_in_flight = opts.max_in_flight;
     let router = Arc::new(router);
-    // With a config file, changes to it (or to the components it names) are applied live.
-    let _config_watch = match &opts.config {
-        ConfigSource::File(path) => {
-            let reloader = Reloader::new(runtime.clone(), path.clone(), router.clone(), &config, built.plugins);
-            Some(reloader.watch().map_err(ServerError::Watch)?)
-        }
-        _ => None,
-    };
 
     let scraper = match config.metrics_source()? {
         Some((scheme, path)) => {
@@ -133,7 +125,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 names: opts.metric_names.clone(),
             };
             info!(path = %scrape.path, interval_ms = scrape.interval.as_millis() as u64, "scraping worker metrics");
-            Some(Arc::new(Scraper::new(scrape, Arc::new(PoolSink { router: router.clone() }))))
+            Some(scrape)
         }
         None => {
             warn!(
@@ -142,16 +134,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
             None
         }
     };
-
-    let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
-    let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
+    // Scrapers report to the publisher, which owns every change to the pool; the publisher
+    // tells the scrapers which endpoints exist. The cell breaks that cycle at start-up.
+    let scraper_cell: Arc<std::sync::OnceLock<Arc<Scraper>>> = Arc::default();
     let (loaded_tx, mut loaded_rx) = watch::channel(false);
-    let on_update = {
-        let router = router.clone();
-        let scraper = scraper.clone();
-        move |specs: Arc<Vec<crate::discovery::EndpointSpec>>| {
-            let (snapshot, change) = router.datastore().set_pool(&specs);
-            if let Some(scraper) = &scraper {
+    let on_pool = {
+        let cell = scraper_cell.clone();
+        Box::new(move |snapshot: &crate::datastore::PoolSnapshot| {
+            if let Some(scraper) = cell.get() {
                 let targets: Vec<ScrapeTarget> = snapshot
                     .endpoints
                     .iter()
@@ -159,16 +149,29 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                     .collect();
                 scraper.sync(&targets);
             }
-            if !change.is_empty() {
-                info!(
-                    generation = snapshot.generation,
-                    endpoints = snapshot.endpoints.len(),
-                    "endpoint pool published: {change}"
-                );
-                router.scheduler().pool_changed(snapshot.generation, &snapshot.infos());
-            }
-            loaded_tx.send_replace(true);
+        })
+    };
+    let publisher = Publisher::start(router.clone(), on_pool, loaded_tx)
+        .map_err(|e| ServerError::Watch(format!("cannot start the pool publisher: {e}")))?;
+    if let Some(scrape) = scraper {
+        let sink = PoolSink { router: router.clone(), publisher: publisher.clone() };
+        let _ = scraper_cell.set(Arc::new(Scraper::new(scrape, Arc::new(sink))));
+    }
+    // With a config file, changes to it (or to the components it names) are applied live.
+    let _config_watch = match &opts.config {
+        ConfigSource::File(path) => {
+            let reloader =
+                Reloader::new(runtime.clone(), path.clone(), router.clone(), publisher.clone(), &config, built.plugins);
+            Some(reloader.watch().map_err(ServerError::Watch)?)
         }
+        _ => None,
+    };
+
+    let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
+    let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
+    let on_update = {
+        let publisher = publisher.clone();
+        move |specs: Arc<Vec<crate::discovery::EndpointSpec>>| publisher.endpoints(specs)
     };
     info!(path = %params.path.display(), watch = params.watch_file, "starting file discovery");
     let discovery = FileDiscovery::start(params, on_update)?;
@@ -233,9 +236,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 tick.tick().await;
                 router.refresh_pool_gauges();
                 let s = stats();
-                let reloads = &router.telemetry().discovery_reloads;
-                reloads.with_label_values(&["applied"]).inc_by(s.reloads_applied.saturating_sub(counted.0));
-                reloads.with_label_values(&["rejected"]).inc_by(s.reloads_rejected.saturating_sub(counted.1));
+                router.telemetry().discovery_reloads(
+                    s.reloads_applied.saturating_sub(counted.0),
+                    s.reloads_rejected.saturating_sub(counted.1),
+                );
                 counted = (s.reloads_applied, s.reloads_rejected);
             }
         }
@@ -302,10 +306,12 @@ fn tls_identity(cert_path: Option<&std::path::Path>) -> Result<tonic::transport:
     }
 }
 
-/// Where scrapes land: endpoint load into the datastore's cells, LoRA state into the pool
-/// (telling plugins when it changes), failures into the scrape-error counter.
+/// Where scrapes land: endpoint load into the datastore's cells, engine state (LoRA
+/// adapters, cache geometry) to the publisher when it changed, failures into the
+/// scrape-error counter.
 struct PoolSink {
     router: Arc<Router>,
+    publisher: Publisher,
 }
 
 impl ScrapeSink for PoolSink {
@@ -315,17 +321,20 @@ impl ScrapeSink for PoolSink {
             id,
             Reading { waiting: m.waiting as f32, running: m.running as f32, kv_usage: m.kv_usage as f32 },
         );
-        let (max_lora, running, waiting) = match &m.lora {
-            Some(l) => (Some(l.max_lora), l.running.as_slice(), l.waiting.as_slice()),
-            None => (None, &[][..], &[][..]),
+        let engine = EngineInfo {
+            max_lora: m.lora.as_ref().map(|l| l.max_lora),
+            running_adapters: m.lora.as_ref().map(|l| l.running.clone()).unwrap_or_default(),
+            waiting_adapters: m.lora.as_ref().map(|l| l.waiting.clone()).unwrap_or_default(),
+            cache: m.cache.map(|c| epp_core::CacheInfo { block_size: c.block_size, num_gpu_blocks: c.num_gpu_blocks }),
         };
-        if let Some(snapshot) = ds.set_lora(id, max_lora, running, waiting) {
-            self.router.scheduler().pool_changed(snapshot.generation, &snapshot.infos());
+        // Most scrapes change nothing: only a change goes to the publisher.
+        if ds.engine_differs(id, &engine) {
+            self.publisher.engine(id, engine);
         }
     }
 
     fn failed(&self, _id: u32, target: &str, _error: &ScrapeError) {
-        self.router.telemetry().scrape_errors.with_label_values(&[target]).inc();
+        self.router.telemetry().scrape_failed(target);
     }
 }
 

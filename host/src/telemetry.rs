@@ -8,8 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use epp_core::{CycleResult, Decision, HookFailure, PluginTiming, Scheduler, Usage};
+use llmd_plugin_sdk::columns::{PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing::{info, warn};
 
@@ -31,35 +37,36 @@ const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 pub struct Telemetry {
     registry: Registry,
     pool: String,
-    pub request_total: IntCounterVec,
-    pub request_error_total: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub input_tokens: HistogramVec,
-    pub output_tokens: HistogramVec,
-    pub cached_tokens: HistogramVec,
-    pub running_requests: IntGaugeVec,
-    pub pool_avg_kv: GaugeVec,
-    pub pool_avg_queue: GaugeVec,
-    pub pool_ready_pods: GaugeVec,
-    pub pool_per_pod_queue: GaugeVec,
-    pub pool_saturation: GaugeVec,
-    pub scheduler_e2e: HistogramVec,
-    pub plugin_duration: HistogramVec,
-    pub prefix_indexer_size: IntGaugeVec,
-    pub prefix_indexer_hit_ratio: HistogramVec,
-    pub plugin_errors: IntCounterVec,
-    pub discovery_reloads: IntCounterVec,
-    pub scrape_errors: IntCounterVec,
-    pub config_reloads: IntCounterVec,
-    pub variant_requests: IntCounterVec,
-    pub variant_errors: IntCounterVec,
-    pub variant_scheduling: HistogramVec,
-    pub variant_ttft: HistogramVec,
-    pub variant_duration: HistogramVec,
-    pub variant_prompt_tokens: IntCounterVec,
-    pub variant_cached_tokens: IntCounterVec,
-    pub variant_picks: IntCounterVec,
-    pub shadow_decisions: IntCounterVec,
+    request_total: IntCounterVec,
+    request_error_total: IntCounterVec,
+    request_duration: HistogramVec,
+    input_tokens: HistogramVec,
+    output_tokens: HistogramVec,
+    cached_tokens: HistogramVec,
+    running_requests: IntGaugeVec,
+    pool_avg_kv: GaugeVec,
+    pool_avg_queue: GaugeVec,
+    pool_ready_pods: GaugeVec,
+    pool_per_pod_queue: GaugeVec,
+    pool_saturation: GaugeVec,
+    scheduler_e2e: HistogramVec,
+    plugin_duration: HistogramVec,
+    prefix_indexer_size: IntGaugeVec,
+    prefix_indexer_hit_ratio: HistogramVec,
+    plugin_errors: IntCounterVec,
+    discovery_reloads: IntCounterVec,
+    scrape_errors: IntCounterVec,
+    config_reloads: IntCounterVec,
+    variant_requests: IntCounterVec,
+    variant_errors: IntCounterVec,
+    variant_scheduling: HistogramVec,
+    variant_ttft: HistogramVec,
+    variant_duration: HistogramVec,
+    variant_prompt_tokens: IntCounterVec,
+    variant_cached_tokens: IntCounterVec,
+    variant_picks: IntCounterVec,
+    shadow_decisions: IntCounterVec,
+    shadows_dropped: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -233,6 +240,10 @@ impl Telemetry {
                 opts("epp_variant_picks_total", "Requests sent to each endpoint, by variant."),
                 &["variant", "endpoint"],
             )),
+            shadows_dropped: must(IntCounter::new(
+                "epp_shadow_dropped_total",
+                "Shadow cycles skipped because shadow work was already at its bound.",
+            )),
             shadow_decisions: must(IntCounterVec::new(
                 opts(
                     "epp_shadow_decisions_total",
@@ -281,6 +292,7 @@ impl Telemetry {
             Box::new(self.variant_cached_tokens.clone()),
             Box::new(self.variant_picks.clone()),
             Box::new(self.shadow_decisions.clone()),
+            Box::new(self.shadows_dropped.clone()),
         ]
     }
 
@@ -297,15 +309,270 @@ impl Telemetry {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// Counts one running request of `model` until the returned guard is dropped.
-    pub fn running(&self, model: &str) -> InFlight {
+    /// Counts a routed request of `model`; the guard counts it as running until dropped.
+    pub fn routed(&self, model: &str) -> InFlight {
+        self.request_total.with_label_values(&[model, model]).inc();
         let gauge = self.running_requests.with_label_values(&[model]);
         gauge.inc();
         InFlight(gauge)
     }
 
-    pub fn observe_duration(&self, model: &str, d: Duration) {
-        self.request_duration.with_label_values(&[model, model]).observe(d.as_secs_f64());
+    /// Counts a request the EPP answered with error `status`; `plugin` names the plugin
+    /// (and the kind of its failure) when one caused it.
+    pub fn rejected(&self, model: &str, status: u16, plugin: Option<(&str, &str)>) {
+        self.request_total.with_label_values(&[model, model]).inc();
+        self.request_error_total.with_label_values(&[model, model, &status.to_string()]).inc();
+        if let Some((plugin, kind)) = plugin {
+            self.plugin_errors.with_label_values(&[plugin, kind]).inc();
+        }
+    }
+
+    /// Records a completed response of `model`, routed by `variant`: latency, time to the
+    /// first byte (when one came) and usage (when the worker reported it).
+    pub fn completed(
+        &self,
+        model: &str,
+        variant: &VariantMetrics,
+        elapsed: Duration,
+        ttft: Option<Duration>,
+        usage: Option<Usage>,
+    ) {
+        self.request_duration.with_label_values(&[model, model]).observe(elapsed.as_secs_f64());
+        variant.duration.observe(elapsed.as_secs_f64());
+        if let Some(ttft) = ttft {
+            variant.ttft.observe(ttft.as_secs_f64());
+        }
+        if let Some(u) = usage {
+            variant.prompt_tokens.inc_by(u64::from(u.prompt_tokens));
+            variant.cached_tokens.inc_by(u64::from(u.cached_tokens));
+            self.input_tokens.with_label_values(&[model, model]).observe(f64::from(u.prompt_tokens));
+            self.output_tokens.with_label_values(&[model, model]).observe(f64::from(u.completion_tokens));
+            self.cached_tokens.with_label_values(&[model, model]).observe(f64::from(u.cached_tokens));
+        }
+    }
+
+    /// Counts a plugin failure outside a decision (a hook).
+    pub fn plugin_failed(&self, plugin: &str, kind: &str) {
+        self.plugin_errors.with_label_values(&[plugin, kind]).inc();
+    }
+
+    /// Counts a failed scrape of endpoint `target`.
+    pub fn scrape_failed(&self, target: &str) {
+        self.scrape_errors.with_label_values(&[target]).inc();
+    }
+
+    /// Adds endpoints-file reloads by outcome.
+    pub fn discovery_reloads(&self, applied: u64, rejected: u64) {
+        self.discovery_reloads.with_label_values(&["applied"]).inc_by(applied);
+        self.discovery_reloads.with_label_values(&["rejected"]).inc_by(rejected);
+    }
+
+    /// Counts a config reload that was applied (true) or rejected.
+    pub fn config_reload(&self, applied: bool) {
+        self.config_reloads.with_label_values(&[if applied { "applied" } else { "rejected" }]).inc();
+    }
+
+    /// Publishes the pool-level gauges.
+    pub fn pool_gauges(&self, gauges: &PoolGauges<'_>) {
+        let name = self.pool.as_str();
+        self.pool_ready_pods.with_label_values(&[name]).set(gauges.ready as f64);
+        self.pool_avg_kv.with_label_values(&[name]).set(gauges.avg_kv);
+        self.pool_avg_queue.with_label_values(&[name]).set(gauges.avg_queue);
+        self.pool_saturation.with_label_values(&[name]).set(gauges.saturation);
+        self.pool_per_pod_queue.reset();
+        for (pod, queue) in gauges.per_pod_queue {
+            self.pool_per_pod_queue.with_label_values(&[pod.as_str(), name]).set(*queue);
+        }
+    }
+
+    /// Resolves every handle a scheduler's decisions record into, once per build.
+    pub fn scheduler_metrics(&self, scheduler: &Scheduler) -> SchedulerMetrics {
+        let variants = scheduler
+            .variants
+            .iter()
+            .map(|v| {
+                let name = v.name.as_str();
+                let plugins = v
+                    .profile
+                    .plugins()
+                    .iter()
+                    .map(|p| {
+                        let role = p.role().as_str();
+                        PluginMetrics {
+                            name: p.core().name().to_string(),
+                            duration: self.plugin_duration.with_label_values(&[role, role, p.core().name()]),
+                        }
+                    })
+                    .collect();
+                let slot = |column| v.profile.column_slot(column);
+                VariantMetrics {
+                    name: name.to_string(),
+                    requests: self.variant_requests.with_label_values(&[name]),
+                    errors: self.variant_errors.with_label_values(&[name]),
+                    scheduling: self.variant_scheduling.with_label_values(&[name]),
+                    ttft: self.variant_ttft.with_label_values(&[name]),
+                    duration: self.variant_duration.with_label_values(&[name]),
+                    prompt_tokens: self.variant_prompt_tokens.with_label_values(&[name]),
+                    cached_tokens: self.variant_cached_tokens.with_label_values(&[name]),
+                    // Only shadows have decision outcomes (the report tells them apart by it).
+                    shadow: v.shadow.then(|| ShadowMetrics {
+                        agree: self.shadow_decisions.with_label_values(&[name, "agree"]),
+                        disagree: self.shadow_decisions.with_label_values(&[name, "disagree"]),
+                        error: self.shadow_decisions.with_label_values(&[name, "error"]),
+                    }),
+                    plugins,
+                    prefix_slots: (slot(PREFIX_MATCHED_BLOCKS), slot(PREFIX_TOTAL_BLOCKS), slot(PREFIX_INDEXED_BLOCKS)),
+                    picks: self.variant_picks.clone(),
+                    pick_cache: Mutex::default(),
+                }
+            })
+            .collect();
+        SchedulerMetrics {
+            e2e: self.scheduler_e2e.with_label_values(&[] as &[&str]),
+            hit_ratio: self.prefix_indexer_hit_ratio.with_label_values(&[] as &[&str]),
+            indexer_size: self.prefix_indexer_size.with_label_values(&[] as &[&str]),
+            plugin_errors: self.plugin_errors.clone(),
+            shadows_dropped: self.shadows_dropped.clone(),
+            variants,
+        }
+    }
+}
+
+/// Pool-level gauge values, computed by the router.
+pub struct PoolGauges<'a> {
+    pub ready: usize,
+    pub avg_kv: f64,
+    pub avg_queue: f64,
+    pub saturation: f64,
+    pub per_pod_queue: &'a [(String, f64)],
+}
+
+/// One plugin's handles within a built scheduler.
+pub struct PluginMetrics {
+    pub name: String,
+    duration: Histogram,
+}
+
+/// One variant's handles within a built scheduler.
+pub struct VariantMetrics {
+    pub name: String,
+    requests: IntCounter,
+    errors: IntCounter,
+    scheduling: Histogram,
+    ttft: Histogram,
+    duration: Histogram,
+    prompt_tokens: IntCounter,
+    cached_tokens: IntCounter,
+    shadow: Option<ShadowMetrics>,
+    plugins: Vec<PluginMetrics>,
+    /// Table slots of the prefix index's matched, total and indexed columns.
+    prefix_slots: (Option<usize>, Option<usize>, Option<usize>),
+    picks: IntCounterVec,
+    /// Pick counters by endpoint id, resolved on first use (ids are stable per endpoint).
+    pick_cache: Mutex<HashMap<u32, IntCounter>>,
+}
+
+/// A shadow variant's decision outcomes.
+struct ShadowMetrics {
+    agree: IntCounter,
+    disagree: IntCounter,
+    error: IntCounter,
+}
+
+/// The handles of one built scheduler: resolved once by `Telemetry::scheduler_metrics`,
+/// recorded into with no label lookup on the request path.
+pub struct SchedulerMetrics {
+    e2e: Histogram,
+    hit_ratio: Histogram,
+    indexer_size: IntGauge,
+    plugin_errors: IntCounterVec,
+    shadows_dropped: IntCounter,
+    variants: Vec<VariantMetrics>,
+}
+
+impl SchedulerMetrics {
+    /// The handles of variant `i` (of the scheduler these were resolved for).
+    pub fn variant(&self, i: usize) -> Option<&VariantMetrics> {
+        self.variants.get(i)
+    }
+
+    /// Records a decision of variant `decision.variant` that took `elapsed`; `endpoint` names
+    /// its primary target.
+    pub fn decided(&self, decision: &Decision, elapsed: Duration, endpoint: &str) {
+        let Some(v) = self.variants.get(decision.variant) else { return };
+        self.e2e.observe(elapsed.as_secs_f64());
+        v.requests.inc();
+        v.scheduling.observe(elapsed.as_secs_f64());
+        self.plugin_calls(v, &decision.result.timings, &decision.result.failures);
+        let primary = decision.primary();
+        let counter = {
+            let mut cache = v.pick_cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.entry(primary).or_insert_with(|| v.picks.with_label_values(&[v.name.as_str(), endpoint])).clone()
+        };
+        counter.inc();
+        let table = &decision.result.table;
+        let pos = table.ids().iter().position(|&id| id == primary);
+        if let ((Some(m), Some(t), _), Some(pos)) = (v.prefix_slots, pos) {
+            let (m, t) =
+                (table.column(m).get(pos).copied().unwrap_or(0.0), table.column(t).get(pos).copied().unwrap_or(0.0));
+            if t > 0.0 && m.is_finite() {
+                self.hit_ratio.observe(f64::from((m / t).clamp(0.0, 1.0)));
+            }
+        }
+        if let (_, _, Some(k)) = v.prefix_slots {
+            let size: f64 = table.column(k).iter().filter(|v| v.is_finite()).map(|v| f64::from(*v)).sum();
+            self.indexer_size.set(size as i64);
+        }
+    }
+
+    /// Records a variant's failed decision.
+    pub fn failed(&self, variant: usize) {
+        if let Some(v) = self.variants.get(variant) {
+            v.errors.inc();
+        }
+    }
+
+    /// Records a shadow variant's cycle: whether it agreed with the routing pick, or failed.
+    pub fn shadow(&self, variant: usize, elapsed: Duration, agreed: Option<bool>, result: Option<&CycleResult>) {
+        let Some(v) = self.variants.get(variant) else { return };
+        v.scheduling.observe(elapsed.as_secs_f64());
+        if let Some(s) = &v.shadow {
+            match agreed {
+                Some(true) => s.agree.inc(),
+                Some(false) => s.disagree.inc(),
+                None => s.error.inc(),
+            }
+        }
+        if let Some(r) = result {
+            self.plugin_calls(v, &r.timings, &r.failures);
+        }
+    }
+
+    /// Counts a shadow cycle skipped because the shadow work queue was full.
+    pub fn shadow_dropped(&self) {
+        self.shadows_dropped.inc();
+    }
+
+    /// Counts hook failures of variant `variant`'s plugins.
+    pub fn hook_failures(&self, failures: &[(usize, HookFailure)]) {
+        for (variant, f) in failures {
+            if let Some(p) = self.variants.get(*variant).and_then(|v| v.plugins.get(f.plugin)) {
+                self.plugin_errors.with_label_values(&[p.name.as_str(), f.error.kind()]).inc();
+            }
+        }
+    }
+
+    fn plugin_calls(&self, v: &VariantMetrics, timings: &[PluginTiming], failures: &[HookFailure]) {
+        for t in timings {
+            if let Some(p) = v.plugins.get(t.plugin) {
+                p.duration.observe(t.elapsed.as_secs_f64());
+            }
+        }
+        for f in failures {
+            if let Some(p) = v.plugins.get(f.plugin) {
+                self.plugin_errors.with_label_values(&[p.name.as_str(), f.error.kind()]).inc();
+            }
+        }
     }
 }
 

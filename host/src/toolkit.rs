@@ -1,6 +1,10 @@
 //! The operator toolkit behind `epp plugin …`: scaffold a plugin crate, check a component
 //! exactly as a reload would (WIT version, role, configure, probe), and benchmark its calls.
 //!
+//! The scaffold is self-contained: the binary carries the plugin SDK and the WIT contract
+//! and writes them beside the new crate, so a plugin builds from an empty folder with only
+//! the `epp` binary and a Rust toolchain (crates come from crates.io).
+//!
 //! Each command writes a human-readable report to the given writer and returns whether the
 //! plugin passed; `main` turns that into the exit status. No server is started.
 
@@ -8,8 +12,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use epp_core::{FailurePolicy, Role};
+
 use crate::probe;
-use crate::scheduler::{FailurePolicy, Role};
 use crate::wasm::{Sandbox, WasmRuntime};
 
 /// `epp plugin check`: loads, configures and probes `file`; true when it may be deployed.
@@ -92,7 +97,7 @@ pub fn bench(out: &mut dyn Write, file: &Path, params_json: &str, sandbox: Sandb
             writeln!(out, "pool-changed failed at {n} endpoints: {e}")?;
             return Ok(false);
         }
-        let metrics = probe::synthetic_metrics(&pool, "fresh");
+        let candidates = probe::synthetic_metrics(&pool, "fresh");
         let calls = match n {
             8 => 2_000,
             100 => 1_000,
@@ -102,7 +107,7 @@ pub fn bench(out: &mut dyn Write, file: &Path, params_json: &str, sandbox: Sandb
         for i in 0..calls {
             let req = probe::synthetic_request(i, 16 << 10);
             let started = Instant::now();
-            if let Err(reason) = probe::check_call(&plugin, &req, &metrics) {
+            if let Err(reason) = probe::check_call(&plugin, i as u64, &req, &candidates, false) {
                 writeln!(out, "call failed at {n} endpoints: {reason}")?;
                 return Ok(false);
             }
@@ -117,17 +122,69 @@ pub fn bench(out: &mut dyn Write, file: &Path, params_json: &str, sandbox: Sandb
     Ok(true)
 }
 
-/// `epp plugin new`: writes a plugin crate for `role` at `dir`, depending on the SDK at
-/// `sdk` (a path). Refuses to overwrite an existing folder.
-pub fn scaffold(name: &str, role: Role, dir: &Path, sdk: &Path) -> Result<Vec<PathBuf>, String> {
+/// The SDK's sources, as this binary was built with them: written beside a new plugin.
+const SDK_FILES: &[(&str, &str)] = &[
+    ("build.rs", include_str!("../../plugins/sdk/build.rs")),
+    ("src/lib.rs", include_str!("../../plugins/sdk/src/lib.rs")),
+    ("src/types.rs", include_str!("../../plugins/sdk/src/types.rs")),
+    ("src/columns.rs", include_str!("../../plugins/sdk/src/columns.rs")),
+    ("src/params.rs", include_str!("../../plugins/sdk/src/params.rs")),
+    ("src/pending.rs", include_str!("../../plugins/sdk/src/pending.rs")),
+    ("src/rng.rs", include_str!("../../plugins/sdk/src/rng.rs")),
+    ("wit/scheduler.wit", include_str!("../../wit/scheduler.wit")),
+];
+
+/// The vendored SDK's manifest: the workspace's versions, spelled out.
+const SDK_MANIFEST: &str = r#"[package]
+name = "llmd-plugin-sdk"
+description = "Types, traits and export macros for writing llm-d endpoint-picker plugins as WebAssembly components"
+version = "0.2.0"
+edition = "2024"
+license = "Apache-2.0"
+publish = false
+
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+
+[target.'cfg(target_family = "wasm")'.dependencies]
+wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc"] }
+"#;
+
+/// Where the SDK a new plugin depends on comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SdkSource {
+    /// Write the SDK this binary carries beside the plugin (`<dir>/llmd-plugin-sdk`).
+    Vendored,
+    /// Depend on an SDK checkout at this path.
+    Path(PathBuf),
+}
+
+/// `epp plugin new`: writes a plugin crate for `role` at `dir`, with the SDK from `sdk`.
+/// Refuses to overwrite an existing folder. Returns the files written.
+pub fn scaffold(name: &str, role: Role, dir: &Path, sdk: &SdkSource) -> Result<Vec<PathBuf>, String> {
     let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !valid || name.starts_with('-') {
+    if !valid || name.starts_with('-') || name == "llmd-plugin-sdk" {
         return Err(format!("`{name}` is not a valid crate name: use lower-case letters, digits and dashes"));
     }
     if dir.exists() {
         return Err(format!("{} already exists; choose another --dir", dir.display()));
     }
-    let sdk = std::fs::canonicalize(sdk).map_err(|e| format!("SDK not found at {}: {e}", sdk.display()))?;
+    let mut files = Vec::new();
+    let sdk_dep = match sdk {
+        SdkSource::Path(path) => {
+            let sdk = std::fs::canonicalize(path).map_err(|e| format!("SDK not found at {}: {e}", path.display()))?;
+            format!("{{ path = {:?} }}", sdk.display().to_string())
+        }
+        SdkSource::Vendored => {
+            let sdk_dir = dir.join("llmd-plugin-sdk");
+            let manifest = [("Cargo.toml", SDK_MANIFEST)];
+            for (rel, text) in manifest.iter().chain(SDK_FILES) {
+                files.push(write(&sdk_dir.join(rel), text)?);
+            }
+            r#"{ path = "llmd-plugin-sdk" }"#.to_string()
+        }
+    };
     let ty: String = name
         .split('-')
         .map(|w| {
@@ -145,10 +202,10 @@ edition = "2024"
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-llmd-plugin-sdk = {{ path = "{sdk}" }}
+llmd-plugin-sdk = {sdk_dep}
 serde = {{ version = "1", features = ["derive"] }}
 
-# A plugin builds on its own, outside any workspace.
+# A plugin builds on its own, outside any other workspace.
 [workspace]
 
 [profile.release]
@@ -157,63 +214,75 @@ lto = true
 codegen-units = 1
 panic = "abort"
 strip = "debuginfo"
-"#,
-        sdk = sdk.display()
+"#
     );
-    let body = match role {
-        Role::Scorer => format!(
-            r#"impl Scorer for {ty} {{
-    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {{
-        // One score per candidate, in [0, 1]; NaN metrics mean "unknown".
-        metrics.waiting.iter().map(|w| if w.is_finite() {{ 1.0 / (1.0 + self.params.weight * w) }} else {{ 0.0 }}).collect()
+    let (trait_name, manifest, body) = match role {
+        Role::Scorer => (
+            "Scorer",
+            "// It reads the waiting-queue column, nothing else, and keeps no state.\n        Ok(Manifest::stateless(&[columns::WAITING]))",
+            format!(
+                r#"impl Scorer for {ty} {{
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {{
+        // One score per candidate, in [0, 1]; NaN means "unknown".
+        cycle.column(0).iter().map(|w| if w.is_finite() {{ 1.0 / (1.0 + self.params.weight * w) }} else {{ 0.0 }}).collect()
     }}
 }}
 
 llmd_plugin_sdk::export_scorer!({ty});"#
+            ),
         ),
-        Role::Filter => format!(
-            r#"impl Filter for {ty} {{
-    fn filter(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<u32> {{
+        Role::Filter => (
+            "Filter",
+            "// It reads the waiting-queue column, nothing else, and keeps no state.\n        Ok(Manifest::stateless(&[columns::WAITING]))",
+            format!(
+                r#"impl Filter for {ty} {{
+    fn filter(&mut self, cycle: &Cycle) -> Vec<u32> {{
         // Keep the candidates whose queue is known and short.
-        (0..metrics.len()).filter(|&i| metrics.waiting[i] <= 10.0 * self.params.weight).map(|i| metrics.ids[i]).collect()
+        let waiting = cycle.column(0);
+        (0..cycle.len()).filter(|&i| waiting[i] <= 10.0 * self.params.weight).map(|i| cycle.ids[i]).collect()
     }}
 }}
 
 llmd_plugin_sdk::export_filter!({ty});"#
+            ),
         ),
-        Role::Picker => format!(
-            r#"impl Picker for {ty} {{
-    fn pick(&mut self, _req: &Request, metrics: &Metrics, scores: &[f32]) -> Vec<u32> {{
+        Role::Picker => (
+            "Picker",
+            "// It reads only the scores.\n        Ok(Manifest::stateless(&[]))",
+            format!(
+                r#"impl Picker for {ty} {{
+    fn pick(&mut self, cycle: &Cycle, scores: &[f32]) -> Vec<u32> {{
         // The highest total score wins; ties go to the first.
-        let best = (0..metrics.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        best.map(|i| vec![metrics.ids[i]]).unwrap_or_default()
+        let best = (0..cycle.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        best.map(|i| vec![cycle.ids[i]]).unwrap_or_default()
     }}
 }}
 
 llmd_plugin_sdk::export_picker!({ty});"#
+            ),
         ),
-        Role::Producer => format!(
-            r#"impl Producer for {ty} {{
-    fn produce(&mut self, _req: &Request, metrics: &Metrics) -> Vec<Column> {{
-        // A column other plugins can read by name.
-        let load = metrics.running.iter().map(|r| r * self.params.weight).collect();
-        vec![Column {{ name: "{name}/load".into(), values: load }}]
+        Role::Producer => (
+            "Producer",
+            "// It reads the running-batch column and writes one column of its own.\n        Ok(Manifest::stateless(&[columns::RUNNING]).writing(&[LOAD]))",
+            format!(
+                r#"/// The column this producer writes; other plugins read it by this name.
+pub const LOAD: &str = "{name}/load";
+
+impl Producer for {ty} {{
+    fn produce(&mut self, cycle: &Cycle) -> Vec<f32> {{
+        // One value per candidate for each written column, one column after the other.
+        cycle.column(0).iter().map(|r| r * self.params.weight).collect()
     }}
 }}
 
 llmd_plugin_sdk::export_producer!({ty});"#
+            ),
         ),
-    };
-    let trait_name = match role {
-        Role::Producer => "Producer",
-        Role::Filter => "Filter",
-        Role::Scorer => "Scorer",
-        Role::Picker => "Picker",
     };
     let lib = format!(
         r#"//! `{name}`: a {role} plugin for the endpoint picker. Describe here what it prefers and why.
 
-use llmd_plugin_sdk::{{Column, Metrics, Plugin, Request, {trait_name}, params}};
+use llmd_plugin_sdk::{{Cycle, Manifest, Plugin, {trait_name}, columns, params}};
 use serde::Deserialize;
 
 /// Parameters from the config entry's `parameters`.
@@ -235,36 +304,41 @@ pub struct {ty} {{
 }}
 
 impl Plugin for {ty} {{
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {{
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {{
         self.params = params::parse(params_json)?;
         if !(self.params.weight.is_finite() && self.params.weight >= 0.0) {{
             return Err("weight must be a finite number >= 0".into());
         }}
-        Ok(())
+        {manifest}
     }}
 }}
 
 {body}
 "#
     );
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).map_err(|e| format!("cannot create {}: {e}", src.display()))?;
-    let files = vec![dir.join("Cargo.toml"), src.join("lib.rs")];
-    for (path, text) in files.iter().zip([cargo, lib]) {
-        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
+    files.push(write(&dir.join("Cargo.toml"), &cargo)?);
+    files.push(write(&dir.join("src/lib.rs"), &lib)?);
     Ok(files)
 }
 
-/// Environment variable naming the plugin SDK folder, for scaffolding outside a checkout.
+fn write(path: &Path, text: &str) -> Result<PathBuf, String> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
+/// Environment variable naming an SDK checkout to depend on instead of the vendored copy.
 pub const SDK_ENV: &str = "LLMD_PLUGIN_SDK";
 
-/// Finds the SDK: `$LLMD_PLUGIN_SDK`, or `plugins/sdk` in `start` or one of its parents.
-pub fn find_sdk(start: &Path) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(SDK_ENV) {
-        return Some(PathBuf::from(p));
+/// The SDK a new plugin uses: `explicit` (`--sdk`), `$LLMD_PLUGIN_SDK`, else the copy this
+/// binary carries.
+pub fn sdk_source(explicit: Option<PathBuf>) -> SdkSource {
+    match explicit.or_else(|| std::env::var_os(SDK_ENV).map(PathBuf::from)) {
+        Some(path) => SdkSource::Path(path),
+        None => SdkSource::Vendored,
     }
-    start.ancestors().map(|d| d.join("plugins/sdk")).find(|p| p.join("Cargo.toml").exists())
 }
 
 /// The role named on the command line.

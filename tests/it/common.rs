@@ -1,12 +1,15 @@
 //! Shared fixtures: one wasm runtime for the whole binary, loaders for embedded and
-//! test-only components, native plugin twins, and builders for requests and metrics.
+//! test-only components, native plugin twins, and builders for requests, candidates and
+//! the columns a plugin reads.
 
 use std::sync::{Arc, OnceLock};
 
-use epp::scheduler::native::NativePlugin;
-use epp::scheduler::{PickerPlugin, PluginHandle, ProducerPlugin, ScorerPlugin};
 use epp::wasm::{Sandbox, WasmRuntime, embedded};
-use llmd_plugin_sdk::{EndpointInfo, Metrics, Request};
+use epp_core::native::NativePlugin;
+use epp_core::{
+    CallInput, Candidates, EndpointInfo, Manifest, PickerPlugin, PluginHandle, ProducerPlugin, Request, ScorerPlugin,
+};
+use llmd_plugin_sdk::columns::BUILT_IN;
 
 pub fn runtime() -> &'static WasmRuntime {
     static RT: OnceLock<WasmRuntime> = OnceLock::new();
@@ -50,27 +53,28 @@ pub fn native<T: llmd_plugin_sdk::Plugin>(name: &str, params: &str) -> Arc<Nativ
     Arc::new(NativePlugin::<T>::new(name, params).expect("configure native plugin"))
 }
 
-/// Metrics rows: (id, waiting, running, kv_usage, age_ms).
-pub fn metrics(rows: &[(u32, f32, f32, f32)]) -> Metrics {
-    Metrics {
+/// Candidates from rows (id, waiting, running, kv_usage), scraped 10 ms ago.
+pub fn metrics(rows: &[(u32, f32, f32, f32)]) -> Candidates {
+    Candidates {
         ids: rows.iter().map(|r| r.0).collect(),
         waiting: rows.iter().map(|r| r.1).collect(),
         running: rows.iter().map(|r| r.2).collect(),
         kv_usage: rows.iter().map(|r| r.3).collect(),
-        age_ms: rows.iter().map(|_| 10).collect(),
+        age_ms: rows.iter().map(|_| 10.0).collect(),
     }
 }
 
 /// `n` idle endpoints with ids 0..n.
-pub fn idle(n: u32) -> Metrics {
-    metrics(&(0..n).map(|i| (i, 0.0, 0.0, 0.0)).collect::<Vec<_>>())
+pub fn idle(n: u32) -> Candidates {
+    Candidates::idle(n)
 }
 
 pub fn request(id: &str, prompt: &str) -> Request {
     Request {
         id: id.into(),
         model: "m".into(),
-        prompt: prompt.as_bytes().to_vec(),
+        prompt: prompt.into(),
+        prompt_tokens: Request::estimate_tokens(prompt.len()),
         random_seed: 7,
         ..Default::default()
     }
@@ -80,6 +84,7 @@ pub fn endpoint(id: u32) -> EndpointInfo {
     EndpointInfo {
         id,
         name: format!("ep-{id}"),
+        namespace: "default".into(),
         address: "127.0.0.1".into(),
         port: 8000 + id as u16,
         ..Default::default()
@@ -90,7 +95,35 @@ pub fn pool(n: u32) -> Vec<EndpointInfo> {
     (0..n).map(endpoint).collect()
 }
 
-/// A prompt of `blocks` 64-byte blocks (16 tokens × 4 bytes), block i filled with `tag`+i.
+/// A prompt of `blocks` 256-byte blocks (64 tokens × 4 bytes, the index's smallest block),
+/// block i filled with `tag` and i.
 pub fn blocks_prompt(tag: char, blocks: usize) -> String {
-    (0..blocks).map(|i| format!("{tag}{i:0>63}")).collect()
+    (0..blocks).map(|i| format!("{tag}{i:0>255}")).collect()
+}
+
+/// The columns a plugin with `manifest` reads, in its order: built-in ones from
+/// `candidates`, others from `named` (NaN when not given).
+pub fn columns_for(manifest: &Manifest, candidates: &Candidates, named: &[(&str, &[f32])]) -> Vec<f32> {
+    let n = candidates.len();
+    let mut out = Vec::new();
+    for column in &manifest.reads {
+        let builtin = match BUILT_IN.iter().position(|b| b == column) {
+            Some(0) => Some(&candidates.waiting),
+            Some(1) => Some(&candidates.running),
+            Some(2) => Some(&candidates.kv_usage),
+            Some(_) => Some(&candidates.age_ms),
+            None => None,
+        };
+        match (builtin, named.iter().find(|(name, _)| name == column)) {
+            (Some(values), _) => out.extend_from_slice(values),
+            (None, Some((_, values))) => out.extend_from_slice(values),
+            (None, None) => out.extend(std::iter::repeat_n(f32::NAN, n)),
+        }
+    }
+    out
+}
+
+/// A call's input over `candidates` with the gathered `columns`.
+pub fn input<'a>(cycle: u64, req: &'a Request, candidates: &'a Candidates, columns: &'a [f32]) -> CallInput<'a> {
+    CallInput { cycle, request: req, ids: &candidates.ids, columns }
 }

@@ -2,7 +2,7 @@
 //! the same profile, and every kind of mistake is an error that names the field.
 
 use epp::config::{ConfigError, PickerConfig, PluginKind};
-use epp::scheduler::FailurePolicy;
+use epp_core::FailurePolicy;
 
 const GUIDE: &str = include_str!("../fixtures/guide-epp-config.yaml");
 

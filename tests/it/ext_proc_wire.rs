@@ -24,7 +24,7 @@ use crate::common::runtime;
 
 async fn server(endpoints: usize, max_body: usize) -> String {
     let config = PickerConfig::default_config().unwrap();
-    let profile = epp::loader::build_profile(runtime(), &config).unwrap();
+    let scheduler = epp::loader::build(runtime(), &config, &Default::default()).unwrap().scheduler;
     let ds = Arc::new(Datastore::new());
     let specs: Vec<EndpointSpec> = (0..endpoints)
         .map(|i| EndpointSpec {
@@ -37,13 +37,8 @@ async fn server(endpoints: usize, max_body: usize) -> String {
         })
         .collect();
     let (snap, _) = ds.set_pool(&specs);
-    profile.pool_changed(snap.generation, &snap.infos());
-    let router = Arc::new(Router::new(
-        ds,
-        epp::scheduler::Scheduler::single(profile),
-        Default::default(),
-        epp::telemetry::Telemetry::new("test"),
-    ));
+    scheduler.pool_changed(snap.generation, &snap.infos());
+    let router = Arc::new(Router::new(ds, scheduler, epp::telemetry::Telemetry::new("test")));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let svc = ExtProc::new(router, max_body).into_server();

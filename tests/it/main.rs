@@ -3,7 +3,6 @@
 
 mod common;
 mod config_parse;
-mod default_profile;
 mod e2e_churn;
 mod e2e_experiment;
 mod e2e_faults;
@@ -11,8 +10,10 @@ mod e2e_load;
 mod e2e_reload;
 mod e2e_routing;
 mod ext_proc_wire;
+mod guide_profile;
 mod plugins;
 mod properties;
+mod publisher;
 mod python_plugin;
 mod replay;
 mod sandbox;

@@ -1,25 +1,41 @@
-//! Table-driven tests of every default plugin, run against both builds of the same crate:
+//! Table-driven tests of every built-in plugin, run against both builds of the same crate:
 //! the wasm component (through the host runtime) and the native library. Each case checks
-//! the expected result and that the two builds agree bit for bit.
+//! the expected result (upstream's documented behaviour) and that the two builds agree bit
+//! for bit.
 
 use std::sync::Arc;
 
+use active_request_scorer::ActiveRequestScorer;
 use approx_prefix_cache_producer::PrefixIndexProducer;
-use epp::scheduler::{PickerPlugin, PluginCore, ProducerPlugin, ScorerPlugin};
+use epp_core::{
+    CacheInfo, Candidates, Completion, Outcome, PickerPlugin, PluginCore, ProducerPlugin, Request, ScorerPlugin,
+};
+use epp_core::{FilterPlugin, PluginHandle};
+use inflight_load_producer::InflightLoadProducer;
 use kv_cache_utilization_scorer::KvCacheUtilizationScorer;
-use llmd_plugin_sdk::columns::{PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request};
+use label_selector_filter::LabelSelectorFilter;
+use llmd_plugin_sdk::EndpointInfo;
+use llmd_plugin_sdk::columns::{
+    INFLIGHT_REQUESTS, INFLIGHT_TOKENS, PREFIX_BLOCK_TOKENS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
+    REQUEST_UNCACHED_TOKENS,
+};
 use lora_affinity_scorer::LoraAffinityScorer;
 use max_score_picker::MaxScorePicker;
 use no_hit_lru_scorer::NoHitLruScorer;
+use prefix_cache_affinity_filter::PrefixCacheAffinityFilter;
 use prefix_cache_scorer::PrefixCacheScorer;
 use queue_scorer::QueueScorer;
 use random_picker::RandomPicker;
+use session_affinity_scorer::SessionAffinityScorer;
+use token_load_scorer::TokenLoadScorer;
 use weighted_random_picker::WeightedRandomPicker;
 
 use crate::common::*;
 
 const NAN: f32 = f32::NAN;
+
+/// Columns by name, for the plugins that read them.
+type Named<'a> = Vec<(&'static str, &'a [f32])>;
 
 /// The same plugin twice: native build and wasm component.
 struct Twin<T: ?Sized> {
@@ -36,16 +52,32 @@ impl<T: ?Sized + PluginCore> Twin<T> {
         self.native.pool_changed(1, endpoints).unwrap();
         self.wasm.pool_changed(1, endpoints).unwrap();
     }
-    fn pre_request(&self, id: &str, chosen: &[u32]) {
-        self.native.pre_request(id, chosen).unwrap();
-        self.wasm.pre_request(id, chosen).unwrap();
+    fn decided(&self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
+        let a = self.native.decided(cycle, endpoint).unwrap();
+        let b = self.wasm.decided(cycle, endpoint).unwrap();
+        assert_eq!(a, b, "native vs wasm decided headers");
+        a
+    }
+    fn first_chunk(&self, cycle: u64, endpoint: u32) {
+        self.native.first_chunk(cycle, endpoint).unwrap();
+        self.wasm.first_chunk(cycle, endpoint).unwrap();
+    }
+    fn finished(&self, cycle: u64, endpoint: u32) {
+        let c = Completion { endpoint, outcome: Outcome::Completed, status: 200, usage: None };
+        self.native.finished(cycle, &c).unwrap();
+        self.wasm.finished(cycle, &c).unwrap();
+    }
+    fn columns(&self, m: &Candidates, named: &[(&str, &[f32])]) -> Vec<f32> {
+        assert_eq!(self.native.manifest(), self.wasm.manifest(), "native vs wasm manifest");
+        columns_for(self.native.manifest(), m, named)
     }
 }
 
 impl Twin<dyn ScorerPlugin> {
-    fn score(&self, req: &Request, m: &Metrics, cols: &[Column]) -> Vec<f32> {
-        let a = self.native.score(req, m, cols).expect("native score");
-        let b = self.wasm.score(req, m, cols).expect("wasm score");
+    fn score(&self, cycle: u64, req: &Request, m: &Candidates, named: &[(&str, &[f32])]) -> Vec<f32> {
+        let cols = self.columns(m, named);
+        let a = self.native.score(&input(cycle, req, m, &cols)).expect("native score");
+        let b = self.wasm.score(&input(cycle, req, m, &cols)).expect("wasm score");
         assert_eq!(bits(&a), bits(&b), "native {a:?} vs wasm {b:?}");
         for s in &a {
             assert!(s.is_finite() && (0.0..=1.0).contains(s), "score {s} out of [0,1] in {a:?}");
@@ -54,26 +86,41 @@ impl Twin<dyn ScorerPlugin> {
     }
 }
 
+impl Twin<dyn FilterPlugin> {
+    fn filter(&self, cycle: u64, req: &Request, m: &Candidates, named: &[(&str, &[f32])]) -> Vec<u32> {
+        let cols = self.columns(m, named);
+        let a = self.native.filter(&input(cycle, req, m, &cols)).expect("native filter");
+        let b = self.wasm.filter(&input(cycle, req, m, &cols)).expect("wasm filter");
+        assert_eq!(a, b, "native vs wasm filter");
+        a
+    }
+}
+
 impl Twin<dyn PickerPlugin> {
-    fn pick(&self, req: &Request, m: &Metrics, scores: &[f32]) -> Vec<u32> {
-        let a = self.native.pick(req, m, scores).expect("native pick");
-        let b = self.wasm.pick(req, m, scores).expect("wasm pick");
+    fn pick(&self, req: &Request, m: &Candidates, scores: &[f32]) -> Vec<u32> {
+        let cols = self.columns(m, &[]);
+        let a = self.native.pick(&input(1, req, m, &cols), scores).expect("native pick");
+        let b = self.wasm.pick(&input(1, req, m, &cols), scores).expect("wasm pick");
         assert_eq!(a, b, "native vs wasm pick");
         a
     }
 }
 
 impl Twin<dyn ProducerPlugin> {
-    fn produce(&self, req: &Request, m: &Metrics) -> Vec<Column> {
-        let a = self.native.produce(req, m).expect("native produce");
-        let b = self.wasm.produce(req, m).expect("wasm produce");
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.name, y.name);
-            assert_eq!(bits(&x.values), bits(&y.values), "column {}", x.name);
-        }
-        a
+    /// The produced columns, by name.
+    fn produce(&self, cycle: u64, req: &Request, m: &Candidates, named: &[(&str, &[f32])]) -> Vec<(String, Vec<f32>)> {
+        let cols = self.columns(m, named);
+        let a = self.native.produce(&input(cycle, req, m, &cols)).expect("native produce");
+        let b = self.wasm.produce(&input(cycle, req, m, &cols)).expect("wasm produce");
+        assert_eq!(bits(&a), bits(&b), "native {a:?} vs wasm {b:?}");
+        let writes = &self.native.manifest().writes;
+        assert_eq!(a.len(), writes.len() * m.len());
+        writes.iter().enumerate().map(|(k, w)| (w.clone(), a[k * m.len()..(k + 1) * m.len()].to_vec())).collect()
     }
+}
+
+fn column(cols: &[(String, Vec<f32>)], name: &str) -> Vec<f32> {
+    cols.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no column {name}"))
 }
 
 fn scorer<T: llmd_plugin_sdk::Scorer + Send + 'static>(type_name: &str, params: &str) -> Twin<dyn ScorerPlugin> {
@@ -84,20 +131,44 @@ fn picker<T: llmd_plugin_sdk::Picker + Send + 'static>(type_name: &str, params: 
     Twin { native: native::<T>(type_name, params), wasm: wasm_picker(type_name, params) }
 }
 
-fn producer(params: &str) -> Twin<dyn ProducerPlugin> {
-    let t = "approx-prefix-cache-producer";
-    Twin { native: native::<PrefixIndexProducer>(t, params), wasm: wasm_producer(t, params) }
+fn filter<T: llmd_plugin_sdk::Filter + Send + 'static>(type_name: &str, params: &str) -> Twin<dyn FilterPlugin> {
+    let wasm = match wasm(type_name, params) {
+        PluginHandle::Filter(f) => f,
+        other => panic!("{type_name} is {other:?}"),
+    };
+    Twin { native: native::<T>(type_name, params), wasm }
 }
 
-fn prefix_cols(matched: &[f32], total: &[f32]) -> Vec<Column> {
-    vec![
-        Column { name: PREFIX_MATCHED_BLOCKS.into(), values: matched.to_vec() },
-        Column { name: PREFIX_TOTAL_BLOCKS.into(), values: total.to_vec() },
-    ]
+fn producer<T: llmd_plugin_sdk::Producer + Send + 'static>(type_name: &str, params: &str) -> Twin<dyn ProducerPlugin> {
+    Twin { native: native::<T>(type_name, params), wasm: wasm_producer(type_name, params) }
+}
+
+fn prefix_producer(params: &str) -> Twin<dyn ProducerPlugin> {
+    producer::<PrefixIndexProducer>("approx-prefix-cache-producer", params)
 }
 
 fn approx(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+}
+
+/// Every candidate with `total` prefix blocks of 64 tokens, `matched` of them held.
+fn prefix<'a>(matched: &'a [f32], total: &'a [f32]) -> Named<'a> {
+    vec![
+        (PREFIX_MATCHED_BLOCKS, matched),
+        (PREFIX_TOTAL_BLOCKS, total),
+        (PREFIX_BLOCK_TOKENS, &[64.0; 8][..matched.len()]),
+    ]
+}
+
+/// Loading a built-in type with `params` fails, naming `field`.
+fn rejected(type_name: &str, params: &str, field: &str) {
+    let bytes = epp::wasm::embedded::find(type_name).unwrap();
+    let err = runtime()
+        .load("p", bytes, params, Default::default(), Default::default())
+        .err()
+        .unwrap_or_else(|| panic!("{type_name}: {params} accepted"));
+    let text = err.to_string();
+    assert!(text.contains("configuration") && text.contains(field), "{type_name} {params}: {text}");
 }
 
 #[test]
@@ -113,9 +184,10 @@ fn kv_cache_utilization_scorer_table() {
     ];
     for (kv, want) in cases {
         let m = metrics(&kv.iter().enumerate().map(|(i, &k)| (i as u32, 0.0, 0.0, k)).collect::<Vec<_>>());
-        let got = s.score(&req, &m, &[]);
+        let got = s.score(1, &req, &m, &[]);
         assert!(approx(&got, want), "kv {kv:?}: got {got:?}, want {want:?}");
     }
+    rejected("kv-cache-utilization-scorer", r#"{"bogus": 1}"#, "bogus");
 }
 
 #[test]
@@ -132,7 +204,7 @@ fn queue_scorer_table() {
     ];
     for (q, want) in cases {
         let m = metrics(&q.iter().enumerate().map(|(i, &w)| (i as u32, w, 0.0, 0.0)).collect::<Vec<_>>());
-        let got = s.score(&req, &m, &[]);
+        let got = s.score(1, &req, &m, &[]);
         assert!(approx(&got, want), "queue {q:?}: got {got:?}, want {want:?}");
     }
 }
@@ -142,17 +214,28 @@ fn prefix_cache_scorer_table() {
     let s = scorer::<PrefixCacheScorer>("prefix-cache-scorer", "{}");
     let req = request("r", "hello");
     let m = idle(3);
-    let cases: Vec<(Vec<Column>, Vec<f32>)> = vec![
-        (prefix_cols(&[0.0, 2.0, 4.0], &[4.0, 4.0, 4.0]), vec![0.0, 0.5, 1.0]),
-        (prefix_cols(&[0.0, 0.0, 0.0], &[0.0, 0.0, 0.0]), vec![0.0, 0.0, 0.0]),
-        (prefix_cols(&[NAN, 9.0, 1.0], &[4.0, 4.0, 4.0]), vec![0.0, 1.0, 0.25]),
+    let cases: Vec<(Named, Vec<f32>)> = vec![
+        (prefix(&[0.0, 2.0, 4.0], &[4.0, 4.0, 4.0]), vec![0.0, 0.5, 1.0]),
+        (prefix(&[0.0, 0.0, 0.0], &[0.0, 0.0, 0.0]), vec![0.0, 0.0, 0.0]),
+        (prefix(&[NAN, 9.0, 1.0], &[4.0, 4.0, 4.0]), vec![0.0, 1.0, 0.25]),
         (vec![], vec![0.0, 0.0, 0.0]),
     ];
     for (cols, want) in cases {
-        let got = s.score(&req, &m, &cols);
+        let got = s.score(1, &req, &m, &cols);
         assert!(approx(&got, &want), "cols {cols:?}: got {got:?}, want {want:?}");
     }
-    assert!(s.score(&req, &idle(0), &prefix_cols(&[], &[])).is_empty());
+    assert!(s.score(1, &req, &idle(0), &[]).is_empty());
+    // Upstream's match-length term: w × min(1, matched tokens / scale)² + (1 − w) × ratio.
+    let weighted = scorer::<PrefixCacheScorer>(
+        "prefix-cache-scorer",
+        r#"{"matchLengthWeight": 0.5, "matchLengthScaleTokens": 512}"#,
+    );
+    // 4 of 8 blocks of 64 tokens: ratio 0.5, length (256/512)² = 0.25 → 0.375; all 8: 1.0.
+    let got = weighted.score(1, &req, &idle(2), &prefix(&[4.0, 8.0], &[8.0, 8.0]));
+    assert!(approx(&got, &[0.375, 1.0]), "{got:?}");
+    rejected("prefix-cache-scorer", r#"{"matchLengthWeight": 2}"#, "matchLengthWeight");
+    // Older configs put the index's parameters here; they are accepted (the producer uses them).
+    scorer::<PrefixCacheScorer>("prefix-cache-scorer", r#"{"lruCapacityPerServer": 192, "blockSize": 64}"#);
 }
 
 #[test]
@@ -174,8 +257,9 @@ fn lora_affinity_scorer_table() {
     m.waiting.push(0.0);
     m.running.push(0.0);
     m.kv_usage.push(0.0);
-    m.age_ms.push(0);
-    assert_eq!(s.score(&req, &m, &[]), vec![1.0, 0.8, 0.6, 0.0, 0.0, 0.0]);
+    m.age_ms.push(0.0);
+    // Upstream's precedence: running 1.0, room for another adapter 0.8, waiting 0.6.
+    assert_eq!(s.score(1, &req, &m, &[]), vec![1.0, 0.6, 0.8, 0.0, 0.0, 0.0]);
 }
 
 #[test]
@@ -183,86 +267,312 @@ fn no_hit_lru_scorer_spreads_cold_requests() {
     let s = scorer::<NoHitLruScorer>("no-hit-lru-scorer", "{}");
     s.pool_changed(&pool(3));
     let m = idle(3);
-    let cold = prefix_cols(&[0.0, 0.0, 0.0], &[4.0, 4.0, 4.0]);
+    let cold = prefix(&[0.0, 0.0, 0.0], &[4.0, 4.0, 4.0]);
     // Nobody used yet: candidate order decides.
-    assert!(approx(&s.score(&request("a", ""), &m, &cold), &[1.0, 0.5, 0.0]));
-    s.pre_request("a", &[1]);
+    assert!(approx(&s.score(1, &request("a", ""), &m, &cold), &[1.0, 0.5, 0.0]));
+    s.decided(1, 1);
     // Endpoint 1 was used: never-used first (0, 2), then 1.
-    assert!(approx(&s.score(&request("b", ""), &m, &cold), &[1.0, 0.0, 0.5]));
-    s.pre_request("b", &[0]);
+    assert!(approx(&s.score(2, &request("b", ""), &m, &cold), &[1.0, 0.0, 0.5]));
+    s.decided(2, 0);
     // Never used: 2; then 1 (older), then 0 (newest).
-    assert!(approx(&s.score(&request("c", ""), &m, &cold), &[0.0, 0.5, 1.0]));
+    assert!(approx(&s.score(3, &request("c", ""), &m, &cold), &[0.0, 0.5, 1.0]));
     // A warm request is neutral, and its pick does not touch the LRU.
-    let warm = prefix_cols(&[0.0, 3.0, 0.0], &[4.0, 4.0, 4.0]);
-    assert_eq!(s.score(&request("d", ""), &m, &warm), vec![0.5, 0.5, 0.5]);
-    s.pre_request("d", &[2]);
-    assert!(approx(&s.score(&request("e", ""), &m, &cold), &[0.0, 0.5, 1.0]));
+    let warm = prefix(&[0.0, 3.0, 0.0], &[4.0, 4.0, 4.0]);
+    assert_eq!(s.score(4, &request("d", ""), &m, &warm), vec![0.5, 0.5, 0.5]);
+    s.decided(4, 2);
+    assert!(approx(&s.score(5, &request("e", ""), &m, &cold), &[0.0, 0.5, 1.0]));
     // One candidate always scores 1; no candidates, nothing.
-    assert_eq!(s.score(&request("f", ""), &idle(1), &prefix_cols(&[0.0], &[1.0])), vec![1.0]);
-    assert!(s.score(&request("g", ""), &idle(0), &[]).is_empty());
-    // Without the producer's columns a request counts as cold.
-    assert!(approx(&s.score(&request("h", ""), &m, &[]), &[0.0, 0.5, 1.0]));
+    assert_eq!(s.score(6, &request("f", ""), &idle(1), &prefix(&[0.0], &[1.0])), vec![1.0]);
+    assert!(s.score(7, &request("g", ""), &idle(0), &[]).is_empty());
+    // Without the producer's columns (NaN) a request counts as cold.
+    assert!(approx(&s.score(8, &request("h", ""), &m, &[]), &[0.0, 0.5, 1.0]));
 }
 
 #[test]
 fn prefix_producer_matches_consecutive_blocks() {
-    let p = producer("{}");
+    let p = prefix_producer(r#"{"autoTune": false}"#);
     p.pool_changed(&pool(3));
     let m = idle(3);
     let long = blocks_prompt('a', 8);
-    // Cold index: nothing matched, 8 full blocks.
-    let cols = p.produce(&request("r1", &long), &m);
-    assert_eq!(cols[0].name, PREFIX_MATCHED_BLOCKS);
-    assert_eq!(cols[0].values, vec![0.0, 0.0, 0.0]);
-    assert_eq!(cols[1].values, vec![8.0, 8.0, 8.0]);
-    p.pre_request("r1", &[2, 0]); // only the primary records
+    // Cold index: nothing matched, 8 blocks of 64 tokens.
+    let cols = p.produce(1, &request("r1", &long), &m, &[]);
+    assert_eq!(column(&cols, PREFIX_MATCHED_BLOCKS), vec![0.0, 0.0, 0.0]);
+    assert_eq!(column(&cols, PREFIX_TOTAL_BLOCKS), vec![8.0, 8.0, 8.0]);
+    assert_eq!(column(&cols, PREFIX_BLOCK_TOKENS), vec![64.0, 64.0, 64.0]);
+    p.decided(1, 2);
     // Same prompt: endpoint 2 holds all of it.
-    assert_eq!(p.produce(&request("r2", &long), &m)[0].values, vec![0.0, 0.0, 8.0]);
+    assert_eq!(column(&p.produce(2, &request("r2", &long), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 0.0, 8.0]);
     // First half shared, then different: 4 blocks matched.
-    let half = format!("{}{}", &long[..4 * 64], blocks_prompt('b', 4));
-    assert_eq!(p.produce(&request("r3", &half), &m)[0].values, vec![0.0, 0.0, 4.0]);
-    // A partial trailing block does not count; a prompt under one block has no blocks.
-    assert_eq!(p.produce(&request("r4", &long[..100]), &m)[1].values, vec![1.0, 1.0, 1.0]);
-    assert_eq!(p.produce(&request("r5", "short"), &m)[1].values, vec![0.0, 0.0, 0.0]);
+    let half = format!("{}{}", &long[..4 * 256], blocks_prompt('b', 4));
+    assert_eq!(column(&p.produce(3, &request("r3", &half), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 0.0, 4.0]);
+    // The last, partial block counts (as upstream); an empty prompt has no blocks.
+    assert_eq!(column(&p.produce(4, &request("r4", &long[..300]), &m, &[]), PREFIX_TOTAL_BLOCKS), vec![2.0; 3]);
+    assert_eq!(column(&p.produce(5, &request("r5", ""), &m, &[]), PREFIX_TOTAL_BLOCKS), vec![0.0; 3]);
     // Another model or cache salt shares nothing.
     let mut other_model = request("r6", &long);
     other_model.model = "other".into();
-    assert_eq!(p.produce(&other_model, &m)[0].values, vec![0.0, 0.0, 0.0]);
+    assert_eq!(column(&p.produce(6, &other_model, &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0; 3]);
     let mut salted = request("r7", &long);
     salted.cache_salt = Some("tenant-a".into());
-    assert_eq!(p.produce(&salted, &m)[0].values, vec![0.0, 0.0, 0.0]);
+    assert_eq!(column(&p.produce(7, &salted, &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0; 3]);
     // Endpoint 2 leaves the pool: its entries are forgotten.
     p.pool_changed(&pool(2));
-    assert_eq!(p.produce(&request("r8", &long), &m)[0].values, vec![0.0, 0.0, 0.0]);
+    assert_eq!(column(&p.produce(8, &request("r8", &long), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0; 3]);
 }
 
 #[test]
 fn prefix_producer_limits_blocks_and_evicts() {
-    let p = producer(r#"{"maxPrefixBlocksToMatch": 3, "lruCapacityPerServer": 4, "blockSizeTokens": 16}"#);
+    let p = prefix_producer(
+        r#"{"autoTune": false, "maxPrefixTokensToMatch": 0, "maxPrefixBlocksToMatch": 3, "lruCapacityPerServer": 4}"#,
+    );
     p.pool_changed(&pool(2));
     let m = idle(2);
     let a = blocks_prompt('a', 10);
-    assert_eq!(p.produce(&request("r1", &a), &m)[1].values, vec![3.0, 3.0]);
-    p.pre_request("r1", &[0]);
-    assert_eq!(p.produce(&request("r2", &a), &m)[0].values, vec![3.0, 0.0]);
+    assert_eq!(column(&p.produce(1, &request("r1", &a), &m, &[]), PREFIX_TOTAL_BLOCKS), vec![3.0, 3.0]);
+    p.decided(1, 0);
+    assert_eq!(column(&p.produce(2, &request("r2", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
     // 3 new blocks on endpoint 0 push out 2 of the 3 old ones (capacity 4): the chain breaks.
     let b = blocks_prompt('b', 3);
-    p.produce(&request("r3", &b), &m);
-    p.pre_request("r3", &[0]);
-    assert_eq!(p.produce(&request("r4", &a), &m)[0].values, vec![0.0, 0.0]);
-    assert_eq!(p.produce(&request("r5", &b), &m)[0].values, vec![3.0, 0.0]);
+    p.produce(3, &request("r3", &b), &m, &[]);
+    p.decided(3, 0);
+    assert_eq!(column(&p.produce(4, &request("r4", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 0.0]);
+    assert_eq!(column(&p.produce(5, &request("r5", &b), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
+}
+
+#[test]
+fn prefix_producer_auto_tunes_each_endpoint_to_its_cache() {
+    let p = prefix_producer("{}");
+    // Endpoint 0 holds 4 × 16-token blocks = one 64-token index block; endpoint 1 reports
+    // nothing (the configured capacity applies); endpoint 2 holds 64 blocks = 16 index blocks.
+    let mut eps = pool(3);
+    eps[0].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 4 });
+    eps[2].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 64 });
+    p.pool_changed(&eps);
+    let m = idle(3);
+    let a = blocks_prompt('a', 4);
+    for (cycle, endpoint) in [(1, 0), (2, 1), (3, 2)] {
+        p.produce(cycle, &request("r", &a), &m, &[]);
+        p.decided(cycle, endpoint);
+    }
+    // Endpoint 0 kept only the last block (the chain is broken); 1 and 2 hold all four.
+    assert_eq!(column(&p.produce(4, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 4.0, 4.0]);
+    // Endpoint 2 restarts with a smaller cache (2 × 64 tokens): the index shrinks at once.
+    eps[2].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 8 });
+    p.pool_changed(&eps);
+    assert_eq!(column(&p.produce(5, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 4.0, 0.0]);
+    // Zero or missing geometry falls back to the configured capacity.
+    eps[0].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 0 });
+    p.pool_changed(&eps);
+    for endpoint in [0, 2] {
+        p.produce(6 + u64::from(endpoint), &request("r", &a), &m, &[]);
+        p.decided(6 + u64::from(endpoint), endpoint);
+    }
+    assert_eq!(column(&p.produce(9, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![4.0, 4.0, 0.0]);
 }
 
 #[test]
 fn prefix_producer_rejects_bad_parameters() {
-    for params in [r#"{"blockSizeTokens": 0}"#, r#"{"lruCapacityPerServer": 0}"#, r#"{"bogus": 1}"#, "[1,2]"] {
-        let bytes = epp::wasm::embedded::find("approx-prefix-cache-producer").unwrap();
-        let err = runtime()
-            .load("p", bytes, params, Default::default(), Default::default())
-            .err()
-            .unwrap_or_else(|| panic!("{params} accepted"));
-        assert!(err.to_string().contains("configuration"), "{params}: {err}");
+    let cases = [
+        (r#"{"autoTune": false, "blockSizeTokens": 0}"#, "blockSizeTokens"),
+        (r#"{"lruCapacityPerServer": -1}"#, "lruCapacityPerServer"),
+        (r#"{"maxPrefixTokensToMatch": -5}"#, "maxPrefixTokensToMatch"),
+        (r#"{"bogus": 1}"#, "bogus"),
+        ("[1,2]", "object"),
+    ];
+    for (params, field) in cases {
+        rejected("approx-prefix-cache-producer", params, field);
     }
+}
+
+#[test]
+fn inflight_load_producer_counts_until_released() {
+    let p = producer::<InflightLoadProducer>("inflight-load-producer", "{}");
+    p.pool_changed(&pool(2));
+    let m = idle(2);
+    let req = request("r", &"x".repeat(4000)); // 1000 tokens
+    // Candidate 0 holds 10 of 16 blocks of 64 tokens: (16−10)×64 − (1024 − 1000) = 360 uncached.
+    let cols = p.produce(1, &req, &m, &prefix(&[10.0, 0.0], &[16.0, 16.0]));
+    assert_eq!(column(&cols, REQUEST_UNCACHED_TOKENS), vec![360.0, 1000.0]);
+    assert_eq!(column(&cols, INFLIGHT_TOKENS), vec![0.0, 0.0]);
+    p.decided(1, 0);
+    let cols = p.produce(2, &req, &m, &[]);
+    // Unknown prefix: the whole prompt would be new everywhere.
+    assert_eq!(column(&cols, REQUEST_UNCACHED_TOKENS), vec![1000.0, 1000.0]);
+    assert_eq!(column(&cols, INFLIGHT_TOKENS), vec![360.0, 0.0]);
+    assert_eq!(column(&cols, INFLIGHT_REQUESTS), vec![1.0, 0.0]);
+    p.decided(2, 1);
+    // The first chunk releases the prompt tokens; the end releases the request.
+    p.first_chunk(1, 0);
+    let cols = p.produce(3, &req, &m, &[]);
+    assert_eq!(column(&cols, INFLIGHT_TOKENS), vec![0.0, 1000.0]);
+    assert_eq!(column(&cols, INFLIGHT_REQUESTS), vec![1.0, 1.0]);
+    p.finished(1, 0);
+    p.finished(2, 1); // ended before its first chunk (cancelled): everything is released
+    p.finished(2, 1); // a second end is ignored
+    let cols = p.produce(4, &req, &m, &[]);
+    assert_eq!(column(&cols, INFLIGHT_TOKENS), vec![0.0, 0.0]);
+    assert_eq!(column(&cols, INFLIGHT_REQUESTS), vec![0.0, 0.0]);
+    // With an output estimate (1.5 × prompt, capped by max_tokens), it stays until the end.
+    let q = producer::<InflightLoadProducer>("inflight-load-producer", r#"{"addEstimatedOutputTokens": true}"#);
+    q.pool_changed(&pool(1));
+    let mut capped = request("r", &"x".repeat(400)); // 100 tokens → 150 estimated
+    capped.max_tokens = Some(20);
+    let cols = q.produce(1, &capped, &idle(1), &[]);
+    assert_eq!(column(&cols, REQUEST_UNCACHED_TOKENS), vec![120.0]);
+    q.decided(1, 0);
+    q.first_chunk(1, 0);
+    assert_eq!(column(&q.produce(2, &capped, &idle(1), &[]), INFLIGHT_TOKENS), vec![20.0]);
+    rejected("inflight-load-producer", r#"{"outputRatio": -1}"#, "outputRatio");
+}
+
+#[test]
+fn token_load_scorer_table() {
+    let s = scorer::<TokenLoadScorer>("token-load-scorer", r#"{"queueThresholdTokens": 1000}"#);
+    let req = request("r", "");
+    let m = idle(4);
+    // 1 − min(inflight + request, Q)/Q; ≤ 0 → 1; unknown → 0.
+    let inflight = [0.0, 200.0, 900.0, NAN];
+    let request_tokens = [0.0, 300.0, 300.0, 10.0];
+    let got = s.score(1, &req, &m, &[(INFLIGHT_TOKENS, &inflight), (REQUEST_UNCACHED_TOKENS, &request_tokens)]);
+    assert!(approx(&got, &[1.0, 0.5, 0.0, 0.0]), "{got:?}");
+    // A threshold of 0 falls back to upstream's default (4 Mi tokens).
+    let d = scorer::<TokenLoadScorer>("token-load-scorer", r#"{"queueThresholdTokens": 0}"#);
+    let got = d.score(1, &req, &idle(1), &[(INFLIGHT_TOKENS, &[4_194_304.0 / 2.0]), (REQUEST_UNCACHED_TOKENS, &[0.0])]);
+    assert!(approx(&got, &[0.5]), "{got:?}");
+}
+
+#[test]
+fn active_request_scorer_table() {
+    let s = scorer::<ActiveRequestScorer>("active-request-scorer", "{}");
+    let req = request("r", "");
+    let m = idle(4);
+    // (max − n)/max, busiest 0; at or below idleThreshold (0) 1.0.
+    let got = s.score(1, &req, &m, &[(INFLIGHT_REQUESTS, &[0.0, 2.0, 4.0, NAN])]);
+    assert!(approx(&got, &[1.0, 0.5, 0.0, 0.0]), "{got:?}");
+    let t = scorer::<ActiveRequestScorer>("active-request-scorer", r#"{"idleThreshold": 2, "maxBusyScore": 0.5}"#);
+    let got = t.score(1, &req, &m, &[(INFLIGHT_REQUESTS, &[1.0, 2.0, 3.0, 6.0])]);
+    assert!(approx(&got, &[1.0, 1.0, 0.25, 0.0]), "{got:?}");
+    rejected("active-request-scorer", r#"{"maxBusyScore": 1.5}"#, "maxBusyScore");
+}
+
+#[test]
+fn prefix_cache_affinity_filter_table() {
+    let f = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", "{}");
+    let req = request("r", "");
+    let m = idle(4);
+    let total = [10.0; 4];
+    let idle_load = [0.0; 4];
+    let with = |matched: &[f32], load: &[f32]| {
+        let mut cols = prefix(matched, &total);
+        cols.push((INFLIGHT_TOKENS, load));
+        f.filter(1, &req, &m, &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
+    };
+    // At or over the threshold (0.8) are sticky; only they are kept.
+    assert_eq!(with(&[8.0, 10.0, 7.9, 0.0], &idle_load), vec![0, 1]);
+    // Nobody sticky: everybody stays.
+    assert_eq!(with(&[1.0, 0.0, 7.0, 0.0], &idle_load), vec![0, 1, 2, 3]);
+    // The best sticky one would start the request more than 18 s later than the best other
+    // one (tokens ÷ 15928 tokens/s): stickiness is dropped.
+    let slow = [400_000.0, 300_000.0, 1000.0, 0.0];
+    assert_eq!(with(&[9.0, 9.0, 0.0, 0.0], &slow), vec![0, 1, 2, 3]);
+    // Within the penalty: kept sticky.
+    let fine = [200_000.0, 250_000.0, 1000.0, 0.0];
+    assert_eq!(with(&[9.0, 9.0, 0.0, 0.0], &fine), vec![0, 1]);
+    // One candidate, or a threshold of 0: no filtering.
+    assert_eq!(f.filter(1, &req, &idle(1), &prefix(&[0.0], &[4.0])), vec![0]);
+    let off = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"affinityThreshold": 0}"#);
+    assert_eq!(off.filter(1, &req, &m, &prefix(&[10.0, 0.0, 0.0, 0.0], &total)), vec![0, 1, 2, 3]);
+    // Exploration keeps everyone on about its share of requests.
+    let explore =
+        filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"explorationProbability": 0.5}"#);
+    let kept_all = (0..400u64)
+        .filter(|&seed| {
+            let mut r = request("r", "");
+            r.random_seed = seed;
+            explore.filter(seed, &r, &m, &prefix(&[10.0, 0.0, 0.0, 0.0], &total)).len() == 4
+        })
+        .count();
+    assert!((140..=260).contains(&kept_all), "{kept_all} of 400");
+    rejected("prefix-cache-affinity-filter", r#"{"affinityThreshold": 1.5}"#, "affinityThreshold");
+    rejected("prefix-cache-affinity-filter", r#"{"maxTTFTPenaltyMs": -1}"#, "maxTTFTPenaltyMs");
+    rejected("prefix-cache-affinity-filter", r#"{"ttftSource": "latencyPredictor"}"#, "latencyPredictor");
+}
+
+#[test]
+fn session_affinity_scorer_encodes_the_endpoint_in_a_header() {
+    let s = scorer::<SessionAffinityScorer>("session-affinity-scorer", "{}");
+    s.pool_changed(&pool(3));
+    let m = idle(3);
+    // No token: nobody is preferred; the response names the endpoint that served it.
+    assert_eq!(s.score(1, &request("r", ""), &m, &[]), vec![0.0, 0.0, 0.0]);
+    let headers = s.decided(1, 2);
+    assert_eq!(headers, vec![("x-session-token".to_string(), "ZGVmYXVsdC9lcC0y".to_string())]);
+    // The client sends it back: that endpoint scores 1.
+    let mut follow = request("r2", "");
+    follow.headers = headers.clone();
+    assert_eq!(s.score(2, &follow, &m, &[]), vec![0.0, 0.0, 1.0]);
+    // Garbage, or an endpoint that left, scores 0 everywhere.
+    follow.headers = vec![("x-session-token".into(), "%%%".into())];
+    assert_eq!(s.score(3, &follow, &m, &[]), vec![0.0, 0.0, 0.0]);
+    follow.headers = headers;
+    s.pool_changed(&pool(2));
+    assert_eq!(s.score(4, &follow, &idle(2), &[]), vec![0.0, 0.0]);
+}
+
+#[test]
+fn session_affinity_scorer_binds_session_ids() {
+    let s = scorer::<SessionAffinityScorer>("session-affinity-scorer", r#"{"strategy": "session_id"}"#);
+    s.pool_changed(&pool(3));
+    let m = idle(3);
+    let at = |id: &str, session: &str, now_ms: u64| {
+        let mut r = request(id, "");
+        r.headers = vec![("x-session-id".into(), session.into())];
+        r.now_ms = now_ms;
+        r
+    };
+    assert_eq!(s.score(1, &at("a", "alice", 0), &m, &[]), vec![0.0, 0.0, 0.0]);
+    assert!(s.decided(1, 1).is_empty(), "no response header with session ids");
+    assert_eq!(s.score(2, &at("b", "alice", 1_000), &m, &[]), vec![0.0, 1.0, 0.0]);
+    s.decided(2, 0); // another scorer outweighed it: the binding stays (it was a candidate)
+    assert_eq!(s.score(3, &at("c", "alice", 2_000), &m, &[]), vec![0.0, 1.0, 0.0]);
+    // Unused for longer than the TTL (300 s): forgotten.
+    assert_eq!(s.score(4, &at("d", "alice", 400_000), &m, &[]), vec![0.0, 0.0, 0.0]);
+    rejected("session-affinity-scorer", r#"{"strategy": "cookie"}"#, "strategy");
+}
+
+#[test]
+fn label_selector_filter_table() {
+    let mut eps = pool(4);
+    let label = |e: &mut EndpointInfo, k: &str, v: &str| e.labels.push((k.into(), v.into()));
+    label(&mut eps[0], "gpu", "H100");
+    label(&mut eps[0], "model", "q");
+    label(&mut eps[1], "gpu", "A100");
+    label(&mut eps[1], "model", "q");
+    label(&mut eps[2], "gpu", "H100");
+    label(&mut eps[2], "draining", "true");
+    let m = idle(4);
+    let req = request("r", "");
+    let cases: &[(&str, &[u32])] = &[
+        (r#"{}"#, &[0, 1, 2, 3]),
+        (r#"{"matchLabels": {"model": "q"}}"#, &[0, 1]),
+        (r#"{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["H100", "H200"]}]}"#, &[0, 2]),
+        (r#"{"matchExpressions": [{"key": "gpu", "operator": "NotIn", "values": ["H100"]}]}"#, &[1, 3]),
+        (
+            r#"{"matchExpressions": [{"key": "draining", "operator": "DoesNotExist"}], "matchLabels": {"gpu": "H100"}}"#,
+            &[0],
+        ),
+        (r#"{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}"#, &[0, 1, 2]),
+        (r#"{"matchLabels": {"gpu": "T4"}}"#, &[]),
+    ];
+    for (params, want) in cases {
+        for type_name in ["label-selector-filter", "by-label-selector"] {
+            let f = filter::<LabelSelectorFilter>(type_name, params);
+            f.pool_changed(&eps);
+            assert_eq!(f.filter(1, &req, &m, &[]), *want, "{type_name} {params}");
+        }
+    }
+    rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "Near"}]}"#, "operator");
+    rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "In"}]}"#, "In");
 }
 
 #[test]
@@ -334,7 +644,29 @@ fn weighted_random_picker_follows_weights() {
 
 #[test]
 fn pickers_reject_zero_endpoints_parameter() {
-    let bytes = epp::wasm::embedded::find("max-score-picker").unwrap();
-    let err = runtime().load("p", bytes, r#"{"maxNumOfEndpoints": 0}"#, Default::default(), Default::default()).err();
-    assert!(err.expect("rejected").to_string().contains("maxNumOfEndpoints"));
+    for t in ["max-score-picker", "random-picker", "weighted-random-picker"] {
+        rejected(t, r#"{"maxNumOfEndpoints": 0}"#, "maxNumOfEndpoints");
+    }
+}
+
+#[test]
+fn manifests_ask_only_for_what_each_plugin_uses() {
+    // (type, reads the prompt, asks for decided) — scorers that never look at the prompt
+    // must not be sent it.
+    let cases = [
+        ("approx-prefix-cache-producer", true, true),
+        ("inflight-load-producer", false, true),
+        ("prefix-cache-scorer", false, false),
+        ("queue-scorer", false, false),
+        ("kv-cache-utilization-scorer", false, false),
+        ("no-hit-lru-scorer", false, true),
+        ("token-load-scorer", false, false),
+        ("active-request-scorer", false, false),
+        ("prefix-cache-affinity-filter", false, false),
+        ("max-score-picker", false, false),
+    ];
+    for (t, prompt, decided) in cases {
+        let needs = wasm(t, "{}").core().manifest().needs;
+        assert_eq!((needs.prompt, needs.decided), (prompt, decided), "{t}: {needs:?}");
+    }
 }

@@ -4,11 +4,11 @@
 
 use std::process::Command;
 
-use epp::scheduler::{PluginHandle, ScorerPlugin};
+use epp_core::{PluginCore, PluginHandle, ScorerPlugin};
 use label_affinity_scorer::LabelAffinityScorer;
 use llmd_plugin_sdk::EndpointInfo;
 
-use crate::common::{endpoint, idle, native, request, runtime};
+use crate::common::{columns_for, endpoint, idle, input, native, request, runtime};
 use crate::stack::workspace_root;
 
 fn componentize_py() -> std::path::PathBuf {
@@ -51,8 +51,15 @@ fn the_python_scorer_agrees_with_the_rust_one() {
     for p in [py.as_ref(), rust.as_ref() as &dyn ScorerPlugin] {
         p.pool_changed(1, &pool).unwrap();
     }
-    let a = py.score(&request("r", "x"), &idle(4), &[]).unwrap();
-    let b = rust.score(&request("r", "x"), &idle(4), &[]).unwrap();
+    let req = request("r", "x");
+    let candidates = idle(4);
+    let score = |s: &dyn ScorerPlugin| {
+        let cols = columns_for(s.manifest(), &candidates, &[]);
+        s.score(&input(1, &req, &candidates, &cols)).unwrap()
+    };
+    assert_eq!(py.manifest(), rust.manifest(), "both declare the same needs");
+    let a = score(py.as_ref());
+    let b = score(rust.as_ref());
     assert_eq!(a, vec![1.0, 0.5, 0.25, 0.25]);
     assert_eq!(a, b);
     // Bad parameters are refused with the plugin's own message.

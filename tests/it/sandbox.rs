@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use epp::scheduler::{
-    FailurePolicy, PluginError, PluginHandle, ScheduleError, SchedulerProfile, ScorerPlugin, Weight, WeightedScorer,
-};
 use epp::wasm::{LoadError, Sandbox};
+use epp_core::{
+    Candidates, FailurePolicy, PluginError, PluginHandle, ScheduleError, SchedulerProfile, ScorerPlugin, Weight,
+    WeightedScorer,
+};
 
 use crate::common::*;
 
@@ -42,9 +43,17 @@ fn profile_with(bad: Arc<dyn ScorerPlugin>) -> SchedulerProfile {
         ],
         wasm_picker("max-score-picker", "{}"),
     )
+    .expect("a valid profile")
 }
 
-fn busy_metrics() -> llmd_plugin_sdk::Metrics {
+/// One call of `s` over `candidates`.
+fn score(s: &dyn ScorerPlugin, candidates: &Candidates) -> Result<Vec<f32>, PluginError> {
+    let req = request("r", "");
+    let cols = columns_for(s.manifest(), candidates, &[]);
+    s.score(&input(1, &req, candidates, &cols))
+}
+
+fn busy_metrics() -> Candidates {
     metrics(&[(0, 4.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 8.0, 0.0, 0.0)])
 }
 
@@ -60,7 +69,7 @@ fn failures_come_back_as_errors_within_the_deadline() {
         let bad = misbehaving(mode, FailurePolicy::FailOpen).expect("loads");
         for attempt in 0..3 {
             let started = Instant::now();
-            let err = bad.score(&request("r", ""), &idle(3), &[]).expect_err("must fail");
+            let err = score(bad.as_ref(), &idle(3)).expect_err("must fail");
             assert!(expected(&err), "{mode} attempt {attempt}: unexpected error {err:?}");
             assert!(started.elapsed() < PROMPT, "{mode}: took {:?}", started.elapsed());
         }
@@ -72,7 +81,7 @@ fn the_host_keeps_serving_around_a_failing_scorer() {
     for mode in ["trap", "loop", "alloc", "nan", "short"] {
         let profile = profile_with(misbehaving(mode, FailurePolicy::FailOpen).unwrap());
         for i in 0..3 {
-            let d = profile.schedule(&request(&format!("r{i}"), ""), &busy_metrics()).unwrap();
+            let d = profile.schedule(i, &request(&format!("r{i}"), ""), &busy_metrics()).unwrap();
             // The bad scorer contributes nothing; the queue scorer decides.
             assert_eq!(d.targets, vec![1], "{mode}");
             assert_eq!(d.total_scores, vec![0.5, 1.0, 0.0], "{mode}");
@@ -83,7 +92,7 @@ fn the_host_keeps_serving_around_a_failing_scorer() {
 #[test]
 fn fail_closed_turns_a_failure_into_a_scheduling_error() {
     let profile = profile_with(misbehaving("trap", FailurePolicy::FailClosed).unwrap());
-    match profile.schedule(&request("r", ""), &busy_metrics()) {
+    match profile.schedule(1, &request("r", ""), &busy_metrics()) {
         Err(ScheduleError::PluginFailed { plugin, error: PluginError::Trap(_) }) => {
             assert_eq!(plugin, "misbehaving-trap")
         }
@@ -96,8 +105,8 @@ fn a_well_behaved_twin_scores_after_a_neighbour_traps() {
     // The same component, configured differently, is an independent instance.
     let ok = misbehaving("ok", FailurePolicy::FailOpen).unwrap();
     let bad = misbehaving("trap", FailurePolicy::FailOpen).unwrap();
-    assert!(bad.score(&request("r", ""), &idle(2), &[]).is_err());
-    assert_eq!(ok.score(&request("r", ""), &idle(2), &[]).unwrap(), vec![0.5, 0.5]);
+    assert!(score(bad.as_ref(), &idle(2)).is_err());
+    assert_eq!(score(ok.as_ref(), &idle(2)).unwrap(), vec![0.5, 0.5]);
 }
 
 #[test]
@@ -119,12 +128,12 @@ fn a_plugin_that_keeps_failing_is_taken_out_by_its_breaker() {
     let bad = misbehaving("trap", FailurePolicy::FailOpen).unwrap();
     let mut kinds = Vec::new();
     for _ in 0..8 {
-        kinds.push(bad.score(&request("r", ""), &idle(2), &[]).expect_err("fails").kind());
+        kinds.push(score(bad.as_ref(), &idle(2)).expect_err("fails").kind());
     }
     // Six failures within the window trip it; later calls are refused without running.
     assert_eq!(kinds[..6], ["trap"; 6], "{kinds:?}");
     assert_eq!(kinds[6..], ["disabled"; 2], "{kinds:?}");
     // With fail-open the request is still scheduled around it.
     let profile = profile_with(bad);
-    assert_eq!(profile.schedule(&request("x", ""), &busy_metrics()).unwrap().targets, vec![1]);
+    assert_eq!(profile.schedule(9, &request("x", ""), &busy_metrics()).unwrap().targets, vec![1]);
 }

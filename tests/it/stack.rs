@@ -195,7 +195,7 @@ impl Stack {
             .args(["--metrics-port", &self.metrics_port.to_string(), "--refresh-prometheus-metrics-interval", "200ms"])
             .arg("--config-file")
             .arg(self.dir.join("epp-config.yaml"))
-            .env("RUST_LOG", "info,epp::ext_proc=info,epp::routing=debug")
+            .env("RUST_LOG", "info,epp::ext_proc=debug,epp::routing=debug")
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()

@@ -16,13 +16,13 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A copy of a component whose contract version reads 0.9.0 instead of 0.1.0 (same length,
-/// so the binary stays well-formed).
-fn other_wit_version(bytes: &[u8]) -> Vec<u8> {
+/// A copy of a component whose contract version reads `version` instead of 0.2.0 (same
+/// length, so the binary stays well-formed).
+fn other_wit_version(bytes: &[u8], version: &str) -> Vec<u8> {
     let mut out = bytes.to_vec();
     for iface in ["plugin", "hooks", "types", "scorer"] {
-        let from = format!("llmd:scheduler/{iface}@0.1.0").into_bytes();
-        let to = format!("llmd:scheduler/{iface}@0.9.0").into_bytes();
+        let from = format!("llmd:scheduler/{iface}@0.2.0").into_bytes();
+        let to = format!("llmd:scheduler/{iface}@{version}").into_bytes();
         let mut i = 0;
         while let Some(pos) = out[i..].windows(from.len()).position(|w| w == from.as_slice()) {
             out[i + pos..i + pos + to.len()].copy_from_slice(&to);
@@ -44,11 +44,14 @@ fn check(file: &Path, params: &str) -> (bool, String) {
 
 #[test]
 fn a_component_for_another_wit_version_is_refused_naming_both() {
-    let patched = other_wit_version(&wasm_file_bytes("queue_scorer"));
-    let err = runtime().load("old", &patched, "{}", Default::default(), Default::default()).expect_err("refused");
-    assert!(matches!(err, LoadError::WitVersion { .. }), "{err}");
-    let text = err.to_string();
-    assert!(text.contains("llmd:scheduler@0.9.0") && text.contains("llmd:scheduler@0.1.0"), "{text}");
+    // 0.1.0 is the previous contract; 0.9.0 one from the future.
+    for version in ["0.1.0", "0.9.0"] {
+        let patched = other_wit_version(&wasm_file_bytes("queue_scorer"), version);
+        let err = runtime().load("old", &patched, "{}", Default::default(), Default::default()).expect_err("refused");
+        assert!(matches!(err, LoadError::WitVersion { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("llmd:scheduler@{version}")) && text.contains("llmd:scheduler@0.2.0"), "{text}");
+    }
 }
 
 #[test]
@@ -65,7 +68,11 @@ fn plugin_check_gives_a_verdict_for_every_kind_of_plugin() {
         (good.clone(), r#"{"label":"gpu","scores":{"H100":1}}"#, None),
         (write("junk.wasm", b"definitely not wasm"), "{}", Some("not a valid WebAssembly component")),
         (write("core.wasm", b"\0asm\x01\0\0\0"), "{}", Some("not a valid WebAssembly component")),
-        (write("old.wasm", &other_wit_version(&wasm_file_bytes("queue_scorer"))), "{}", Some("llmd:scheduler@0.9.0")),
+        (
+            write("old.wasm", &other_wit_version(&wasm_file_bytes("queue_scorer"), "0.1.0")),
+            "{}",
+            Some("llmd:scheduler@0.1.0"),
+        ),
         (dir.join("missing.wasm"), "{}", Some("cannot read the file")),
         (bad.clone(), r#"{"mode":"trap"}"#, Some("plugin trapped")),
         (bad.clone(), r#"{"mode":"loop"}"#, Some("time limit")),
@@ -106,7 +113,8 @@ fn the_docs_walkthrough_runs_as_written() {
             .args(["-c", command])
             .current_dir(&dir)
             .env("PATH", &path)
-            .env("LLMD_PLUGIN_SDK", workspace_root().join("plugins/sdk"))
+            // As a new user would: no SDK checkout to point at, only the binary.
+            .env_remove("LLMD_PLUGIN_SDK")
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("RUSTFLAGS")
             .output()
@@ -126,9 +134,8 @@ fn the_docs_walkthrough_runs_as_written() {
         dir.join("prefer-short-queues/target/wasm32-wasip2/release/prefer_short_queues.wasm").display()
     );
     let config = epp::config::PickerConfig::parse(&config, None).unwrap();
-    let profile = epp::loader::build_profile(runtime(), &config).expect("the scaffolded plugin builds a profile");
-    let d = profile
-        .schedule(&crate::common::request("r", "x"), &crate::common::metrics(&[(0, 9.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0)]))
-        .unwrap();
-    assert_eq!(d.targets, vec![1], "the scaffolded scorer prefers the shorter queue");
+    let built = epp::loader::build(runtime(), &config, &Default::default()).expect("the scaffolded plugin builds");
+    let candidates = crate::common::metrics(&[(0, 9.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0)]);
+    let d = built.scheduler.decide(1, &crate::common::request("r", "x"), candidates).unwrap();
+    assert_eq!(d.result.targets, vec![1], "the scaffolded scorer prefers the shorter queue");
 }

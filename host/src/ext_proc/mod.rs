@@ -63,7 +63,7 @@ impl ExternalProcessor for ExtProc {
                         break;
                     }
                 };
-                for answer in state.handle(msg).await {
+                for answer in state.handle(msg) {
                     if tx.send(Ok(answer)).await.is_err() {
                         return;
                     }

@@ -3,24 +3,30 @@
 //! Request path, full-duplex mode (the upstream Envoy config): headers are held until the
 //! body's end of stream; the body is buffered (size cap → 413), parsed, the request routed,
 //! then a headers answer (destination + cleared route cache + `envoy.lb` metadata) and the
-//! body, re-chunked, as streamed mutations. A request whose headers end the stream is routed
-//! (or rejected) at once, or Envoy would wait for its message timeout. Buffered modes are
-//! served too: headers are let through and the route rides on the body answer.
+//! body as streamed mutations (moved, not copied, when it fits one message). A request whose
+//! headers end the stream is routed (or rejected) at once, or Envoy would wait for its
+//! message timeout. Buffered modes are served too: headers are let through and the route
+//! rides on the body answer.
 //!
-//! Response path: headers and every body chunk are answered as they come, so SSE streams
-//! through; usage is read on the way and handed to the plugins' response hooks.
+//! Response path: headers are answered at once (with the request id, the variant and any
+//! header the plugins add); body chunks are echoed in full-duplex mode and acknowledged in
+//! streamed mode, so SSE streams through; usage is read on the way. The first body bytes
+//! and the end of the response reach the plugins through `Routed`; a stream that ends
+//! without a response end (client gone, reset) drops its `Routed`, which ends the request
+//! as cancelled.
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse};
-use tracing::{debug, info, warn};
+use epp_core::Outcome;
+use tracing::{debug, warn};
 
 use super::reply;
 use crate::request::{self, ApiKind};
-use crate::routing::{RouteError, Routed, Router};
+use crate::routing::{Ending, RouteError, Routed, Router};
 use crate::usage::UsageTracker;
 
 /// Default cap on a request body the EPP buffers.
@@ -29,7 +35,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 pub struct StreamState {
     router: Arc<Router>,
     max_body: usize,
-    full_duplex: bool,
+    /// Body modes Envoy announced (full duplex unless told otherwise, as upstream runs).
+    request_full_duplex: bool,
+    response_full_duplex: bool,
     request_id: String,
     generated_id: bool,
     method: String,
@@ -39,12 +47,10 @@ pub struct StreamState {
     body: Vec<u8>,
     routed: Option<Routed>,
     usage: Option<UsageTracker>,
+    /// The worker's response status, once its headers passed.
+    status: u16,
     /// The request's model, once parsed (metric label).
     model: String,
-    started: std::time::Instant,
-    /// When the first response body byte passed (time to first token).
-    first_byte: Option<std::time::Duration>,
-    in_flight: Option<crate::routing::Admitted>,
     /// Set once an immediate response was sent: the stream is over for Envoy.
     pub finished: bool,
 }
@@ -54,7 +60,8 @@ impl StreamState {
         StreamState {
             router,
             max_body,
-            full_duplex: true,
+            request_full_duplex: true,
+            response_full_duplex: true,
             request_id: String::new(),
             generated_id: false,
             method: String::new(),
@@ -64,36 +71,37 @@ impl StreamState {
             body: Vec::new(),
             routed: None,
             usage: None,
+            status: 0,
             model: String::new(),
-            started: std::time::Instant::now(),
-            first_byte: None,
-            in_flight: None,
             finished: false,
         }
     }
 
     /// Handles one message from Envoy; returns the answers to send, in order.
-    pub async fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+    pub fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
         if let Some(pc) = &msg.protocol_config {
-            self.full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
+            self.request_full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
+            self.response_full_duplex = pc.response_body_mode == BodySendMode::FullDuplexStreamed as i32;
         }
         let Some(request) = msg.request else { return Vec::new() };
         match request {
             Msg::RequestHeaders(h) => {
                 self.subset =
                     reply::metadata_strings(msg.metadata_context.as_ref(), reply::SUBSET_NAMESPACE, reply::SUBSET_KEY);
-                self.request_headers(h).await
+                self.request_headers(h)
             }
-            Msg::RequestBody(b) => self.request_body(b).await,
+            Msg::RequestBody(b) => self.request_body(b),
             Msg::RequestTrailers(_) => vec![reply::continue_trailers(false)],
             Msg::ResponseHeaders(h) => self.response_headers(h),
             Msg::ResponseBody(b) => self.response_body(b),
-            Msg::ResponseTrailers(_) => vec![reply::continue_trailers(true)],
+            Msg::ResponseTrailers(_) => {
+                self.complete();
+                vec![reply::continue_trailers(true)]
+            }
         }
     }
 
-    async fn request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
-        self.started = std::time::Instant::now();
+    fn request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
         self.headers = header_pairs(h.headers.as_ref());
         let get = |name: &str| self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         self.method = get(":method").unwrap_or_default();
@@ -109,29 +117,33 @@ impl StreamState {
             // No body will come: decide now.
             let result = match ApiKind::from_path(&self.path) {
                 Some(_) => Err(RouteError::BadRequest(request::RequestError::EmptyBody)),
-                None => self.route(None).await,
+                None => self.route(None),
             };
             return match result {
-                Ok(routed) => vec![reply::route_request_headers(&destination(&routed), self.id_header())],
+                Ok(dest) => vec![reply::route_request_headers(&dest, self.id_header())],
                 Err(e) => self.fail(e),
             };
         }
-        if self.full_duplex { Vec::new() } else { vec![reply::continue_headers(false, self.id_header())] }
+        if self.request_full_duplex { Vec::new() } else { vec![reply::continue_headers(false, self.id_header())] }
     }
 
-    async fn request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
         if self.body.len() + b.body.len() > self.max_body {
             return self.fail(RouteError::PayloadTooLarge(self.max_body));
         }
-        self.body.extend_from_slice(&b.body);
+        if self.body.is_empty() {
+            self.body = b.body;
+        } else {
+            self.body.extend_from_slice(&b.body);
+        }
         if !b.end_of_stream {
             // Buffered modes answer every message; full duplex answers once at the end.
-            return if self.full_duplex { Vec::new() } else { vec![reply::continue_body(false)] };
+            return if self.request_full_duplex { Vec::new() } else { vec![reply::continue_body(false)] };
         }
         let parsed = match ApiKind::from_path(&self.path) {
             Some(kind) => match request::parse(kind, &self.body) {
                 Ok(r) => {
-                    self.model = r.model.clone();
+                    self.model.clone_from(&r.model);
                     Some(r)
                 }
                 Err(e) => return self.fail(e.into()),
@@ -139,19 +151,18 @@ impl StreamState {
             None if self.method.eq_ignore_ascii_case("GET") || self.method.eq_ignore_ascii_case("HEAD") => None,
             None => return self.fail(RouteError::UnknownPath(self.path.clone())),
         };
-        let routed = match self.route(parsed).await {
-            Ok(r) => r,
+        let dest = match self.route(parsed) {
+            Ok(d) => d,
             Err(e) => return self.fail(e),
         };
-        let dest = destination(&routed);
-        if !self.full_duplex {
+        if !self.request_full_duplex {
             return vec![reply::route_request_body(&dest, self.id_header())];
         }
         let body = std::mem::take(&mut self.body);
         let mut out = Vec::with_capacity(2 + body.len() / reply::BODY_CHUNK);
         out.push(reply::route_request_headers(&dest, self.id_header()));
-        if body.is_empty() {
-            out.push(reply::streamed_body(false, Vec::new(), true));
+        if body.len() <= reply::BODY_CHUNK {
+            out.push(reply::streamed_body(false, body, true));
         } else {
             let pieces = body.len().div_ceil(reply::BODY_CHUNK);
             for (i, piece) in body.chunks(reply::BODY_CHUNK).enumerate() {
@@ -163,83 +174,66 @@ impl StreamState {
 
     fn response_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
         let headers = header_pairs(h.headers.as_ref());
-        let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-        self.usage = Some(UsageTracker::new(content_type));
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.usage = Some(UsageTracker::new(get("content-type")));
         // The client always learns the id its request was logged and scheduled under (and,
-        // if the experiment says so, the variant that routed it).
+        // if the experiment says so, the variant that routed it, and what plugins add).
         let mut extra = vec![reply::header("x-request-id", &self.request_id)];
-        if let Some(r) = self.routed.as_ref().filter(|r| r.name_variant) {
-            extra.push(reply::header(crate::experiment::VARIANT_HEADER, &r.variant_name));
+        if let Some(r) = &self.routed {
+            if r.name_variant {
+                extra.push(reply::header(crate::experiment::VARIANT_HEADER, &r.variant_name));
+            }
+            extra.extend(r.response_headers.iter().map(|(k, v)| reply::header(k, v)));
         }
         if h.end_of_stream {
-            self.complete(None);
+            self.complete();
         }
         vec![reply::continue_headers(true, extra)]
     }
 
     fn response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
-        if self.first_byte.is_none() && !b.body.is_empty() {
-            self.first_byte = Some(self.started.elapsed());
+        if !b.body.is_empty()
+            && let Some(r) = self.routed.as_mut()
+        {
+            r.first_chunk();
         }
         if let Some(t) = self.usage.as_mut() {
             t.feed(&b.body);
         }
-        if b.end_of_stream {
-            let usage = self.usage.take().and_then(UsageTracker::finish);
-            self.complete(usage);
-        }
-        if self.full_duplex {
-            vec![reply::streamed_body(true, b.body, b.end_of_stream)]
+        let end = b.end_of_stream;
+        let answer = if self.response_full_duplex {
+            reply::streamed_body(true, b.body, end)
         } else {
-            vec![reply::continue_body(true)]
+            reply::continue_body(true)
+        };
+        if end {
+            self.complete();
+        }
+        vec![answer]
+    }
+
+    /// The response ended: the request's life ends as completed, with the usage found.
+    fn complete(&mut self) {
+        if let Some(mut routed) = self.routed.take() {
+            let usage = self.usage.take().and_then(UsageTracker::finish);
+            debug!(request_id = %self.request_id, status = self.status, ?usage, "response complete");
+            routed.finish(Ending { outcome: Outcome::Completed, status: self.status, usage });
         }
     }
 
-    /// Runs the response hooks once per routed request.
-    fn complete(&mut self, usage: Option<llmd_plugin_sdk::Usage>) {
-        if let Some(routed) = self.routed.take() {
-            debug!(request_id = %self.request_id, ?usage, "response complete");
-            self.router.record_completed(
-                &self.model,
-                &routed.variant_name,
-                self.started.elapsed(),
-                self.first_byte,
-                usage,
-            );
-            self.in_flight = None;
-            self.router.response_complete(
-                routed.variant,
-                &self.request_id,
-                routed.endpoint_id,
-                usage.unwrap_or_default(),
-            );
-        }
-    }
-
-    async fn route(&mut self, parsed: Option<request::InferenceRequest>) -> Result<Routed, RouteError> {
-        let router = self.router.clone();
-        let (id, headers, subset) = (self.request_id.clone(), self.headers.clone(), self.subset.clone());
-        let started = std::time::Instant::now();
-        // The scheduler is synchronous (wasm calls): keep it off the async workers.
-        let routed =
-            tokio::task::spawn_blocking(move || router.route(&id, &headers, parsed.as_ref(), subset.as_deref()))
-                .await
-                .map_err(|e| RouteError::Internal(format!("scheduling task failed: {e}")))??;
-        info!(
-            request_id = %self.request_id,
-            path = %self.path,
-            endpoint = %destination(&routed),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "request routed"
-        );
-        if let Some(job) = routed.shadows.clone() {
+    /// Routes the request; returns the destination header's value.
+    fn route(&mut self, parsed: Option<request::InferenceRequest>) -> Result<String, RouteError> {
+        let req = request::for_scheduling(&self.request_id, &self.headers, parsed);
+        let (routed, shadows) = self.router.route(req, self.subset.as_deref())?;
+        let dest = destination(&routed);
+        debug!(request_id = %self.request_id, path = %self.path, endpoint = %dest, cycle = routed.cycle, "request routed");
+        if let Some(job) = shadows {
             // Shadows score after the decision, on their own thread: never on this request's path.
-            let router = self.router.clone();
-            tokio::task::spawn_blocking(move || router.run_shadows(&job));
+            tokio::task::spawn_blocking(move || Router::run_shadows(job));
         }
-        self.routed = Some(routed.clone());
-        self.in_flight = Some(self.router.record_routed(&self.model));
-        Ok(routed)
+        self.routed = Some(routed);
+        Ok(dest)
     }
 
     fn fail(&mut self, e: RouteError) -> Vec<ProcessingResponse> {
@@ -251,13 +245,16 @@ impl StreamState {
     }
 
     /// The request id header to add, when the EPP made the id up.
-    fn id_header(&self) -> Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption> {
+    fn id_header(&self) -> Vec<HeaderValueOption> {
         if self.generated_id { vec![reply::header("x-request-id", &self.request_id)] } else { Vec::new() }
     }
 }
 
 fn destination(r: &Routed) -> String {
-    r.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+    match r.targets.as_slice() {
+        [one] => one.to_string(),
+        many => many.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+    }
 }
 
 /// Header pairs with lower-case names; Envoy sends values in `raw_value` (or `value`).

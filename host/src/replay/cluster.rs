@@ -8,7 +8,7 @@
 //! plugins only through a scrape, as in the live stack. It makes no routing decision and
 //! calls no plugin: the engine does that with what this module returns.
 
-use llmd_plugin_sdk::{EndpointInfo, Metrics};
+use epp_core::{CacheInfo, Candidates, EndpointInfo};
 use sim::model::{AdmitError, EventKind, Model, ModelParams, ModelRequest, ParamsError};
 
 /// Named model parameter sets (`--model-profile`).
@@ -101,6 +101,11 @@ impl Cluster {
                 max_lora,
                 running_adapters: Vec::new(),
                 waiting_adapters: Vec::new(),
+                // The KV geometry the live worker reports in `vllm:cache_config_info`.
+                cache: Some(CacheInfo {
+                    block_size: u32::try_from(params.block_size).unwrap_or(u32::MAX),
+                    num_gpu_blocks: u32::try_from(params.num_gpu_blocks).unwrap_or(u32::MAX),
+                }),
             });
         }
         Ok(Cluster { workers: list, params, scrape_interval, infos, generation: 1 })
@@ -160,9 +165,9 @@ impl Cluster {
 
     /// The scheduler's view at `now`: every worker's last scrape, its age, and NaN for
     /// values older than `staleness_ms` (as the live datastore reports them).
-    pub fn metrics(&self, now: f64, staleness_ms: u32) -> Metrics {
+    pub fn metrics(&self, now: f64, staleness_ms: u32) -> Candidates {
         let n = self.workers.len();
-        let mut m = Metrics {
+        let mut m = Candidates {
             ids: Vec::with_capacity(n),
             waiting: Vec::with_capacity(n),
             running: Vec::with_capacity(n),
@@ -177,7 +182,7 @@ impl Cluster {
             m.waiting.push(v(s.waiting));
             m.running.push(v(s.running));
             m.kv_usage.push(v(s.kv_usage));
-            m.age_ms.push(age);
+            m.age_ms.push(age as f32);
         }
         m
     }
@@ -266,13 +271,13 @@ mod tests {
         c.advance(0.001, &mut events);
         c.admit(0, 0.001, req(&c, &"p".repeat(400), 500), 0).expect("fits");
         let m = c.metrics(0.002, 2000);
-        assert_eq!((m.running[0], m.age_ms[0]), (0.0, 2), "not scraped since the admission");
+        assert_eq!((m.running[0], m.age_ms[0]), (0.0, 2.0), "not scraped since the admission");
         c.advance(0.051, &mut events);
         let m = c.metrics(0.051, 2000);
-        assert_eq!((m.running[0], m.age_ms[0]), (1.0, 1), "worker 0 scraped at 50 ms");
-        assert_eq!(m.age_ms[1], 26, "worker 1 ticks at 25 ms, 75 ms, …");
+        assert_eq!((m.running[0], m.age_ms[0]), (1.0, 1.0), "worker 0 scraped at 50 ms");
+        assert_eq!(m.age_ms[1], 26.0, "worker 1 ticks at 25 ms, 75 ms, …");
         let stale = c.metrics(3.0, 2000);
-        assert!(stale.waiting[0].is_nan() && stale.age_ms[0] > 2000, "old scrapes are unknown");
+        assert!(stale.waiting[0].is_nan() && stale.age_ms[0] > 2000.0, "old scrapes are unknown");
         assert_eq!(c.running().collect::<Vec<_>>(), vec![1, 0]);
     }
 
@@ -283,7 +288,7 @@ mod tests {
         c.admit(0, 0.0, req(&c, "hello", 3), 42).expect("fits");
         c.advance(0.0, &mut events);
         let m = c.metrics(0.0, 2000);
-        assert_eq!((m.running[0], m.age_ms[0]), (1.0, 0));
+        assert_eq!((m.running[0], m.age_ms[0]), (1.0, 0.0));
         c.drain(&mut events);
         let finished: Vec<_> = events.iter().filter(|e| matches!(e.kind, EventKind::Finished(_))).collect();
         assert_eq!(finished.len(), 1);

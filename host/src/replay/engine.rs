@@ -8,7 +8,7 @@
 //! by (time, worker, request), and each request's random seed is derived from its id and
 //! the run seed. It computes no statistics (that is `report.rs`).
 
-use llmd_plugin_sdk::{Request, Usage};
+use epp_core::{Completion, Request, Usage};
 use sim::model::{AdmitError, EventKind, ModelParams, ModelRequest, ParamsError};
 
 use super::cluster::{Cluster, WorkerEvent};
@@ -46,12 +46,14 @@ pub struct Record {
     pub outcome: Outcome,
     /// Set by the first token event, moved into `Completed` at the finish.
     first_token: Option<f64>,
+    /// The variant that routed it (its plugins get the request's hooks).
+    variant: usize,
 }
 
 impl Record {
     /// A record with a known outcome (no worker): for callers building results by hand.
     pub fn new(arrival: f64, outcome: Outcome) -> Record {
-        Record { arrival, worker: None, outcome, first_token: None }
+        Record { arrival, worker: None, outcome, first_token: None, variant: 0 }
     }
 }
 
@@ -84,7 +86,7 @@ pub fn run(
     let mut records: Vec<Record> = workload
         .items
         .iter()
-        .map(|i| Record { arrival: i.at, worker: None, outcome: Outcome::InFlight, first_token: None })
+        .map(|i| Record { arrival: i.at, worker: None, outcome: Outcome::InFlight, first_token: None, variant: 0 })
         .collect();
     let mut result =
         RunResult { policy: policy.name.clone(), records: Vec::new(), imbalance_sum: 0.0, imbalance_samples: 0 };
@@ -103,31 +105,49 @@ pub fn run(
         item.prompt.write_to(&mut prompt);
         let model = item.requested_model();
         let id = request_id(index);
+        let prompt = String::from_utf8_lossy(&prompt).into_owned();
         let req = Request {
             random_seed: xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), seed),
             id,
             model: model.to_string(),
+            prompt_tokens: Request::estimate_tokens(prompt.len()),
             prompt,
+            max_tokens: Some(item.output_tokens),
             cache_salt: item.cache_salt.as_deref().map(str::to_owned),
             headers: item.session.iter().map(|s| ("x-session-id".to_string(), s.to_string())).collect(),
             priority: item.priority,
+            // Plugins see virtual time.
+            now_ms: (now * 1000.0).max(0.0) as u64,
+            user: None,
         };
-        let metrics = cluster.metrics(now, DEFAULT_METRICS_STALENESS_MS);
+        let candidates = cluster.metrics(now, DEFAULT_METRICS_STALENESS_MS);
         let record = &mut records[index];
-        match policy.route(&req, &metrics) {
-            Ok(worker) => {
+        // Cycle ids are the request index + 1: unique and reproducible.
+        let cycle = index as u64 + 1;
+        match policy.route(cycle, &req, candidates) {
+            Ok((worker, variant)) => {
                 record.worker = Some(worker);
+                record.variant = variant;
                 let salt = item.cache_salt.as_deref().unwrap_or_default();
                 let model_req = ModelRequest::from_prompt(
                     cluster.params(),
-                    &req.prompt,
+                    req.prompt.as_bytes(),
                     &[model.as_bytes(), salt.as_bytes()],
                     item.output_tokens,
                     item.lora.as_deref().map(str::to_owned),
                 );
                 match cluster.admit(worker, now, model_req, index) {
                     Ok(()) => {}
-                    Err(AdmitError::TooLarge { .. }) => record.outcome = Outcome::TooLarge,
+                    Err(AdmitError::TooLarge { .. }) => {
+                        record.outcome = Outcome::TooLarge;
+                        let failed = Completion {
+                            endpoint: worker,
+                            outcome: epp_core::Outcome::Failed,
+                            status: 400,
+                            usage: None,
+                        };
+                        policy.finished(variant, cycle, &failed);
+                    }
                 }
             }
             Err(e) => record.outcome = Outcome::Rejected(e.reply().status),
@@ -151,8 +171,12 @@ fn deliver(policy: &Policy, events: &mut Vec<WorkerEvent>, records: &mut [Record
     events.sort_by(|a, b| a.at.total_cmp(&b.at).then(a.worker.cmp(&b.worker)).then(a.request.cmp(&b.request)));
     for e in events.drain(..) {
         let Some(record) = records.get_mut(e.request) else { continue };
+        let cycle = e.request as u64 + 1;
         match e.kind {
-            EventKind::Token { index: 0 } => record.first_token = Some(e.at),
+            EventKind::Token { index: 0 } => {
+                record.first_token = Some(e.at);
+                policy.first_chunk(record.variant, cycle, e.worker);
+            }
             EventKind::Token { .. } => {}
             EventKind::Finished(u) => {
                 let usage = Usage {
@@ -163,7 +187,16 @@ fn deliver(policy: &Policy, events: &mut Vec<WorkerEvent>, records: &mut [Record
                 // A prefill-only request's first (and only) answer is its end.
                 let first_token = record.first_token.unwrap_or(e.at);
                 record.outcome = Outcome::Completed { first_token, finished: e.at, usage };
-                policy.response_complete(&request_id(e.request), e.worker, usage);
+                if record.first_token.is_none() {
+                    policy.first_chunk(record.variant, cycle, e.worker);
+                }
+                let done = Completion {
+                    endpoint: e.worker,
+                    outcome: epp_core::Outcome::Completed,
+                    status: 200,
+                    usage: Some(usage),
+                };
+                policy.finished(record.variant, cycle, &done);
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Routing policies of a replay: how `--policy` values are named and resolved, and the
-//! per-request decision — the EPP's admission (shed sheddable requests when the pool is
-//! saturated, leave out endpoints over their thresholds) followed by the scheduling profile
-//! built from a config, exactly as `routing::Router::route` does it, or by the built-in
-//! round-robin, which has no scheduler.
+//! per-request decision — `epp_core`'s `Scheduler::decide`, the very decision the server
+//! makes (admission, variant choice, the profile's cycle), over a scheduler built from a
+//! config by the server's loader; or the built-in round-robin, which has no scheduler but
+//! the same admission. The plugins' hooks (first chunk, end) are driven by the replay's
+//! events, as the ext_proc stream drives them live.
 //!
 //! Errors become HTTP statuses through `routing::RouteError::reply`, the one mapping. It
 //! knows nothing of virtual time or workers beyond the metrics it is handed.
@@ -10,11 +11,10 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use llmd_plugin_sdk::{EndpointInfo, Metrics, Request, Usage};
+use epp_core::{Candidates, Completion, EndpointInfo, Request, SaturationConfig, Scheduler};
 
 use crate::config::PickerConfig;
 use crate::routing::RouteError;
-use crate::scheduler::{SaturationConfig, SchedulerProfile};
 use crate::wasm::WasmRuntime;
 
 /// The built-in `random` policy: only the random picker, the plugins' own baseline.
@@ -103,7 +103,7 @@ pub enum PolicyError {
 }
 
 enum Router {
-    Scheduler(Box<SchedulerProfile>),
+    Scheduler(Box<Scheduler>),
     /// The position after the last pick, in endpoint id order.
     RoundRobin {
         next: u32,
@@ -140,55 +140,54 @@ impl Policy {
         for plugin in &mut config.plugins {
             plugin.sandbox.call_timeout_ms = plugin.sandbox.call_timeout_ms.max(MIN_CALL_TIMEOUT_MS);
         }
-        let profile = crate::loader::build_profile(runtime, &config)
+        let built = crate::loader::build(runtime, &config, &crate::loader::PluginSet::default())
             .map_err(|error| PolicyError::Build { policy: spec.name.clone(), error })?;
         Ok(Policy {
             name: spec.name.clone(),
             saturation: config.saturation,
-            router: Router::Scheduler(Box::new(profile)),
+            router: Router::Scheduler(Box::new(built.scheduler)),
         })
     }
 
     /// Tells the plugins the pool (a new generation of endpoint records).
     pub fn pool_changed(&self, generation: u64, endpoints: &[EndpointInfo]) {
-        if let Router::Scheduler(p) = &self.router {
-            p.pool_changed(generation, endpoints);
+        if let Router::Scheduler(s) = &self.router {
+            s.pool_changed(generation, endpoints);
         }
     }
 
-    /// Tells the plugins a response completed.
-    pub fn response_complete(&self, request_id: &str, endpoint: u32, usage: Usage) {
-        if let Router::Scheduler(p) = &self.router {
-            p.response_complete(request_id, endpoint, usage);
+    /// The first output of the request of cycle `cycle`, routed by `variant` to
+    /// `endpoint`, came.
+    pub fn first_chunk(&self, variant: usize, cycle: u64, endpoint: u32) {
+        if let Router::Scheduler(s) = &self.router {
+            s.first_chunk(&[variant], cycle, endpoint);
         }
     }
 
-    /// Chooses the endpoint for `req` given the scraped `metrics` of the whole pool.
-    pub fn route(&mut self, req: &Request, metrics: &Metrics) -> Result<u32, RouteError> {
-        if metrics.is_empty() {
-            return Err(RouteError::NoEndpoints);
+    /// The request of cycle `cycle`, routed by `variant`, ended.
+    pub fn finished(&self, variant: usize, cycle: u64, completion: &Completion) {
+        if let Router::Scheduler(s) = &self.router {
+            s.finished(&[variant], cycle, completion);
         }
-        if self.saturation.shed(req.priority, metrics) {
-            return Err(RouteError::Saturated);
-        }
-        let kept = self.saturation.filter(metrics);
-        let filtered;
-        let metrics = if kept.len() == metrics.len() {
-            metrics
-        } else {
-            filtered = metrics.select(&kept);
-            &filtered
-        };
+    }
+
+    /// Chooses the endpoint for `req` (cycle `cycle`) given the scraped load of the pool;
+    /// returns it with the index of the variant that chose it.
+    pub fn route(&mut self, cycle: u64, req: &Request, candidates: Candidates) -> Result<(u32, usize), RouteError> {
         match &mut self.router {
-            Router::Scheduler(profile) => {
-                let decision = profile.schedule(req, metrics).map_err(RouteError::Scheduling)?;
-                decision
-                    .targets
-                    .first()
-                    .copied()
-                    .ok_or_else(|| RouteError::Internal("the scheduler returned no target".into()))
+            Router::Scheduler(s) => {
+                let d = s.decide(cycle, req, candidates)?;
+                Ok((d.primary(), d.variant))
             }
             Router::RoundRobin { next } => {
+                if candidates.is_empty() {
+                    return Err(RouteError::NoEndpoints);
+                }
+                if self.saturation.shed(req.priority, &candidates) {
+                    return Err(RouteError::Saturated);
+                }
+                let kept = self.saturation.filter(&candidates);
+                let metrics = candidates.select(&kept);
                 // The first admitted id at or after the cursor, wrapping around.
                 let pick = metrics
                     .ids
@@ -199,7 +198,7 @@ impl Policy {
                     .or_else(|| metrics.ids.iter().copied().min())
                     .ok_or(RouteError::NoEndpoints)?;
                 *next = pick.wrapping_add(1);
-                Ok(pick)
+                Ok((pick, 0))
             }
         }
     }
@@ -230,13 +229,13 @@ mod tests {
         assert_eq!(names, ["baseline", "random", "round-robin"]);
     }
 
-    fn metrics(rows: &[(u32, f32, f32)]) -> Metrics {
-        Metrics {
+    fn metrics(rows: &[(u32, f32, f32)]) -> Candidates {
+        Candidates {
             ids: rows.iter().map(|r| r.0).collect(),
             waiting: rows.iter().map(|r| r.1).collect(),
             running: rows.iter().map(|_| 0.0).collect(),
             kv_usage: rows.iter().map(|r| r.2).collect(),
-            age_ms: rows.iter().map(|_| 10).collect(),
+            age_ms: rows.iter().map(|_| 10.0).collect(),
         }
     }
 
@@ -248,11 +247,13 @@ mod tests {
     fn round_robin_cycles_over_admitted_endpoints() {
         let mut p = round_robin();
         let idle = metrics(&[(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.0, 0.0)]);
-        let picks: Vec<u32> = (0..4).map(|_| p.route(&Request::default(), &idle).expect("routed")).collect();
+        let picks: Vec<u32> =
+            (0..4).map(|_| p.route(0, &Request::default(), idle.clone()).expect("routed").0).collect();
         assert_eq!(picks, [0, 1, 2, 0]);
         // Endpoint 1 is over the queue threshold: admission leaves it out.
         let busy = metrics(&[(0, 0.0, 0.0), (1, 9.0, 0.0), (2, 0.0, 0.0)]);
-        let picks: Vec<u32> = (0..3).map(|_| p.route(&Request::default(), &busy).expect("routed")).collect();
+        let picks: Vec<u32> =
+            (0..3).map(|_| p.route(0, &Request::default(), busy.clone()).expect("routed").0).collect();
         assert_eq!(picks, [2, 0, 2]);
     }
 
@@ -261,9 +262,9 @@ mod tests {
         let mut p = round_robin();
         let saturated = metrics(&[(0, 9.0, 0.9), (1, 9.0, 0.9)]);
         let sheddable = Request { priority: -1, ..Default::default() };
-        let status = |r: Result<u32, RouteError>| r.map_err(|e| e.reply().status);
-        assert_eq!(status(p.route(&sheddable, &saturated)), Err(429));
-        assert!(status(p.route(&Request::default(), &saturated)).is_ok(), "standard requests are scheduled");
-        assert_eq!(status(p.route(&Request::default(), &Metrics::default())), Err(503));
+        let status = |r: Result<(u32, usize), RouteError>| r.map_err(|e| e.reply().status);
+        assert_eq!(status(p.route(0, &sheddable, saturated.clone())), Err(429));
+        assert!(status(p.route(0, &Request::default(), saturated)).is_ok(), "standard requests are scheduled");
+        assert_eq!(status(p.route(0, &Request::default(), Candidates::default())), Err(503));
     }
 }

@@ -18,10 +18,23 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ("max-score-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/max_score_picker.wasm"))),
     ("random-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/random_picker.wasm"))),
     ("weighted-random-picker", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/weighted_random_picker.wasm"))),
+    ("inflight-load-producer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/inflight_load_producer.wasm"))),
+    ("token-load-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/token_load_scorer.wasm"))),
+    ("active-request-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/active_request_scorer.wasm"))),
+    (
+        "prefix-cache-affinity-filter",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/prefix_cache_affinity_filter.wasm")),
+    ),
+    ("session-affinity-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/session_affinity_scorer.wasm"))),
+    ("label-selector-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/label_selector_filter.wasm"))),
 ];
+
+/// Older names upstream still accepts, and the type they stand for.
+pub const ALIASES: &[(&str, &str)] = &[("by-label-selector", "label-selector-filter")];
 
 /// The embedded component for plugin `type_name`, if it is one of the defaults.
 pub fn find(type_name: &str) -> Option<&'static [u8]> {
+    let type_name = ALIASES.iter().find(|(alias, _)| *alias == type_name).map_or(type_name, |(_, t)| *t);
     DEFAULT_PLUGINS.iter().find(|(t, _)| *t == type_name).map(|(_, bytes)| *bytes)
 }
 

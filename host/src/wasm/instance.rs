@@ -1,85 +1,50 @@
-//! One configured plugin backed by a component instance in its own `Store`.
+//! One configured plugin backed by component instances, each in its own `Store`.
 //!
-//! Calls are serialised per plugin (a mutex around the store): stateful plugins such as the
-//! prefix index keep their state in the instance. Every call runs under the sandbox: a
-//! memory cap enforced by a resource limiter and a wall-clock deadline counted in epoch
-//! ticks. A trap — including a blown deadline or memory cap — poisons the instance: it is
-//! dropped, the error is returned as a value, and the next call rebuilds a fresh instance
-//! (configured again and told the last pool), so the host keeps serving.
+//! A stateful plugin (the prefix index) has one instance and its calls are serialised by a
+//! mutex. A plugin whose manifest says `stateless` is served from a small pool of instances
+//! (one per core), so concurrent requests do not queue on one lock. Every call runs under
+//! the sandbox: a memory cap enforced by a resource limiter and a wall-clock deadline counted
+//! in epoch ticks. A trap — including a blown deadline or memory cap — poisons the instance:
+//! it is dropped, the error is returned as a value, and the next call rebuilds a fresh
+//! instance (configured again and told the last pool), so the host keeps serving.
+//!
+//! Calls pass only what the manifest asks for: the request's model, prompt and headers are
+//! `none` unless declared, hooks not declared are never called, and the columns arrive
+//! gathered in the manifest's order by the profile.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request, Usage};
-use tracing::warn;
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-
-use super::bindings::{filter, picker, producer, scorer};
-use super::convert;
-use super::runtime::{LoadError, TICK};
-use crate::scheduler::{
-    FailurePolicy, FilterPlugin, PickerPlugin, PluginCore, PluginError, PluginHandle, ProducerPlugin, Role,
-    ScorerPlugin,
+use epp_core::{
+    CallInput, Completion, EndpointInfo, FailurePolicy, FilterPlugin, Manifest, Needs, Outcome, PickerPlugin,
+    PluginCore, PluginError, PluginHandle, ProducerPlugin, Role, ScorerPlugin,
 };
+use tracing::warn;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store};
 
-/// Per-plugin resource limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sandbox {
-    /// Linear memory cap, in bytes.
-    pub memory_bytes: usize,
-    /// Wall-clock limit of one call, in milliseconds.
-    pub call_timeout_ms: u64,
-    /// Limit for instantiation plus `configure`, in milliseconds.
-    pub setup_timeout_ms: u64,
-}
-
-impl Default for Sandbox {
-    fn default() -> Self {
-        Sandbox { memory_bytes: 256 << 20, call_timeout_ms: 50, setup_timeout_ms: 2_000 }
-    }
-}
-
-/// Store data: a WASI context with no files, network, environment or arguments (the Rust
-/// standard library of a guest imports WASI even when unused), plus the memory limiter.
-pub(super) struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limiter: MemoryCap,
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-struct MemoryCap {
-    max_bytes: usize,
-    exceeded: bool,
-}
-
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.exceeded = true;
-            return Err(wasmtime::Error::msg(format!("memory limit of {} bytes exceeded", self.max_bytes)));
-        }
-        Ok(true)
-    }
-
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
-    }
-}
+use super::bindings::{filter, picker, producer, scorer, types as wit};
+use super::sandbox::{HostState, Sandbox, ticks};
 
 enum Exports {
     Producer(producer::ProducerPlugin),
     Filter(filter::FilterPlugin),
     Scorer(scorer::ScorerPlugin),
     Picker(picker::PickerPlugin),
+}
+
+/// Calls the `plugin` or `hooks` interface of whatever role `$exports` is.
+macro_rules! on_any {
+    ($exports:expr, $x:ident => $call:expr) => {
+        match $exports {
+            Exports::Producer($x) => $call,
+            Exports::Filter($x) => $call,
+            Exports::Scorer($x) => $call,
+            Exports::Picker($x) => $call,
+        }
+    };
 }
 
 enum Pre {
@@ -92,13 +57,6 @@ enum Pre {
 struct Live {
     store: Store<HostState>,
     exports: Exports,
-}
-
-struct State {
-    live: Option<Live>,
-    /// The last pool told to the plugin, replayed into a rebuilt instance.
-    pool: Option<(u64, Vec<EndpointInfo>)>,
-    breaker: Breaker,
 }
 
 /// Failures within `BREAKER_WINDOW` beyond this many take the plugin out.
@@ -151,7 +109,23 @@ pub struct WasmPlugin {
     params_json: String,
     sandbox: Sandbox,
     policy: FailurePolicy,
-    state: Mutex<State>,
+    manifest: Manifest,
+    /// One instance for a stateful plugin, one per core for a stateless one; each built on
+    /// first use and rebuilt after a failure.
+    slots: Vec<Mutex<Option<Live>>>,
+    next_slot: AtomicUsize,
+    breaker: Mutex<Breaker>,
+    /// The last pool told to the plugin, replayed into a rebuilt instance.
+    pool: Mutex<Option<Arc<Pool>>>,
+}
+
+/// A pool generation and its endpoints.
+type Pool = (u64, Vec<EndpointInfo>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere while holding it; the state itself (an
+    // optional instance, counters) is still coherent, and a bad instance is rebuilt anyway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl WasmPlugin {
@@ -167,7 +141,7 @@ impl WasmPlugin {
         params_json: String,
         sandbox: Sandbox,
         policy: FailurePolicy,
-    ) -> Result<Self, LoadError> {
+    ) -> Result<Self, PluginError> {
         let link_err = |e: wasmtime::Error| PluginError::Instantiate(format!("{e:#}"));
         let pre = linker.instantiate_pre(component).map_err(link_err)?;
         let pre = match role {
@@ -176,7 +150,7 @@ impl WasmPlugin {
             Role::Scorer => Pre::Scorer(scorer::ScorerPluginPre::new(pre).map_err(link_err)?),
             Role::Picker => Pre::Picker(picker::PickerPluginPre::new(pre).map_err(link_err)?),
         };
-        let plugin = WasmPlugin {
+        let mut plugin = WasmPlugin {
             name,
             role,
             engine: engine.clone(),
@@ -184,10 +158,19 @@ impl WasmPlugin {
             params_json,
             sandbox,
             policy,
-            state: Mutex::new(State { live: None, pool: None, breaker: Breaker::default() }),
+            manifest: Manifest::default(),
+            slots: vec![Mutex::new(None)],
+            next_slot: AtomicUsize::new(0),
+            breaker: Mutex::default(),
+            pool: Mutex::new(None),
         };
-        let first = plugin.instantiate(None)?;
-        plugin.lock().live = Some(first);
+        let (first, manifest) = plugin.instantiate(None)?;
+        if manifest.stateless {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+            plugin.slots = (0..cores).map(|_| Mutex::new(None)).collect();
+        }
+        plugin.manifest = manifest;
+        *lock(&plugin.slots[0]) = Some(first);
         Ok(plugin)
     }
 
@@ -205,113 +188,91 @@ impl WasmPlugin {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock only means a panic elsewhere while holding it; the state itself
-        // (an optional instance) is still coherent, and a bad instance is rebuilt anyway.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn new_store(&self) -> Store<HostState> {
-        let state = HostState {
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
-            limiter: MemoryCap { max_bytes: self.sandbox.memory_bytes, exceeded: false },
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        store
-    }
-
-    /// Builds a fresh instance: instantiate, `configure`, and replay the last pool.
-    fn instantiate(&self, pool: Option<&(u64, Vec<EndpointInfo>)>) -> Result<Live, PluginError> {
-        let mut store = self.new_store();
-        store.set_epoch_deadline(ticks(self.sandbox.setup_timeout_ms));
-        let fail =
-            |e: wasmtime::Error, store: &Store<HostState>| self.classify(e, store, self.sandbox.setup_timeout_ms);
+    /// Builds a fresh instance: instantiate, `configure` (whose manifest is returned), and
+    /// replay the last pool.
+    fn instantiate(&self, pool: Option<&Pool>) -> Result<(Live, Manifest), PluginError> {
+        let mut store = self.sandbox.store(&self.engine);
+        let setup = self.sandbox.setup_timeout_ms;
+        store.set_epoch_deadline(ticks(setup));
         let exports = match &self.pre {
             Pre::Producer(p) => p.instantiate(&mut store).map(Exports::Producer),
             Pre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
             Pre::Scorer(p) => p.instantiate(&mut store).map(Exports::Scorer),
             Pre::Picker(p) => p.instantiate(&mut store).map(Exports::Picker),
         };
-        let exports = exports.map_err(|e| match fail(e, &store) {
+        let exports = exports.map_err(|e| match self.sandbox.classify(e, &store, setup) {
             PluginError::Trap(m) => PluginError::Instantiate(m),
             other => other,
         })?;
-        let configured = match &exports {
-            Exports::Producer(x) => x.llmd_scheduler_plugin().call_configure(&mut store, &self.params_json),
-            Exports::Filter(x) => x.llmd_scheduler_plugin().call_configure(&mut store, &self.params_json),
-            Exports::Scorer(x) => x.llmd_scheduler_plugin().call_configure(&mut store, &self.params_json),
-            Exports::Picker(x) => x.llmd_scheduler_plugin().call_configure(&mut store, &self.params_json),
-        };
-        configured.map_err(|e| fail(e, &store))?.map_err(PluginError::Configure)?;
+        let configured =
+            on_any!(&exports, x => x.llmd_scheduler_plugin().call_configure(&mut store, &self.params_json));
+        let manifest =
+            configured.map_err(|e| self.sandbox.classify(e, &store, setup))?.map_err(PluginError::Configure)?;
+        let manifest = manifest_of(manifest);
         let mut live = Live { store, exports };
-        if let Some((generation, endpoints)) = pool {
-            live.store.set_epoch_deadline(ticks(self.sandbox.setup_timeout_ms));
-            let eps: Vec<_> = endpoints.iter().map(convert::endpoint).collect();
-            let told = match &live.exports {
-                Exports::Producer(x) => x.llmd_scheduler_plugin().call_pool_changed(&mut live.store, *generation, &eps),
-                Exports::Filter(x) => x.llmd_scheduler_plugin().call_pool_changed(&mut live.store, *generation, &eps),
-                Exports::Scorer(x) => x.llmd_scheduler_plugin().call_pool_changed(&mut live.store, *generation, &eps),
-                Exports::Picker(x) => x.llmd_scheduler_plugin().call_pool_changed(&mut live.store, *generation, &eps),
-            };
-            told.map_err(|e| fail(e, &live.store))?;
+        if let Some((generation, endpoints)) = pool
+            && manifest.needs.pool
+        {
+            live.store.set_epoch_deadline(ticks(setup));
+            let told = pool_changed(&mut live, *generation, endpoints);
+            told.map_err(|e| self.sandbox.classify(e, &live.store, setup))?;
         }
-        Ok(live)
+        Ok((live, manifest))
     }
 
-    /// Turns a wasmtime error into the scheduler's error kind.
-    fn classify(&self, e: wasmtime::Error, store: &Store<HostState>, timeout_ms: u64) -> PluginError {
-        if store.data().limiter.exceeded {
-            return PluginError::MemoryLimit(self.sandbox.memory_bytes);
-        }
-        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return PluginError::Timeout(timeout_ms);
-        }
-        // The first line names the trap; the wasm backtrace after it is noise in logs.
-        let text = format!("{e:#}");
-        PluginError::Trap(text.lines().next().unwrap_or("trap").trim_end_matches(':').to_string())
-    }
-
-    /// Runs `f` on the live instance (building one if needed) under the call deadline.
-    /// On any error the instance is dropped, to be rebuilt by the next call.
-    fn call<R>(
-        &self,
-        f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let mut state = self.lock();
-        if let Some(remaining) = state.breaker.open_for(Instant::now()) {
+    /// Runs `f` on an instance (building one if needed) under the call deadline. On any
+    /// error the instance is dropped, to be rebuilt by the next call.
+    fn call<R>(&self, f: impl FnOnce(&mut Live) -> wasmtime::Result<R>) -> Result<R, PluginError> {
+        if let Some(remaining) = lock(&self.breaker).open_for(Instant::now()) {
             return Err(PluginError::Disabled(remaining.as_millis() as u64));
         }
-        let mut live = match state.live.take() {
+        let mut slot = self.slot();
+        let mut live = match slot.take() {
             Some(live) => live,
-            None => match self.instantiate(state.pool.as_ref()) {
-                Ok(live) => live,
-                Err(e) => {
-                    self.trip(&mut state);
-                    return Err(e);
+            None => {
+                let pool = lock(&self.pool).clone();
+                match self.instantiate(pool.as_deref()) {
+                    Ok((live, _)) => live,
+                    Err(e) => {
+                        self.trip();
+                        return Err(e);
+                    }
                 }
-            },
+            }
         };
-        live.store.set_epoch_deadline(ticks(self.sandbox.call_timeout_ms));
-        match f(&mut live.store, &live.exports) {
+        let timeout = self.sandbox.call_timeout_ms;
+        live.store.set_epoch_deadline(ticks(timeout));
+        match f(&mut live) {
             Ok(r) => {
-                state.live = Some(live);
+                *slot = Some(live);
                 Ok(r)
             }
             Err(e) => {
-                let err = self.classify(e, &live.store, self.sandbox.call_timeout_ms);
+                let err = self.sandbox.classify(e, &live.store, timeout);
                 warn!(plugin = %self.name, error = %err, "plugin call failed; its instance will be rebuilt");
-                self.trip(&mut state);
+                self.trip();
                 Err(err)
             }
         }
     }
-}
 
-impl WasmPlugin {
-    fn trip(&self, state: &mut State) {
-        if state.breaker.failed(Instant::now()) {
+    /// The instance to call: the only one of a stateful plugin; for a stateless one the
+    /// first free one of the pool, or (all busy) the next in turn.
+    fn slot(&self) -> MutexGuard<'_, Option<Live>> {
+        if self.slots.len() == 1 {
+            return lock(&self.slots[0]);
+        }
+        let start = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        for k in 0..self.slots.len() {
+            if let Ok(guard) = self.slots[(start + k) % self.slots.len()].try_lock() {
+                return guard;
+            }
+        }
+        lock(&self.slots[start % self.slots.len()])
+    }
+
+    fn trip(&self) {
+        if lock(&self.breaker).failed(Instant::now()) {
             warn!(
                 plugin = %self.name,
                 failures = BREAKER_FAILURES + 1,
@@ -321,10 +282,76 @@ impl WasmPlugin {
             );
         }
     }
+
+    /// A call's view of the cycle: only what the manifest asks for.
+    fn lower<R>(&self, input: &CallInput<'_>, f: impl FnOnce(wit::Cycle<'_>) -> R) -> R {
+        let needs = self.manifest.needs;
+        let r = input.request;
+        let headers: Vec<(&str, &str)> =
+            if needs.headers { r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect() } else { Vec::new() };
+        let cycle = wit::Cycle {
+            id: input.cycle,
+            now_ms: r.now_ms,
+            request: wit::Request {
+                model: needs.model.then_some(r.model.as_str()),
+                cache_salt: if needs.model { r.cache_salt.as_deref() } else { None },
+                prompt: needs.prompt.then_some(r.prompt.as_bytes()),
+                headers: needs.headers.then_some(headers.as_slice()),
+                prompt_tokens: r.prompt_tokens,
+                max_tokens: r.max_tokens,
+                priority: r.priority,
+                random_seed: r.random_seed,
+            },
+            ids: input.ids,
+            columns: input.columns,
+        };
+        f(cycle)
+    }
 }
 
-fn ticks(ms: u64) -> u64 {
-    (ms / TICK.as_millis().max(1) as u64).max(1)
+fn manifest_of(m: wit::Manifest) -> Manifest {
+    let n = m.needs;
+    Manifest {
+        needs: Needs {
+            model: n.model,
+            prompt: n.prompt,
+            headers: n.headers,
+            pool: n.pool,
+            decided: n.decided,
+            first_chunk: n.first_chunk,
+            finished: n.finished,
+        },
+        reads: m.reads,
+        writes: m.writes,
+        stateless: m.stateless,
+    }
+}
+
+fn pool_changed(live: &mut Live, generation: u64, endpoints: &[EndpointInfo]) -> wasmtime::Result<()> {
+    let labels: Vec<Vec<(&str, &str)>> =
+        endpoints.iter().map(|e| e.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
+    let running: Vec<Vec<&str>> =
+        endpoints.iter().map(|e| e.running_adapters.iter().map(String::as_str).collect()).collect();
+    let waiting: Vec<Vec<&str>> =
+        endpoints.iter().map(|e| e.waiting_adapters.iter().map(String::as_str).collect()).collect();
+    let eps: Vec<wit::EndpointInfo<'_>> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| wit::EndpointInfo {
+            id: e.id,
+            name: &e.name,
+            namespace: &e.namespace,
+            address: &e.address,
+            port: e.port,
+            labels: &labels[i],
+            max_lora: e.max_lora,
+            running_adapters: &running[i],
+            waiting_adapters: &waiting[i],
+            cache: e.cache.map(|c| wit::CacheInfo { block_size: c.block_size, num_gpu_blocks: c.num_gpu_blocks }),
+        })
+        .collect();
+    let store = &mut live.store;
+    on_any!(&live.exports, x => x.llmd_scheduler_plugin().call_pool_changed(&mut *store, generation, &eps))
 }
 
 impl PluginCore for WasmPlugin {
@@ -332,38 +359,73 @@ impl PluginCore for WasmPlugin {
         &self.name
     }
 
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     fn failure_policy(&self) -> FailurePolicy {
         self.policy
     }
 
     fn pool_changed(&self, generation: u64, endpoints: &[EndpointInfo]) -> Result<(), PluginError> {
-        self.lock().pool = Some((generation, endpoints.to_vec()));
-        let eps: Vec<_> = endpoints.iter().map(convert::endpoint).collect();
-        self.call(|store, ex| match ex {
-            Exports::Producer(x) => x.llmd_scheduler_plugin().call_pool_changed(store, generation, &eps),
-            Exports::Filter(x) => x.llmd_scheduler_plugin().call_pool_changed(store, generation, &eps),
-            Exports::Scorer(x) => x.llmd_scheduler_plugin().call_pool_changed(store, generation, &eps),
-            Exports::Picker(x) => x.llmd_scheduler_plugin().call_pool_changed(store, generation, &eps),
+        *lock(&self.pool) = Some(Arc::new((generation, endpoints.to_vec())));
+        if !self.manifest.needs.pool {
+            return Ok(());
+        }
+        // Every live instance learns the pool; instances built later get it replayed.
+        for slot in &self.slots {
+            let mut guard = lock(slot);
+            let Some(mut live) = guard.take() else { continue };
+            live.store.set_epoch_deadline(ticks(self.sandbox.call_timeout_ms));
+            match pool_changed(&mut live, generation, endpoints) {
+                Ok(()) => *guard = Some(live),
+                Err(e) => {
+                    let err = self.sandbox.classify(e, &live.store, self.sandbox.call_timeout_ms);
+                    self.trip();
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn decided(&self, cycle: u64, endpoint: u32) -> Result<Vec<(String, String)>, PluginError> {
+        if !self.manifest.needs.decided {
+            return Ok(Vec::new());
+        }
+        self.call(
+            |live| on_any!(&live.exports, x => x.llmd_scheduler_hooks().call_decided(&mut live.store, cycle, endpoint)),
+        )
+    }
+
+    fn first_chunk(&self, cycle: u64, endpoint: u32) -> Result<(), PluginError> {
+        if !self.manifest.needs.first_chunk {
+            return Ok(());
+        }
+        self.call(|live| {
+            on_any!(&live.exports, x => x.llmd_scheduler_hooks().call_first_chunk(&mut live.store, cycle, endpoint))
         })
     }
 
-    fn pre_request(&self, request_id: &str, chosen: &[u32]) -> Result<(), PluginError> {
-        self.call(|store, ex| match ex {
-            Exports::Producer(x) => x.llmd_scheduler_hooks().call_pre_request(store, request_id, chosen),
-            Exports::Filter(x) => x.llmd_scheduler_hooks().call_pre_request(store, request_id, chosen),
-            Exports::Scorer(x) => x.llmd_scheduler_hooks().call_pre_request(store, request_id, chosen),
-            Exports::Picker(x) => x.llmd_scheduler_hooks().call_pre_request(store, request_id, chosen),
-        })
-    }
-
-    fn response_complete(&self, request_id: &str, endpoint: u32, usage: Usage) -> Result<(), PluginError> {
-        let u = convert::usage(usage);
-        self.call(|store, ex| match ex {
-            Exports::Producer(x) => x.llmd_scheduler_hooks().call_response_complete(store, request_id, endpoint, u),
-            Exports::Filter(x) => x.llmd_scheduler_hooks().call_response_complete(store, request_id, endpoint, u),
-            Exports::Scorer(x) => x.llmd_scheduler_hooks().call_response_complete(store, request_id, endpoint, u),
-            Exports::Picker(x) => x.llmd_scheduler_hooks().call_response_complete(store, request_id, endpoint, u),
-        })
+    fn finished(&self, cycle: u64, completion: &Completion) -> Result<(), PluginError> {
+        if !self.manifest.needs.finished {
+            return Ok(());
+        }
+        let c = wit::Completion {
+            endpoint: completion.endpoint,
+            outcome: match completion.outcome {
+                Outcome::Completed => wit::Outcome::Completed,
+                Outcome::Cancelled => wit::Outcome::Cancelled,
+                Outcome::Failed => wit::Outcome::Failed,
+            },
+            status: completion.status,
+            usage: completion.usage.map(|u| wit::Usage {
+                prompt_tokens: u.prompt_tokens,
+                cached_tokens: u.cached_tokens,
+                completion_tokens: u.completion_tokens,
+            }),
+        };
+        self.call(|live| on_any!(&live.exports, x => x.llmd_scheduler_hooks().call_finished(&mut live.store, cycle, c)))
     }
 }
 
@@ -372,42 +434,45 @@ fn wrong_role(expected: Role) -> wasmtime::Error {
 }
 
 impl ProducerPlugin for WasmPlugin {
-    fn produce(&self, req: &Request, metrics: &Metrics) -> Result<Vec<Column>, PluginError> {
-        let (r, m) = (convert::request(req), convert::metrics(metrics));
-        self.call(|store, ex| match ex {
-            Exports::Producer(x) => x.llmd_scheduler_producer().call_produce(store, &r, &m),
-            _ => Err(wrong_role(Role::Producer)),
+    fn produce(&self, input: &CallInput<'_>) -> Result<Vec<f32>, PluginError> {
+        self.lower(input, |cycle| {
+            self.call(|live| match &live.exports {
+                Exports::Producer(x) => x.llmd_scheduler_producer().call_produce(&mut live.store, cycle),
+                _ => Err(wrong_role(Role::Producer)),
+            })
         })
-        .map(convert::columns_out)
     }
 }
 
 impl FilterPlugin for WasmPlugin {
-    fn filter(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<u32>, PluginError> {
-        let (r, m, c) = (convert::request(req), convert::metrics(metrics), convert::columns_in(columns));
-        self.call(|store, ex| match ex {
-            Exports::Filter(x) => x.llmd_scheduler_filter().call_filter(store, &r, &m, &c),
-            _ => Err(wrong_role(Role::Filter)),
+    fn filter(&self, input: &CallInput<'_>) -> Result<Vec<u32>, PluginError> {
+        self.lower(input, |cycle| {
+            self.call(|live| match &live.exports {
+                Exports::Filter(x) => x.llmd_scheduler_filter().call_filter(&mut live.store, cycle),
+                _ => Err(wrong_role(Role::Filter)),
+            })
         })
     }
 }
 
 impl ScorerPlugin for WasmPlugin {
-    fn score(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<f32>, PluginError> {
-        let (r, m, c) = (convert::request(req), convert::metrics(metrics), convert::columns_in(columns));
-        self.call(|store, ex| match ex {
-            Exports::Scorer(x) => x.llmd_scheduler_scorer().call_score(store, &r, &m, &c),
-            _ => Err(wrong_role(Role::Scorer)),
+    fn score(&self, input: &CallInput<'_>) -> Result<Vec<f32>, PluginError> {
+        self.lower(input, |cycle| {
+            self.call(|live| match &live.exports {
+                Exports::Scorer(x) => x.llmd_scheduler_scorer().call_score(&mut live.store, cycle),
+                _ => Err(wrong_role(Role::Scorer)),
+            })
         })
     }
 }
 
 impl PickerPlugin for WasmPlugin {
-    fn pick(&self, req: &Request, metrics: &Metrics, scores: &[f32]) -> Result<Vec<u32>, PluginError> {
-        let (r, m) = (convert::request(req), convert::metrics(metrics));
-        self.call(|store, ex| match ex {
-            Exports::Picker(x) => x.llmd_scheduler_picker().call_pick(store, &r, &m, scores),
-            _ => Err(wrong_role(Role::Picker)),
+    fn pick(&self, input: &CallInput<'_>, scores: &[f32]) -> Result<Vec<u32>, PluginError> {
+        self.lower(input, |cycle| {
+            self.call(|live| match &live.exports {
+                Exports::Picker(x) => x.llmd_scheduler_picker().call_pick(&mut live.store, cycle, scores),
+                _ => Err(wrong_role(Role::Picker)),
+            })
         })
     }
 }

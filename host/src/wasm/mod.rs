@@ -3,10 +3,11 @@
 //! like a scheduler plugin. Nothing outside this module sees a wasmtime type.
 
 mod bindings;
-mod convert;
 pub mod embedded;
 mod instance;
 mod runtime;
+mod sandbox;
 
-pub use instance::{Sandbox, WasmPlugin};
+pub use instance::WasmPlugin;
 pub use runtime::{LoadError, WIT_PACKAGE, WasmRuntime};
+pub use sandbox::Sandbox;

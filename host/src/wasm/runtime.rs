@@ -5,21 +5,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tracing::info;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
-use super::instance::{HostState, Sandbox, WasmPlugin};
-use crate::scheduler::{FailurePolicy, PluginHandle, Role};
+use epp_core::{FailurePolicy, PluginHandle, Role};
+
+use super::instance::WasmPlugin;
+use super::sandbox::{HostState, Sandbox, TICK};
 
 /// The WIT package (name and version) this host speaks.
-pub const WIT_PACKAGE: &str = "llmd:scheduler@0.1.0";
+pub const WIT_PACKAGE: &str = "llmd:scheduler@0.2.0";
 const WIT_NAMESPACE: &str = "llmd:scheduler/";
-
-/// Milliseconds per epoch tick; deadlines are expressed in ticks.
-pub(super) const TICK: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -36,7 +34,7 @@ pub enum LoadError {
     #[error("the component exports several roles ({0}); a plugin plays exactly one")]
     SeveralRoles(String),
     #[error(transparent)]
-    Plugin(#[from] crate::scheduler::PluginError),
+    Plugin(#[from] epp_core::PluginError),
 }
 
 #[derive(Clone)]

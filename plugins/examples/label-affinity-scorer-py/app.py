@@ -3,6 +3,9 @@ built into a component with componentize-py from the same WIT. It prefers endpoi
 value of one label, with scores from the config's `parameters`:
 
     {"label": "gpu", "scores": {"H100": 1.0, "A100": 0.5}, "default": 0.0}
+
+Its manifest asks for the pool (labels) and nothing per request, so the host sends it no
+prompt, no headers and no columns, and never calls its hooks.
 """
 
 import json
@@ -10,6 +13,7 @@ import math
 
 from componentize_py_types import Err
 from wit_world import exports
+from wit_world.imports import types
 
 
 class _State:
@@ -26,7 +30,7 @@ def _check(name, value):
 
 
 class Plugin(exports.Plugin):
-    def configure(self, params_json: str) -> None:
+    def configure(self, params_json: str) -> types.Manifest:
         try:
             params = json.loads(params_json or "{}") or {}
         except ValueError as e:
@@ -45,6 +49,10 @@ class Plugin(exports.Plugin):
         _State.label = label
         _State.scores = {str(k): _check(k, v) for k, v in scores.items()}
         _State.default = _check("default", params.get("default", 0.0))
+        needs = types.Needs(
+            model=False, prompt=False, headers=False, pool=True, decided=False, first_chunk=False, finished=False
+        )
+        return types.Manifest(needs=needs, reads=[], writes=[], stateless=True)
 
     def pool_changed(self, generation: int, endpoints) -> None:
         by_endpoint = {}
@@ -55,13 +63,17 @@ class Plugin(exports.Plugin):
 
 
 class Hooks(exports.Hooks):
-    def pre_request(self, request_id: str, chosen) -> None:
+    # Not called: the manifest asks for none of them.
+    def decided(self, cycle: int, endpoint: int):
+        return []
+
+    def first_chunk(self, cycle: int, endpoint: int) -> None:
         pass
 
-    def response_complete(self, request_id: str, endpoint: int, usage) -> None:
+    def finished(self, cycle: int, completion) -> None:
         pass
 
 
 class Scorer(exports.Scorer):
-    def score(self, req, metrics, columns):
-        return [_State.by_endpoint.get(i, _State.default) for i in metrics.ids]
+    def score(self, cycle):
+        return [_State.by_endpoint.get(i, _State.default) for i in cycle.ids]

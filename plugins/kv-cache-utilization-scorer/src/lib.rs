@@ -1,21 +1,23 @@
 //! `kv-cache-utilization-scorer`: score = 1 − KV-cache usage, so endpoints with free cache
-//! win. Unknown (NaN) usage scores 0: an endpoint we know nothing about is not preferred.
+//! win. Unknown (NaN) usage scores 0: an endpoint we know nothing about is not preferred
+//! (upstream's newer behaviour: an endpoint without the metric is left unscored).
 
-use llmd_plugin_sdk::{Column, Metrics, Plugin, Request, Scorer};
+use llmd_plugin_sdk::columns::KV_USAGE;
+use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params};
 
 #[derive(Default)]
 pub struct KvCacheUtilizationScorer;
 
-impl Plugin for KvCacheUtilizationScorer {}
+impl Plugin for KvCacheUtilizationScorer {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        params::parse::<params::NoParams>(params_json)?;
+        Ok(Manifest::stateless(&[KV_USAGE]))
+    }
+}
 
 impl Scorer for KvCacheUtilizationScorer {
-    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
-        (0..metrics.ids.len())
-            .map(|i| match metrics.kv_usage.get(i) {
-                Some(&kv) if kv.is_finite() => (1.0 - kv).clamp(0.0, 1.0),
-                _ => 0.0,
-            })
-            .collect()
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        cycle.column(0).iter().map(|&kv| if kv.is_finite() { (1.0 - kv).clamp(0.0, 1.0) } else { 0.0 }).collect()
     }
 }
 

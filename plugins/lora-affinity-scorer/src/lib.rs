@@ -1,12 +1,13 @@
-//! `lora-affinity-scorer`: prefers endpoints that already serve the requested adapter
-//! (the request's model name): 1.0 when it is running there, 0.8 when it is waiting to
-//! load, 0.6 when the endpoint has room for another adapter (`max_lora`), else 0.
+//! `lora-affinity-scorer`: prefers endpoints that already serve the requested adapter (the
+//! request's model name), in upstream's order of precedence: 1.0 when it is running there,
+//! 0.8 when the endpoint has room for another adapter (running + waiting < `max_lora`), 0.6
+//! when it is waiting to load there, else 0.
 //!
 //! Adapter state arrives with `pool-changed`; the plugin keeps the latest per endpoint.
 
 use std::collections::HashMap;
 
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Plugin, Request, Scorer};
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, params};
 
 #[derive(Default)]
 pub struct LoraAffinityScorer {
@@ -14,19 +15,26 @@ pub struct LoraAffinityScorer {
 }
 
 impl Plugin for LoraAffinityScorer {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        params::parse::<params::NoParams>(params_json)?;
+        Ok(Manifest { needs: Needs { model: true, pool: true, ..Default::default() }, ..Default::default() })
+    }
+
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         self.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
     }
 }
 
-fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
+/// The score of an endpoint for `adapter`.
+pub fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
     let Some(info) = info else { return 0.0 };
+    let room =
+        info.max_lora.is_some_and(|max| info.running_adapters.len() + info.waiting_adapters.len() < max as usize);
     if info.running_adapters.iter().any(|a| a == adapter) {
         1.0
-    } else if info.waiting_adapters.iter().any(|a| a == adapter) {
+    } else if room {
         0.8
-    } else if info.max_lora.is_some_and(|max| info.running_adapters.len() + info.waiting_adapters.len() < max as usize)
-    {
+    } else if info.waiting_adapters.iter().any(|a| a == adapter) {
         0.6
     } else {
         0.0
@@ -34,8 +42,9 @@ fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
 }
 
 impl Scorer for LoraAffinityScorer {
-    fn score(&mut self, req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
-        metrics.ids.iter().map(|id| affinity(self.endpoints.get(id), &req.model)).collect()
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let adapter = cycle.request.model();
+        cycle.ids.iter().map(|id| affinity(self.endpoints.get(id), adapter)).collect()
     }
 }
 

@@ -6,35 +6,40 @@
 //! endpoints that never received a cold request come first, the i-th of them (in candidate
 //! order) scoring `1 − i/(n−1)`; then endpoints that did, oldest use first, at rank
 //! `never_used + position` scoring `max(0, 1 − rank/(n−1))`. One candidate scores 1.0.
-//! After a cold request is routed, its primary endpoint becomes the most recently used.
+//! After a cold request is routed (`decided`), its endpoint becomes the most recently used.
 //!
-//! Whether a request is cold comes from the prefix producer's columns; this plugin keeps
-//! only the recency order.
+//! Whether a request is cold comes from the prefix producer's matched-blocks column; this
+//! plugin keeps only the recency order.
 
-use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 
-use llmd_plugin_sdk::columns::PREFIX_MATCHED_BLOCKS;
-use llmd_plugin_sdk::types::find_column;
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Plugin, Request, Scorer, params};
+use llmd_plugin_sdk::columns::{prefix_matched, prefix_namespace};
+use llmd_plugin_sdk::pending::Pending;
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, params};
 use lru::LruCache;
 use serde::Deserialize;
 
-/// Cold/warm verdicts of scored-but-not-yet-routed requests are kept for at most this many.
-const PENDING_REQUESTS: usize = 4096;
+/// Cold verdicts of scored-but-not-yet-routed cycles are kept for at most this many.
+const PENDING_CYCLES: usize = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Params {
-    pub lru_size: usize,
-    /// Accepted for config compatibility: the producer's columns are always read by name.
+    pub lru_size: i64,
+    pub prefix_match_info_producer_name: String,
+    /// Accepted for config compatibility; never used (upstream deprecated them too).
     pub prefix_plugin_name: Option<String>,
     pub prefix_plugin_type: Option<String>,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { lru_size: 1024, prefix_plugin_name: None, prefix_plugin_type: None }
+        Params {
+            lru_size: 1024,
+            prefix_match_info_producer_name: String::new(),
+            prefix_plugin_name: None,
+            prefix_plugin_type: None,
+        }
     }
 }
 
@@ -42,13 +47,12 @@ pub struct NoHitLruScorer {
     /// Endpoint id → tick of its last cold request.
     used: LruCache<u32, u64>,
     tick: u64,
-    pending_cold: HashMap<String, bool>,
-    pending_order: VecDeque<String>,
+    cold: Pending<bool>,
 }
 
 impl Default for NoHitLruScorer {
     fn default() -> Self {
-        NoHitLruScorer::with_capacity(Params::default().lru_size)
+        NoHitLruScorer::with_capacity(1024)
     }
 }
 
@@ -57,19 +61,7 @@ impl NoHitLruScorer {
         NoHitLruScorer {
             used: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             tick: 0,
-            pending_cold: HashMap::new(),
-            pending_order: VecDeque::new(),
-        }
-    }
-
-    fn remember(&mut self, id: &str, cold: bool) {
-        if self.pending_cold.insert(id.to_string(), cold).is_none() {
-            self.pending_order.push_back(id.to_string());
-        }
-        while self.pending_order.len() > PENDING_REQUESTS {
-            if let Some(old) = self.pending_order.pop_front() {
-                self.pending_cold.remove(&old);
-            }
+            cold: Pending::new(PENDING_CYCLES),
         }
     }
 }
@@ -99,13 +91,17 @@ pub fn cold_scores(last_use: &[Option<u64>]) -> Vec<f32> {
 }
 
 impl Plugin for NoHitLruScorer {
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         let p: Params = params::parse(params_json)?;
-        if p.lru_size == 0 {
-            return Err("lruSize must be at least 1".into());
-        }
-        *self = NoHitLruScorer::with_capacity(p.lru_size);
-        Ok(())
+        // As upstream: a size of 0 or less falls back to the default.
+        let size = if p.lru_size > 0 { p.lru_size as usize } else { Params::default().lru_size as usize };
+        *self = NoHitLruScorer::with_capacity(size);
+        let matched = prefix_matched(prefix_namespace(&p.prefix_match_info_producer_name));
+        Ok(Manifest {
+            needs: Needs { pool: true, decided: true, ..Default::default() },
+            reads: vec![matched],
+            ..Default::default()
+        })
     }
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
@@ -116,30 +112,25 @@ impl Plugin for NoHitLruScorer {
         }
     }
 
-    fn pre_request(&mut self, request_id: &str, chosen: &[u32]) {
-        let Some(cold) = self.pending_cold.remove(request_id) else {
-            return;
-        };
-        self.pending_order.retain(|id| id != request_id);
-        if let (true, Some(&primary)) = (cold, chosen.first()) {
+    fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
+        if self.cold.take(cycle) == Some(true) {
             self.tick += 1;
-            self.used.put(primary, self.tick);
+            self.used.put(endpoint, self.tick);
         }
+        Vec::new()
     }
 }
 
 impl Scorer for NoHitLruScorer {
-    fn score(&mut self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Vec<f32> {
-        let n = metrics.ids.len();
-        let cold = match find_column(columns, PREFIX_MATCHED_BLOCKS) {
-            Some(col) => !col.values.iter().any(|&m| m > 0.0),
-            None => true,
-        };
-        self.remember(&req.id, cold);
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let n = cycle.len();
+        // Unknown (NaN, the producer failed) counts as no hit, as a missing attribute does.
+        let cold = !cycle.column(0).iter().any(|&m| m > 0.0);
+        self.cold.insert(cycle.id, cold);
         if !cold {
             return vec![0.5; n];
         }
-        let last_use: Vec<Option<u64>> = metrics.ids.iter().map(|id| self.used.peek(id).copied()).collect();
+        let last_use: Vec<Option<u64>> = cycle.ids.iter().map(|id| self.used.peek(id).copied()).collect();
         cold_scores(&last_use)
     }
 }

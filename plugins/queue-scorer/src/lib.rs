@@ -2,19 +2,26 @@
 //! `(max − q) / (max − min)`, and 1.0 for all when every known queue is equal. An endpoint
 //! whose queue is unknown (NaN) scores 0 and does not move the min/max of the others.
 
-use llmd_plugin_sdk::{Column, Metrics, Plugin, Request, Scorer};
+use llmd_plugin_sdk::columns::WAITING;
+use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params};
 
 #[derive(Default)]
 pub struct QueueScorer;
 
-impl Plugin for QueueScorer {}
+impl Plugin for QueueScorer {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        params::parse::<params::NoParams>(params_json)?;
+        Ok(Manifest::stateless(&[WAITING]))
+    }
+}
 
 impl Scorer for QueueScorer {
-    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
-        let n = metrics.ids.len();
-        let queue = |i: usize| metrics.waiting.get(i).copied().filter(|q| q.is_finite());
-        let known = (0..n).filter_map(queue);
-        let (min, max) = known.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), q| (lo.min(q), hi.max(q)));
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let waiting = cycle.column(0);
+        let queue = |i: usize| Some(waiting[i]).filter(|q| q.is_finite());
+        let n = cycle.len();
+        let (min, max) =
+            (0..n).filter_map(queue).fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), q| (lo.min(q), hi.max(q)));
         (0..n)
             .map(|i| match queue(i) {
                 None => 0.0,

@@ -3,7 +3,7 @@
 
 use llmd_plugin_sdk::params::PickerParams;
 use llmd_plugin_sdk::rng::SplitMix64;
-use llmd_plugin_sdk::{Metrics, Picker, Plugin, Request};
+use llmd_plugin_sdk::{Cycle, Manifest, Picker, Plugin};
 
 #[derive(Default)]
 pub struct RandomPicker {
@@ -11,16 +11,16 @@ pub struct RandomPicker {
 }
 
 impl Plugin for RandomPicker {
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         self.params = PickerParams::parse(params_json)?;
-        Ok(())
+        Ok(Manifest::stateless(&[]))
     }
 }
 
 impl Picker for RandomPicker {
-    fn pick(&mut self, req: &Request, metrics: &Metrics, _scores: &[f32]) -> Vec<u32> {
-        let mut ids = metrics.ids.clone();
-        SplitMix64::new(req.random_seed).shuffle(&mut ids);
+    fn pick(&mut self, cycle: &Cycle, _scores: &[f32]) -> Vec<u32> {
+        let mut ids = cycle.ids.clone();
+        SplitMix64::new(cycle.request.random_seed).shuffle(&mut ids);
         ids.truncate(self.params.max_num_of_endpoints);
         ids
     }

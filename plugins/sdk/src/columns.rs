@@ -1,13 +1,62 @@
-//! Names of the columns the default producers publish, shared by producers and the
-//! scorers that read them so the two can never drift apart.
+//! Names of the per-endpoint columns: the built-in ones the host fills from each worker's
+//! scraped metrics, and those the default producers write. Producers and the plugins that
+//! read their columns share these constants so the two can never drift apart.
 
-/// Per candidate: how many of the request's prefix blocks, consecutively from the start,
-/// the approximate prefix index believes the endpoint holds.
+/// Built in: requests waiting in the worker's queue (`vllm:num_requests_waiting`).
+pub const WAITING: &str = "waiting";
+/// Built in: requests in the worker's running batch (`vllm:num_requests_running`).
+pub const RUNNING: &str = "running";
+/// Built in: fraction of the worker's KV cache in use, 0..1 (`vllm:kv_cache_usage_perc`).
+pub const KV_USAGE: &str = "kv-usage";
+/// Built in: milliseconds since the worker's metrics were last scraped.
+pub const AGE_MS: &str = "age-ms";
+
+/// Every built-in column, in the host's order.
+pub const BUILT_IN: [&str; 4] = [WAITING, RUNNING, KV_USAGE, AGE_MS];
+
+/// The column namespace of the approximate prefix index (`approx-prefix-cache-producer`).
+pub const APPROX_PREFIX: &str = "prefix-cache";
+/// The column namespace of the precise prefix index (`precise-prefix-cache-producer`).
+pub const PRECISE_PREFIX: &str = "precise-prefix-cache";
+
+/// The prefix columns of namespace `ns` (see `prefix_namespace`): how many of the
+/// request's blocks each candidate holds, consecutively from the start…
+pub fn prefix_matched(ns: &str) -> String {
+    format!("{ns}/matched-blocks")
+}
+/// …how many blocks the request has (same for all candidates)…
+pub fn prefix_total(ns: &str) -> String {
+    format!("{ns}/total-blocks")
+}
+/// …and how many tokens one block holds.
+pub fn prefix_block_tokens(ns: &str) -> String {
+    format!("{ns}/block-tokens")
+}
+
+/// The approximate prefix index's columns, for readers that name them directly.
 pub const PREFIX_MATCHED_BLOCKS: &str = "prefix-cache/matched-blocks";
-
-/// Per candidate (same value for all): how many prefix blocks the request has.
 pub const PREFIX_TOTAL_BLOCKS: &str = "prefix-cache/total-blocks";
-
-/// Per candidate: how many block hashes the prefix index holds for the endpoint (its share
-/// of the index; the host sums it into the indexer-size metric).
+pub const PREFIX_BLOCK_TOKENS: &str = "prefix-cache/block-tokens";
+/// Per candidate: how many blocks the index holds for it (its share of the index; the host
+/// sums it into the indexer-size metric).
 pub const PREFIX_INDEXED_BLOCKS: &str = "prefix-cache/indexed-blocks";
+
+/// The namespace a prefix reader's `prefixMatchInfoProducerName` parameter selects:
+/// empty or `approx-prefix-cache-producer` → `prefix-cache`, `precise-prefix-cache-producer`
+/// → `precise-prefix-cache`, anything else is taken as the namespace itself.
+pub fn prefix_namespace(producer_name: &str) -> &str {
+    match producer_name {
+        "" | "approx-prefix-cache-producer" => APPROX_PREFIX,
+        "precise-prefix-cache-producer" => PRECISE_PREFIX,
+        other => other,
+    }
+}
+
+/// `inflight-load-producer`: uncached prompt tokens the EPP has sent to each candidate and
+/// that have not started producing output yet (plus estimated output when configured).
+pub const INFLIGHT_TOKENS: &str = "inflight/tokens";
+/// `inflight-load-producer`: requests the EPP has sent to each candidate, not finished.
+pub const INFLIGHT_REQUESTS: &str = "inflight/requests";
+/// `inflight-load-producer`: the tokens this request would add to each candidate (its
+/// prompt minus what the candidate likely has cached).
+pub const REQUEST_UNCACHED_TOKENS: &str = "inflight/request-tokens";

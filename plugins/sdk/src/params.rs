@@ -41,3 +41,9 @@ impl PickerParams {
         Ok(p)
     }
 }
+
+/// For plugins without parameters: `{}` (or nothing) is accepted, any named parameter is an
+/// error naming it, as upstream's strict decoding does.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}

@@ -1,6 +1,78 @@
-//! Plain Rust mirror of the WIT `types` interface. The guest bindings map the WIT types
-//! onto these structs directly (wit-bindgen `with`), so field names and shapes must stay
-//! exactly those of `wit/scheduler.wit`. Helpers here are pure and allocation-light.
+//! Plain Rust mirror of the WIT `types` interface (`wit/scheduler.wit`). The export macros
+//! move the generated bindings' values into these types (no copy of the lists), so a plugin
+//! only ever sees these. Helpers here are pure and allocation-light.
+
+/// What a plugin asks of the host; everything not asked for is left out or not called.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// `Request::model` and `Request::cache_salt`.
+    pub model: bool,
+    /// `Request::prompt`.
+    pub prompt: bool,
+    /// `Request::headers`.
+    pub headers: bool,
+    /// `Plugin::pool_changed` calls.
+    pub pool: bool,
+    /// The `Plugin::decided` hook.
+    pub decided: bool,
+    /// The `Plugin::first_chunk` hook.
+    pub first_chunk: bool,
+    /// The `Plugin::finished` hook.
+    pub finished: bool,
+}
+
+/// What `Plugin::configure` returns: what the plugin needs and which columns it reads and
+/// writes. The host resolves column names once, when the scheduler is built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub needs: Needs,
+    /// Columns read, in the order `Cycle::column(k)` returns them.
+    pub reads: Vec<String>,
+    /// Producers: the columns `produce` returns, in this order.
+    pub writes: Vec<String>,
+    /// No state between calls (beyond configuration and pool data): the host may run
+    /// several instances side by side.
+    pub stateless: bool,
+}
+
+impl Manifest {
+    /// A stateless plugin reading `columns` and needing nothing else.
+    pub fn stateless(columns: &[&str]) -> Manifest {
+        Manifest { reads: names(columns), stateless: true, ..Default::default() }
+    }
+
+    /// Replaces the columns read.
+    pub fn reading(mut self, columns: &[&str]) -> Manifest {
+        self.reads = names(columns);
+        self
+    }
+
+    /// Replaces the columns written (producers).
+    pub fn writing(mut self, columns: &[&str]) -> Manifest {
+        self.writes = names(columns);
+        self
+    }
+}
+
+fn names(columns: &[&str]) -> Vec<String> {
+    columns.iter().map(|c| c.to_string()).collect()
+}
+
+/// KV-cache geometry a worker reports (`vllm:cache_config_info`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheInfo {
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV blocks on the GPU.
+    pub num_gpu_blocks: u32,
+}
+
+impl CacheInfo {
+    /// How many tokens the worker's KV cache holds.
+    pub fn tokens(&self) -> u64 {
+        u64::from(self.block_size) * u64::from(self.num_gpu_blocks)
+    }
+}
 
 /// Static data of one endpoint, pushed when the pool changes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -14,6 +86,7 @@ pub struct EndpointInfo {
     pub max_lora: Option<u32>,
     pub running_adapters: Vec<String>,
     pub waiting_adapters: Vec<String>,
+    pub cache: Option<CacheInfo>,
 }
 
 impl EndpointInfo {
@@ -21,20 +94,63 @@ impl EndpointInfo {
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+
+    /// `namespace/name`, the endpoint's identity as upstream writes it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
-/// Per-candidate metrics of one cycle. Index i of every list belongs to `ids[i]`;
-/// NaN in a float column means unknown (never scraped or stale).
+/// The parts of the request a plugin asked for (`None` when it did not ask).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Metrics {
-    pub ids: Vec<u32>,
-    pub waiting: Vec<f32>,
-    pub running: Vec<f32>,
-    pub kv_usage: Vec<f32>,
-    pub age_ms: Vec<u32>,
+pub struct Request {
+    pub model: Option<String>,
+    pub cache_salt: Option<String>,
+    pub prompt: Option<Vec<u8>>,
+    pub headers: Option<Vec<(String, String)>>,
+    /// Estimated prompt length in tokens (always present).
+    pub prompt_tokens: u32,
+    /// The client's cap on generated tokens, when it gave one.
+    pub max_tokens: Option<u32>,
+    /// Negative priority means sheddable.
+    pub priority: i32,
+    /// Per-request randomness: use `rng::SplitMix64::new(random_seed)`.
+    pub random_seed: u64,
 }
 
-impl Metrics {
+impl Request {
+    /// The value of header `name` (case-insensitive), if headers were asked for and present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.as_ref()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The prompt bytes, empty when not asked for.
+    pub fn prompt(&self) -> &[u8] {
+        self.prompt.as_deref().unwrap_or_default()
+    }
+
+    /// The model name, empty when not asked for.
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or_default()
+    }
+}
+
+/// One call's view of a scheduling cycle: the candidates and the columns the plugin reads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cycle {
+    /// Identifies the cycle in the hooks that follow.
+    pub id: u64,
+    /// The host's clock in milliseconds (monotonic; virtual time in `epp replay`).
+    pub now_ms: u64,
+    pub request: Request,
+    /// The candidates.
+    pub ids: Vec<u32>,
+    /// The manifest's `reads`, each `ids.len()` long, one after the other.
+    pub columns: Vec<f32>,
+}
+
+impl Cycle {
+    /// Number of candidates.
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -43,64 +159,47 @@ impl Metrics {
         self.ids.is_empty()
     }
 
-    /// Keeps only the candidates at `positions` (ascending indices into the columns).
-    pub fn select(&self, positions: &[usize]) -> Metrics {
-        let pick_f = |col: &Vec<f32>| positions.iter().map(|&i| col.get(i).copied().unwrap_or(f32::NAN)).collect();
-        Metrics {
-            ids: positions.iter().filter_map(|&i| self.ids.get(i).copied()).collect(),
-            waiting: pick_f(&self.waiting),
-            running: pick_f(&self.running),
-            kv_usage: pick_f(&self.kv_usage),
-            age_ms: positions.iter().map(|&i| self.age_ms.get(i).copied().unwrap_or(u32::MAX)).collect(),
+    /// The `k`-th column of the manifest's `reads` (NaN-filled if the host sent fewer).
+    pub fn column(&self, k: usize) -> std::borrow::Cow<'_, [f32]> {
+        let n = self.ids.len();
+        match self.columns.get(k * n..(k + 1) * n) {
+            Some(values) => std::borrow::Cow::Borrowed(values),
+            None => std::borrow::Cow::Owned(vec![f32::NAN; n]),
         }
     }
-}
 
-/// A named per-candidate column produced earlier in the cycle, aligned with `Metrics::ids`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Column {
-    pub name: String,
-    pub values: Vec<f32>,
-}
-
-impl Column {
-    /// Keeps only the values at `positions`, as `Metrics::select` does for metrics.
-    pub fn select(&self, positions: &[usize]) -> Column {
-        Column {
-            name: self.name.clone(),
-            values: positions.iter().map(|&i| self.values.get(i).copied().unwrap_or(f32::NAN)).collect(),
-        }
+    /// Candidate `i`'s value in column `k`, NaN when unknown.
+    pub fn value(&self, k: usize, i: usize) -> f32 {
+        self.columns.get(k * self.ids.len() + i).copied().unwrap_or(f32::NAN)
     }
 }
 
-/// Finds the column called `name` among those produced so far.
-pub fn find_column<'a>(columns: &'a [Column], name: &str) -> Option<&'a Column> {
-    columns.iter().find(|c| c.name == name)
-}
-
-/// The parts of an inference request a plugin may read.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Request {
-    pub id: String,
-    pub model: String,
-    pub prompt: Vec<u8>,
-    pub cache_salt: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub priority: i32,
-    pub random_seed: u64,
-}
-
-impl Request {
-    /// The value of header `name` (case-insensitive), if present.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
-/// Token usage of a completed response.
+/// Token usage reported by the worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub cached_tokens: u32,
     pub completion_tokens: u32,
+}
+
+/// How a routed request ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// The worker answered in full (any HTTP status).
+    #[default]
+    Completed,
+    /// The client went away, or the request was reset before it completed.
+    Cancelled,
+    /// The worker could not be reached or broke the response.
+    Failed,
+}
+
+/// The end of a routed request, as the `finished` hook learns it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    pub endpoint: u32,
+    pub outcome: Outcome,
+    /// The worker's HTTP status, 0 when none arrived.
+    pub status: u16,
+    pub usage: Option<Usage>,
 }

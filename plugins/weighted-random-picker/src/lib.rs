@@ -5,7 +5,7 @@
 
 use llmd_plugin_sdk::params::PickerParams;
 use llmd_plugin_sdk::rng::SplitMix64;
-use llmd_plugin_sdk::{Metrics, Picker, Plugin, Request};
+use llmd_plugin_sdk::{Cycle, Manifest, Picker, Plugin};
 
 #[derive(Default)]
 pub struct WeightedRandomPicker {
@@ -13,18 +13,18 @@ pub struct WeightedRandomPicker {
 }
 
 impl Plugin for WeightedRandomPicker {
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         self.params = PickerParams::parse(params_json)?;
-        Ok(())
+        Ok(Manifest::stateless(&[]))
     }
 }
 
 impl Picker for WeightedRandomPicker {
-    fn pick(&mut self, req: &Request, metrics: &Metrics, scores: &[f32]) -> Vec<u32> {
-        let mut rng = SplitMix64::new(req.random_seed);
+    fn pick(&mut self, cycle: &Cycle, scores: &[f32]) -> Vec<u32> {
+        let mut rng = SplitMix64::new(cycle.request.random_seed);
         // Keys in log space: ln(u)/w orders exactly like u^(1/w) and cannot underflow.
         // Non-positive weights get a key below every positive one, random among themselves.
-        let mut keyed: Vec<(f64, f64, usize)> = (0..metrics.ids.len())
+        let mut keyed: Vec<(f64, f64, usize)> = (0..cycle.len())
             .map(|i| {
                 let w = scores.get(i).copied().filter(|s| s.is_finite()).unwrap_or(0.0) as f64;
                 let u = rng.next_f64().max(f64::MIN_POSITIVE);
@@ -32,7 +32,7 @@ impl Picker for WeightedRandomPicker {
             })
             .collect();
         keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
-        keyed.iter().take(self.params.max_num_of_endpoints).map(|&(_, _, i)| metrics.ids[i]).collect()
+        keyed.iter().take(self.params.max_num_of_endpoints).map(|&(_, _, i)| cycle.ids[i]).collect()
     }
 }
 

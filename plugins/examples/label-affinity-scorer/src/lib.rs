@@ -10,12 +10,13 @@
 //! ```
 //!
 //! Endpoints without the label, or with a value not listed, score `default`. It shows the
-//! whole plugin life cycle: parameters checked in `configure`, static data taken from
+//! whole plugin life cycle: parameters checked in `configure`, which also declares what the
+//! plugin needs (the pool's labels, nothing per request), static data taken from
 //! `pool_changed`, one score per candidate.
 
 use std::collections::{BTreeMap, HashMap};
 
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Plugin, Request, Scorer, params};
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, params};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,7 +38,7 @@ pub struct LabelAffinityScorer {
 }
 
 impl Plugin for LabelAffinityScorer {
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         let p: Params = params::parse(params_json)?;
         if p.label.is_empty() {
             return Err("parameter `label` is required".into());
@@ -48,7 +49,8 @@ impl Plugin for LabelAffinityScorer {
             }
         }
         self.params = p;
-        Ok(())
+        // It reads no column and no part of the request; it only needs the pool's labels.
+        Ok(Manifest { needs: Needs { pool: true, ..Default::default() }, stateless: true, ..Default::default() })
     }
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
@@ -61,8 +63,8 @@ impl Plugin for LabelAffinityScorer {
 }
 
 impl Scorer for LabelAffinityScorer {
-    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
-        metrics.ids.iter().map(|id| self.by_endpoint.get(id).copied().unwrap_or(self.params.default)).collect()
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        cycle.ids.iter().map(|id| self.by_endpoint.get(id).copied().unwrap_or(self.params.default)).collect()
     }
 }
 

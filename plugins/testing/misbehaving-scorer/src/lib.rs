@@ -5,7 +5,7 @@
 //! `trap-after` (works for `after` calls, then traps on every call: a plugin that passes its
 //! probe and breaks in production) or `ok` (scores 0.5). Never part of a real configuration.
 
-use llmd_plugin_sdk::{Column, Metrics, Plugin, Request, Scorer, params};
+use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -24,20 +24,20 @@ pub struct MisbehavingScorer {
 }
 
 impl Plugin for MisbehavingScorer {
-    fn configure(&mut self, params_json: &str) -> Result<(), String> {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         let p: Params = params::parse(params_json)?;
         if p.mode == "reject" {
             return Err("this plugin refuses every configuration".into());
         }
         self.mode = p.mode;
         self.after = p.after;
-        Ok(())
+        Ok(Manifest::default())
     }
 }
 
 impl Scorer for MisbehavingScorer {
-    fn score(&mut self, _req: &Request, metrics: &Metrics, _columns: &[Column]) -> Vec<f32> {
-        let n = metrics.ids.len();
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let n = cycle.len();
         self.calls = self.calls.saturating_add(1);
         match self.mode.as_str() {
             "trap-after" if self.calls > self.after => panic!("misbehaving-scorer: trap after {} calls", self.after),

@@ -5,7 +5,7 @@
 //! endpoint whose metrics are older than the staleness threshold (or unknown) counts as
 //! saturated — not knowing a worker's load must not make it look idle.
 
-use llmd_plugin_sdk::Metrics;
+use crate::columns::Candidates;
 
 /// Thresholds (upstream defaults: queue 5, kv-cache 0.8, staleness 200 ms).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,11 +24,12 @@ impl Default for SaturationConfig {
 impl SaturationConfig {
     /// One endpoint's load: `max(waiting/queue_threshold, kv/kv_threshold)`, or 1.0 (and
     /// more) when its metrics are stale or unknown.
-    pub fn load(&self, metrics: &Metrics, i: usize) -> f32 {
-        let age = metrics.age_ms.get(i).copied().unwrap_or(u32::MAX);
+    pub fn load(&self, metrics: &Candidates, i: usize) -> f32 {
+        let age = metrics.age_ms.get(i).copied().unwrap_or(f32::INFINITY);
         let waiting = metrics.waiting.get(i).copied().unwrap_or(f32::NAN);
         let kv = metrics.kv_usage.get(i).copied().unwrap_or(f32::NAN);
-        if age > self.staleness_ms || !waiting.is_finite() || !kv.is_finite() {
+        let fresh = age.is_finite() && age <= self.staleness_ms as f32;
+        if !fresh || !waiting.is_finite() || !kv.is_finite() {
             return f32::INFINITY;
         }
         (waiting / self.queue_depth_threshold.max(f32::MIN_POSITIVE))
@@ -38,7 +39,7 @@ impl SaturationConfig {
 
     /// Pool saturation: the mean endpoint load, each capped at 1 (so one stale endpoint
     /// weighs as one saturated endpoint, not as infinity). An empty pool is saturated.
-    pub fn pool_saturation(&self, metrics: &Metrics) -> f32 {
+    pub fn pool_saturation(&self, metrics: &Candidates) -> f32 {
         let n = metrics.len();
         if n == 0 {
             return 1.0;
@@ -47,13 +48,13 @@ impl SaturationConfig {
     }
 
     /// Whether a request of `priority` is refused: sheddable (< 0) and the pool saturated.
-    pub fn shed(&self, priority: i32, metrics: &Metrics) -> bool {
+    pub fn shed(&self, priority: i32, metrics: &Candidates) -> bool {
         priority < 0 && self.pool_saturation(metrics) >= 1.0
     }
 
     /// Positions of the endpoints under their thresholds — or all of them, when every one
     /// is over (dropping all would turn load into errors).
-    pub fn filter(&self, metrics: &Metrics) -> Vec<usize> {
+    pub fn filter(&self, metrics: &Candidates) -> Vec<usize> {
         let under: Vec<usize> = (0..metrics.len()).filter(|&i| self.load(metrics, i) < 1.0).collect();
         if under.is_empty() { (0..metrics.len()).collect() } else { under }
     }
@@ -63,8 +64,8 @@ impl SaturationConfig {
 mod tests {
     use super::*;
 
-    fn m(rows: &[(f32, f32, u32)]) -> Metrics {
-        Metrics {
+    fn m(rows: &[(f32, f32, f32)]) -> Candidates {
+        Candidates {
             ids: (0..rows.len() as u32).collect(),
             waiting: rows.iter().map(|r| r.0).collect(),
             running: rows.iter().map(|_| 0.0).collect(),
@@ -77,13 +78,13 @@ mod tests {
     fn table() {
         let c = SaturationConfig::default();
         // rows (waiting, kv, age) → (pool saturation, kept positions)
-        type Case<'a> = (&'a [(f32, f32, u32)], f32, &'a [usize]);
+        type Case<'a> = (&'a [(f32, f32, f32)], f32, &'a [usize]);
         let cases: &[Case] = &[
-            (&[(0.0, 0.0, 10), (0.0, 0.0, 10)], 0.0, &[0, 1]),
-            (&[(5.0, 0.0, 10), (0.0, 0.4, 10)], 0.75, &[1]),
-            (&[(10.0, 0.0, 10), (0.0, 0.9, 10)], 1.0, &[0, 1]),
-            (&[(0.0, 0.0, 500), (2.5, 0.0, 10)], 0.75, &[1]),
-            (&[(f32::NAN, 0.1, 10), (1.0, 0.1, 10)], 0.6, &[1]),
+            (&[(0.0, 0.0, 10.0), (0.0, 0.0, 10.0)], 0.0, &[0, 1]),
+            (&[(5.0, 0.0, 10.0), (0.0, 0.4, 10.0)], 0.75, &[1]),
+            (&[(10.0, 0.0, 10.0), (0.0, 0.9, 10.0)], 1.0, &[0, 1]),
+            (&[(0.0, 0.0, 500.0), (2.5, 0.0, 10.0)], 0.75, &[1]),
+            (&[(f32::NAN, 0.1, 10.0), (1.0, 0.1, 10.0)], 0.6, &[1]),
             (&[], 1.0, &[]),
         ];
         for (rows, sat, kept) in cases {
@@ -96,8 +97,8 @@ mod tests {
     #[test]
     fn only_sheddable_requests_are_refused() {
         let c = SaturationConfig::default();
-        let full = m(&[(9.0, 0.9, 10)]);
-        let idle = m(&[(0.0, 0.0, 10)]);
+        let full = m(&[(9.0, 0.9, 10.0)]);
+        let idle = m(&[(0.0, 0.0, 10.0)]);
         assert!(c.shed(-1, &full));
         assert!(!c.shed(0, &full));
         assert!(!c.shed(-1, &idle));

@@ -1,9 +1,12 @@
 //! The traits through which the scheduler sees plugins, whatever runs them (a wasm
-//! component, or a natively compiled plugin crate for comparison), and their error type.
+//! component, or a natively compiled plugin crate for comparison), what one call receives,
+//! and the plugin error type.
 
 use std::sync::Arc;
 
-use llmd_plugin_sdk::{Column, EndpointInfo, Metrics, Request, Usage};
+use llmd_plugin_sdk::{Completion, EndpointInfo, Manifest};
+
+use crate::request::Request;
 
 /// The role a plugin plays in a scheduling cycle (fixed by the WIT world it exports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,7 +38,8 @@ impl std::fmt::Display for Role {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
     /// The plugin is skipped: a scorer contributes 0, a filter keeps every candidate,
-    /// a producer adds no columns. A picker cannot be skipped and always fails closed.
+    /// a producer's columns are unknown (NaN). A picker cannot be skipped and always fails
+    /// closed.
     #[default]
     FailOpen,
     /// The request fails (503 with the plugin named).
@@ -76,32 +80,52 @@ impl PluginError {
     }
 }
 
-/// Calls every plugin receives, whatever its role.
+/// What one plugin call receives: the cycle's request (of which the adapter passes only
+/// what the plugin's manifest asks for), the candidates, and the plugin's `reads` columns,
+/// gathered in manifest order, each `ids.len()` long.
+#[derive(Clone, Copy, Debug)]
+pub struct CallInput<'a> {
+    pub cycle: u64,
+    pub request: &'a Request,
+    pub ids: &'a [u32],
+    pub columns: &'a [f32],
+}
+
+/// Calls every plugin receives, whatever its role. Hooks are called only when the
+/// plugin's manifest asks for them.
 pub trait PluginCore: Send + Sync {
     /// The configured name (unique within a config).
     fn name(&self) -> &str;
+    /// What `configure` declared.
+    fn manifest(&self) -> &Manifest;
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::FailOpen
     }
     fn pool_changed(&self, generation: u64, endpoints: &[EndpointInfo]) -> Result<(), PluginError>;
-    fn pre_request(&self, request_id: &str, chosen: &[u32]) -> Result<(), PluginError>;
-    fn response_complete(&self, request_id: &str, endpoint: u32, usage: Usage) -> Result<(), PluginError>;
+    /// Returns headers to add to the client's response.
+    fn decided(&self, cycle: u64, endpoint: u32) -> Result<Vec<(String, String)>, PluginError>;
+    fn first_chunk(&self, cycle: u64, endpoint: u32) -> Result<(), PluginError>;
+    fn finished(&self, cycle: u64, completion: &Completion) -> Result<(), PluginError>;
 }
 
 pub trait ProducerPlugin: PluginCore {
-    fn produce(&self, req: &Request, metrics: &Metrics) -> Result<Vec<Column>, PluginError>;
+    /// The manifest's `writes` columns, one after the other, each `ids.len()` long.
+    fn produce(&self, input: &CallInput<'_>) -> Result<Vec<f32>, PluginError>;
 }
 
 pub trait FilterPlugin: PluginCore {
-    fn filter(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<u32>, PluginError>;
+    /// The ids kept.
+    fn filter(&self, input: &CallInput<'_>) -> Result<Vec<u32>, PluginError>;
 }
 
 pub trait ScorerPlugin: PluginCore {
-    fn score(&self, req: &Request, metrics: &Metrics, columns: &[Column]) -> Result<Vec<f32>, PluginError>;
+    /// One score per candidate, expected in [0, 1].
+    fn score(&self, input: &CallInput<'_>) -> Result<Vec<f32>, PluginError>;
 }
 
 pub trait PickerPlugin: PluginCore {
-    fn pick(&self, req: &Request, metrics: &Metrics, scores: &[f32]) -> Result<Vec<u32>, PluginError>;
+    /// Ids, primary first, then fallbacks.
+    fn pick(&self, input: &CallInput<'_>, scores: &[f32]) -> Result<Vec<u32>, PluginError>;
 }
 
 /// A loaded plugin of any role.

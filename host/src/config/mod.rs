@@ -10,10 +10,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod experiment;
+
+use epp_core::experiment::ExperimentSpec;
+use epp_core::{FailurePolicy, SaturationConfig, Weight};
 use serde::Deserialize;
 
-use crate::experiment::ExperimentSpec;
-use crate::scheduler::{FailurePolicy, SaturationConfig, Weight};
 use crate::wasm::Sandbox;
 
 /// apiVersions of EndpointPickerConfig we accept, newest first.
@@ -21,13 +23,18 @@ pub const API_VERSIONS: &[&str] = &["llm-d.ai/v1", "llm-d.ai/v1alpha1", "inferen
 pub const KIND: &str = "EndpointPickerConfig";
 
 /// The optimized baseline of the no-Kubernetes guide, used when no config is given.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/epp-config.yaml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/epp-config.yaml");
 
-/// The type of the prefix-index producer that prefix-aware scorers read from.
+/// The type of the prefix-index producer that prefix-aware plugins read from.
 pub const PREFIX_PRODUCER_TYPE: &str = "approx-prefix-cache-producer";
-/// Scorers that read the prefix producer's columns: when a profile uses one of them and
+/// The type of the producer of the EPP's own in-flight load.
+pub const INFLIGHT_PRODUCER_TYPE: &str = "inflight-load-producer";
+/// Plugins that read the prefix producer's columns: when a profile uses one of them and
 /// names no producer, the producer is added implicitly, as upstream does.
-const PREFIX_READERS: &[&str] = &["prefix-cache-scorer", "no-hit-lru-scorer"];
+const PREFIX_READERS: &[&str] =
+    &["prefix-cache-scorer", "no-hit-lru-scorer", "prefix-cache-affinity-filter", INFLIGHT_PRODUCER_TYPE];
+/// Plugins that read the in-flight load producer's columns (likewise added implicitly).
+const INFLIGHT_READERS: &[&str] = &["token-load-scorer", "active-request-scorer", "prefix-cache-affinity-filter"];
 
 /// What part of the EPP a plugin type belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +62,13 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("max-score-picker", PluginKind::Scheduling),
     ("random-picker", PluginKind::Scheduling),
     ("weighted-random-picker", PluginKind::Scheduling),
+    ("inflight-load-producer", PluginKind::Scheduling),
+    ("token-load-scorer", PluginKind::Scheduling),
+    ("active-request-scorer", PluginKind::Scheduling),
+    ("prefix-cache-affinity-filter", PluginKind::Scheduling),
+    ("session-affinity-scorer", PluginKind::Scheduling),
+    ("label-selector-filter", PluginKind::Scheduling),
+    ("by-label-selector", PluginKind::Scheduling),
     ("file-discovery", PluginKind::Discovery),
     ("metrics-data-source", PluginKind::DataSource),
     ("core-metrics-extractor", PluginKind::Extractor),
@@ -271,52 +285,62 @@ impl PickerConfig {
             profiles.push(default_profile(&plugins));
         }
         let experiment = match raw.experiment {
-            Some(e) => Some(crate::experiment::parse_spec(e, &profiles)?),
+            Some(e) => Some(experiment::parse_spec(e, &profiles)?),
             None => None,
         };
         let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
         let saturation = saturation_spec(raw.saturation_detector)?;
         let mut config = PickerConfig { api_version, plugins, profiles, experiment, data_layer, saturation, warnings };
         for i in 0..config.profiles.len() {
-            config.add_implicit_prefix_producer(i);
+            // The in-flight producer reads the prefix columns: it goes in first, so the
+            // prefix producer, inserted after it at the front, runs before it.
+            config.add_implicit_producer(i, INFLIGHT_PRODUCER_TYPE, INFLIGHT_READERS, None);
+            config.add_implicit_producer(i, PREFIX_PRODUCER_TYPE, PREFIX_READERS, Some("prefix-cache-scorer"));
         }
         config.check_profile_roles()?;
         Ok(config)
     }
 
-    /// Upstream's prefix scorer carries its own index; ours is a separate producer. A
-    /// profile with a prefix-reading scorer and no producer gets one, configured with the
-    /// prefix-cache-scorer's parameters (block size, LRU capacity, …).
-    fn add_implicit_prefix_producer(&mut self, profile: usize) {
+    /// Upstream creates the data producers a plugin requires when the config names none;
+    /// so do we: a profile with a plugin of `readers` and no `producer_type` gets one, at
+    /// the front of the profile. It takes the parameters of the profile's `params_from`
+    /// plugin when there is one (older configs put the prefix index's parameters — block
+    /// size, LRU capacity — on `prefix-cache-scorer`), else the defaults.
+    fn add_implicit_producer(
+        &mut self,
+        profile: usize,
+        producer_type: &str,
+        readers: &[&str],
+        params_from: Option<&str>,
+    ) {
         let in_profile = |cfg: &PickerConfig, type_name: &str| {
             cfg.profiles[profile]
                 .plugins
                 .iter()
-                .any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| p.type_name == type_name))
+                .any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| canonical_type(&p.type_name) == type_name))
         };
-        if in_profile(self, PREFIX_PRODUCER_TYPE) || !PREFIX_READERS.iter().any(|t| in_profile(self, t)) {
+        if in_profile(self, producer_type) || !readers.iter().any(|t| in_profile(self, t)) {
             return;
         }
-        let existing = self.plugins.iter().find(|p| p.type_name == PREFIX_PRODUCER_TYPE).map(|p| p.name.clone());
+        let existing = self.plugins.iter().find(|p| p.type_name == producer_type).map(|p| p.name.clone());
         let name = match existing {
             Some(name) => name,
             None => {
-                let parameters = self
-                    .plugins
-                    .iter()
-                    .find(|p| {
-                        p.type_name == "prefix-cache-scorer"
-                            && self.profiles[profile].plugins.iter().any(|e| e.plugin_ref == p.name)
+                let parameters = params_from
+                    .and_then(|from| {
+                        self.plugins.iter().find(|p| {
+                            p.type_name == from && self.profiles[profile].plugins.iter().any(|e| e.plugin_ref == p.name)
+                        })
                     })
                     .map(|p| p.parameters.clone())
                     .unwrap_or_else(empty_params);
-                let mut name = PREFIX_PRODUCER_TYPE.to_string();
+                let mut name = producer_type.to_string();
                 while self.plugin(&name).is_some() {
                     name.push('_');
                 }
                 self.plugins.push(PluginSpec {
                     name: name.clone(),
-                    type_name: PREFIX_PRODUCER_TYPE.into(),
+                    type_name: producer_type.into(),
                     kind: PluginKind::Scheduling,
                     parameters,
                     wasm: None,
@@ -349,6 +373,11 @@ impl PickerConfig {
         }
         Ok(())
     }
+}
+
+/// The type an alias stands for (`by-label-selector` → `label-selector-filter`).
+pub fn canonical_type(type_name: &str) -> &str {
+    crate::wasm::embedded::ALIASES.iter().find(|(alias, _)| *alias == type_name).map_or(type_name, |(_, t)| *t)
 }
 
 fn empty_params() -> serde_json::Value {
@@ -557,7 +586,7 @@ struct RawConfig {
     scheduling_profiles: Vec<RawProfile>,
     data_layer: Option<RawDataLayer>,
     saturation_detector: Option<RawSaturation>,
-    experiment: Option<crate::experiment::RawExperiment>,
+    experiment: Option<experiment::RawExperiment>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_yaml::Value>,
 }

@@ -1,21 +1,41 @@
-//! The default config (the optimized baseline) built from the embedded components, run
-//! over hand-computed snapshots. Weights: queue 2, kv-cache 2, prefix 3, no-hit-lru 2.
+//! The upstream no-Kubernetes guide's config (`tests/fixtures/guide-epp-config.yaml`,
+//! unchanged: the older optimized baseline) built from the embedded components, run over
+//! hand-computed snapshots. Weights: queue 2, kv-cache 2, prefix 3, no-hit-lru 2.
 
 use epp::config::PickerConfig;
-use epp::loader::build_profile;
-use epp::scheduler::SchedulerProfile;
+use epp::loader::{PluginSet, build};
+use epp_core::{Candidates, CycleResult, Request, ScheduleError, SchedulerProfile};
 
 use crate::common::*;
 
-fn baseline(endpoints: u32) -> SchedulerProfile {
-    let config = PickerConfig::default_config().expect("default config parses");
-    let profile = build_profile(runtime(), &config).expect("default profile builds");
+const GUIDE_CONFIG: &str = include_str!("../fixtures/guide-epp-config.yaml");
+
+/// The guide's profile, told a pool of `endpoints`; it owns a counter of cycle ids.
+struct Guide {
+    profile: SchedulerProfile,
+    cycle: std::cell::Cell<u64>,
+}
+
+impl Guide {
+    fn schedule(&self, req: &Request, m: &Candidates) -> Result<CycleResult, ScheduleError> {
+        self.cycle.set(self.cycle.get() + 1);
+        self.profile.schedule(self.cycle.get(), req, m)
+    }
+    fn plugins(&self) -> &[epp_core::PluginHandle] {
+        self.profile.plugins()
+    }
+}
+
+fn baseline(endpoints: u32) -> Guide {
+    let config = PickerConfig::parse(GUIDE_CONFIG, None).expect("the guide's config parses");
+    let mut scheduler = build(runtime(), &config, &PluginSet::default()).expect("the guide's profile builds").scheduler;
+    let profile = scheduler.variants.remove(0).profile;
     profile.pool_changed(1, &pool(endpoints));
-    profile
+    Guide { profile, cycle: Default::default() }
 }
 
 #[test]
-fn default_profile_has_the_optimized_baseline_plugins() {
+fn the_guide_profile_has_the_older_baseline_plugins() {
     let profile = baseline(1);
     let names: Vec<&str> = profile.plugins().iter().map(|p| p.core().name()).collect();
     assert_eq!(
@@ -29,8 +49,7 @@ fn default_profile_has_the_optimized_baseline_plugins() {
             "max-score-picker"
         ]
     );
-    let weights: Vec<f32> = profile.scorers.iter().map(|s| s.weight.get()).collect();
-    assert_eq!(weights, [2.0, 2.0, 3.0, 2.0]);
+    assert_eq!(profile.profile.weights(), [2.0, 2.0, 3.0, 2.0]);
 }
 
 #[test]
@@ -97,5 +116,5 @@ fn unknown_metrics_never_produce_bad_scores() {
 fn empty_candidates_is_a_scheduling_error() {
     let profile = baseline(0);
     let err = profile.schedule(&request("r", "x"), &idle(0)).unwrap_err();
-    assert_eq!(err, epp::scheduler::ScheduleError::NoCandidates);
+    assert_eq!(err, ScheduleError::NoCandidates);
 }

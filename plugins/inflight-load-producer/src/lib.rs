@@ -1,0 +1,226 @@
+//! `inflight-load-producer`: the load the EPP itself has put on each endpoint, known at once
+//! rather than through a scrape: requests sent and not finished, and *uncached prompt
+//! tokens* sent and not yet prefilled (released at the first response chunk, when the
+//! worker has done the prefill; with `addEstimatedOutputTokens`, an output estimate stays
+//! until the request finishes). Every decided request is released exactly once, however it
+//! ends (the host calls `finished` for completions, client cancellations and resets alike).
+//!
+//! Columns written: `inflight/tokens` and `inflight/requests` (per candidate, live), and
+//! `inflight/request-tokens` — what *this* request would add to each candidate: its prompt
+//! tokens minus the leading blocks the prefix producer thinks the candidate holds,
+//! `max(0, prompt − matched × B)`, or the whole prompt when the prefix columns are unknown.
+//! Semantics and parameters follow upstream's plugin of the same name; upstream computes
+//! `(total − matched) × B + max(0, prompt − total × B)`, which counts the last, partial
+//! block as full — the same but for that overcount.
+
+use std::collections::HashMap;
+
+use llmd_plugin_sdk::columns::{
+    INFLIGHT_REQUESTS, INFLIGHT_TOKENS, REQUEST_UNCACHED_TOKENS, prefix_block_tokens, prefix_matched, prefix_namespace,
+    prefix_total,
+};
+use llmd_plugin_sdk::pending::Pending;
+use llmd_plugin_sdk::{Completion, Cycle, EndpointInfo, Manifest, Needs, Plugin, Producer, params};
+use serde::Deserialize;
+
+/// Per-candidate costs of cycles produced for but not yet decided.
+const PENDING_CYCLES: usize = 1024;
+/// Decided requests tracked at most (they are released by `finished`; this only bounds
+/// memory if a host ever failed to report an end).
+const MAX_IN_FLIGHT: usize = 1 << 20;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Params {
+    pub add_estimated_output_tokens: bool,
+    pub output_ratio: Option<f64>,
+    pub max_estimated_output_tokens: Option<i64>,
+    pub prefix_match_info_producer_name: String,
+    /// Accepted for config compatibility: replicas share load through the state store.
+    pub sync_cross_replica_state: Option<bool>,
+}
+
+/// One decided request's contribution to its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Entry {
+    endpoint: u32,
+    /// Prompt tokens not yet prefilled (released at the first chunk).
+    prompt_tokens: i64,
+    /// Estimated output tokens (released at the end).
+    output_tokens: i64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    pub tokens: i64,
+    pub requests: i64,
+}
+
+pub struct InflightLoadProducer {
+    add_output: bool,
+    output_ratio: f64,
+    max_output: Option<i64>,
+    /// Live load per endpoint.
+    load: HashMap<u32, Load>,
+    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate).
+    pending: Pending<(Vec<u32>, Vec<f32>, i64)>,
+    in_flight: Pending<Entry>,
+}
+
+impl Default for InflightLoadProducer {
+    fn default() -> Self {
+        InflightLoadProducer {
+            add_output: false,
+            output_ratio: 1.5,
+            max_output: None,
+            load: HashMap::new(),
+            pending: Pending::new(PENDING_CYCLES),
+            in_flight: Pending::new(MAX_IN_FLIGHT),
+        }
+    }
+}
+
+impl InflightLoadProducer {
+    /// The live load of `endpoint`.
+    pub fn load(&self, endpoint: u32) -> Load {
+        self.load.get(&endpoint).copied().unwrap_or_default()
+    }
+
+    /// Requests decided and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn add(&mut self, endpoint: u32, tokens: i64, requests: i64) {
+        let l = self.load.entry(endpoint).or_default();
+        // Clamped at 0, as upstream: a release can never make load negative.
+        l.tokens = (l.tokens + tokens).max(0);
+        l.requests = (l.requests + requests).max(0);
+    }
+
+    fn output_estimate(&self, prompt_tokens: u32, max_tokens: Option<u32>) -> i64 {
+        if !self.add_output {
+            return 0;
+        }
+        let mut estimate = (f64::from(prompt_tokens) * self.output_ratio).round() as i64;
+        if let Some(cap) = max_tokens {
+            estimate = estimate.min(i64::from(cap));
+        }
+        if let Some(cap) = self.max_output {
+            estimate = estimate.min(cap);
+        }
+        estimate.max(0)
+    }
+}
+
+/// The tokens a request of `prompt` tokens adds to an endpoint holding `matched` of its
+/// `total` leading blocks of `block` tokens; the whole prompt when the match is unknown.
+pub fn uncached_tokens(prompt: u32, matched: f32, total: f32, block: f32) -> f32 {
+    let prompt = prompt as f32;
+    if !(matched.is_finite() && total.is_finite() && block > 0.0) || total <= 0.0 {
+        return prompt;
+    }
+    (prompt - matched.clamp(0.0, total) * block).clamp(0.0, prompt)
+}
+
+impl Plugin for InflightLoadProducer {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        let p: Params = params::parse(params_json)?;
+        let ratio = p.output_ratio.unwrap_or(1.5);
+        if !(ratio.is_finite() && ratio >= 0.0) {
+            return Err(format!("outputRatio must be a number ≥ 0, got {ratio}"));
+        }
+        if let Some(m) = p.max_estimated_output_tokens
+            && m < 0
+        {
+            return Err(format!("maxEstimatedOutputTokens must be ≥ 0, got {m}"));
+        }
+        *self = InflightLoadProducer {
+            add_output: p.add_estimated_output_tokens,
+            output_ratio: ratio,
+            max_output: p.max_estimated_output_tokens,
+            ..Default::default()
+        };
+        let ns = prefix_namespace(&p.prefix_match_info_producer_name);
+        Ok(Manifest {
+            needs: Needs { pool: true, decided: true, first_chunk: true, finished: true, ..Default::default() },
+            reads: vec![prefix_matched(ns), prefix_total(ns), prefix_block_tokens(ns)],
+            writes: [INFLIGHT_TOKENS, INFLIGHT_REQUESTS, REQUEST_UNCACHED_TOKENS]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            stateless: false,
+        })
+    }
+
+    fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
+        // Counters of endpoints that left are dropped (requests still in flight to them are
+        // released against nothing when they end).
+        self.load.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+    }
+
+    fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
+        let Some((ids, uncached, output)) = self.pending.take(cycle) else { return Vec::new() };
+        let prompt = ids.iter().position(|&id| id == endpoint).and_then(|i| uncached.get(i)).copied().unwrap_or(0.0);
+        let entry = Entry { endpoint, prompt_tokens: prompt.max(0.0) as i64, output_tokens: output };
+        self.add(endpoint, entry.prompt_tokens + entry.output_tokens, 1);
+        self.in_flight.insert(cycle, entry);
+        Vec::new()
+    }
+
+    fn first_chunk(&mut self, cycle: u64, _endpoint: u32) {
+        // The prefill is done: its tokens no longer wait on the endpoint.
+        if let Some(e) = self.in_flight.get_mut(cycle) {
+            let (endpoint, tokens) = (e.endpoint, e.prompt_tokens);
+            e.prompt_tokens = 0;
+            self.add(endpoint, -tokens, 0);
+        }
+    }
+
+    fn finished(&mut self, cycle: u64, _completion: &Completion) {
+        if let Some(e) = self.in_flight.take(cycle) {
+            self.add(e.endpoint, -(e.prompt_tokens + e.output_tokens), -1);
+        }
+    }
+}
+
+impl Producer for InflightLoadProducer {
+    fn produce(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let n = cycle.len();
+        let r = &cycle.request;
+        let uncached: Vec<f32> = (0..n)
+            .map(|i| uncached_tokens(r.prompt_tokens, cycle.value(0, i), cycle.value(1, i), cycle.value(2, i)))
+            .collect();
+        let output = self.output_estimate(r.prompt_tokens, r.max_tokens);
+        let mut out = Vec::with_capacity(3 * n);
+        out.extend(cycle.ids.iter().map(|id| self.load(*id).tokens as f32));
+        out.extend(cycle.ids.iter().map(|id| self.load(*id).requests as f32));
+        out.extend(uncached.iter().map(|u| u + output as f32));
+        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, output));
+        out
+    }
+}
+
+llmd_plugin_sdk::export_producer!(InflightLoadProducer);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncached_tokens_are_the_prompt_past_the_matched_blocks() {
+        // (prompt, matched, total, block) → uncached
+        let cases = [
+            (1000, 0.0, 16.0, 64.0, 1000.0),
+            (1000, 10.0, 16.0, 64.0, 360.0),
+            (1000, 16.0, 16.0, 64.0, 0.0),
+            (5000, 16.0, 16.0, 64.0, 5000.0 - 1024.0),
+            (1000, f32::NAN, 16.0, 64.0, 1000.0),
+            (1000, 3.0, 0.0, 64.0, 1000.0),
+        ];
+        for (prompt, m, t, b, want) in cases {
+            let got = uncached_tokens(prompt, m, t, b);
+            assert!((got - want).abs() < 1e-3, "{prompt} {m} {t} {b}: {got} vs {want}");
+        }
+    }
+}

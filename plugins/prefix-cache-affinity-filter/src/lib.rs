@@ -1,0 +1,154 @@
+//! `prefix-cache-affinity-filter`: "sticky until saturated", as upstream. Candidates whose
+//! prefix score (matched ÷ total blocks, from the prefix producer) is at least
+//! `affinityThreshold` are *sticky*; when any is, only they are kept — unless the least
+//! loaded sticky candidate would start the request more than `maxTTFTPenaltyMs` later than
+//! the least loaded other one, in which case stickiness is dropped and every candidate is
+//! kept. A candidate's time to first token is estimated from the uncached prompt tokens
+//! the EPP has in flight on it (`inflight/tokens`) at `peakPrefillThroughput` tokens/s.
+//! With probability `explorationProbability` (from the request's seed) every candidate is
+//! kept, so new placements keep being tried. It never returns an empty set.
+//!
+//! `ttftSource: latencyPredictor` (upstream's trained predictor) is not available here and
+//! is rejected at load.
+
+use llmd_plugin_sdk::columns::{INFLIGHT_TOKENS, prefix_matched, prefix_namespace, prefix_total};
+use llmd_plugin_sdk::rng::SplitMix64;
+use llmd_plugin_sdk::{Cycle, Filter, Manifest, Plugin, params};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Params {
+    pub affinity_threshold: f64,
+    pub exploration_probability: f64,
+    #[serde(rename = "maxTTFTPenaltyMs")]
+    pub max_ttft_penalty_ms: f64,
+    pub ttft_source: String,
+    pub peak_prefill_throughput: f64,
+    pub prefix_match_info_producer_name: String,
+    pub latency_prediction_info_producer_name: String,
+    pub in_flight_load_producer_name: String,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            affinity_threshold: 0.80,
+            exploration_probability: 0.0,
+            max_ttft_penalty_ms: 18_000.0,
+            ttft_source: "prefillThroughput".into(),
+            peak_prefill_throughput: 15_928.0,
+            prefix_match_info_producer_name: String::new(),
+            latency_prediction_info_producer_name: String::new(),
+            in_flight_load_producer_name: String::new(),
+        }
+    }
+}
+
+pub struct PrefixCacheAffinityFilter {
+    threshold: f32,
+    exploration: f64,
+    max_penalty_ms: f32,
+    throughput: f32,
+}
+
+impl Default for PrefixCacheAffinityFilter {
+    fn default() -> Self {
+        PrefixCacheAffinityFilter { threshold: 0.8, exploration: 0.0, max_penalty_ms: 18_000.0, throughput: 15_928.0 }
+    }
+}
+
+/// What the filter decided, for tests and reports (upstream's outcome labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    NotApplicable,
+    Exploration,
+    NoMatch,
+    LoadOverride,
+    Sticky,
+}
+
+impl PrefixCacheAffinityFilter {
+    /// The kept positions and why.
+    pub fn decide(&self, cycle: &Cycle) -> (Vec<usize>, Decision) {
+        let n = cycle.len();
+        let all = || (0..n).collect::<Vec<usize>>();
+        if n <= 1 || self.threshold <= 0.0 {
+            return (all(), Decision::NotApplicable);
+        }
+        if self.exploration > 0.0
+            && SplitMix64::new(cycle.request.random_seed ^ 0xAFF1_41E7).next_f64() < self.exploration
+        {
+            return (all(), Decision::Exploration);
+        }
+        let score = |i: usize| {
+            let (m, t) = (cycle.value(0, i), cycle.value(1, i));
+            if t > 0.0 && m.is_finite() { (m / t).clamp(0.0, 1.0) } else { 0.0 }
+        };
+        let (sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
+        if sticky.is_empty() {
+            return (all(), Decision::NoMatch);
+        }
+        if self.max_penalty_ms > 0.0 && !other.is_empty() {
+            // Unknown load counts as none, as upstream treats a missing attribute.
+            let ttft = |i: usize| {
+                let tokens = cycle.value(2, i);
+                if tokens.is_finite() { tokens.max(0.0) / self.throughput * 1000.0 } else { 0.0 }
+            };
+            let best = |set: &[usize]| set.iter().map(|&i| ttft(i)).fold(f32::INFINITY, f32::min);
+            if best(&sticky) - best(&other) > self.max_penalty_ms {
+                return (all(), Decision::LoadOverride);
+            }
+        }
+        (sticky, Decision::Sticky)
+    }
+}
+
+impl Plugin for PrefixCacheAffinityFilter {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        let p: Params = params::parse(params_json)?;
+        if p.affinity_threshold > 1.0 {
+            return Err(format!("affinityThreshold must be ≤ 1, got {}", p.affinity_threshold));
+        }
+        if !(0.0..=1.0).contains(&p.exploration_probability) {
+            return Err(format!("explorationProbability must be in [0, 1], got {}", p.exploration_probability));
+        }
+        if !(p.max_ttft_penalty_ms >= 0.0 && p.max_ttft_penalty_ms.is_finite()) {
+            return Err(format!("maxTTFTPenaltyMs must be ≥ 0, got {}", p.max_ttft_penalty_ms));
+        }
+        match p.ttft_source.as_str() {
+            "prefillThroughput" => {}
+            "latencyPredictor" => {
+                return Err("ttftSource `latencyPredictor` needs upstream's latency predictor, which this EPP does not have; use prefillThroughput".into());
+            }
+            other => return Err(format!("ttftSource `{other}`; expected prefillThroughput")),
+        }
+        if !(p.peak_prefill_throughput >= 0.0 && p.peak_prefill_throughput.is_finite()) {
+            return Err(format!("peakPrefillThroughput must be ≥ 0, got {}", p.peak_prefill_throughput));
+        }
+        if p.max_ttft_penalty_ms > 0.0 && p.peak_prefill_throughput <= 0.0 {
+            return Err("peakPrefillThroughput must be > 0 when maxTTFTPenaltyMs is".into());
+        }
+        *self = PrefixCacheAffinityFilter {
+            threshold: p.affinity_threshold as f32,
+            exploration: p.exploration_probability,
+            max_penalty_ms: p.max_ttft_penalty_ms as f32,
+            throughput: p.peak_prefill_throughput as f32,
+        };
+        let ns = prefix_namespace(&p.prefix_match_info_producer_name);
+        let (matched, total) = (prefix_matched(ns), prefix_total(ns));
+        let mut reads = vec![matched.as_str(), total.as_str()];
+        if self.max_penalty_ms > 0.0 {
+            reads.push(INFLIGHT_TOKENS);
+        }
+        Ok(Manifest::stateless(&reads))
+    }
+}
+
+impl Filter for PrefixCacheAffinityFilter {
+    fn filter(&mut self, cycle: &Cycle) -> Vec<u32> {
+        self.decide(cycle).0.into_iter().map(|i| cycle.ids[i]).collect()
+    }
+}
+
+llmd_plugin_sdk::export_filter!(PrefixCacheAffinityFilter);

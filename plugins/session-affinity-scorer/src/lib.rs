@@ -1,0 +1,226 @@
+//! `session-affinity-scorer`: keeps a session on the endpoint that served it, as upstream.
+//!
+//! - `strategy: encoded_endpoint_header` (default): the response carries a header
+//!   (`x-session-token` unless `encodedEndpointHeaderConfig.header` says otherwise) whose value
+//!   is the serving endpoint's `namespace/name`, base64-encoded; a request that sends it back
+//!   scores 1.0 on that endpoint and 0 elsewhere. No state: the client carries it.
+//! - `strategy: session_id`: the session id is read from the first present header of
+//!   `sessionIdConfig.sources` (default `x-session-id`); the plugin binds each session to
+//!   the endpoint its first request went to (rebinding only when the bound endpoint was not
+//!   a candidate) and forgets bindings unused for `evictionTtlSeconds`.
+//!
+//! Either way a request without a session, or whose endpoint is gone, scores 0 everywhere.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use llmd_plugin_sdk::pending::Pending;
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, params};
+use serde::Deserialize;
+
+pub const DEFAULT_HEADER: &str = "x-session-token";
+pub const DEFAULT_SESSION_HEADER: &str = "x-session-id";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Params {
+    pub strategy: Option<String>,
+    pub profile_name: Option<String>,
+    pub encoded_endpoint_header_config: Option<HeaderConfig>,
+    pub session_id_config: Option<SessionIdConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeaderConfig {
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionIdConfig {
+    pub sources: Option<Vec<Source>>,
+    pub eviction_ttl_seconds: Option<i64>,
+    pub eviction_sweep_seconds: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Source {
+    pub header: Option<String>,
+    pub attribute: Option<String>,
+    pub producer: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Strategy {
+    Encoded { header: String },
+    SessionId { headers: Vec<String>, ttl_ms: u64, sweep_ms: u64 },
+}
+
+struct Binding {
+    endpoint: u32,
+    last_seen_ms: u64,
+}
+
+/// What scoring a cycle learnt, for `decided`.
+struct Seen {
+    session: String,
+    /// The bound endpoint was among the candidates.
+    bound_present: bool,
+}
+
+pub struct SessionAffinityScorer {
+    strategy: Strategy,
+    /// Endpoint id ↔ `namespace/name`.
+    keys: HashMap<u32, String>,
+    by_key: HashMap<String, u32>,
+    bindings: HashMap<String, Binding>,
+    last_sweep_ms: u64,
+    /// The clock of the last scored cycle (the binding time of its `decided`).
+    last_seen_now: u64,
+    pending: Pending<Seen>,
+}
+
+impl Default for SessionAffinityScorer {
+    fn default() -> Self {
+        SessionAffinityScorer {
+            strategy: Strategy::Encoded { header: DEFAULT_HEADER.into() },
+            keys: HashMap::new(),
+            by_key: HashMap::new(),
+            bindings: HashMap::new(),
+            last_sweep_ms: 0,
+            last_seen_now: 0,
+            pending: Pending::new(1024),
+        }
+    }
+}
+
+/// The session token naming endpoint `namespace/name`.
+pub fn encode_token(key: &str) -> String {
+    STANDARD.encode(key.as_bytes())
+}
+
+/// The endpoint key a token names, if it decodes.
+pub fn decode_token(token: &str) -> Option<String> {
+    STANDARD.decode(token.trim().as_bytes()).ok().and_then(|b| String::from_utf8(b).ok())
+}
+
+impl SessionAffinityScorer {
+    fn sweep(&mut self, now_ms: u64) {
+        let Strategy::SessionId { ttl_ms, sweep_ms, .. } = self.strategy else { return };
+        if now_ms.saturating_sub(self.last_sweep_ms) < sweep_ms {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        self.bindings.retain(|_, b| now_ms.saturating_sub(b.last_seen_ms) <= ttl_ms);
+    }
+}
+
+impl Plugin for SessionAffinityScorer {
+    fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
+        let p: Params = params::parse(params_json)?;
+        let strategy = match p.strategy.as_deref().unwrap_or("encoded_endpoint_header") {
+            "encoded_endpoint_header" => {
+                let header = p
+                    .encoded_endpoint_header_config
+                    .and_then(|c| c.header)
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .unwrap_or_else(|| DEFAULT_HEADER.into());
+                if header.is_empty() {
+                    return Err("encodedEndpointHeaderConfig.header must not be empty".into());
+                }
+                Strategy::Encoded { header }
+            }
+            "session_id" => {
+                let c = p.session_id_config.unwrap_or_default();
+                let mut headers = Vec::new();
+                for (i, s) in c.sources.unwrap_or_default().into_iter().enumerate() {
+                    if s.attribute.is_some() || s.producer.is_some() {
+                        return Err(format!(
+                            "sessionIdConfig.sources[{i}]: only `header` sources are supported by this EPP"
+                        ));
+                    }
+                    match s.header.map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()) {
+                        Some(h) => headers.push(h),
+                        None => return Err(format!("sessionIdConfig.sources[{i}].header is required")),
+                    }
+                }
+                if headers.is_empty() {
+                    headers.push(DEFAULT_SESSION_HEADER.into());
+                }
+                let ttl = c.eviction_ttl_seconds.unwrap_or(300);
+                let sweep = c.eviction_sweep_seconds.unwrap_or(10);
+                if ttl <= 0 || sweep <= 0 {
+                    return Err(format!(
+                        "sessionIdConfig.evictionTtlSeconds and evictionSweepSeconds must be > 0, got {ttl} and {sweep}"
+                    ));
+                }
+                Strategy::SessionId { headers, ttl_ms: ttl as u64 * 1000, sweep_ms: sweep as u64 * 1000 }
+            }
+            other => return Err(format!("strategy `{other}`; expected encoded_endpoint_header or session_id")),
+        };
+        *self = SessionAffinityScorer { strategy, ..Default::default() };
+        Ok(Manifest {
+            needs: Needs { headers: true, pool: true, decided: true, ..Default::default() },
+            ..Default::default()
+        })
+    }
+
+    fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
+        self.keys = endpoints.iter().map(|e| (e.id, e.key())).collect();
+        self.by_key = endpoints.iter().map(|e| (e.key(), e.id)).collect();
+        let present: std::collections::HashSet<u32> = endpoints.iter().map(|e| e.id).collect();
+        self.bindings.retain(|_, b| present.contains(&b.endpoint));
+    }
+
+    fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
+        match &self.strategy {
+            Strategy::Encoded { header } => match self.keys.get(&endpoint) {
+                Some(key) => vec![(header.clone(), encode_token(key))],
+                None => Vec::new(),
+            },
+            Strategy::SessionId { .. } => {
+                if let Some(seen) = self.pending.take(cycle) {
+                    let now = self.last_seen_now;
+                    match self.bindings.get_mut(&seen.session) {
+                        Some(b) if b.endpoint == endpoint || seen.bound_present => b.last_seen_ms = now,
+                        _ => {
+                            self.bindings.insert(seen.session, Binding { endpoint, last_seen_ms: now });
+                        }
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Scorer for SessionAffinityScorer {
+    fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
+        let target = match &self.strategy {
+            Strategy::Encoded { header } => {
+                cycle.request.header(header).and_then(decode_token).and_then(|key| self.by_key.get(&key).copied())
+            }
+            Strategy::SessionId { headers, .. } => {
+                let session = headers.iter().find_map(|h| cycle.request.header(h)).map(str::to_string);
+                let now = cycle.now_ms;
+                self.last_seen_now = now;
+                self.sweep(now);
+                match session {
+                    Some(session) => {
+                        let bound = self.bindings.get(&session).map(|b| b.endpoint);
+                        let present = bound.is_some_and(|b| cycle.ids.contains(&b));
+                        self.pending.insert(cycle.id, Seen { session, bound_present: present });
+                        bound
+                    }
+                    None => None,
+                }
+            }
+        };
+        cycle.ids.iter().map(|id| if Some(*id) == target { 1.0 } else { 0.0 }).collect()
+    }
+}
+
+llmd_plugin_sdk::export_scorer!(SessionAffinityScorer);
