@@ -175,6 +175,32 @@ struct EmbeddingsBody {
     common: Common,
 }
 
+/// The token ids the simulated model sees for `prompt`: every four bytes one id (the bytes
+/// read as a little-endian u32, the tail zero-padded), which is prefix-preserving and matches
+/// the model's four-bytes-a-token accounting. Served by the render and tokenize endpoints
+/// that cache-aware routers ask before routing.
+pub fn pseudo_tokens(prompt: &str) -> Vec<u32> {
+    prompt
+        .as_bytes()
+        .chunks(crate::kv_cache::BYTES_PER_TOKEN)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        })
+        .collect()
+}
+
+/// vLLM's `/v1/*/render` answer: the prompt's token ids.
+pub fn render_reply(tokens: &[u32]) -> Value {
+    json!({ "token_ids": tokens })
+}
+
+/// vLLM's `/tokenize` answer.
+pub fn tokenize_reply(tokens: &[u32], max_model_len: u64) -> Value {
+    json!({ "count": tokens.len(), "max_model_len": max_model_len, "tokens": tokens })
+}
+
 /// Parses and validates a request body for `api`.
 pub fn parse_request(api: Api, body: &[u8]) -> Result<InferenceRequest, RequestError> {
     let (prompt, inputs, common) = match api {

@@ -166,6 +166,12 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
     let router = router(app, &config.name)?;
     let mut server_stop = shutdown;
     let server = tokio::spawn(async move {
+        // TCP_NODELAY: a reply's headers and body go out in separate writes; with Nagle on,
+        // a proxy in front (router, Envoy) waits ~40 ms for the delayed ACK between them.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = server_stop.wait_for(|stop| *stop).await;
@@ -183,6 +189,9 @@ fn router(app: Arc<App>, name: &str) -> anyhow::Result<Router> {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions/render", post(render_completions))
+        .route("/v1/chat/completions/render", post(render_chat))
+        .route("/tokenize", post(tokenize))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_page))
@@ -213,6 +222,38 @@ async fn responses(State(app): State<Arc<App>>, body: BodyBytes) -> Response {
 
 async fn embeddings(State(app): State<Arc<App>>, body: BodyBytes) -> Response {
     infer(app, Api::Embeddings, body).await
+}
+
+async fn render_completions(body: BodyBytes) -> Response {
+    render(Api::Completions, body).await
+}
+
+async fn render_chat(body: BodyBytes) -> Response {
+    render(Api::Chat, body).await
+}
+
+/// The token ids of a request body as the model would see them (vLLM's render API).
+async fn render(api: Api, body: BodyBytes) -> Response {
+    let parsed = body.map_err(ApiError::Body).and_then(|b| openai::parse_request(api, &b).map_err(ApiError::from));
+    match parsed {
+        Ok(req) => axum::Json(openai::render_reply(&openai::pseudo_tokens(&req.prompt))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `/tokenize`: a completions-style `prompt` or chat `messages`.
+async fn tokenize(State(app): State<Arc<App>>, body: BodyBytes) -> Response {
+    let parsed = body.map_err(ApiError::Body).and_then(|b| {
+        let chat = serde_json::from_slice::<serde_json::Value>(&b).is_ok_and(|v| v.get("messages").is_some());
+        openai::parse_request(if chat { Api::Chat } else { Api::Completions }, &b).map_err(ApiError::from)
+    });
+    match parsed {
+        Ok(req) => {
+            let max_len = (app.params.num_gpu_blocks * app.params.block_size) as u64;
+            axum::Json(openai::tokenize_reply(&openai::pseudo_tokens(&req.prompt), max_len)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// A request body, or why axum could not read it.

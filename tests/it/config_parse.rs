@@ -4,7 +4,7 @@
 use epp::config::{ConfigError, PickerConfig, PluginKind};
 use epp_core::FailurePolicy;
 
-const GUIDE: &str = include_str!("../fixtures/guide-epp-config.yaml");
+const GUIDE: &str = include_str!("../../config/guide/epp-config.yaml");
 
 fn profile_of(c: &PickerConfig) -> Vec<(String, f32)> {
     c.profile().plugins.iter().map(|e| (e.plugin_ref.clone(), e.weight.get())).collect()
@@ -43,11 +43,25 @@ fn the_guide_config_loads_unchanged() {
 }
 
 #[test]
-fn the_default_config_is_the_same_profile() {
-    let guide = PickerConfig::parse(GUIDE, None).unwrap();
+fn the_default_config_is_upstreams_current_baseline() {
     let ours = PickerConfig::default_config().unwrap();
-    assert_eq!(profile_of(&guide), profile_of(&ours));
+    assert_eq!(
+        profile_of(&ours),
+        owned(&[
+            ("approx-prefix-cache-producer", 1.0),
+            ("inflight-load-producer", 1.0),
+            ("prefix-cache-affinity-filter", 1.0),
+            ("prefix-cache-scorer", 1.0),
+            ("token-load-scorer", 1.0),
+            ("lora-affinity-scorer", 1.0),
+            ("max-score-picker", 1.0)
+        ])
+    );
     assert!(ours.warnings.is_empty(), "{:?}", ours.warnings);
+    // The guide's config gets its producer too (with autoTune, as upstream).
+    let guide = PickerConfig::parse(GUIDE, None).unwrap();
+    let producer = guide.plugins.iter().find(|p| p.type_name == "approx-prefix-cache-producer").expect("implicit");
+    assert!(producer.implicit && producer.parameters.get("autoTune").is_none(), "{producer:?}");
 }
 
 #[test]

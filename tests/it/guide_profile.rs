@@ -1,4 +1,4 @@
-//! The upstream no-Kubernetes guide's config (`tests/fixtures/guide-epp-config.yaml`,
+//! The upstream no-Kubernetes guide's config (`config/guide/epp-config.yaml`,
 //! unchanged: the older optimized baseline) built from the embedded components, run over
 //! hand-computed snapshots. Weights: queue 2, kv-cache 2, prefix 3, no-hit-lru 2.
 
@@ -8,7 +8,7 @@ use epp_core::{Candidates, CycleResult, Request, ScheduleError, SchedulerProfile
 
 use crate::common::*;
 
-const GUIDE_CONFIG: &str = include_str!("../fixtures/guide-epp-config.yaml");
+const GUIDE_CONFIG: &str = include_str!("../../config/guide/epp-config.yaml");
 
 /// The guide's profile, told a pool of `endpoints`; it owns a counter of cycle ids.
 struct Guide {

@@ -3,6 +3,7 @@
 
 mod common;
 mod config_parse;
+mod default_profile;
 mod e2e_churn;
 mod e2e_experiment;
 mod e2e_faults;

@@ -244,7 +244,7 @@ impl Stack {
     fn start_envoy(&mut self, which: EnvoyConfig) {
         let template = match which {
             EnvoyConfig::Ours => workspace_root().join("config/envoy.yaml"),
-            EnvoyConfig::Guide => workspace_root().join("tests/fixtures/guide-envoy.yaml"),
+            EnvoyConfig::Guide => workspace_root().join("config/guide/envoy.yaml"),
         };
         let text = std::fs::read_to_string(template)
             .expect("envoy template")

@@ -22,8 +22,10 @@ use crate::wasm::Sandbox;
 pub const API_VERSIONS: &[&str] = &["llm-d.ai/v1", "llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1"];
 pub const KIND: &str = "EndpointPickerConfig";
 
-/// The optimized baseline of the no-Kubernetes guide, used when no config is given.
+/// Upstream's current optimized baseline, used when no config is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/epp-config.yaml");
+/// The upstream no-Kubernetes guide's config, unchanged (the older optimized baseline).
+pub const GUIDE_CONFIG: &str = include_str!("../../../config/guide/epp-config.yaml");
 
 /// The type of the prefix-index producer that prefix-aware plugins read from.
 pub const PREFIX_PRODUCER_TYPE: &str = "approx-prefix-cache-producer";
@@ -210,6 +212,11 @@ impl PickerConfig {
     /// The default config: the optimized baseline.
     pub fn default_config() -> Result<PickerConfig, ConfigError> {
         PickerConfig::parse(DEFAULT_CONFIG, None)
+    }
+
+    /// The upstream guide's config (its discovery path points at `/etc/epp`).
+    pub fn guide_config() -> Result<PickerConfig, ConfigError> {
+        PickerConfig::parse(GUIDE_CONFIG, None)
     }
 
     /// Reads and parses a config file; relative `wasm:` paths resolve against its folder.

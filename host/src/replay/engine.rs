@@ -166,7 +166,7 @@ pub fn run(
 }
 
 /// Hands the events to the records and completions to the plugins, in time order.
-fn deliver(policy: &Policy, events: &mut Vec<WorkerEvent>, records: &mut [Record]) {
+fn deliver(policy: &mut Policy, events: &mut Vec<WorkerEvent>, records: &mut [Record]) {
     // Invariant: a total order, so runs are reproducible whatever order workers reported in.
     events.sort_by(|a, b| a.at.total_cmp(&b.at).then(a.worker.cmp(&b.worker)).then(a.request.cmp(&b.request)));
     for e in events.drain(..) {

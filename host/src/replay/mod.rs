@@ -11,6 +11,7 @@
 //! the event loop, `report` and `plot` present. Nothing here opens a socket or reads a clock
 //! that influences results: the wall clock only times the run for the operator.
 
+pub mod cache_aware;
 pub mod cluster;
 pub mod engine;
 pub mod plot;
@@ -90,8 +91,9 @@ pub struct ReplayArgs {
     /// (0 shows it the live state).
     #[arg(long, default_value_t = 50.0)]
     pub scrape_delay_ms: f64,
-    /// A policy: baseline, random, round-robin, name=config.yaml, or a config path
-    /// (repeatable; default: baseline, random and round-robin).
+    /// A policy: baseline (the default config), guide (the upstream guide's config), random,
+    /// round-robin, cache-aware (a model of the peer routers' policy), name=config.yaml, or a
+    /// config path (repeatable; default: baseline, random and round-robin).
     #[arg(long = "policy")]
     pub policies: Vec<PolicySpec>,
     /// Also write the table as CSV here.

@@ -38,15 +38,20 @@ pub const MIN_CALL_TIMEOUT_MS: u64 = 10_000;
 pub enum PolicySource {
     /// The optimized baseline (the default config).
     Baseline,
+    /// The upstream no-Kubernetes guide's config (the older optimized baseline).
+    Guide,
     /// Only the random picker.
     Random,
     /// Cycle over the admitted endpoints; no scheduler, no plugins.
     RoundRobin,
+    /// A model of the peer routers' `cache_aware` policy (`cache_aware.rs`).
+    CacheAware,
     /// An EndpointPickerConfig file (which may name `.wasm` plugins of your own).
     Config(PathBuf),
 }
 
-/// A `--policy` value: `baseline`, `random`, `round-robin`, `name=config.yaml` or a path.
+/// A `--policy` value: `baseline`, `guide`, `random`, `round-robin`, `cache-aware`,
+/// `name=config.yaml` or a path.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicySpec {
     pub name: String,
@@ -63,8 +68,10 @@ impl PolicySpec {
 fn builtin(name: &str) -> Option<PolicySource> {
     match name {
         "baseline" => Some(PolicySource::Baseline),
+        "guide" => Some(PolicySource::Guide),
         "random" => Some(PolicySource::Random),
         "round-robin" => Some(PolicySource::RoundRobin),
+        "cache-aware" => Some(PolicySource::CacheAware),
         _ => None,
     }
 }
@@ -90,7 +97,9 @@ impl FromStr for PolicySpec {
             let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| s.to_string());
             return Ok(PolicySpec { name, source: PolicySource::Config(path) });
         }
-        Err(format!("`{s}` is neither baseline, random, round-robin, name=config.yaml nor a .yaml file"))
+        Err(format!(
+            "`{s}` is neither baseline, guide, random, round-robin, cache-aware, name=config.yaml nor a .yaml file"
+        ))
     }
 }
 
@@ -108,6 +117,7 @@ enum Router {
     RoundRobin {
         next: u32,
     },
+    CacheAware(super::cache_aware::CacheAware),
 }
 
 /// A ready policy: admission thresholds plus a scheduler (or round-robin).
@@ -132,7 +142,15 @@ impl Policy {
                     router: Router::RoundRobin { next: 0 },
                 });
             }
+            PolicySource::CacheAware => {
+                return Ok(Policy {
+                    name: spec.name.clone(),
+                    saturation: SaturationConfig::default(),
+                    router: Router::CacheAware(Default::default()),
+                });
+            }
             PolicySource::Baseline => cfg(PickerConfig::default_config())?,
+            PolicySource::Guide => cfg(PickerConfig::guide_config())?,
             PolicySource::Random => cfg(PickerConfig::parse(RANDOM_CONFIG, None))?,
             PolicySource::Config(path) => cfg(PickerConfig::from_file(path))?,
         };
@@ -165,9 +183,13 @@ impl Policy {
     }
 
     /// The request of cycle `cycle`, routed by `variant`, ended.
-    pub fn finished(&self, variant: usize, cycle: u64, completion: &Completion) {
-        if let Router::Scheduler(s) = &self.router {
-            s.finished(&[variant], cycle, completion);
+    pub fn finished(&mut self, variant: usize, cycle: u64, completion: &Completion) {
+        match &mut self.router {
+            Router::Scheduler(s) => {
+                s.finished(&[variant], cycle, completion);
+            }
+            Router::CacheAware(c) => c.finished(completion.endpoint),
+            Router::RoundRobin { .. } => {}
         }
     }
 
@@ -199,6 +221,10 @@ impl Policy {
                     .ok_or(RouteError::NoEndpoints)?;
                 *next = pick.wrapping_add(1);
                 Ok((pick, 0))
+            }
+            // The peers have no saturation admission: every request is routed.
+            Router::CacheAware(c) => {
+                c.route(req.prompt.as_bytes(), &candidates.ids).map(|w| (w, 0)).ok_or(RouteError::NoEndpoints)
             }
         }
     }

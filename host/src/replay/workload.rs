@@ -138,11 +138,12 @@ pub enum Generator {
     MultiTurn,
     LoraMix,
     Bursts,
+    Unique,
 }
 
 impl Generator {
-    pub const ALL: [Generator; 4] =
-        [Generator::SharedPrefix, Generator::MultiTurn, Generator::LoraMix, Generator::Bursts];
+    pub const ALL: [Generator; 5] =
+        [Generator::SharedPrefix, Generator::MultiTurn, Generator::LoraMix, Generator::Bursts, Generator::Unique];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -150,6 +151,7 @@ impl Generator {
             Generator::MultiTurn => "multi-turn",
             Generator::LoraMix => "lora-mix",
             Generator::Bursts => "bursts",
+            Generator::Unique => "unique",
         }
     }
 
@@ -160,6 +162,7 @@ impl Generator {
             Generator::SharedPrefix | Generator::Bursts => 10.0,
             Generator::MultiTurn => 6.0,
             Generator::LoraMix => 6.0,
+            Generator::Unique => 4.0,
         }
     }
 }
@@ -211,6 +214,10 @@ pub const BURST_S: f64 = 2.0;
 pub const BURST_FACTOR: f64 = 3.0;
 pub const CALM_FACTOR: f64 = 0.5;
 pub const SHEDDABLE_SHARE: f64 = 0.25;
+/// Unique: no shared prefix at all; prompt and output lengths vary widely (log-uniform), so
+/// a policy that ignores load piles long requests on one worker.
+pub const UNIQUE_PROMPT_TOKENS: (u32, u32) = (32, 4096);
+pub const UNIQUE_OUTPUT_TOKENS: (u32, u32) = (4, 512);
 
 /// Seeds of the parts a generator draws, kept apart so that e.g. the system prompts do not
 /// change when the arrival process does.
@@ -247,6 +254,7 @@ pub fn generate(generator: Generator, p: &GenParams) -> Workload {
         Generator::Bursts => shared_prefix(p, |rng, t| next_burst_arrival(rng, t, p.rate), true),
         Generator::MultiTurn => multi_turn(p),
         Generator::LoraMix => lora_mix(p),
+        Generator::Unique => unique(p),
     };
     Workload { name: generator.name().to_string(), items }
 }
@@ -355,6 +363,37 @@ fn multi_turn(p: &GenParams) -> Vec<WorkItem> {
     items.sort_by(|a, b| a.at.total_cmp(&b.at));
     items.truncate(p.requests);
     items
+}
+
+/// Uniform on a log scale in `[lo, hi]`.
+fn log_uniform(rng: &mut SplitMix64, (lo, hi): (u32, u32)) -> u32 {
+    let (lo, hi) = (f64::from(lo.max(1)), f64::from(hi.max(lo.max(1))));
+    (lo * (hi / lo).powf(rng.next_f64())).round() as u32
+}
+
+fn unique(p: &GenParams) -> Vec<WorkItem> {
+    let model: Arc<str> = Arc::from(DEFAULT_MODEL);
+    let mut arrivals = SplitMix64::new(stream_seed(p.seed, Stream::Arrivals, 0));
+    let mut choices = SplitMix64::new(stream_seed(p.seed, Stream::Choices, 0));
+    let mut t = 0.0;
+    (0..p.requests)
+        .map(|i| {
+            t += exponential(&mut arrivals, 1.0 / p.rate);
+            WorkItem {
+                at: t,
+                model: model.clone(),
+                lora: None,
+                prompt: Prompt(vec![synthetic(
+                    stream_seed(p.seed, Stream::Unique, i as u64),
+                    log_uniform(&mut choices, UNIQUE_PROMPT_TOKENS),
+                )]),
+                output_tokens: log_uniform(&mut choices, UNIQUE_OUTPUT_TOKENS),
+                session: None,
+                priority: 0,
+                cache_salt: None,
+            }
+        })
+        .collect()
 }
 
 fn lora_mix(p: &GenParams) -> Vec<WorkItem> {
