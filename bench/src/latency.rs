@@ -1,5 +1,5 @@
 //! Latency distributions: an HDR histogram in nanoseconds and the summary the tables print
-//! (count, p50, p99, mean). Every measurement of the benchmarks goes through here so that
+//! (count, p50, p90, p99, mean). Every measurement of the benchmarks goes through here so that
 //! all tables read percentiles the same way.
 
 use std::time::Duration;
@@ -54,6 +54,7 @@ impl Latency {
         Summary {
             count: self.hist.len(),
             p50: Duration::from_nanos(self.hist.value_at_quantile(0.50)),
+            p90: Duration::from_nanos(self.hist.value_at_quantile(0.90)),
             p99: Duration::from_nanos(self.hist.value_at_quantile(0.99)),
             mean: Duration::from_nanos(self.hist.mean() as u64),
         }
@@ -65,6 +66,7 @@ impl Latency {
 pub struct Summary {
     pub count: u64,
     pub p50: Duration,
+    pub p90: Duration,
     pub p99: Duration,
     pub mean: Duration,
 }

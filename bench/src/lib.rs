@@ -14,5 +14,7 @@ pub mod micro;
 pub mod native;
 pub mod quality;
 pub mod report;
-pub mod stack;
 pub mod workload;
+
+/// The live stacks, shared with the integration tests.
+pub use epp_stack as stack;

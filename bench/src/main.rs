@@ -53,6 +53,13 @@ struct Flags {
     /// Micro: wall time per cell in milliseconds (longer for profiling).
     #[arg(long)]
     cell_ms: Option<u64>,
+    /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique).
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// Quality: only these routers (repeatable: default, guide, guide-no-autotune, sglang,
+    /// vllm, round-robin).
+    #[arg(long = "router")]
+    routers: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,7 +107,8 @@ fn main() -> anyhow::Result<()> {
             e2e_results = Some(r);
         }
         if wants(Part::Quality) {
-            let opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
+            let mut opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
+            opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             let r = rt.block_on(quality::run(&opts, &setup, &mut progress)).context("routing-quality benchmark")?;
             quality_results = Some(r);
         }

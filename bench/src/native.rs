@@ -53,6 +53,7 @@ fn native_plugin(name: &str, type_name: &str, params: &str) -> Result<PluginHand
         "active-request-scorer" => {
             PluginHandle::Scorer(make::<active_request_scorer::ActiveRequestScorer>(name, params)?)
         }
+        "lora-affinity-scorer" => PluginHandle::Scorer(make::<lora_affinity_scorer::LoraAffinityScorer>(name, params)?),
         other => return Err(NativeError::UnknownType(name.into(), other.into())),
     })
 }
@@ -99,7 +100,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_baseline_twin_has_the_loaders_plugins_in_order() {
+    fn the_default_twin_has_the_loaders_plugins_in_order() {
         let config = PickerConfig::default_config().expect("default config");
         let profile = native_profile(&config).expect("native twin");
         let names: Vec<&str> = profile.plugins().iter().map(|p| p.core().name()).collect();
@@ -107,14 +108,19 @@ mod tests {
             names,
             [
                 "approx-prefix-cache-producer",
-                "queue-scorer",
-                "kv-cache-utilization-scorer",
+                "inflight-load-producer",
+                "prefix-cache-affinity-filter",
                 "prefix-cache-scorer",
+                "token-load-scorer",
+                "lora-affinity-scorer",
                 "no-hit-lru-scorer",
                 "max-score-picker"
             ]
         );
-        assert_eq!(profile.weights(), [2.0, 2.0, 3.0, 2.0]);
+        assert_eq!(profile.weights(), [1.0, 1.0, 1.0, 0.0001]);
+        // The guide's config has a twin too.
+        let guide = native_profile(&PickerConfig::guide_config().expect("guide config")).expect("guide twin");
+        assert_eq!(guide.weights(), [2.0, 2.0, 3.0, 2.0]);
     }
 
     #[test]

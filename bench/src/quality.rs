@@ -1,128 +1,216 @@
-//! Part 3, routing quality on the live stack: simulated workers that model prefill cost in
-//! real time (time_scale 1, a small KV cache each) serve a shared-prefix workload — a few
-//! long system prompts, many users, each user bound to one system prompt — routed three
-//! ways: the EPP's optimized baseline, the EPP with a random picker only, and Envoy
-//! round-robin without the EPP. It reports the prefix-cache hit rate the workers saw
-//! (cached_tokens / prompt_tokens of their replies) and the time to the first SSE chunk.
+//! Part 3, routing quality side by side: the same simulated workers (model time, a small KV
+//! cache each) behind every router an operator could choose — Envoy + EPP with the default
+//! profile, Envoy + EPP with the upstream guide's config (with and without autoTune, to show
+//! what it brings), `sglang-router` and `vllm-router` (their default `cache_aware` policy,
+//! from PyPI), and Envoy round-robin — on the workloads of `epp replay` (the very same request
+//! lists, sent open-loop at their arrival times): shared system prompts, multi-turn chat with
+//! growing histories and more conversations than the caches hold, and unique prompts of
+//! mixed lengths (pure load balancing).
 //!
-//! Every policy gets fresh workers and a fresh EPP, so no policy inherits a warm cache, and
-//! the same request sequence (request k is the same body for every policy).
+//! Per router and workload it reports the prefix-cache hit rate from the workers' own
+//! counters (their ground truth, not what a router believes), TTFT (first streamed chunk)
+//! and latency percentiles, throughput, requests per worker and errors. Every run gets fresh
+//! workers and a fresh router, so no router inherits a warm cache. The same workloads are
+//! then replayed in virtual time (`epp replay`, with the peers' algorithm modelled) so the
+//! two can be compared.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::load::{self, LoadResult, Shape, Target};
-use crate::stack::{Envoy, Epp, Scratch, Setup, StackError, Workers};
-use crate::workload::SharedPrefix;
+use epp::replay::workload::{self, GenParams, Generator, WorkItem, Workload};
+use epp_stack::peers::{Peer, PeerKind};
+use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, Scratch, Setup, StackError, Workers};
+use tokio::task::JoinSet;
+
+use crate::latency::Latency;
+
+/// A workload of the comparison: a replay generator, its size and rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkloadSpec {
+    pub generator: Generator,
+    pub requests: usize,
+    /// Requests per second over the pool.
+    pub rate: f64,
+    /// KV blocks per worker (16 tokens each): how much of the working set fits.
+    pub num_gpu_blocks: usize,
+}
 
 #[derive(Clone, Debug)]
 pub struct QualityOptions {
     pub workers: usize,
-    pub system_prompts: usize,
-    pub system_bytes: usize,
-    pub users: usize,
-    pub user_bytes: usize,
-    pub max_tokens: u32,
-    pub clients: usize,
-    pub requests: u64,
-    /// The first requests fill the caches and are not recorded.
-    pub warmup: u64,
-    /// KV blocks per worker: small enough that one worker cannot hold every system prompt,
-    /// large enough that the pool can (where routing makes the difference).
-    pub gpu_blocks: usize,
+    /// Every worker's serving model (the replay's `small` profile).
+    pub model: sim::ModelParams,
+    pub workloads: Vec<WorkloadSpec>,
+    pub routers: Vec<RouterKind>,
+    pub seed: u64,
+    /// The first requests (this share) warm the caches and are not recorded.
+    pub warmup: f64,
 }
 
 impl QualityOptions {
     pub fn full() -> QualityOptions {
         QualityOptions {
             workers: 4,
-            system_prompts: 8,
-            system_bytes: 4096,
-            users: 200,
-            user_bytes: 256,
-            max_tokens: 4,
-            clients: 8,
-            requests: 700,
-            warmup: 100,
-            gpu_blocks: 192,
+            model: sim::ModelParams::default(),
+            workloads: vec![
+                WorkloadSpec { generator: Generator::SharedPrefix, requests: 1200, rate: 32.0, num_gpu_blocks: 2048 },
+                // About twice the conversations' working set the four caches hold together.
+                WorkloadSpec { generator: Generator::MultiTurn, requests: 1200, rate: 20.0, num_gpu_blocks: 1024 },
+                WorkloadSpec { generator: Generator::Unique, requests: 700, rate: 14.0, num_gpu_blocks: 2048 },
+            ],
+            routers: RouterKind::ALL.to_vec(),
+            seed: 1,
+            warmup: 0.15,
         }
     }
 
+    /// Keeps only the named workloads and routers (all when a list is empty).
+    pub fn select(&mut self, workloads: &[String], routers: &[String]) -> Result<(), String> {
+        for w in workloads {
+            if !self.workloads.iter().any(|s| s.generator.name() == w) {
+                let known: Vec<&str> = self.workloads.iter().map(|s| s.generator.name()).collect();
+                return Err(format!("unknown workload `{w}`; known: {}", known.join(", ")));
+            }
+        }
+        for r in routers {
+            if !RouterKind::ALL.iter().any(|k| k.key() == r) {
+                let known: Vec<&str> = RouterKind::ALL.iter().map(|k| k.key()).collect();
+                return Err(format!("unknown router `{r}`; known: {}", known.join(", ")));
+            }
+        }
+        if !workloads.is_empty() {
+            self.workloads.retain(|s| workloads.iter().any(|w| w == s.generator.name()));
+        }
+        if !routers.is_empty() {
+            self.routers.retain(|k| routers.iter().any(|r| r == k.key()));
+        }
+        Ok(())
+    }
+
     pub fn smoke() -> QualityOptions {
-        QualityOptions { requests: 40, warmup: 8, ..QualityOptions::full() }
+        let mut o = QualityOptions::full();
+        for w in &mut o.workloads {
+            w.requests = 60;
+        }
+        o
     }
 }
 
-/// The routing policies compared.
+/// A router in the comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    /// The EPP with the default config.
-    Baseline,
-    /// The default config with the prefix index sized to the workers' KV cache
-    /// (`lruCapacityPerServer` = their block count), as a deployment would tune it.
-    BaselineSized,
-    /// The EPP with a random picker and nothing else.
-    Random,
+pub enum RouterKind {
+    /// Envoy + EPP, default config.
+    EppDefault,
+    /// Envoy + EPP, the upstream guide's config unchanged (autoTune on, as upstream).
+    EppGuide,
+    /// The guide's config with autoTune off: the prefix index sized as before it existed.
+    EppGuideNoAutoTune,
+    Peer(PeerKind),
     /// Envoy round-robin, no EPP.
     RoundRobin,
 }
 
-impl Policy {
-    pub const ALL: [Policy; 4] = [Policy::Baseline, Policy::BaselineSized, Policy::Random, Policy::RoundRobin];
+impl RouterKind {
+    pub const ALL: [RouterKind; 6] = [
+        RouterKind::EppDefault,
+        RouterKind::EppGuide,
+        RouterKind::EppGuideNoAutoTune,
+        RouterKind::Peer(PeerKind::Sglang),
+        RouterKind::Peer(PeerKind::Vllm),
+        RouterKind::RoundRobin,
+    ];
+
+    /// The short name `--router` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            RouterKind::EppDefault => "default",
+            RouterKind::EppGuide => "guide",
+            RouterKind::EppGuideNoAutoTune => "guide-no-autotune",
+            RouterKind::Peer(PeerKind::Sglang) => "sglang",
+            RouterKind::Peer(PeerKind::Vllm) => "vllm",
+            RouterKind::RoundRobin => "round-robin",
+        }
+    }
 
     pub fn label(self) -> &'static str {
         match self {
-            Policy::Baseline => "EPP optimized baseline",
-            Policy::BaselineSized => "EPP optimized baseline, index sized to the workers' cache",
-            Policy::Random => "EPP random-picker",
-            Policy::RoundRobin => "Envoy round-robin (no EPP)",
+            RouterKind::EppDefault => "EPP, default profile",
+            RouterKind::EppGuide => "EPP, upstream guide config",
+            RouterKind::EppGuideNoAutoTune => "EPP, guide config, autoTune off",
+            RouterKind::Peer(PeerKind::Sglang) => "sglang-router cache_aware",
+            RouterKind::Peer(PeerKind::Vllm) => "vllm-router cache_aware",
+            RouterKind::RoundRobin => "Envoy round-robin",
+        }
+    }
+
+    /// The replay policy that stands for it, when one does.
+    pub fn replay_policy(self) -> Option<&'static str> {
+        match self {
+            RouterKind::EppDefault => Some("baseline"),
+            RouterKind::EppGuide => Some("guide"),
+            RouterKind::Peer(_) => Some("cache-aware"),
+            RouterKind::RoundRobin => Some("round-robin"),
+            RouterKind::EppGuideNoAutoTune => None,
         }
     }
 }
 
-/// The default config reading `endpoints`; with `lru_blocks`, the prefix index keeps at
-/// most that many blocks per endpoint (the implicit producer takes the prefix-cache-scorer's
-/// parameters).
-pub fn baseline_config(endpoints: &std::path::Path, lru_blocks: Option<usize>) -> String {
-    let text = epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()));
-    match lru_blocks {
-        None => text,
-        Some(n) => text.replace(
-            "  - type: prefix-cache-scorer\n",
-            &format!("  - type: prefix-cache-scorer\n    parameters: {{lruCapacityPerServer: {n}}}\n"),
-        ),
+/// The EPP config of `kind` reading `endpoints`.
+pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path) -> Option<String> {
+    let path = format!("path: {}", endpoints.display());
+    match kind {
+        RouterKind::EppDefault => Some(epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &path)),
+        RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
+        RouterKind::EppGuideNoAutoTune => {
+            Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path).replace(
+                "  - type: prefix-cache-scorer\n",
+                "  - type: prefix-cache-scorer\n    parameters: {autoTune: false}\n",
+            ))
+        }
+        RouterKind::Peer(_) | RouterKind::RoundRobin => None,
     }
 }
 
-/// An EPP config with only a random picker, its endpoints file at `endpoints`.
-pub fn random_config(endpoints: &std::path::Path) -> String {
-    format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-  - name: file-discovery
-    type: file-discovery
-    parameters: {{path: {}, watchFile: true}}
-  - type: random-picker
-schedulingProfiles:
-  - name: default
-    plugins:
-      - pluginRef: random-picker
-",
-        endpoints.display()
-    )
+/// What one router did with one workload.
+#[derive(Clone, Default)]
+pub struct RouterRun {
+    pub router: String,
+    pub recorded: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Prompt tokens served from the workers' caches ÷ prompt tokens, over the recorded part.
+    pub hit_rate: f64,
+    pub ttft: Latency,
+    pub latency: Latency,
+    /// Sorted TTFTs, ms (for the plot).
+    pub ttft_ms: Vec<f64>,
+    pub elapsed: Duration,
+    pub per_worker: BTreeMap<String, u64>,
 }
 
+impl RouterRun {
+    pub fn throughput(&self) -> f64 {
+        if self.elapsed.is_zero() { 0.0 } else { self.ok as f64 / self.elapsed.as_secs_f64() }
+    }
+}
+
+/// One workload's comparison.
 #[derive(Clone)]
-pub struct PolicyRun {
-    pub policy: Policy,
-    pub load: LoadResult,
+pub struct WorkloadRuns {
+    pub spec: WorkloadSpec,
+    pub runs: Vec<RouterRun>,
+    /// The replay of the same workload: (policy, hit rate, TTFT p90 ms).
+    pub replay: Vec<(String, f64, f64)>,
 }
 
 #[derive(Clone)]
 pub struct QualityResults {
     pub options: QualityOptions,
-    pub runs: Vec<PolicyRun>,
+    pub workloads: Vec<WorkloadRuns>,
+    /// Routers that could not run (not installed) and why.
+    pub skipped: Vec<(String, String)>,
 }
 
 pub async fn run(
@@ -130,75 +218,244 @@ pub async fn run(
     setup: &Setup,
     progress: &mut dyn FnMut(String),
 ) -> Result<QualityResults, StackError> {
-    let workload = Arc::new(SharedPrefix::new(
-        opts.system_prompts,
-        opts.system_bytes,
-        opts.users,
-        opts.user_bytes,
-        opts.max_tokens,
-    ));
-    let mut runs = Vec::new();
-    for policy in Policy::ALL {
-        let load = run_policy(opts, policy, &workload, setup).await?;
-        if load.ok == 0 {
-            return Err(StackError::Setup(format!(
-                "{}: no request succeeded: {}",
-                policy.label(),
-                load.first_error.unwrap_or_default()
-            )));
-        }
-        progress(format!(
-            "quality: {}: prefix hits {:.1} %, TTFT p50 {} p99 {}, {} errors",
-            policy.label(),
-            100.0 * load.prefix_hit_rate(),
-            crate::latency::fmt_duration(load.ttft.summary().p50),
-            crate::latency::fmt_duration(load.ttft.summary().p99),
-            load.errors
+    let mut results = QualityResults { options: opts.clone(), workloads: Vec::new(), skipped: Vec::new() };
+    let routers: Vec<RouterKind> = opts
+        .routers
+        .iter()
+        .copied()
+        .filter(|r| match r {
+            RouterKind::Peer(p) if !p.available() => {
+                results.skipped.push((r.label().into(), format!("{} is not installed", p.name())));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    for spec in &opts.workloads {
+        let load = Arc::new(workload::generate(
+            spec.generator,
+            &GenParams { requests: spec.requests, rate: spec.rate, seed: opts.seed },
         ));
-        runs.push(PolicyRun { policy, load });
+        let mut runs = Vec::new();
+        for &router in &routers {
+            let run = run_one(opts, spec, router, &load, setup).await?;
+            progress(format!(
+                "quality: {}: {}: prefix hits {:.1} %, TTFT p50 {} p90 {}, {} ok, {} errors",
+                spec.generator.name(),
+                router.label(),
+                100.0 * run.hit_rate,
+                crate::latency::fmt_duration(run.ttft.summary().p50),
+                crate::latency::fmt_duration(run.ttft.summary().p90),
+                run.ok,
+                run.errors
+            ));
+            runs.push(run);
+        }
+        let replay = replay_same(opts, spec, &routers)?;
+        results.workloads.push(WorkloadRuns { spec: *spec, runs, replay });
     }
-    Ok(QualityResults { options: opts.clone(), runs })
+    Ok(results)
 }
 
-async fn run_policy(
+/// The same workload in `epp replay`, with the policies standing for the routers.
+fn replay_same(
     opts: &QualityOptions,
-    policy: Policy,
-    workload: &Arc<SharedPrefix>,
+    spec: &WorkloadSpec,
+    routers: &[RouterKind],
+) -> Result<Vec<(String, f64, f64)>, StackError> {
+    let mut flags: Vec<String> = vec![
+        "--workload".into(),
+        spec.generator.name().into(),
+        "--requests".into(),
+        spec.requests.to_string(),
+        "--rate".into(),
+        spec.rate.to_string(),
+        "--workers".into(),
+        opts.workers.to_string(),
+        "--num-gpu-blocks".into(),
+        spec.num_gpu_blocks.to_string(),
+        "--seed".into(),
+        opts.seed.to_string(),
+        "--no-progress".into(),
+    ];
+    let mut policies: Vec<&str> = routers.iter().filter_map(|r| r.replay_policy()).collect();
+    policies.dedup();
+    for p in policies {
+        flags.push("--policy".into());
+        flags.push(p.into());
+    }
+    let args = epp::replay::ReplayArgs::parse_flags(flags).map_err(|e| StackError::Setup(e.to_string()))?;
+    let replay = epp::replay::run(&args, &indicatif::ProgressBar::hidden())
+        .map_err(|e| StackError::Setup(format!("replay: {e}")))?;
+    Ok(replay.reports.iter().map(|r| (r.policy.clone(), r.prefix_hit_rate, r.ttft_ms[1])).collect())
+}
+
+async fn run_one(
+    opts: &QualityOptions,
+    spec: &WorkloadSpec,
+    router: RouterKind,
+    load: &Arc<Workload>,
     setup: &Setup,
-) -> Result<LoadResult, StackError> {
+) -> Result<RouterRun, StackError> {
     let scratch = Scratch::new("quality")?;
-    let model = sim::ModelParams { num_gpu_blocks: opts.gpu_blocks, ..Default::default() };
+    let model = sim::ModelParams { num_gpu_blocks: spec.num_gpu_blocks, ..opts.model.clone() };
     let base = sim::SimConfig { time_scale: 1.0, model, ..Default::default() };
     let workers = Workers::spawn(opts.workers, &base).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
-    // The EPP (when used) must outlive the load: keep its handle in scope.
-    let (_epp, envoy) = match policy {
-        Policy::RoundRobin => (None, Envoy::round_robin(setup, &scratch, &workers).await?),
-        Policy::Baseline | Policy::BaselineSized | Policy::Random => {
-            let config = match policy {
-                Policy::Baseline => baseline_config(&endpoints, None),
-                Policy::BaselineSized => baseline_config(&endpoints, Some(opts.gpu_blocks)),
-                _ => random_config(&endpoints),
-            };
-            let epp = Epp::start(setup, &scratch, &config).await?;
-            let envoy = Envoy::ext_proc(setup, &scratch, epp.grpc_port).await?;
-            (Some(epp), envoy)
+    let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
+    // Keep every process alive for the whole run.
+    let mut _epp = None;
+    let mut _envoy = None;
+    let mut _peer = None;
+    let url = match router {
+        RouterKind::RoundRobin => {
+            let envoy = Envoy::round_robin(setup, &scratch, &workers).await?;
+            let url = envoy.url("/v1/completions");
+            _envoy = Some(envoy);
+            url
+        }
+        RouterKind::Peer(kind) => {
+            let peer = Peer::start(kind, "cache_aware", &addrs, &scratch).await?;
+            let url = peer.url("/v1/completions");
+            _peer = Some(peer);
+            url
+        }
+        _ => {
+            let config = epp_config(router, &endpoints).unwrap_or_default();
+            let epp =
+                Epp::start_with(&setup.epp, &scratch, &config, &EppOptions { plaintext: true, ..Default::default() })
+                    .await?;
+            let envoy = Envoy::ext_proc_with(&setup.envoy, &scratch, epp.grpc_port, Bootstrap::OursPlaintext).await?;
+            let url = envoy.url("/v1/completions");
+            _epp = Some(epp);
+            _envoy = Some(envoy);
+            url
         }
     };
-    // Envoy's readiness probe went to some worker; let its engine finish before the clock starts.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let body = {
-        let w = workload.clone();
-        Arc::new(move |k| w.body(k)) as load::BodyFn
+    // The readiness requests went to some worker; let them finish before the clock starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counters = |w: &Workers| -> Vec<(u64, u64)> {
+        w.handles
+            .iter()
+            .map(|h| {
+                let c = h.stats().counters;
+                (c.prefix_cache_queries, c.prefix_cache_hits)
+            })
+            .collect()
     };
-    let target = Target {
-        client: load::client(opts.clients),
-        url: envoy.url("/v1/chat/completions"),
-        body,
-        stream: true,
-        record_from: opts.warmup,
-    };
-    Ok(load::run(&target, Shape::Requests { clients: opts.clients, total: opts.requests }).await)
+    let warmup = ((load.items.len() as f64) * opts.warmup) as usize;
+    let warm_at = load.items.get(warmup).map_or(0.0, |i| i.at);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| StackError::Setup(format!("http client: {e}")))?;
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut baseline = None;
+    for (k, item) in load.items.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(item.at);
+        tokio::time::sleep_until(due.into()).await;
+        if k == warmup {
+            baseline = Some(counters(&workers));
+        }
+        let (client, url, body) = (client.clone(), url.clone(), request_body(item));
+        let session = item.session.clone();
+        tasks.spawn(async move { (k, send(&client, &url, body, session.as_deref(), due).await) });
+    }
+    let mut run = RouterRun { router: router.label().into(), ..Default::default() };
+    let mut ttfts = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((k, outcome)) = joined else { continue };
+        if k < warmup {
+            continue;
+        }
+        run.recorded += 1;
+        match outcome {
+            Ok(o) => {
+                run.ok += 1;
+                run.ttft.record(o.ttft);
+                run.latency.record(o.latency);
+                ttfts.push(o.ttft.as_secs_f64() * 1e3);
+                *run.per_worker.entry(o.worker).or_default() += 1;
+            }
+            Err(e) => {
+                run.errors += 1;
+                run.first_error.get_or_insert(e);
+            }
+        }
+    }
+    run.elapsed = started.elapsed().saturating_sub(Duration::from_secs_f64(warm_at));
+    let end = counters(&workers);
+    let start = baseline.unwrap_or_else(|| vec![(0, 0); end.len()]);
+    let (queries, hits) = end
+        .iter()
+        .zip(&start)
+        .fold((0u64, 0u64), |(q, h), (e, s)| (q + e.0.saturating_sub(s.0), h + e.1.saturating_sub(s.1)));
+    run.hit_rate = if queries == 0 { 0.0 } else { hits as f64 / queries as f64 };
+    ttfts.sort_by(f64::total_cmp);
+    run.ttft_ms = ttfts;
+    Ok(run)
+}
+
+/// A streamed `/v1/completions` body for a work item (the prompt as plain text, so every
+/// router and the replay see the same bytes).
+fn request_body(item: &WorkItem) -> String {
+    let prompt = String::from_utf8_lossy(&item.prompt.to_bytes()).into_owned();
+    serde_json::json!({
+        "model": item.requested_model(),
+        "prompt": prompt,
+        "max_tokens": item.output_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string()
+}
+
+struct Outcome {
+    ttft: Duration,
+    latency: Duration,
+    worker: String,
+}
+
+/// Sends one request due at `due`; TTFT and latency are measured from `due` (so a stalled
+/// client cannot hide queueing).
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    session: Option<&str>,
+    due: Instant,
+) -> Result<Outcome, String> {
+    let mut req = client.post(url).header("content-type", "application/json").body(body);
+    if let Some(s) = session {
+        req = req.header("x-session-id", s);
+    }
+    let mut r = req.send().await.map_err(|e| format!("send: {e}"))?;
+    let status = r.status();
+    let worker = r.headers().get(sim::WORKER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?").to_string();
+    if !status.is_success() {
+        let text = r.text().await.unwrap_or_default();
+        return Err(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()));
+    }
+    let mut ttft = None;
+    let mut tail = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| format!("read: {e}"))? {
+        if ttft.is_none() && !chunk.is_empty() {
+            ttft = Some(due.elapsed());
+        }
+        tail.extend_from_slice(&chunk);
+        if tail.len() > 4096 {
+            tail.drain(..tail.len() - 4096);
+        }
+    }
+    let latency = due.elapsed();
+    if !String::from_utf8_lossy(&tail).contains("[DONE]") {
+        return Err("the stream ended without [DONE]".into());
+    }
+    Ok(Outcome { ttft: ttft.unwrap_or(latency), latency, worker })
 }
 
 #[cfg(test)]
@@ -206,23 +463,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_sized_baseline_hands_its_lru_capacity_to_the_prefix_producer() {
-        let text = baseline_config(std::path::Path::new("/tmp/e.yaml"), Some(192));
-        let config = epp::config::PickerConfig::parse(&text, None).expect("sized baseline parses");
-        let producer = config
-            .plugins
-            .iter()
-            .find(|p| p.type_name == "approx-prefix-cache-producer")
-            .expect("the implicit prefix producer");
-        assert_eq!(producer.parameters["lruCapacityPerServer"], 192, "{:?}", producer.parameters);
-        assert_eq!(baseline_config(std::path::Path::new("/tmp/e.yaml"), None).matches("lruCapacity").count(), 0);
-    }
-
-    #[test]
-    fn the_random_config_is_a_valid_config_with_only_a_random_picker() {
-        let config = epp::config::PickerConfig::parse(&random_config(std::path::Path::new("/tmp/e.yaml")), None)
-            .expect("random config parses");
-        let refs: Vec<&str> = config.profile().plugins.iter().map(|e| e.plugin_ref.as_str()).collect();
-        assert_eq!(refs, ["random-picker"]);
+    fn every_epp_router_has_a_valid_config_reading_the_endpoints_given() {
+        let path = std::path::Path::new("/tmp/e.yaml");
+        for kind in [RouterKind::EppDefault, RouterKind::EppGuide, RouterKind::EppGuideNoAutoTune] {
+            let text = epp_config(kind, path).expect("an EPP config");
+            let config = epp::config::PickerConfig::parse(&text, None).expect("parses");
+            let discovery = config.discovery().expect("discovery");
+            assert_eq!(discovery.parameters["path"], "/tmp/e.yaml", "{kind:?}");
+            let auto_tune = config
+                .plugins
+                .iter()
+                .find(|p| p.type_name == "approx-prefix-cache-producer")
+                .map(|p| p.parameters.get("autoTune").cloned());
+            let off = kind == RouterKind::EppGuideNoAutoTune;
+            assert_eq!(auto_tune, Some(off.then(|| serde_json::json!(false))), "{kind:?}");
+        }
     }
 }

@@ -13,11 +13,14 @@ pub struct SaturationConfig {
     pub queue_depth_threshold: f32,
     pub kv_cache_threshold: f32,
     pub staleness_ms: u32,
+    /// The filter keeps endpoints under `threshold × (1 + headroom)` (upstream's
+    /// utilization-detector `headroom`, default 0).
+    pub headroom: f32,
 }
 
 impl Default for SaturationConfig {
     fn default() -> Self {
-        SaturationConfig { queue_depth_threshold: 5.0, kv_cache_threshold: 0.8, staleness_ms: 200 }
+        SaturationConfig { queue_depth_threshold: 5.0, kv_cache_threshold: 0.8, staleness_ms: 200, headroom: 0.0 }
     }
 }
 
@@ -67,7 +70,9 @@ impl SaturationConfig {
             .filter(|&i| {
                 let age = metrics.age_ms.get(i).copied().unwrap_or(f32::INFINITY);
                 let waiting = metrics.waiting.get(i).copied().unwrap_or(f32::NAN);
-                age <= self.staleness_ms as f32 && waiting.is_finite() && waiting < self.queue_depth_threshold
+                age <= self.staleness_ms as f32
+                    && waiting.is_finite()
+                    && waiting < self.queue_depth_threshold * (1.0 + self.headroom)
             })
             .collect();
         if under.is_empty() { (0..metrics.len()).collect() } else { under }

@@ -25,6 +25,8 @@ pub struct Request {
     pub now_ms: u64,
     /// The OpenAI `user` field (a sticky key for experiments).
     pub user: Option<String>,
+    /// The client asked for a streamed response (its headers come at once).
+    pub stream: bool,
 }
 
 /// Bytes counted as one token when no tokenizer is configured (the usual rule of thumb for

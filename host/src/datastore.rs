@@ -27,6 +27,11 @@ pub struct MetricsCell {
     kv_usage: AtomicU32,
     /// Milliseconds since `Datastore::epoch` of the last successful scrape; 0 = never.
     updated_ms: AtomicU64,
+    /// What the EPP itself knows at once: requests routed here since the last scrape
+    /// (not yet in its queue figures), and requests (and their prompt tokens) in flight.
+    routed_since_scrape: AtomicU32,
+    in_flight: AtomicU32,
+    in_flight_tokens: AtomicU64,
 }
 
 impl Default for MetricsCell {
@@ -36,8 +41,19 @@ impl Default for MetricsCell {
             running: AtomicU32::new(f32::NAN.to_bits()),
             kv_usage: AtomicU32::new(f32::NAN.to_bits()),
             updated_ms: AtomicU64::new(0),
+            routed_since_scrape: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
+            in_flight_tokens: AtomicU64::new(0),
         }
     }
+}
+
+/// The EPP's own count of one endpoint's load, from `MetricsCell::own_load`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OwnLoad {
+    pub routed_since_scrape: u32,
+    pub in_flight: u32,
+    pub in_flight_tokens: u64,
 }
 
 /// One reading of an endpoint's load.
@@ -49,6 +65,29 @@ pub struct Reading {
 }
 
 impl MetricsCell {
+    /// A request with `tokens` prompt tokens was routed here.
+    pub fn routed(&self, tokens: u64) {
+        self.routed_since_scrape.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// A request routed here (with `tokens`) ended.
+    pub fn ended(&self, tokens: u64) {
+        let _ = self.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self
+            .in_flight_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(tokens)));
+    }
+
+    pub fn own_load(&self) -> OwnLoad {
+        OwnLoad {
+            routed_since_scrape: self.routed_since_scrape.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight_tokens: self.in_flight_tokens.load(Ordering::Relaxed),
+        }
+    }
+
     fn load(&self) -> (Reading, u64) {
         let f = |a: &AtomicU32| f32::from_bits(a.load(Ordering::Relaxed));
         (
@@ -208,7 +247,18 @@ impl Datastore {
             m.kv_usage.store(reading.kv_usage.to_bits(), Ordering::Relaxed);
             let now = self.epoch.elapsed().as_millis() as u64;
             m.updated_ms.store(now.max(1), Ordering::Release);
+            m.routed_since_scrape.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Milliseconds since endpoint `e`'s last scrape (`u32::MAX` when never scraped).
+    pub fn age_ms(&self, e: &PoolEndpoint) -> u32 {
+        let updated = e.metrics.updated_ms.load(Ordering::Acquire);
+        if updated == 0 {
+            return u32::MAX;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(updated).min(u32::MAX as u64) as u32
     }
 
     /// The scheduler's view of `endpoints` of `snapshot`: metrics columns, with values older

@@ -7,6 +7,8 @@ pub mod datastore;
 pub mod discovery;
 pub mod experiment;
 pub mod ext_proc;
+pub mod flow;
+pub mod health;
 pub mod loader;
 pub mod metrics_scrape;
 pub mod probe;

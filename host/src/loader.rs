@@ -158,7 +158,10 @@ pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet)
             }
         }
     };
-    let scheduler = Scheduler { saturation: config.saturation, ..scheduler };
+    // With flow control on, saturation queues requests before scheduling instead of
+    // shedding them in it.
+    let admission = if config.flow.enabled { Admission::External } else { Admission::ShedSheddable };
+    let scheduler = Scheduler { saturation: config.saturation, admission, ..scheduler };
     info!(
         variants = ?scheduler.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
         reloaded = ?loaded,

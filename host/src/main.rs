@@ -157,6 +157,19 @@ struct Flags {
     /// Largest request body buffered, in bytes; larger requests get 413.
     #[arg(long, default_value_t = epp::ext_proc::DEFAULT_MAX_BODY_BYTES)]
     max_request_body_bytes: usize,
+    /// Passive breaker: how long a streamed request may wait for its response headers
+    /// before the endpoint counts as stalled (0 turns the breaker off).
+    #[arg(long, default_value = "1s", value_parser = parse_duration_or_zero)]
+    endpoint_stall_timeout: Duration,
+    /// Passive breaker: stalled requests needed to take an endpoint out of routing.
+    #[arg(long, default_value_t = 1)]
+    endpoint_stall_requests: usize,
+    /// Passive breaker: consecutive 5xx (or unanswered) responses that take an endpoint out.
+    #[arg(long, default_value_t = 5)]
+    endpoint_failure_threshold: u32,
+    /// Passive breaker: first cool-down of an ejected endpoint (doubles on repeats, up to 10×).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    endpoint_ejection_cooldown: Duration,
     /// Log verbosity: 1 warnings, 2 info (default), 3-4 debug, 5+ trace. RUST_LOG overrides.
     #[arg(long = "v", default_value_t = 2)]
     verbosity: u8,
@@ -227,6 +240,13 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: flags.drain_timeout,
         pool_name: flags.pool_name,
         pool_namespace: flags.pool_namespace,
+        health: epp::health::HealthConfig {
+            stall_timeout: flags.endpoint_stall_timeout,
+            stall_min: flags.endpoint_stall_requests.max(1),
+            failure_threshold: flags.endpoint_failure_threshold.max(1),
+            cooldown: flags.endpoint_ejection_cooldown,
+            max_cooldown: flags.endpoint_ejection_cooldown * 10,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async { epp::server::run(opts, shutdown_signal()).await.context("epp failed") })
@@ -293,6 +313,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(_) => Err(format!("`{s}` must be positive")),
         None => Err(format!("`{s}` is not a duration like 50ms or 2s")),
     }
+}
+
+/// Like `parse_duration`, and `0` is allowed (turns the feature off).
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches(['s', 'm']).trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 fn init_logging(v: u8) {

@@ -153,6 +153,7 @@ pub fn for_scheduling(id: &str, headers: &[(String, String)], parsed: Option<Inf
             prompt: r.prompt,
             max_tokens: r.max_tokens,
             user: r.user,
+            stream: r.stream,
             ..base
         },
     }

@@ -18,7 +18,10 @@ use arc_swap::ArcSwap;
 use epp_core::{Completion, DecideError, Decision, Outcome, Request, ScheduleError, Scheduler, Usage};
 use tracing::debug;
 
-use crate::datastore::{Datastore, PoolEndpoint};
+use crate::config::flow::FlowSpec;
+use crate::datastore::{Datastore, MetricsCell, PoolEndpoint};
+use crate::flow::{Dropped, FlowControl, Placement};
+use crate::health::{Health, HealthConfig};
 use crate::request::RequestError;
 use crate::telemetry::{InFlight, PoolGauges, SchedulerMetrics, Telemetry};
 
@@ -48,6 +51,8 @@ pub enum RouteError {
     Overloaded(usize),
     #[error("scheduling failed: {0}")]
     Scheduling(ScheduleError),
+    #[error("{}", .0.message())]
+    FlowControl(Dropped),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -58,6 +63,8 @@ pub struct ErrorReply {
     pub status: u16,
     /// The body: `inference error: <Code> - <message>`.
     pub body: String,
+    /// `x-llm-d-request-dropped-reason`, when flow control answered.
+    pub dropped_reason: Option<&'static str>,
 }
 
 impl RouteError {
@@ -70,9 +77,15 @@ impl RouteError {
             RouteError::Saturated | RouteError::Overloaded(_) => (429, "ResourceExhausted"),
             RouteError::NoEndpoints | RouteError::SubsetUnavailable(_) => (503, "ServiceUnavailable"),
             RouteError::Scheduling(_) => (503, "ServiceUnavailable"),
+            RouteError::FlowControl(d) if d.status() == 429 => (429, "ResourceExhausted"),
+            RouteError::FlowControl(_) => (503, "ServiceUnavailable"),
             RouteError::Internal(_) => (500, "Internal"),
         };
-        ErrorReply { status, body: format!("inference error: {code} - {self}") }
+        let dropped_reason = match self {
+            RouteError::FlowControl(d) => Some(d.reason()),
+            _ => None,
+        };
+        ErrorReply { status, body: format!("inference error: {code} - {self}"), dropped_reason }
     }
 
     /// The plugin (and the kind of its failure) that caused this error, if one did.
@@ -94,10 +107,12 @@ impl From<DecideError> for RouteError {
     }
 }
 
-/// A scheduler and the metric handles resolved for it, published together.
+/// A scheduler, the metric handles resolved for it and the flow-control settings of the
+/// same config, published together.
 pub struct Built {
     pub scheduler: Scheduler,
     pub metrics: SchedulerMetrics,
+    pub flow: FlowSpec,
     /// The pool generation its plugins were last told (the publisher keeps it current).
     told: AtomicU64,
 }
@@ -105,7 +120,12 @@ pub struct Built {
 impl Built {
     pub fn new(scheduler: Scheduler, telemetry: &Telemetry) -> Built {
         let metrics = telemetry.scheduler_metrics(&scheduler);
-        Built { scheduler, metrics, told: AtomicU64::new(0) }
+        Built { scheduler, metrics, flow: FlowSpec::default(), told: AtomicU64::new(0) }
+    }
+
+    /// The same, with the config's flow-control settings.
+    pub fn with_flow(self, flow: FlowSpec) -> Built {
+        Built { flow, ..self }
     }
 
     /// The pool generation its plugins were last told.
@@ -134,6 +154,12 @@ pub struct Router {
     cycles: AtomicU64,
     /// Shadow jobs running or waiting.
     shadow_jobs: Arc<AtomicUsize>,
+    /// The passive breaker fed by responses.
+    health: Arc<Health>,
+    /// Signalled whenever a routed request ends (flow control dispatches on it).
+    freed: Arc<tokio::sync::Notify>,
+    /// The flow controller, once started.
+    flow: std::sync::OnceLock<Arc<FlowControl>>,
     clock: Instant,
 }
 
@@ -187,6 +213,13 @@ pub struct Routed {
     telemetry: Arc<Telemetry>,
     started: Instant,
     first_chunk: Option<Duration>,
+    /// Response headers arrived (the breaker was told).
+    answered: bool,
+    health: Arc<Health>,
+    /// The primary's live counters (in flight until the end) and this request's tokens.
+    cell: Arc<MetricsCell>,
+    tokens: u64,
+    freed: Arc<tokio::sync::Notify>,
     finished: bool,
     shadows: Option<Arc<Mutex<ShadowLink>>>,
     _running: InFlight,
@@ -223,6 +256,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Routed {
+    /// The response headers arrived with `status` (0 when unknown): the breaker learns it.
+    pub fn answered(&mut self, status: u16) {
+        if !self.answered
+            && let Some(&target) = self.targets.first()
+        {
+            self.answered = true;
+            self.health.answered(target, self.cycle, status);
+        }
+    }
+
     /// The first response bytes arrived: the plugins that asked learn it (once).
     pub fn first_chunk(&mut self) {
         if self.first_chunk.is_some() || self.finished {
@@ -250,6 +293,13 @@ impl Routed {
             return;
         }
         self.finished = true;
+        if !self.answered
+            && let Some(&target) = self.targets.first()
+        {
+            self.health.unanswered(target, self.cycle);
+        }
+        self.cell.ended(self.tokens);
+        self.freed.notify_one();
         if let Some(v) = self.built.metrics.variant(self.variant) {
             let ttft = self.first_chunk;
             self.telemetry.completed(&self.model, v, self.started.elapsed(), ttft, ending.usage);
@@ -291,17 +341,58 @@ impl Drop for Routed {
 
 impl Router {
     pub fn new(datastore: Arc<Datastore>, scheduler: Scheduler, telemetry: Arc<Telemetry>) -> Self {
+        let built = Built::new(scheduler, &telemetry);
+        Router::with_built(datastore, built, telemetry)
+    }
+
+    /// A router serving `built` (with its flow-control settings).
+    pub fn with_built(datastore: Arc<Datastore>, built: Built, telemetry: Arc<Telemetry>) -> Self {
         Router {
-            built: ArcSwap::from_pointee(Built::new(scheduler, &telemetry)),
+            built: ArcSwap::from_pointee(built),
             datastore,
-            telemetry,
             metrics_staleness_ms: DEFAULT_METRICS_STALENESS_MS,
             in_flight: Arc::default(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             cycles: AtomicU64::new(0),
             shadow_jobs: Arc::default(),
+            health: Arc::new(Health::new(HealthConfig::default(), Some(telemetry.clone()))),
+            freed: Arc::default(),
+            flow: std::sync::OnceLock::new(),
+            telemetry,
             clock: Instant::now(),
         }
+    }
+
+    /// Replaces the passive breaker's settings (before serving).
+    pub fn set_health(&mut self, config: HealthConfig) {
+        self.health = Arc::new(Health::new(config, Some(self.telemetry.clone())));
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Starts flow control (once; it queues only while the config's gate is on).
+    pub fn start_flow_control(self: &Arc<Self>) -> Arc<FlowControl> {
+        self.flow.get_or_init(|| FlowControl::start(self)).clone()
+    }
+
+    pub fn flow_control(&self) -> Option<&Arc<FlowControl>> {
+        self.flow.get()
+    }
+
+    /// Routes a parsed request, through flow control when its gate is on: routed now, or
+    /// queued (a ticket to await), or refused. `bytes` is its body size.
+    pub fn place(&self, req: Request, subset: Option<&[String]>, bytes: u64) -> Result<Placement, RouteError> {
+        match self.flow.get() {
+            Some(fc) if self.built.load().flow.enabled => fc.submit(self, req, subset.map(<[String]>::to_vec), bytes),
+            _ => self.route(req, subset).map(|r| Placement::Routed(Box::new(r))),
+        }
+    }
+
+    /// Notified whenever a routed request ends.
+    pub fn freed(&self) -> &Arc<tokio::sync::Notify> {
+        &self.freed
     }
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
@@ -362,6 +453,7 @@ impl Router {
             }
             _ => pool.endpoints.iter().collect(),
         };
+        let candidates = self.health.filter(candidates, PoolEndpoint::target);
         let candidates = self.datastore.candidates(&candidates, self.metrics_staleness_ms);
         let built = self.built.load_full();
         let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
@@ -384,6 +476,9 @@ impl Router {
             return Err(RouteError::Internal("the picked endpoint is not in the pool snapshot".into()));
         };
         built.metrics.decided(&decision, elapsed, &endpoint.spec.name);
+        self.health.sent(targets[0], cycle, req.stream);
+        let tokens = u64::from(req.prompt_tokens);
+        endpoint.metrics.routed(tokens);
         let variant = &built.scheduler.variants[decision.variant];
         debug!(
             request_id = %req.id,
@@ -407,6 +502,11 @@ impl Router {
             telemetry: self.telemetry.clone(),
             started,
             first_chunk: None,
+            answered: false,
+            health: self.health.clone(),
+            cell: endpoint.metrics.clone(),
+            tokens,
+            freed: self.freed.clone(),
             finished: false,
             shadows: None,
             _running: self.telemetry.routed(&req.model),

@@ -63,6 +63,8 @@ pub struct Options {
     pub drain_timeout: std::time::Duration,
     pub pool_name: String,
     pub pool_namespace: String,
+    /// The passive breaker's settings.
+    pub health: crate::health::HealthConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +112,27 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let built = loader::build(&runtime, &config, &loader::PluginSet::default())?;
     let datastore = Arc::new(Datastore::new());
     let telemetry = Telemetry::new(&opts.pool_name);
-    let mut router = Router::new(datastore.clone(), built.scheduler, telemetry.clone());
+    let first = crate::routing::Built::new(built.scheduler, &telemetry).with_flow(config.flow.clone());
+    let mut router = Router::with_built(datastore.clone(), first, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
     router.max_in_flight = opts.max_in_flight;
+    router.set_health(opts.health.clone());
     let router = Arc::new(router);
+    let flow = router.start_flow_control();
+    if config.flow.enabled {
+        info!(bands = ?config.flow.bands.iter().map(|b| b.priority).collect::<Vec<_>>(), "flow control on");
+    }
+    if opts.health.enabled() {
+        let health = router.health().clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                health.tick();
+            }
+        });
+    }
 
     let scraper = match config.metrics_source()? {
         Some((scheme, path)) => {
@@ -267,6 +286,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
         done = &mut servers => done,
         _ = async {
             let _ = draining.wait_for(|s| *s).await;
+            // Queued requests are answered (503) rather than left to the drain timeout.
+            flow.shutdown();
             info!(timeout_s = opts.drain_timeout.as_secs_f64(), "draining in-flight requests");
             tokio::time::sleep(opts.drain_timeout).await;
         } => {

@@ -67,7 +67,22 @@ pub struct Telemetry {
     variant_picks: IntCounterVec,
     shadow_decisions: IntCounterVec,
     shadows_dropped: IntCounter,
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
+    flow_queue_duration: HistogramVec,
+    flow_queue_size: IntGaugeVec,
+    flow_queue_bytes: IntGaugeVec,
+    flow_requests: IntCounterVec,
+    flow_saturation: GaugeVec,
+    flow_dispatch_cycle: Histogram,
 }
+
+/// Flow-control queue-wait buckets (seconds), upstream's.
+const QUEUE_BUCKETS: &[f64] =
+    &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Dispatch-cycle buckets (seconds), upstream's.
+const CYCLE_BUCKETS: &[f64] = &[0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+const FLOW_LABELS: &[&str] = &["fairness_id", "priority", "inference_pool", "model_name", "target_model_name"];
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help)
@@ -251,6 +266,52 @@ impl Telemetry {
                 ),
                 &["variant", "outcome"],
             )),
+            ejections: must(IntCounterVec::new(
+                opts(
+                    "epp_endpoint_ejections_total",
+                    "Endpoints taken out of routing by the passive breaker, by reason (stalled, failures, probe_failed).",
+                ),
+                &["endpoint", "reason"],
+            )),
+            ejected: must(IntGaugeVec::new(
+                opts("epp_endpoint_ejected", "1 while the passive breaker keeps the endpoint out of routing."),
+                &["endpoint"],
+            )),
+            flow_queue_duration: must(HistogramVec::new(
+                hist(
+                    "llm_d_epp_flow_control_request_queue_duration_seconds",
+                    "Time requests spent in the flow-control queue, by outcome.",
+                    QUEUE_BUCKETS,
+                ),
+                &["fairness_id", "priority", "outcome", "inference_pool", "model_name", "target_model_name"],
+            )),
+            flow_queue_size: must(IntGaugeVec::new(
+                opts("llm_d_epp_flow_control_queue_size", "Requests waiting in the flow-control queue."),
+                FLOW_LABELS,
+            )),
+            flow_queue_bytes: must(IntGaugeVec::new(
+                opts("llm_d_epp_flow_control_queue_bytes", "Request body bytes waiting in the flow-control queue."),
+                FLOW_LABELS,
+            )),
+            flow_requests: must(IntCounterVec::new(
+                opts(
+                    "llm_d_epp_flow_control_requests_total",
+                    "Requests through flow control, by outcome (Dispatched, RejectedCapacity, EvictedTTL, ...).",
+                ),
+                &["outcome", "priority", "inference_pool"],
+            )),
+            flow_saturation: must(GaugeVec::new(
+                opts(
+                    "llm_d_epp_flow_control_pool_saturation",
+                    "The pool's saturation as flow control sees it (1 = full).",
+                ),
+                &["inference_pool", "stage"],
+            )),
+            flow_dispatch_cycle: must(Histogram::with_opts(hist(
+                "llm_d_epp_flow_control_dispatch_cycle_duration_seconds",
+                "Duration of one flow-control dispatch cycle.",
+                CYCLE_BUCKETS,
+            ))),
             registry,
         };
         for c in t.collectors() {
@@ -293,6 +354,14 @@ impl Telemetry {
             Box::new(self.variant_picks.clone()),
             Box::new(self.shadow_decisions.clone()),
             Box::new(self.shadows_dropped.clone()),
+            Box::new(self.ejections.clone()),
+            Box::new(self.ejected.clone()),
+            Box::new(self.flow_queue_duration.clone()),
+            Box::new(self.flow_queue_size.clone()),
+            Box::new(self.flow_queue_bytes.clone()),
+            Box::new(self.flow_requests.clone()),
+            Box::new(self.flow_saturation.clone()),
+            Box::new(self.flow_dispatch_cycle.clone()),
         ]
     }
 
@@ -354,6 +423,44 @@ impl Telemetry {
     /// Counts a plugin failure outside a decision (a hook).
     pub fn plugin_failed(&self, plugin: &str, kind: &str) {
         self.plugin_errors.with_label_values(&[plugin, kind]).inc();
+    }
+
+    /// A request entered (`delta` 1) or left (-1) flow control's queue.
+    pub fn flow_queued(&self, fairness_id: &str, priority: i32, model: &str, bytes: u64, delta: i64) {
+        let p = priority.to_string();
+        let labels = [fairness_id, p.as_str(), self.pool.as_str(), model, model];
+        self.flow_queue_size.with_label_values(&labels).add(delta);
+        self.flow_queue_bytes.with_label_values(&labels).add(delta * bytes.min(i64::MAX as u64) as i64);
+    }
+
+    /// A request's flow-control outcome, with its time in the queue when it was queued.
+    pub fn flow_finished(&self, fairness_id: &str, priority: i32, model: &str, outcome: &str, waited_s: Option<f64>) {
+        let p = priority.to_string();
+        self.flow_requests.with_label_values(&[outcome, p.as_str(), self.pool.as_str()]).inc();
+        if let Some(w) = waited_s {
+            self.flow_queue_duration
+                .with_label_values(&[fairness_id, p.as_str(), outcome, self.pool.as_str(), model, model])
+                .observe(w.max(0.0));
+        }
+    }
+
+    /// The saturation the flow controller last computed.
+    pub fn flow_saturation(&self, saturation: f64) {
+        self.flow_saturation.with_label_values(&[self.pool.as_str(), "effective"]).set(saturation);
+    }
+
+    pub fn flow_dispatch_cycle(&self, elapsed: Duration) {
+        self.flow_dispatch_cycle.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an ejection of `endpoint` by the passive breaker.
+    pub fn endpoint_ejected(&self, endpoint: &str, reason: &str) {
+        self.ejections.with_label_values(&[endpoint, reason]).inc();
+    }
+
+    /// Whether the passive breaker keeps `endpoint` out of routing.
+    pub fn endpoint_ejection_state(&self, endpoint: &str, ejected: bool) {
+        self.ejected.with_label_values(&[endpoint]).set(i64::from(ejected));
     }
 
     /// Counts a failed scrape of endpoint `target`.

@@ -96,6 +96,7 @@ pub struct SimHandle {
     addr: SocketAddr,
     name: String,
     faults: Arc<Faults>,
+    engine: Arc<Engine>,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -113,6 +114,12 @@ impl SimHandle {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The model's state now (queues, KV usage, cumulative counters: prefix-cache queries and
+    /// hits are the ground truth a benchmark reads).
+    pub fn stats(&self) -> crate::model::ModelStats {
+        self.engine.stats()
     }
 
     /// Changes injected faults, as `POST /admin/fault` does; returns the resulting state.
@@ -153,6 +160,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
     let (stop, shutdown) = watch::channel(false);
     let engine = Engine::new(model, config.time_scale);
     tokio::spawn(Arc::clone(&engine).run(shutdown.clone()));
+    let handle_engine = Arc::clone(&engine);
     let faults = Arc::new(Faults::new(config.metrics_mode, config.requests_mode));
     let app = Arc::new(App {
         name: config.name.clone(),
@@ -179,7 +187,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
             .await
     });
     tracing::info!(worker = %config.name, %addr, "sim worker listening");
-    Ok(SimHandle { addr, name: config.name, faults, stop, server: Some(server) })
+    Ok(SimHandle { addr, name: config.name, faults, engine: handle_engine, stop, server: Some(server) })
 }
 
 fn router(app: Arc<App>, name: &str) -> anyhow::Result<Router> {

@@ -54,6 +54,7 @@ fn the_default_config_is_upstreams_current_baseline() {
             ("prefix-cache-scorer", 1.0),
             ("token-load-scorer", 1.0),
             ("lora-affinity-scorer", 1.0),
+            ("no-hit-lru-scorer", 0.0001),
             ("max-score-picker", 1.0)
         ])
     );
@@ -115,8 +116,7 @@ plugins:
 
 #[test]
 fn unknown_keys_are_warned_not_dropped_silently() {
-    let text =
-        "apiVersion: llm-d.ai/v1\nfeatureGates: [x]\nsurprise: 1\nplugins:\n- type: queue-scorer\n  colour: red\n";
+    let text = "apiVersion: llm-d.ai/v1\nparser: {}\nsurprise: 1\nplugins:\n- type: queue-scorer\n  colour: red\n";
     let c = PickerConfig::parse(text, None).unwrap();
     assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     assert!(c.warnings.iter().any(|w| w.contains("`surprise`")));
@@ -181,4 +181,93 @@ fn discovery_via_endpoints_ref_is_understood() {
     let c = PickerConfig::parse(text, None).unwrap();
     assert_eq!(c.discovery().unwrap().name, "files");
     assert!(c.data_layer.inject_defaults);
+}
+
+#[test]
+fn upstreams_flow_control_config_is_accepted() {
+    let text = r#"
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: ["flowControl"]
+plugins:
+- type: max-score-picker
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 2, kvCacheUtilThreshold: 0.85, metricsStalenessThreshold: 200ms, headroom: 0.0}
+- type: round-robin-fairness-policy
+- type: edf-ordering-policy
+- name: limit
+  type: static-usage-limit-policy
+  parameters: {threshold: 0.9}
+flowControl:
+  maxBytes: 4Gi
+  maxRequests: "20000"
+  defaultRequestTTL: 30s
+  noEndpointRequestTTL: 5m
+  defaultPriorityBand: {maxRequests: 2000}
+  defaultNegativePriorityBand: {maxRequests: 50, maxBytes: 100M}
+  priorityBands:
+  - {priority: 100, maxBytes: 500M, maxRequests: 500, fairnessPolicyRef: round-robin-fairness-policy, orderingPolicyRef: edf-ordering-policy}
+  usageLimitPolicyPluginRef: limit
+  saturationDetector: {pluginRef: utilization-detector}
+"#;
+    use epp::config::flow::{DetectorSpec, Fairness, Ordering};
+    let c = PickerConfig::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
+    let f = &c.flow;
+    assert!(f.enabled);
+    assert_eq!((f.max_bytes, f.max_requests), (4 << 30, 20_000));
+    assert_eq!(f.request_ttl, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(f.no_endpoint_ttl, Some(std::time::Duration::from_secs(300)));
+    assert_eq!(f.usage_limit, 0.9);
+    let priorities: Vec<i32> = f.bands.iter().map(|b| b.priority).collect();
+    assert_eq!(priorities, [100, 0], "band 0 is always there");
+    let top = &f.bands[0];
+    assert_eq!(
+        (top.max_bytes, top.max_requests, top.fairness, top.ordering),
+        (500_000_000, 500, Fairness::RoundRobin, Ordering::Edf)
+    );
+    assert_eq!((f.bands[1].max_requests, f.bands[1].max_bytes), (2000, 1_000_000_000), "0 or absent → default");
+    let neg = f.band_for(-3);
+    assert_eq!((neg.priority, neg.max_requests, neg.max_bytes), (-3, 50, 100_000_000));
+    match &f.detector {
+        DetectorSpec::Utilization(s) => assert_eq!((s.queue_depth_threshold, s.kv_cache_threshold), (2.0, 0.85)),
+        other => panic!("{other:?}"),
+    }
+    // The legacy admission reads the same detector.
+    assert_eq!(c.saturation.queue_depth_threshold, 2.0);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn flow_control_mistakes_name_the_field_and_a_disabled_section_is_warned() {
+    let head = "apiVersion: llm-d.ai/v1\nplugins:\n- type: max-score-picker\n";
+    let cases: &[(&str, &str)] = &[
+        ("featureGates: [warpDrive]\n", "`featureGates[0]`: feature gate 'warpDrive' is unknown"),
+        ("featureGates: [flowControl]\nflowControl: {maxBytes: -1}\n", "`flowControl.maxBytes`: must be non-negative"),
+        (
+            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, maxRequests: -5}]}\n",
+            "`flowControl.priorityBands[0].maxRequests`",
+        ),
+        (
+            "featureGates: [flowControl]\nflowControl: {defaultPriorityBand: {fairnessPolicyRef: fair-dice}}\n",
+            "`flowControl.defaultPriorityBand.fairnessPolicyRef`: plugin \"fair-dice\" not found",
+        ),
+        (
+            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1}, {priority: 1}]}\n",
+            "duplicate priority level 1",
+        ),
+        ("featureGates: [flowControl]\nflowControl: {defaultRequestTTL: soon}\n", "`flowControl.defaultRequestTTL`"),
+        ("featureGates: [flowControl]\nflowControl: {bogus: 1}\n", "bogus"),
+        (
+            "featureGates: [flowControl]\nflowControl: {saturationDetector: {pluginRef: max-score-picker}}\n",
+            "`flowControl.saturationDetector.pluginRef`: plugin `max-score-picker` is a max-score-picker",
+        ),
+    ];
+    for (tail, want) in cases {
+        let text = format!("{head}{tail}");
+        let e = PickerConfig::parse(&text, None).err().unwrap_or_else(|| panic!("accepted: {text}")).to_string();
+        assert!(e.contains(want), "{text}\n→ {e}\n(wanted {want})");
+    }
+    let off = PickerConfig::parse(&format!("{head}flowControl: {{maxRequests: 10}}\n"), None).unwrap();
+    assert!(!off.flow.enabled);
+    assert!(off.warnings.iter().any(|w| w.contains("feature gate is disabled")), "{:?}", off.warnings);
 }

@@ -52,6 +52,7 @@ fn the_default_profile_is_the_sticky_baseline() {
             "prefix-cache-scorer",
             "token-load-scorer",
             "lora-affinity-scorer",
+            "no-hit-lru-scorer",
             "max-score-picker"
         ]
     );
@@ -79,6 +80,17 @@ fn cold_requests_go_to_the_worker_with_the_least_prompt_work_in_flight() {
     assert_ne!(a, b, "the second cold request avoids the first one's worker");
     let c = d.route(&request("c", &blocks_prompt('c', 4)), &m, true).primary();
     assert!(c != a && c != b, "the third goes to the idle worker: {a} {b} {c}");
+}
+
+#[test]
+fn cold_requests_that_load_cannot_separate_spread_over_the_workers() {
+    let d = Default::new(4);
+    let m = idle(4);
+    // Each finishes before the next arrives: no load anywhere, so only the tie-breaker speaks.
+    let picks: std::collections::BTreeSet<u32> = (0..4)
+        .map(|i| d.route(&request(&format!("c{i}"), &blocks_prompt(char::from(b'k' + i), 4)), &m, false).primary())
+        .collect();
+    assert_eq!(picks.len(), 4, "four new prefixes on four idle workers: {picks:?}");
 }
 
 #[test]

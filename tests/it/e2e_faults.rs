@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sim::{FaultMode, FaultUpdate};
 
-use crate::stack::{EnvoyConfig, Stack, eventually, health_status};
+use crate::stack::{EnvoyConfig, Stack, eventually, guide_config_with, health_status, sample};
 
 fn completion(tag: &str, max_tokens: u32) -> String {
     serde_json::json!({"model": "m", "prompt": format!("{tag}: a question"), "max_tokens": max_tokens}).to_string()
@@ -172,7 +172,7 @@ async fn sigterm_drains_streams_and_a_restart_serves_again() {
 
     // Restart with the same files: NOT_SERVING never lies, SERVING comes back quickly.
     let started = Instant::now();
-    stack.start_epp(EnvoyConfig::Ours);
+    stack.start_epp(EnvoyConfig::Ours).await;
     stack.wait_serving().await;
     let elapsed = started.elapsed();
     println!("restart to SERVING: {elapsed:?}");
@@ -182,4 +182,79 @@ async fn sigterm_drains_streams_and_a_restart_serves_again() {
     })
     .await;
     assert_eq!(ok.worker.as_deref(), Some("w0"));
+}
+
+/// A gray failure: w2 accepts requests and never answers, while its `/metrics` stays
+/// healthy. The guide's config has no in-flight accounting, so only the passive breaker
+/// can see it: after a handful of requests w2 is ejected, and once it heals (after the
+/// cool-down, through a probe) it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_answers_gets_a_handful_of_requests_then_none() {
+    let stack = Stack::start_config(
+        3,
+        EnvoyConfig::Ours,
+        |_| {},
+        &["--endpoint-stall-timeout", "500ms", "--endpoint-ejection-cooldown", "2s"],
+        guide_config_with,
+    )
+    .await;
+    eventually(Duration::from_secs(10), "first scrapes", || async {
+        (statuses(&stack, "warm", 3).await.iter().all(|(s, _)| *s == 200)).then_some(())
+    })
+    .await;
+    let hung = stack.worker_by_name("w2").addr().to_string();
+    stack.workers[2].handle.set_faults(FaultUpdate { metrics: None, requests: Some(FaultMode::Hang) });
+
+    // 60 streamed requests at 20/s, each given up by its client after 2 s.
+    let stack = Arc::new(stack);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let stack = stack.clone();
+        tasks.spawn(async move {
+            let body = serde_json::json!({
+                "model": "m", "prompt": format!("gray {i}: a different question each time"),
+                "max_tokens": 2, "stream": true
+            })
+            .to_string();
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                stack.post("/v1/completions", &format!("gray-{i}"), &body),
+            )
+            .await;
+            match r {
+                Ok(r) => (r.status, r.worker.unwrap_or_default()),
+                Err(_) => (0, "timed out".to_string()),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut outcomes = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        outcomes.push(r.expect("request task"));
+    }
+    let stuck = outcomes.iter().filter(|(s, _)| *s == 0).count();
+    let served = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    eprintln!("gray failure: {stuck} of 60 requests reached the hung worker");
+    assert!(stuck <= 6, "{stuck} of 60 requests went to the hung worker: {outcomes:?}");
+    assert_eq!(stuck + served, 60, "{outcomes:?}");
+    let page = stack.epp_metrics().await;
+    let ejections = sample(&page, "epp_endpoint_ejections_total", &[&hung, "reason=\"stalled\""]);
+    assert!(ejections.is_some_and(|n| n >= 1.0), "no stall ejection of {hung} in:\n{page}");
+    assert!(stack.epp_log().contains("endpoint ejected from routing"), "the ejection should be logged");
+
+    // Healed: after the cool-down a probe finds it answering, and it serves again.
+    stack.workers[2].handle.set_faults(FaultUpdate { metrics: None, requests: Some(FaultMode::Ok) });
+    let mut n = 0;
+    eventually(Duration::from_secs(20), "the healed worker to serve again", || {
+        n += 1;
+        let stack = stack.clone();
+        async move {
+            let body = completion(&format!("healed {n}"), 1);
+            let r = stack.post("/v1/completions", &format!("healed-{n}"), &body).await;
+            (r.worker.as_deref() == Some("w2")).then_some(())
+        }
+    })
+    .await;
+    let page = stack.epp_metrics().await;
+    assert_eq!(sample(&page, "epp_endpoint_ejected", &[&hung]), Some(0.0), "{page}");
 }

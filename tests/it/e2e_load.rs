@@ -6,33 +6,20 @@ use std::time::Duration;
 
 use sim::{FaultMode, FaultUpdate};
 
-use crate::stack::{Reply, Stack, eventually};
+use crate::stack::{Reply, Stack, eventually, sample};
 
 fn completion(tag: &str) -> String {
     serde_json::json!({"model": "m", "prompt": format!("{tag} — a short question?"), "max_tokens": 1}).to_string()
 }
 
-/// The EPP's metrics page.
-async fn epp_metrics(stack: &Stack) -> String {
-    let url = format!("http://127.0.0.1:{}/metrics", stack.metrics_port);
-    match stack.client.get(url).send().await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
-
-/// The value of the first sample of `metric` whose line contains every one of `labels`.
-fn sample(page: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    page.lines()
-        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// Sends `n` distinct requests through Envoy; returns the workers that answered.
+/// Sends `n` requests through Envoy, each with a prompt never sent before (so prefix
+/// affinity plays no part); returns the workers that answered.
 async fn spread(stack: &Stack, tag: &str, n: usize) -> Vec<String> {
+    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut workers = Vec::new();
-    for i in 0..n {
-        let r: Reply = stack.post("/v1/completions", &format!("{tag}-{i}"), &completion(&format!("{tag} {i}"))).await;
+    for _ in 0..n {
+        let k = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r: Reply = stack.post("/v1/completions", &format!("{tag}-{k}"), &completion(&format!("{tag} {k}"))).await;
         assert_eq!(r.status, 200, "{r:?}");
         workers.push(r.worker.unwrap_or_default());
     }
@@ -58,7 +45,7 @@ async fn a_loaded_worker_is_avoided() {
     }
     // The EPP must see the queue: its per-endpoint gauge shows it.
     eventually(Duration::from_secs(15), "the EPP to see w0's queue", || async {
-        let page = epp_metrics(&stack).await;
+        let page = stack.epp_metrics().await;
         sample(&page, "inference_pool_per_pod_queue_size", &["model_server_pod=\"w0\""]).filter(|q| *q >= 6.0)
     })
     .await;
@@ -73,7 +60,7 @@ async fn a_loaded_worker_is_avoided() {
 async fn a_stale_worker_stops_being_preferred_and_recovers() {
     let stack = Stack::start(3).await;
     eventually(Duration::from_secs(10), "all workers scraped", || async {
-        let page = epp_metrics(&stack).await;
+        let page = stack.epp_metrics().await;
         sample(&page, "inference_pool_ready_pods", &[]).filter(|n| *n >= 3.0)
     })
     .await;
@@ -85,7 +72,7 @@ async fn a_stale_worker_stops_being_preferred_and_recovers() {
     })
     .await;
     assert_eq!(workers.len(), 10);
-    let page = epp_metrics(&stack).await;
+    let page = stack.epp_metrics().await;
     let errors = sample(&page, "epp_scrape_errors_total", &["default/w1"]).unwrap_or(0.0);
     assert!(errors >= 1.0, "scrape errors of w1 not counted:\n{page}");
     // Healthy again: it is scraped and used again.
@@ -143,7 +130,7 @@ async fn the_epp_reports_its_metrics() {
     let bad = stack.post("/v1/completions", "m-bad", "{").await;
     assert_eq!(bad.status, 400);
     let page = eventually(Duration::from_secs(10), "pool gauges", || async {
-        let page = epp_metrics(&stack).await;
+        let page = stack.epp_metrics().await;
         sample(&page, "inference_pool_ready_pods", &[]).filter(|n| *n >= 2.0).map(|_| page)
     })
     .await;
@@ -160,7 +147,7 @@ async fn the_epp_reports_its_metrics() {
         ("inference_pool_ready_pods", &[], |v| v == 2.0),
         ("inference_pool_per_pod_queue_size", &["model_server_pod=\"w0\""], |v| v >= 0.0),
         ("inference_extension_scheduler_e2e_duration_seconds_count", &[], |v| v >= 5.0),
-        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"queue-scorer\""], |v| v >= 5.0),
+        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"token-load-scorer\""], |v| v >= 5.0),
         ("inference_extension_prefix_indexer_size", &[], |v| v >= 1.0),
         ("inference_extension_prefix_indexer_hit_ratio_count", &[], |v| v >= 1.0),
         ("epp_discovery_reloads_total", &["result=\"applied\""], |v| v >= 0.0),

@@ -85,6 +85,12 @@ async fn plugins_swap_live_with_no_failed_request() {
     };
     write_wasm("prefer.wasm", &wasm_file_bytes("label_affinity_scorer"));
     write_wasm("bad.wasm", &wasm_file_bytes("misbehaving_scorer"));
+    let applied = "config reloaded; new scheduler published";
+    let rejected = "config reload rejected";
+    // The profile the steps below extend (the guide's scorers).
+    let before = count(&stack, applied);
+    stack.write_config(&config("", ""));
+    logged(&stack, applied, before).await;
 
     // Steady load: two lanes of distinct prompts; every answer recorded.
     let seen: Arc<Mutex<Vec<(std::time::Instant, u16, String)>>> = Arc::default();
@@ -117,8 +123,6 @@ async fn plugins_swap_live_with_no_failed_request() {
             .await
         }
     };
-    let applied = "config reloaded; new scheduler published";
-    let rejected = "config reload rejected";
 
     // 1. Add the custom scorer preferring H100: traffic moves to w0.
     let before = count(&stack, applied);

@@ -7,6 +7,7 @@ mod default_profile;
 mod e2e_churn;
 mod e2e_experiment;
 mod e2e_faults;
+mod e2e_flow;
 mod e2e_load;
 mod e2e_reload;
 mod e2e_routing;

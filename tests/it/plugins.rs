@@ -331,11 +331,12 @@ fn prefix_producer_limits_blocks_and_evicts() {
     assert_eq!(column(&p.produce(1, &request("r1", &a), &m, &[]), PREFIX_TOTAL_BLOCKS), vec![3.0, 3.0]);
     p.decided(1, 0);
     assert_eq!(column(&p.produce(2, &request("r2", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
-    // 3 new blocks on endpoint 0 push out 2 of the 3 old ones (capacity 4): the chain breaks.
+    // 3 new blocks on endpoint 0 push out 2 of the 3 old ones (capacity 4), tails first:
+    // the head of `a` stays matchable.
     let b = blocks_prompt('b', 3);
     p.produce(3, &request("r3", &b), &m, &[]);
     p.decided(3, 0);
-    assert_eq!(column(&p.produce(4, &request("r4", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 0.0]);
+    assert_eq!(column(&p.produce(4, &request("r4", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![1.0, 0.0]);
     assert_eq!(column(&p.produce(5, &request("r5", &b), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
 }
 
@@ -354,12 +355,13 @@ fn prefix_producer_auto_tunes_each_endpoint_to_its_cache() {
         p.produce(cycle, &request("r", &a), &m, &[]);
         p.decided(cycle, endpoint);
     }
-    // Endpoint 0 kept only the last block (the chain is broken); 1 and 2 hold all four.
-    assert_eq!(column(&p.produce(4, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 4.0, 4.0]);
-    // Endpoint 2 restarts with a smaller cache (2 × 64 tokens): the index shrinks at once.
+    // Endpoint 0 kept only the first block (heads are forgotten last); 1 and 2 hold all four.
+    assert_eq!(column(&p.produce(4, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![1.0, 4.0, 4.0]);
+    // Endpoint 2 restarts with a smaller cache (2 × 64 tokens, 2.5 with the slack): the
+    // index shrinks at once to its two most recent blocks, which are the head.
     eps[2].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 8 });
     p.pool_changed(&eps);
-    assert_eq!(column(&p.produce(5, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0, 4.0, 0.0]);
+    assert_eq!(column(&p.produce(5, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![1.0, 4.0, 2.0]);
     // Zero or missing geometry falls back to the configured capacity.
     eps[0].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 0 });
     p.pool_changed(&eps);
@@ -367,7 +369,7 @@ fn prefix_producer_auto_tunes_each_endpoint_to_its_cache() {
         p.produce(6 + u64::from(endpoint), &request("r", &a), &m, &[]);
         p.decided(6 + u64::from(endpoint), endpoint);
     }
-    assert_eq!(column(&p.produce(9, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![4.0, 4.0, 0.0]);
+    assert_eq!(column(&p.produce(9, &request("r", &a), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![4.0, 4.0, 2.0]);
 }
 
 #[test]

@@ -1,35 +1,24 @@
-//! A whole local stack for end-to-end tests: simulated workers (in process), the `epp`
-//! binary and a real Envoy, all on free loopback ports, stopped when dropped. Logs of the
-//! EPP and Envoy go to files in the stack's temp folder and are printed when a test fails.
+//! A whole local stack for end-to-end tests, on the harness the benchmarks use too
+//! (`epp_stack`): simulated workers (in process), the `epp` binary and a real Envoy, all on
+//! free loopback ports, stopped when dropped. Logs of the EPP and Envoy go to the stack's
+//! scratch folder and are printed when a test fails. What this adds to the harness is the
+//! tests' vocabulary: rewrite the endpoints file or the config, post a request, find the
+//! endpoint the EPP logged for it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use epp_stack::health_status;
+use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, Scratch};
 use sim::{SimConfig, SimHandle};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    epp_stack::workspace_root()
 }
 
 /// The Envoy binary: $ENVOY_BIN, else the repo's .venv (made by scripts/test.sh), else PATH.
 pub fn envoy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        return PathBuf::from(p);
-    }
-    let venv = workspace_root().join(".venv/bin/envoy");
-    if venv.exists() {
-        return venv;
-    }
-    let on_path = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("envoy")).find(|p| p.exists()));
-    on_path.unwrap_or_else(|| {
-        panic!("Envoy not found: run the tests with scripts/test.sh (it installs Envoy into .venv) or set ENVOY_BIN")
-    })
+    epp_stack::locate_envoy(None).unwrap_or_else(|e| panic!("{e}: run the tests with scripts/test.sh"))
 }
 
 /// Polls `f` until it returns Some, or panics after `limit` with `what`.
@@ -61,22 +50,6 @@ impl Worker {
     }
 }
 
-pub struct Stack {
-    pub dir: PathBuf,
-    pub workers: Vec<Worker>,
-    pub endpoints_path: PathBuf,
-    pub listener: u16,
-    pub admin: u16,
-    pub epp_port: u16,
-    pub health_port: u16,
-    pub metrics_port: u16,
-    epp: Option<Child>,
-    envoy: Option<Child>,
-    /// Extra flags for the EPP.
-    pub epp_args: Vec<String>,
-    pub client: reqwest::Client,
-}
-
 /// Which Envoy bootstrap to run: ours (config/envoy.yaml) or the upstream guide's, unchanged
 /// except for ports.
 #[derive(Clone, Copy, PartialEq)]
@@ -84,6 +57,26 @@ pub enum EnvoyConfig {
     Ours,
     Guide,
 }
+
+pub struct Stack {
+    scratch: Scratch,
+    /// Where the config and endpoints files live (`<scratch>/conf`).
+    pub dir: PathBuf,
+    pub workers: Vec<Worker>,
+    pub endpoints_path: PathBuf,
+    pub listener: u16,
+    pub epp_port: u16,
+    pub health_port: u16,
+    pub metrics_port: u16,
+    epp: Option<Epp>,
+    envoy: Option<Envoy>,
+    /// Extra flags for the EPP.
+    pub epp_args: Vec<String>,
+    pub client: reqwest::Client,
+}
+
+/// The EPP's log filter in tests: the per-request lines the tests read.
+const LOG_FILTER: &str = "info,epp::ext_proc=debug,epp::routing=debug,epp::flow=debug";
 
 impl Stack {
     pub async fn start(workers: usize) -> Stack {
@@ -101,12 +94,19 @@ impl Stack {
         tune: impl Fn(&mut SimConfig),
         epp_args: &[&str],
     ) -> Stack {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("epp-it-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        Stack::start_config(workers, envoy, tune, epp_args, default_config_with).await
+    }
 
+    /// Like `start_full`, with the EPP config `config(endpoints file)`.
+    pub async fn start_config(
+        workers: usize,
+        envoy: EnvoyConfig,
+        tune: impl Fn(&mut SimConfig),
+        epp_args: &[&str],
+        config: fn(&Path) -> String,
+    ) -> Stack {
+        let scratch = Scratch::new("it").expect("scratch folder");
+        let dir = scratch.path.join("conf");
         let mut ws = Vec::new();
         for i in 0..workers {
             let name = format!("w{i}");
@@ -118,26 +118,22 @@ impl Stack {
         let mut stack = Stack {
             endpoints_path: dir.join("endpoints.yaml"),
             dir,
+            scratch,
             workers: ws,
-            listener: free_port(),
-            admin: free_port(),
-            epp_port: free_port(),
-            health_port: free_port(),
-            metrics_port: free_port(),
+            listener: 0,
+            epp_port: 0,
+            health_port: 0,
+            metrics_port: 0,
             epp: None,
             envoy: None,
-            epp_args: Vec::new(),
+            epp_args: epp_args.iter().map(|a| a.to_string()).collect(),
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
         };
-        stack.epp_args = epp_args.iter().map(|a| a.to_string()).collect();
         let all: Vec<usize> = (0..workers).collect();
         stack.write_endpoints(&all, &[]);
-        let config = crate::stack::default_config_with(&stack.endpoints_path);
-        std::fs::write(stack.dir.join("epp-config.yaml"), config).expect("write config");
-        stack.start_epp(envoy);
-        stack.wait_serving().await;
-        stack.start_envoy(envoy);
-        stack.wait_envoy_ready().await;
+        stack.write_config(&config(&stack.endpoints_path));
+        stack.start_epp(envoy).await;
+        stack.start_envoy(envoy).await;
         stack
     }
 
@@ -181,110 +177,63 @@ impl Stack {
         std::fs::rename(&tmp, &self.endpoints_path).expect("rename endpoints");
     }
 
-    /// Starts the EPP: TLS on ext_proc with our Envoy config (its default), plaintext with
-    /// the upstream guide's (which runs it with --secure-serving=false).
-    pub fn start_epp(&mut self, envoy: EnvoyConfig) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("epp.log")).expect("epp log");
-        let secure = if envoy == EnvoyConfig::Guide { "--secure-serving=false" } else { "--secure-serving=true" };
-        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-            .args(["--bind-address", "127.0.0.1", secure, "--v=3"])
-            .args(&self.epp_args)
-            .args(["--grpc-port", &self.epp_port.to_string()])
-            .args(["--grpc-health-port", &self.health_port.to_string()])
-            .args(["--metrics-port", &self.metrics_port.to_string(), "--refresh-prometheus-metrics-interval", "200ms"])
-            .arg("--config-file")
-            .arg(self.dir.join("epp-config.yaml"))
-            .env("RUST_LOG", "info,epp::ext_proc=debug,epp::routing=debug")
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start epp");
-        self.epp = Some(child);
+    /// Starts the EPP on the current config file and waits until it serves: TLS on ext_proc
+    /// with our Envoy config (its default), plaintext with the upstream guide's (which runs
+    /// it with --secure-serving=false). A restart keeps the ports Envoy knows.
+    pub async fn start_epp(&mut self, envoy: EnvoyConfig) {
+        let config = std::fs::read_to_string(self.dir.join("epp-config.yaml")).expect("config");
+        let mut args = vec!["--v=3".to_string(), "--refresh-prometheus-metrics-interval".into(), "200ms".into()];
+        args.extend(self.epp_args.iter().cloned());
+        let opts = EppOptions { args, log_filter: Some(LOG_FILTER.into()), plaintext: envoy == EnvoyConfig::Guide };
+        let bin = Path::new(env!("CARGO_BIN_EXE_epp")).to_path_buf();
+        let ports = (self.epp_port != 0).then_some((self.epp_port, self.health_port, self.metrics_port));
+        let epp = Epp::start_on(&bin, &self.scratch, &config, &opts, ports)
+            .await
+            .unwrap_or_else(|e| panic!("start epp: {e}"));
+        (self.epp_port, self.health_port, self.metrics_port) = (epp.grpc_port, epp.health_port, epp.metrics_port);
+        self.epp = Some(epp);
     }
 
     /// The EPP's process id.
     pub fn epp_pid(&self) -> Option<u32> {
-        self.epp.as_ref().map(|c| c.id())
+        self.epp.as_ref().map(|e| e.process.pid())
+    }
+
+    /// Sends SIGTERM to the EPP without waiting; `terminate_epp` then waits for the exit.
+    pub fn signal_epp(&self) {
+        if let Some(pid) = self.epp_pid() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
     }
 
     /// Sends SIGTERM to the EPP and waits (up to `limit`) for it to exit; its exit status.
     pub fn terminate_epp(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.epp.as_mut()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.epp = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = self.epp.as_mut()?.process.terminate(limit);
+        if status.is_some() {
+            self.epp = None;
         }
-        None
+        status
     }
 
     /// Waits until the EPP reports SERVING on its health port.
     pub async fn wait_serving(&mut self) {
         let port = self.health_port;
-        let epp = &mut self.epp;
-        let dir = self.dir.clone();
-        eventually(Duration::from_secs(90), "the EPP's gRPC health to report SERVING", || {
-            let exited = epp.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            let dir = dir.clone();
-            async move {
-                if let Some(status) = exited {
-                    panic!("epp exited early ({status}); log:\n{}", read(&dir.join("epp.log")));
-                }
-                health_status(port, "").await.filter(|s| s == "SERVING")
-            }
+        eventually(Duration::from_secs(90), "the EPP's gRPC health to report SERVING", || async move {
+            health_status(port, "").await.filter(|s| s == "SERVING")
         })
         .await;
     }
 
-    fn start_envoy(&mut self, which: EnvoyConfig) {
-        let template = match which {
-            EnvoyConfig::Ours => workspace_root().join("config/envoy.yaml"),
-            EnvoyConfig::Guide => workspace_root().join("config/guide/envoy.yaml"),
+    async fn start_envoy(&mut self, which: EnvoyConfig) {
+        let bootstrap = match which {
+            EnvoyConfig::Ours => Bootstrap::Ours,
+            EnvoyConfig::Guide => Bootstrap::Guide,
         };
-        let text = std::fs::read_to_string(template)
-            .expect("envoy template")
-            .replace("port_value: 8081", &format!("port_value: {}", self.listener))
-            .replace("port_value: 9002", &format!("port_value: {}", self.epp_port))
-            .replace("localhost:9002", &format!("localhost:{}", self.epp_port))
-            .replace("port_value: 19000", &format!("port_value: {}", self.admin))
-            .replace("address: 0.0.0.0", "address: 127.0.0.1");
-        let path = self.dir.join("envoy.yaml");
-        std::fs::write(&path, text).expect("write envoy config");
-        let log = std::fs::File::create(self.dir.join("envoy.log")).expect("envoy log");
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&path)
-            .args(["--use-dynamic-base-id", "--concurrency", "2", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start envoy");
-        self.envoy = Some(child);
-    }
-
-    async fn wait_envoy_ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/ready", self.admin);
-        let client = self.client.clone();
-        let dir = self.dir.clone();
-        let envoy = &mut self.envoy;
-        eventually(Duration::from_secs(60), "Envoy to be ready", || {
-            let exited = envoy.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            let (client, url, dir) = (client.clone(), url.clone(), dir.clone());
-            async move {
-                if let Some(status) = exited {
-                    panic!("envoy exited early ({status}); log:\n{}", read(&dir.join("envoy.log")));
-                }
-                let r = client.get(&url).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
-        .await;
+        let envoy = Envoy::ext_proc_with(&envoy_bin(), &self.scratch, self.epp_port, bootstrap)
+            .await
+            .unwrap_or_else(|e| panic!("start envoy: {e}"));
+        self.listener = envoy.listener;
+        self.envoy = Some(envoy);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -293,26 +242,42 @@ impl Stack {
 
     /// POSTs JSON through Envoy with request id `id`; returns status, worker name, body.
     pub async fn post(&self, path: &str, id: &str, body: &str) -> Reply {
-        let r = self
+        self.post_with(path, id, body, &[]).await
+    }
+
+    /// Like `post`, with extra request headers.
+    pub async fn post_with(&self, path: &str, id: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
             .client
             .post(self.url(path))
             .header("content-type", "application/json")
             .header("x-request-id", id)
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("request {id} failed: {e}"));
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("request {id} failed: {e}"));
         let status = r.status().as_u16();
         let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let worker = header("x-sim-worker");
         let request_id = header("x-request-id").unwrap_or_default();
+        let dropped_reason = header("x-llm-d-request-dropped-reason");
         let content_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let body = r.text().await.unwrap_or_default();
-        Reply { status, worker, request_id, content_type, body }
+        Reply { status, worker, request_id, dropped_reason, content_type, body }
+    }
+
+    /// The EPP's own metrics page (empty when it cannot be read).
+    pub async fn epp_metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        match self.client.get(url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 
     pub fn epp_log(&self) -> String {
-        read(&self.dir.join("epp.log"))
+        read(&self.scratch.log("epp.log"))
     }
 
     /// The endpoint the EPP logged for request `id`.
@@ -336,16 +301,14 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for child in [self.envoy.take(), self.epp.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let (envoy, epp) = (self.envoy.take(), self.epp.take());
+        drop(envoy);
+        drop(epp);
         if std::thread::panicking() {
-            eprintln!("---- epp.log ----\n{}", read(&self.dir.join("epp.log")));
-            eprintln!("---- envoy.log ----\n{}", read(&self.dir.join("envoy.log")));
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            eprintln!("---- epp.log ----\n{}", read(&self.scratch.log("epp.log")));
+            eprintln!("---- envoy.log ----\n{}", read(&self.scratch.log("envoy-ext-proc.log")));
+            // Keep the folder for a look after the failure.
+            self.scratch.keep();
         }
     }
 }
@@ -356,26 +319,29 @@ pub struct Reply {
     pub worker: Option<String>,
     /// The id the EPP scheduled the request under (Envoy may replace the client's).
     pub request_id: String,
+    /// Why flow control answered it, when it did.
+    pub dropped_reason: Option<String>,
     pub content_type: String,
     pub body: String,
+}
+
+/// The value of the first sample of `metric` whose line contains every one of `labels`.
+pub fn sample(page: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    page.lines()
+        .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// The upstream guide's config with its discovery path pointed at `endpoints`.
+pub fn guide_config_with(endpoints: &Path) -> String {
+    epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &format!("path: {}", endpoints.display()))
+}
+
 /// The default config with its discovery path pointed at `endpoints`.
 pub fn default_config_with(endpoints: &Path) -> String {
     epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
-}
-
-/// gRPC health status of `service` on `port`, as its proto name.
-pub async fn health_status(port: u16, service: &str) -> Option<String> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
-    let mut client = HealthClient::new(channel);
-    let r = client.check(HealthCheckRequest { service: service.to_string() }).await.ok()?;
-    Some(r.into_inner().status().as_str_name().to_string())
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod experiment;
+pub mod flow;
 
 use epp_core::experiment::ExperimentSpec;
 use epp_core::{FailurePolicy, SaturationConfig, Weight};
@@ -51,6 +52,8 @@ pub enum PluginKind {
     Extractor,
     /// Chooses which profile(s) run; only the single-profile handler exists.
     ProfileHandler,
+    /// Flow control: fairness, ordering and usage-limit policies, saturation detectors.
+    Flow,
 }
 
 /// Plugin types built into the host (their scheduling components are embedded).
@@ -75,6 +78,13 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("metrics-data-source", PluginKind::DataSource),
     ("core-metrics-extractor", PluginKind::Extractor),
     ("single-profile-handler", PluginKind::ProfileHandler),
+    ("global-strict-fairness-policy", PluginKind::Flow),
+    ("round-robin-fairness-policy", PluginKind::Flow),
+    ("fcfs-ordering-policy", PluginKind::Flow),
+    ("edf-ordering-policy", PluginKind::Flow),
+    ("static-usage-limit-policy", PluginKind::Flow),
+    ("utilization-detector", PluginKind::Flow),
+    ("concurrency-detector", PluginKind::Flow),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +158,11 @@ pub struct PickerConfig {
     /// Our extension: variants of an A/B experiment over the profiles.
     pub experiment: Option<ExperimentSpec>,
     pub data_layer: DataLayerSpec,
-    /// Admission thresholds (`saturationDetector`).
+    /// Admission thresholds: the utilization detector's (`saturationDetector`, or a
+    /// `utilization-detector` plugin).
     pub saturation: SaturationConfig,
+    /// Flow control (`featureGates: [flowControl]` and the `flowControl` section).
+    pub flow: flow::FlowSpec,
     /// Things worth telling the operator (unknown keys, ignored sections).
     pub warnings: Vec<String>,
 }
@@ -253,9 +266,7 @@ impl PickerConfig {
         }
         for key in raw.extra.keys() {
             let why = match key.as_str() {
-                "featureGates" | "flowControl" | "parser" | "data" | "requestControl" => {
-                    "is not supported by this EPP and is ignored"
-                }
+                "parser" | "data" | "requestControl" => "is not supported by this EPP and is ignored",
                 _ => "is not a known EndpointPickerConfig field and is ignored",
             };
             warnings.push(format!("top-level `{key}` {why}"));
@@ -296,8 +307,13 @@ impl PickerConfig {
             None => None,
         };
         let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
-        let saturation = saturation_spec(raw.saturation_detector)?;
-        let mut config = PickerConfig { api_version, plugins, profiles, experiment, data_layer, saturation, warnings };
+        let legacy_saturation = saturation_spec(raw.saturation_detector)?;
+        let gates = flow::feature_gates(raw.feature_gates)?;
+        let enabled = gates.get(flow::FLOW_CONTROL_GATE).copied().unwrap_or(false);
+        let flow = flow::flow_spec(enabled, raw.flow_control, &plugins, legacy_saturation, &mut warnings)?;
+        let saturation = flow.utilization().copied().unwrap_or(legacy_saturation);
+        let mut config =
+            PickerConfig { api_version, plugins, profiles, experiment, data_layer, saturation, flow, warnings };
         for i in 0..config.profiles.len() {
             // The in-flight producer reads the prefix columns: it goes in first, so the
             // prefix producer, inserted after it at the front, runs before it.
@@ -594,6 +610,8 @@ struct RawConfig {
     data_layer: Option<RawDataLayer>,
     saturation_detector: Option<RawSaturation>,
     experiment: Option<experiment::RawExperiment>,
+    feature_gates: Option<serde_yaml::Value>,
+    flow_control: Option<flow::RawFlowControl>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_yaml::Value>,
 }

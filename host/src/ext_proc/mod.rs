@@ -63,9 +63,37 @@ impl ExternalProcessor for ExtProc {
                         break;
                     }
                 };
-                for answer in state.handle(msg) {
+                let mut answers = state.handle(msg);
+                let mut held = Vec::new();
+                if let Some(mut ticket) = state.take_ticket() {
+                    // Queued by flow control: wait for the answer while watching the stream.
+                    // If it ends (client gone), the ticket is dropped, which takes the
+                    // request out of the queue at once. Messages meanwhile wait their turn.
+                    let routing = loop {
+                        tokio::select! {
+                            r = ticket.wait() => break Some(r),
+                            m = inbound.next() => match m {
+                                Some(Ok(m)) => held.push(m),
+                                _ => break None,
+                            },
+                        }
+                    };
+                    let Some(routing) = routing else {
+                        debug!("ext_proc stream ended while its request was queued");
+                        return;
+                    };
+                    answers.extend(state.resume(routing));
+                }
+                for answer in answers {
                     if tx.send(Ok(answer)).await.is_err() {
                         return;
+                    }
+                }
+                for msg in held {
+                    for answer in state.handle(msg) {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 if state.finished {

@@ -105,7 +105,10 @@ pub fn continue_trailers(response_side: bool) -> ProcessingResponse {
 
 /// Ends the request with an error status and the `inference error: …` body.
 pub fn immediate(reply: &ErrorReply, request_id: &str) -> ProcessingResponse {
-    let headers = vec![header("content-type", "text/plain; charset=utf-8"), header("x-request-id", request_id)];
+    let mut headers = vec![header("content-type", "text/plain; charset=utf-8"), header("x-request-id", request_id)];
+    if let Some(reason) = reply.dropped_reason {
+        headers.push(header(crate::flow::DROPPED_REASON_HEADER, reason));
+    }
     ProcessingResponse {
         response: Some(Resp::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: reply.status as i32 }),

@@ -25,8 +25,9 @@ use epp_core::Outcome;
 use tracing::{debug, warn};
 
 use super::reply;
+use crate::flow::{Placement, Routing, Ticket};
 use crate::request::{self, ApiKind};
-use crate::routing::{Ending, RouteError, Routed, Router};
+use crate::routing::{Ending, RouteError, Routed, Router, ShadowJob};
 use crate::usage::UsageTracker;
 
 /// Default cap on a request body the EPP buffers.
@@ -46,6 +47,8 @@ pub struct StreamState {
     subset: Option<Vec<String>>,
     body: Vec<u8>,
     routed: Option<Routed>,
+    /// Set while the request waits in flow control's queue.
+    ticket: Option<Ticket>,
     usage: Option<UsageTracker>,
     /// The worker's response status, once its headers passed.
     status: u16,
@@ -70,6 +73,7 @@ impl StreamState {
             subset: None,
             body: Vec::new(),
             routed: None,
+            ticket: None,
             usage: None,
             status: 0,
             model: String::new(),
@@ -115,12 +119,15 @@ impl StreamState {
         }
         if h.end_of_stream {
             // No body will come: decide now.
-            let result = match ApiKind::from_path(&self.path) {
-                Some(_) => Err(RouteError::BadRequest(request::RequestError::EmptyBody)),
-                None => self.route(None),
-            };
-            return match result {
-                Ok(dest) => vec![reply::route_request_headers(&dest, self.id_header())],
+            if ApiKind::from_path(&self.path).is_some() {
+                return self.fail(RouteError::BadRequest(request::RequestError::EmptyBody));
+            }
+            let req = request::for_scheduling(&self.request_id, &self.headers, None);
+            return match self.router.route(req, self.subset.as_deref()) {
+                Ok((routed, job)) => {
+                    let dest = self.accept(routed, job);
+                    vec![reply::route_request_headers(&dest, self.id_header())]
+                }
                 Err(e) => self.fail(e),
             };
         }
@@ -151,8 +158,35 @@ impl StreamState {
             None if self.method.eq_ignore_ascii_case("GET") || self.method.eq_ignore_ascii_case("HEAD") => None,
             None => return self.fail(RouteError::UnknownPath(self.path.clone())),
         };
-        let dest = match self.route(parsed) {
-            Ok(d) => d,
+        let inference = parsed.is_some();
+        let req = request::for_scheduling(&self.request_id, &self.headers, parsed);
+        // Inference requests go through flow control (when on); anything else is routed.
+        let placed = if inference {
+            self.router.place(req, self.subset.as_deref(), self.body.len() as u64)
+        } else {
+            self.router.route(req, self.subset.as_deref()).map(|r| Placement::Routed(Box::new(r)))
+        };
+        match placed {
+            Ok(Placement::Routed(routed)) => self.resume(Ok(*routed)),
+            Ok(Placement::Queued(ticket)) => {
+                debug!(request_id = %self.request_id, "request queued by flow control");
+                self.ticket = Some(ticket);
+                Vec::new()
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// A request that waited in flow control's queue: returns the ticket to await, once.
+    pub fn take_ticket(&mut self) -> Option<Ticket> {
+        self.ticket.take()
+    }
+
+    /// Answers a request whose body has arrived, once it is routed (at once or after
+    /// waiting in the queue) or refused.
+    pub fn resume(&mut self, routing: Routing) -> Vec<ProcessingResponse> {
+        let dest = match routing {
+            Ok((routed, job)) => self.accept(routed, job),
             Err(e) => return self.fail(e),
         };
         if !self.request_full_duplex {
@@ -176,6 +210,9 @@ impl StreamState {
         let headers = header_pairs(h.headers.as_ref());
         let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         self.status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        if let Some(r) = self.routed.as_mut() {
+            r.answered(self.status);
+        }
         self.usage = Some(UsageTracker::new(get("content-type")));
         // The client always learns the id its request was logged and scheduled under (and,
         // if the experiment says so, the variant that routed it, and what plugins add).
@@ -222,10 +259,8 @@ impl StreamState {
         }
     }
 
-    /// Routes the request; returns the destination header's value.
-    fn route(&mut self, parsed: Option<request::InferenceRequest>) -> Result<String, RouteError> {
-        let req = request::for_scheduling(&self.request_id, &self.headers, parsed);
-        let (routed, shadows) = self.router.route(req, self.subset.as_deref())?;
+    /// Takes a routed request on; returns the destination header's value.
+    fn accept(&mut self, routed: Routed, shadows: Option<ShadowJob>) -> String {
         let dest = destination(&routed);
         debug!(request_id = %self.request_id, path = %self.path, endpoint = %dest, cycle = routed.cycle, "request routed");
         if let Some(job) = shadows {
@@ -233,7 +268,7 @@ impl StreamState {
             tokio::task::spawn_blocking(move || Router::run_shadows(job));
         }
         self.routed = Some(routed);
-        Ok(dest)
+        dest
     }
 
     fn fail(&mut self, e: RouteError) -> Vec<ProcessingResponse> {

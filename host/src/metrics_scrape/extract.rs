@@ -54,8 +54,11 @@ pub struct EngineMetrics {
     pub kv_usage: f64,
     /// `None` when the page has no LoRA report (LoRA disabled).
     pub lora: Option<LoraInfo>,
-    /// `None` when the page has no cache configuration.
+    /// `None` when the page has no usable cache configuration.
     pub cache: Option<CacheInfo>,
+    /// Why a cache configuration on the page was not usable (it is left out; the rest of
+    /// the page still counts).
+    pub cache_error: Option<ExtractError>,
 }
 
 /// The newest LoRA report of an engine.
@@ -88,6 +91,8 @@ pub enum ExtractError {
     BadLabel { name: String, label: &'static str, value: String },
     #[error("`{name}`: samples disagree on label `{label}`")]
     Inconsistent { name: String, label: &'static str },
+    #[error("`{name}`: label `{label}` is 0")]
+    Zero { name: String, label: &'static str },
 }
 
 /// The engine's load from a page's samples.
@@ -98,8 +103,11 @@ pub enum ExtractError {
 /// the page among equals: vLLM keeps a series per distinct adapter list, so old lists linger
 /// on the page with old timestamps. Several cache configurations must agree on the block
 /// size; the smallest block count is kept, as the capacity every engine behind the endpoint
-/// has. The optional metrics are checked as strictly as the required ones: a page that
-/// states them wrongly is not trusted for the rest.
+/// has. LoRA reports are checked as strictly as the required metrics: a page that states
+/// them wrongly is not trusted for the rest. A cache configuration that is wrong (garbage,
+/// zero, inconsistent — vLLM shows `num_gpu_blocks="None"` before profiling) is left out
+/// with its reason in `cache_error`: it only sizes the prefix index, which then falls back
+/// to its configured capacity.
 pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics, ExtractError> {
     let missing = |names: &[&String]| ExtractError::Missing { names: names.iter().map(|n| n.to_string()).collect() };
     let waiting = fold(samples, &names.waiting, |a, b| a + b)?.ok_or_else(|| missing(&[&names.waiting]))?;
@@ -111,13 +119,11 @@ pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics,
         }
         (None, None) => return Err(missing(&[&names.kv_usage])),
     };
-    Ok(EngineMetrics {
-        waiting,
-        running,
-        kv_usage,
-        lora: lora(samples, &names.lora)?,
-        cache: cache(samples, &names.cache)?,
-    })
+    let (cache, cache_error) = match cache(samples, &names.cache) {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
+    };
+    Ok(EngineMetrics { waiting, running, kv_usage, lora: lora(samples, &names.lora)?, cache, cache_error })
 }
 
 /// All samples named `name`, each with a checked value.
@@ -161,10 +167,11 @@ fn cache(samples: &[Sample], name: &str) -> Result<Option<CacheInfo>, ExtractErr
     let mut info: Option<CacheInfo> = None;
     // The value of an info metric is a constant 1, so it is not checked.
     for sample in samples.iter().filter(|s| s.name == name) {
-        let this = CacheInfo {
-            block_size: whole_label(sample, name, BLOCK_SIZE)?,
-            num_gpu_blocks: whole_label(sample, name, NUM_GPU_BLOCKS)?,
+        let positive = |label: &'static str| match whole_label(sample, name, label)? {
+            0 => Err(ExtractError::Zero { name: name.to_string(), label }),
+            n => Ok(n),
         };
+        let this = CacheInfo { block_size: positive(BLOCK_SIZE)?, num_gpu_blocks: positive(NUM_GPU_BLOCKS)? };
         info = Some(match info {
             None => this,
             Some(seen) if seen.block_size != this.block_size => {
@@ -221,6 +228,7 @@ mod tests {
                     kv_usage: 0.4172,
                     lora: None,
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27690 }),
+                    cache_error: None,
                 },
             ),
             (
@@ -232,6 +240,7 @@ mod tests {
                     kv_usage: 0.0912,
                     lora: Some(LoraInfo { max_lora: 0, running: vec![], waiting: vec![] }),
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 7724 }),
+                    cache_error: None,
                 },
             ),
             (
@@ -247,6 +256,7 @@ mod tests {
                         waiting: strings(&["sql-lora-v2"]),
                     }),
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 25812 }),
+                    cache_error: None,
                 },
             ),
             (
@@ -258,6 +268,7 @@ mod tests {
                     kv_usage: 0.6105,
                     lora: None,
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27104 }),
+                    cache_error: None,
                 },
             ),
         ];
@@ -281,7 +292,17 @@ mod tests {
         let bad = |name: &str, value: f64| Err(ExtractError::BadValue { name: name.into(), value });
         let base = "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n";
         let ok = |lora: Option<LoraInfo>, cache: Option<CacheInfo>| {
-            Ok(EngineMetrics { waiting: 1.0, running: 2.0, kv_usage: 0.5, lora, cache })
+            Ok(EngineMetrics { waiting: 1.0, running: 2.0, kv_usage: 0.5, lora, cache, cache_error: None })
+        };
+        let cache_err = |e: ExtractError| {
+            Ok(EngineMetrics {
+                waiting: 1.0,
+                running: 2.0,
+                kv_usage: 0.5,
+                lora: None,
+                cache: None,
+                cache_error: Some(e),
+            })
         };
         let lora = |max_lora, running: &[&str], waiting: &[&str]| {
             Some(LoraInfo { max_lora, running: strings(running), waiting: strings(waiting) })
@@ -376,7 +397,7 @@ mod tests {
             ),
             (
                 format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"None\"}} 1\n"),
-                Err(ExtractError::BadLabel {
+                cache_err(ExtractError::BadLabel {
                     name: "vllm:cache_config_info".into(),
                     label: NUM_GPU_BLOCKS,
                     value: "None".into(),
@@ -384,14 +405,18 @@ mod tests {
             ),
             (
                 format!("{base}vllm:cache_config_info{{num_gpu_blocks=\"100\"}} 1\n"),
-                Err(ExtractError::MissingLabel { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+                cache_err(ExtractError::MissingLabel { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+            ),
+            (
+                format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"0\"}} 1\n"),
+                cache_err(ExtractError::Zero { name: "vllm:cache_config_info".into(), label: NUM_GPU_BLOCKS }),
             ),
             (
                 format!(
                     "{base}vllm:cache_config_info{{engine=\"0\",block_size=\"16\",num_gpu_blocks=\"100\"}} 1\n\
                      vllm:cache_config_info{{engine=\"1\",block_size=\"32\",num_gpu_blocks=\"100\"}} 1\n"
                 ),
-                Err(ExtractError::Inconsistent { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+                cache_err(ExtractError::Inconsistent { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
             ),
         ];
         for (page, expected) in &cases {
@@ -415,7 +440,8 @@ mod tests {
         };
         let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\nsglang:token_usage 0.75\n";
         let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
-        let expected = EngineMetrics { waiting: 4.0, running: 5.0, kv_usage: 0.75, lora: None, cache: None };
+        let expected =
+            EngineMetrics { waiting: 4.0, running: 5.0, kv_usage: 0.75, lora: None, cache: None, cache_error: None };
         assert_eq!(extract(&samples, &names), Ok(expected));
         let samples = parse("sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\n").unwrap_or_else(|e| panic!("{e}"));
         let missing = ExtractError::Missing { names: strings(&["sglang:token_usage"]) };

@@ -208,6 +208,8 @@ impl Poll {
     async fn run(self) {
         let mut client = None;
         let mut health = Health::Unknown;
+        // The last unusable cache configuration logged, so each is logged once.
+        let mut cache_note: Option<String> = None;
         let mut ticks = tokio::time::interval(self.config.interval.max(MIN_INTERVAL));
         // A scrape that overruns (a slow or hanging worker) pushes the schedule back rather
         // than being followed by a burst of catch-up scrapes.
@@ -216,6 +218,18 @@ impl Poll {
             ticks.tick().await;
             // Invariant: scrapes of one endpoint never overlap: this loop awaits each one.
             let outcome = self.scrape(&mut client).await;
+            if let Ok(m) = &outcome {
+                let note = m.cache_error.as_ref().map(ToString::to_string);
+                if note.is_some() && note != cache_note {
+                    warn!(
+                        endpoint = %self.key,
+                        url = %self.url,
+                        error = note.as_deref().unwrap_or_default(),
+                        "the KV-cache configuration on the metrics page is unusable; prefix-index capacity falls back to the configured one"
+                    );
+                }
+                cache_note = note;
+            }
             if !self.report(&outcome, &mut health) {
                 return;
             }

@@ -98,11 +98,15 @@ mod tests {
         let mut a2 = a.clone();
         a2.extend_from_slice(b"follow-up question");
         assert_eq!(r.route(&a2, &workers), Some(0), "a shared prefix sticks");
-        // Heavy imbalance overrides affinity: the least loaded worker wins.
-        for _ in 0..BALANCE_ABS_THRESHOLD + 1 {
-            r.route(&a, &workers);
+        // Heavy imbalance overrides affinity: once worker 0 has more than
+        // BALANCE_ABS_THRESHOLD requests beyond the least loaded, that one gets the next.
+        let mut picks = Vec::new();
+        for _ in 0..BALANCE_ABS_THRESHOLD + 2 {
+            picks.push(r.route(&a, &workers).unwrap_or(u32::MAX));
         }
-        assert_eq!(r.route(&a, &workers), Some(2));
+        let moved = picks.iter().position(|&w| w != 0).unwrap_or_else(|| panic!("never moved: {picks:?}"));
+        assert_eq!(moved, BALANCE_ABS_THRESHOLD - 1, "worker 0 held 2 + {moved} = 65 > 64 + 0 when it moved");
+        assert_eq!(picks[moved], 2, "to the least loaded worker");
         for _ in 0..200 {
             r.finished(0);
         }

@@ -350,6 +350,10 @@ pub fn run_cli(args: ReplayArgs, out: &mut dyn Write) -> Result<bool, ReplayErro
     )?;
     writeln!(out)?;
     write!(out, "{}", report::table(&replay.reports))?;
+    if let Some(tenants) = report::tenant_table(&replay.runs) {
+        writeln!(out)?;
+        write!(out, "{tenants}")?;
+    }
     writeln!(out)?;
     if let Some(path) = &args.csv {
         write_file(path, report::csv(&replay.reports).as_bytes())?;

@@ -125,6 +125,8 @@ pub struct Policy {
     pub name: String,
     saturation: SaturationConfig,
     router: Router,
+    /// Flow control, when the config turns it on.
+    pub flow: Option<crate::config::flow::FlowSpec>,
 }
 
 impl Policy {
@@ -140,6 +142,7 @@ impl Policy {
                     name: spec.name.clone(),
                     saturation: SaturationConfig::default(),
                     router: Router::RoundRobin { next: 0 },
+                    flow: None,
                 });
             }
             PolicySource::CacheAware => {
@@ -147,6 +150,7 @@ impl Policy {
                     name: spec.name.clone(),
                     saturation: SaturationConfig::default(),
                     router: Router::CacheAware(Default::default()),
+                    flow: None,
                 });
             }
             PolicySource::Baseline => cfg(PickerConfig::default_config())?,
@@ -164,6 +168,7 @@ impl Policy {
             name: spec.name.clone(),
             saturation: config.saturation,
             router: Router::Scheduler(Box::new(built.scheduler)),
+            flow: config.flow.enabled.then(|| config.flow.clone()),
         })
     }
 
@@ -266,7 +271,12 @@ mod tests {
     }
 
     fn round_robin() -> Policy {
-        Policy { name: "rr".into(), saturation: SaturationConfig::default(), router: Router::RoundRobin { next: 0 } }
+        Policy {
+            name: "rr".into(),
+            saturation: SaturationConfig::default(),
+            router: Router::RoundRobin { next: 0 },
+            flow: None,
+        }
     }
 
     #[test]

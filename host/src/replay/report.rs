@@ -173,6 +173,88 @@ pub fn table(reports: &[PolicyReport]) -> String {
     out
 }
 
+/// One tenant's share of a run (workloads with tenants).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantReport {
+    pub policy: String,
+    pub tenant: String,
+    pub requests: usize,
+    pub completed: usize,
+    /// Time to first token, milliseconds: p50, p90.
+    pub ttft_ms: [f64; 2],
+    pub mean_ttft_ms: f64,
+    /// Answered by the EPP (429/503) or refused by a worker.
+    pub rejected: usize,
+}
+
+/// Per tenant of each run, when the workload has tenants.
+pub fn tenant_reports(run: &RunResult) -> Vec<TenantReport> {
+    (0..run.tenant_names.len())
+        .map(|k| {
+            let mine = run.records.iter().zip(&run.tenants).filter(|(_, t)| **t == Some(k as u16)).map(|(r, _)| r);
+            let mut ttft = Vec::new();
+            let (mut requests, mut rejected) = (0, 0);
+            for r in mine {
+                requests += 1;
+                match r.outcome {
+                    Outcome::Completed { first_token, .. } => ttft.push((first_token - r.arrival) * 1000.0),
+                    Outcome::InFlight => {}
+                    _ => rejected += 1,
+                }
+            }
+            ttft.sort_by(f64::total_cmp);
+            let mean = if ttft.is_empty() { f64::NAN } else { ttft.iter().sum::<f64>() / ttft.len() as f64 };
+            TenantReport {
+                policy: run.policy.clone(),
+                tenant: run.tenant_names[k].clone(),
+                requests,
+                completed: ttft.len(),
+                ttft_ms: [percentile(&ttft, 50.0), percentile(&ttft, 90.0)],
+                mean_ttft_ms: mean,
+                rejected,
+            }
+        })
+        .collect()
+}
+
+/// Jain's fairness index of the tenants' mean TTFTs: 1 when every tenant waits alike,
+/// 1/n when one tenant takes all the waiting.
+pub fn jain_index(values: &[f64]) -> f64 {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let sum: f64 = v.iter().sum();
+    let squares: f64 = v.iter().map(|x| x * x).sum();
+    if v.is_empty() || squares == 0.0 { 1.0 } else { sum * sum / (v.len() as f64 * squares) }
+}
+
+/// The per-tenant table of `runs`, or None when the workload has no tenants.
+pub fn tenant_table(runs: &[RunResult]) -> Option<String> {
+    let rows: Vec<TenantReport> = runs.iter().flat_map(tenant_reports).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut out = format!(
+        "{:<14} {:<16} {:>8} {:>9} {:>11} {:>11} {:>8}\n",
+        "policy", "tenant", "requests", "completed", "ttft_p50_ms", "ttft_p90_ms", "rejected"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<16} {:>8} {:>9} {:>11.1} {:>11.1} {:>8}",
+            r.policy, r.tenant, r.requests, r.completed, r.ttft_ms[0], r.ttft_ms[1], r.rejected
+        );
+    }
+    for run in runs {
+        let means: Vec<f64> = tenant_reports(run).iter().map(|t| t.mean_ttft_ms).collect();
+        let _ = writeln!(
+            out,
+            "{}: Jain's fairness index of mean TTFT across tenants {:.3}",
+            run.policy,
+            jain_index(&means)
+        );
+    }
+    Some(out)
+}
+
 /// The rows as CSV, with a header. Policy names are quoted when they need it.
 pub fn csv(reports: &[PolicyReport]) -> String {
     let mut out = COLUMNS.join(",");
@@ -223,6 +305,8 @@ mod tests {
             ],
             imbalance_sum: 3.0,
             imbalance_samples: 2,
+            tenants: Vec::new(),
+            tenant_names: Vec::new(),
         };
         let r = PolicyReport::from_run(&run);
         assert_eq!((r.requests, r.completed, r.rejected_429, r.rejected_503, r.too_large), (5, 2, 1, 1, 1));

@@ -102,6 +102,8 @@ pub struct WorkItem {
     /// Objective priority; negative is sheddable.
     pub priority: i32,
     pub cache_salt: Option<Arc<str>>,
+    /// Tenant (fairness id), sent as `x-llm-d-inference-fairness-id`.
+    pub tenant: Option<Arc<str>>,
 }
 
 impl WorkItem {
@@ -139,11 +141,19 @@ pub enum Generator {
     LoraMix,
     Bursts,
     Unique,
+    /// Two tenants, one sending ten times the other's rate, over the pool's capacity.
+    Tenants,
 }
 
 impl Generator {
-    pub const ALL: [Generator; 5] =
-        [Generator::SharedPrefix, Generator::MultiTurn, Generator::LoraMix, Generator::Bursts, Generator::Unique];
+    pub const ALL: [Generator; 6] = [
+        Generator::SharedPrefix,
+        Generator::MultiTurn,
+        Generator::LoraMix,
+        Generator::Bursts,
+        Generator::Unique,
+        Generator::Tenants,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -152,6 +162,7 @@ impl Generator {
             Generator::LoraMix => "lora-mix",
             Generator::Bursts => "bursts",
             Generator::Unique => "unique",
+            Generator::Tenants => "tenants",
         }
     }
 
@@ -163,6 +174,8 @@ impl Generator {
             Generator::MultiTurn => 6.0,
             Generator::LoraMix => 6.0,
             Generator::Unique => 4.0,
+            // Over capacity on purpose: queues form (in the workers, or in the EPP with flow control).
+            Generator::Tenants => 7.0,
         }
     }
 }
@@ -255,6 +268,7 @@ pub fn generate(generator: Generator, p: &GenParams) -> Workload {
         Generator::MultiTurn => multi_turn(p),
         Generator::LoraMix => lora_mix(p),
         Generator::Unique => unique(p),
+        Generator::Tenants => tenants(p),
     };
     Workload { name: generator.name().to_string(), items }
 }
@@ -283,6 +297,7 @@ fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f6
                 session: None,
                 priority,
                 cache_salt: None,
+                tenant: None,
             }
         })
         .collect()
@@ -351,6 +366,7 @@ fn multi_turn(p: &GenParams) -> Vec<WorkItem> {
                 session: Some(key.clone()),
                 priority: 0,
                 cache_salt: None,
+                tenant: None,
             });
             // The reply becomes part of the next turn's prompt.
             let reply = stream_seed(p.seed, Stream::Unique, (session << 16) | (u64::from(turn) << 1) | 1);
@@ -391,6 +407,43 @@ fn unique(p: &GenParams) -> Vec<WorkItem> {
                 session: None,
                 priority: 0,
                 cache_salt: None,
+                tenant: None,
+            }
+        })
+        .collect()
+}
+
+/// The heavy tenant's share of the `tenants` workload's arrivals (ten times the light one's).
+pub const HEAVY_TENANT_SHARE: f64 = 10.0 / 11.0;
+pub const TENANTS: [&str; 2] = ["tenant-heavy", "tenant-light"];
+/// Prompt and output tokens of the `tenants` workload: log-uniform in these ranges.
+pub const TENANT_PROMPT_TOKENS: (u32, u32) = (64, 1024);
+pub const TENANT_OUTPUT_TOKENS: (u32, u32) = (16, 256);
+
+/// Unique prompts from two tenants sharing one pool, one of them sending ten times as much.
+fn tenants(p: &GenParams) -> Vec<WorkItem> {
+    let model: Arc<str> = Arc::from(DEFAULT_MODEL);
+    let names: Vec<Arc<str>> = TENANTS.iter().map(|t| Arc::from(*t)).collect();
+    let mut arrivals = SplitMix64::new(stream_seed(p.seed, Stream::Arrivals, 0));
+    let mut choices = SplitMix64::new(stream_seed(p.seed, Stream::Choices, 0));
+    let mut t = 0.0;
+    (0..p.requests)
+        .map(|i| {
+            t += exponential(&mut arrivals, 1.0 / p.rate);
+            let tenant = if choices.next_f64() < HEAVY_TENANT_SHARE { &names[0] } else { &names[1] };
+            WorkItem {
+                at: t,
+                model: model.clone(),
+                lora: None,
+                prompt: Prompt(vec![synthetic(
+                    stream_seed(p.seed, Stream::Unique, i as u64),
+                    log_uniform(&mut choices, TENANT_PROMPT_TOKENS),
+                )]),
+                output_tokens: log_uniform(&mut choices, TENANT_OUTPUT_TOKENS),
+                session: None,
+                priority: 0,
+                cache_salt: None,
+                tenant: Some(tenant.clone()),
             }
         })
         .collect()
@@ -434,6 +487,7 @@ fn lora_mix(p: &GenParams) -> Vec<WorkItem> {
                 session: None,
                 priority: 0,
                 cache_salt: None,
+                tenant: None,
             }
         })
         .collect()
@@ -473,6 +527,8 @@ struct TraceLine {
     lora: Option<String>,
     #[serde(default)]
     cache_salt: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 /// Reads a JSONL trace file.
@@ -533,6 +589,7 @@ pub fn parse_trace(name: &str, text: &str) -> Result<Workload, TraceError> {
             session: parsed.session.map(Arc::from),
             priority: parsed.priority.unwrap_or(0),
             cache_salt: parsed.cache_salt.map(Arc::from),
+            tenant: parsed.tenant.map(Arc::from),
         });
     }
     if items.is_empty() {

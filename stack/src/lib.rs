@@ -1,10 +1,13 @@
-//! The live stacks the end-to-end and quality benchmarks drive, all on loopback: simulated
-//! workers (in this process), the `epp` binary, and real Envoy processes — one with the
-//! ext_proc filter pointing at the EPP (the project's `config/envoy.yaml`, ports changed),
-//! one with a static round-robin cluster of the same workers and no ext_proc (the baseline).
+//! The live stacks the integration tests and the benchmarks run, all on loopback: simulated
+//! workers (in the caller's process), the `epp` binary, real Envoy processes — with the
+//! ext_proc filter pointing at the EPP (the project's `config/envoy.yaml` or the upstream
+//! guide's, ports changed), or a static round-robin cluster of the same workers and no
+//! ext_proc (the baseline) — and the peer routers an operator would install instead
+//! (`sglang-router`, `vllm-router`, from the Python venv).
 //!
 //! It owns starting, readiness, CPU accounting and stopping of those processes; every child
-//! is killed when its handle drops. It measures nothing itself.
+//! is killed when its handle drops. It measures nothing itself. Tests and benchmarks share
+//! it, so what the tests check is what the benchmarks measure.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,10 @@ use sim::{SimConfig, SimHandle};
 
 /// The project's Envoy bootstrap for the EPP path, embedded so the binary runs anywhere.
 const EXT_PROC_ENVOY: &str = include_str!("../../config/envoy.yaml");
+/// The upstream guide's Envoy bootstrap, unchanged but for ports.
+const GUIDE_ENVOY: &str = include_str!("../../config/guide/envoy.yaml");
+
+pub mod peers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -101,18 +108,24 @@ pub fn locate_envoy(explicit: Option<&Path>) -> Result<PathBuf, StackError> {
 /// written beside them would wake its watchers on every line and be measured as EPP cost.
 pub struct Scratch {
     pub path: PathBuf,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl Scratch {
     pub fn new(tag: &str) -> Result<Scratch, StackError> {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("epp-bench-{}-{tag}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("epp-stack-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         for sub in ["conf", "logs"] {
             std::fs::create_dir_all(path.join(sub)).map_err(io(format!("create {}", path.display())))?;
         }
-        Ok(Scratch { path })
+        Ok(Scratch { path, keep: Default::default() })
+    }
+
+    /// Keeps the folder when dropped (to look at after a failure).
+    pub fn keep(&self) {
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes `conf/<name>`.
@@ -140,7 +153,9 @@ pub struct Setup {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
@@ -217,8 +232,12 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(what: &str, cmd: &mut Command, log: PathBuf) -> Result<Process, StackError> {
-        let file = std::fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
+    pub fn spawn(what: &str, cmd: &mut Command, log: PathBuf) -> Result<Process, StackError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("create {}", log.display())))?;
         let err = file.try_clone().map_err(io("log file"))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -231,6 +250,33 @@ impl Process {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to `limit`) for the process to exit; its exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether it has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn cpu_time(&self) -> Result<Duration, StackError> {
@@ -264,7 +310,7 @@ impl Drop for Process {
 }
 
 /// Polls `ready` every 20 ms until it holds, `proc` dies, or `limit` passes.
-async fn wait_until<F, Fut>(proc: &mut Process, what: &str, limit: Duration, mut ready: F) -> Result<(), StackError>
+pub async fn wait_until<F, Fut>(proc: &mut Process, what: &str, limit: Duration, mut ready: F) -> Result<(), StackError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -282,49 +328,104 @@ where
     }
 }
 
+/// How to run an `epp`, beyond its config.
+#[derive(Clone, Debug, Default)]
+pub struct EppOptions {
+    /// Extra flags.
+    pub args: Vec<String>,
+    /// `RUST_LOG` for it (None: the default verbosity, as users run it).
+    pub log_filter: Option<String>,
+    /// Serve ext_proc in plaintext (`--secure-serving=false`), as the upstream guide runs it.
+    pub plaintext: bool,
+}
+
 /// A running `epp`.
 pub struct Epp {
     pub process: Process,
     pub grpc_port: u16,
+    pub health_port: u16,
+    pub metrics_port: u16,
+    pub config_path: PathBuf,
 }
 
 impl Epp {
     /// Starts the EPP with `config` (its discovery path must point at an endpoints file)
     /// and waits until its gRPC health reports SERVING (endpoints loaded).
     pub async fn start(setup: &Setup, scratch: &Scratch, config: &str) -> Result<Epp, StackError> {
+        let opts = EppOptions { plaintext: setup.plaintext_ext_proc, ..Default::default() };
+        Epp::start_with(&setup.epp, scratch, config, &opts).await
+    }
+
+    /// Starts `bin` with `config` and `opts`; waits for SERVING.
+    pub async fn start_with(bin: &Path, scratch: &Scratch, config: &str, opts: &EppOptions) -> Result<Epp, StackError> {
+        Epp::start_on(bin, scratch, config, opts, None).await
+    }
+
+    /// Like `start_with`, on the given (ext_proc, health, metrics) ports when some (a
+    /// restart where Envoy expects it), else on free ones.
+    pub async fn start_on(
+        bin: &Path,
+        scratch: &Scratch,
+        config: &str,
+        opts: &EppOptions,
+        ports: Option<(u16, u16, u16)>,
+    ) -> Result<Epp, StackError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let chosen = match ports {
+                Some(p) => p,
+                None => (free_port()?, free_port()?, free_port()?),
+            };
+            match Epp::spawn_on(bin, scratch, config, opts, chosen).await {
+                // A free port taken by a parallel test before the EPP bound it: new ports.
+                Err(e) if ports.is_none() && attempt < 4 && e.to_string().contains("Address already in use") => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn spawn_on(
+        bin: &Path,
+        scratch: &Scratch,
+        config: &str,
+        opts: &EppOptions,
+        (grpc_port, health_port, metrics_port): (u16, u16, u16),
+    ) -> Result<Epp, StackError> {
         let config_path = scratch.write("epp-config.yaml", config)?;
-        let (grpc_port, health_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
-        let mut cmd = Command::new(&setup.epp);
+        let mut cmd = Command::new(bin);
         // Serving (TLS or not) is left at the EPP's default, which config/envoy.yaml matches.
-        if setup.plaintext_ext_proc {
+        if opts.plaintext {
             cmd.arg("--secure-serving=false");
         }
         cmd.args(["--bind-address", "127.0.0.1", "--metrics-bind-address", "127.0.0.1"])
+            .args(&opts.args)
             .args(["--grpc-port", &grpc_port.to_string()])
             .args(["--grpc-health-port", &health_port.to_string()])
             .args(["--metrics-port", &metrics_port.to_string()])
             .arg("--config-file")
-            .arg(&config_path)
-            // The default verbosity (info, one line per routed request), as users run it.
-            .env_remove("RUST_LOG");
+            .arg(&config_path);
+        match &opts.log_filter {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
         let mut process = Process::spawn("epp", &mut cmd, scratch.log("epp.log"))?;
-        wait_until(&mut process, "the EPP's gRPC health reporting SERVING", Duration::from_secs(90), || {
-            health_serving(health_port)
+        wait_until(&mut process, "the EPP's gRPC health reporting SERVING", Duration::from_secs(90), || async move {
+            health_status(health_port, "").await.as_deref() == Some("SERVING")
         })
         .await?;
-        Ok(Epp { process, grpc_port })
+        Ok(Epp { process, grpc_port, health_port, metrics_port, config_path })
     }
 }
 
-async fn health_serving(port: u16) -> bool {
+/// gRPC health status of `service` on `port` (plaintext), as its proto name.
+pub async fn health_status(port: u16, service: &str) -> Option<String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else { return false };
-    let reply = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
-    reply.map(|r| r.into_inner().status().as_str_name() == "SERVING").unwrap_or(false)
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
+    let reply = HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await.ok()?;
+    Some(reply.into_inner().status().as_str_name().to_string())
 }
 
 /// A running Envoy.
@@ -336,20 +437,54 @@ pub struct Envoy {
 impl Envoy {
     /// Envoy with the project's ext_proc bootstrap, asking the EPP on `epp_port`.
     pub async fn ext_proc(setup: &Setup, scratch: &Scratch, epp_port: u16) -> Result<Envoy, StackError> {
-        let (listener, admin) = (free_port()?, free_port()?);
-        let mut text = ext_proc_bootstrap(listener, admin, epp_port);
-        if setup.plaintext_ext_proc {
-            text = without_tls(&text);
-        }
-        Envoy::start(&setup.envoy, scratch, "envoy-ext-proc", &text, listener, admin).await
+        let bootstrap = if setup.plaintext_ext_proc { Bootstrap::OursPlaintext } else { Bootstrap::Ours };
+        Envoy::ext_proc_with(&setup.envoy, scratch, epp_port, bootstrap).await
+    }
+
+    /// Envoy with the given ext_proc `bootstrap`, asking the EPP on `epp_port`.
+    pub async fn ext_proc_with(
+        envoy: &Path,
+        scratch: &Scratch,
+        epp_port: u16,
+        bootstrap: Bootstrap,
+    ) -> Result<Envoy, StackError> {
+        let template = match bootstrap {
+            Bootstrap::Ours | Bootstrap::OursPlaintext => EXT_PROC_ENVOY,
+            Bootstrap::Guide => GUIDE_ENVOY,
+        };
+        Envoy::start_on_free_ports(envoy, scratch, "envoy-ext-proc", |listener, admin| {
+            let text = with_ports(template, listener, admin, epp_port);
+            if bootstrap == Bootstrap::OursPlaintext { without_tls(&text) } else { text }
+        })
+        .await
     }
 
     /// Envoy round-robin over `workers`, without ext_proc.
     pub async fn round_robin(setup: &Setup, scratch: &Scratch, workers: &Workers) -> Result<Envoy, StackError> {
-        let (listener, admin) = (free_port()?, free_port()?);
         let ports: Vec<u16> = workers.handles.iter().map(|h| h.addr().port()).collect();
-        let text = round_robin_bootstrap(listener, admin, &ports);
-        Envoy::start(&setup.envoy, scratch, "envoy-round-robin", &text, listener, admin).await
+        Envoy::start_on_free_ports(&setup.envoy, scratch, "envoy-round-robin", |listener, admin| {
+            round_robin_bootstrap(listener, admin, &ports)
+        })
+        .await
+    }
+
+    /// Starts Envoy on two free ports; a port taken by another process between being found
+    /// free and being bound (tests run in parallel) is retried with new ports.
+    async fn start_on_free_ports(
+        bin: &Path,
+        scratch: &Scratch,
+        name: &str,
+        bootstrap: impl Fn(u16, u16) -> String,
+    ) -> Result<Envoy, StackError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (listener, admin) = (free_port()?, free_port()?);
+            match Envoy::start(bin, scratch, name, &bootstrap(listener, admin), listener, admin).await {
+                Err(e) if attempt < 4 && e.to_string().contains("Address already in use") => continue,
+                other => return other,
+            }
+        }
     }
 
     async fn start(
@@ -378,7 +513,12 @@ impl Envoy {
         // Ready for Envoy is not ready for traffic (the ext_proc cluster's health check may
         // not have passed yet): wait for one request to go all the way through.
         let url = format!("http://127.0.0.1:{listener}/v1/chat/completions");
-        let body = crate::workload::chat_body("ready?", "ready?", 1, false);
+        let body = serde_json::json!({
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "ready?"}],
+            "max_tokens": 1,
+        })
+        .to_string();
         wait_until(&mut process, &format!("a request through {name}"), Duration::from_secs(60), || {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             async move {
@@ -400,9 +540,25 @@ pub fn ext_proc_uses_tls() -> bool {
     EXT_PROC_ENVOY.contains("envoy.transport_sockets.tls")
 }
 
+/// Which ext_proc bootstrap Envoy runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The project's `config/envoy.yaml` (TLS to the EPP, the EPP's default).
+    Ours,
+    /// The same without TLS to the EPP (for an EPP run with `--secure-serving=false`).
+    OursPlaintext,
+    /// The upstream guide's `config/guide/envoy.yaml` (plaintext, full duplex both ways).
+    Guide,
+}
+
 /// config/envoy.yaml with its listener, admin and EPP ports replaced, listening on loopback.
 pub fn ext_proc_bootstrap(listener: u16, admin: u16, epp_port: u16) -> String {
-    EXT_PROC_ENVOY
+    with_ports(EXT_PROC_ENVOY, listener, admin, epp_port)
+}
+
+/// An ext_proc bootstrap with its listener, admin and EPP ports replaced, on loopback.
+fn with_ports(template: &str, listener: u16, admin: u16, epp_port: u16) -> String {
+    template
         .replace("port_value: 8081", &format!("port_value: {listener}"))
         .replace("port_value: 9002", &format!("port_value: {epp_port}"))
         .replace("localhost:9002", &format!("localhost:{epp_port}"))
