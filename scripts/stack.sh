@@ -5,6 +5,12 @@
 #
 #   scripts/stack.sh                 # 3 workers on 8000..8002, Envoy on :8081
 #   WORKERS=5 BASE_PORT=8100 scripts/stack.sh
+#   EPP_CONFIG=my-config.yaml SIM_ARGS="--max-num-seqs 4" scripts/stack.sh
+#
+# EPP_CONFIG: the EndpointPickerConfig to start with (copied to .stack/epp-config.yaml, whose
+# discovery path is pointed at .stack/endpoints.yaml; edit that copy to reload it live).
+# SIM_ARGS: extra flags for every simulated worker (see `sim-worker --help`).
+# PROFILE=debug builds faster and runs slower (default: release, as in production).
 #
 # Ports: Envoy 8081 (admin 19000), EPP ext_proc 9002, health 9003. The endpoints file is
 # .stack/endpoints.yaml: edit and rename a new version over it to change the pool live.
@@ -17,9 +23,15 @@ BASE_PORT="${BASE_PORT:-8000}"
 STACK=.stack
 mkdir -p "$STACK"
 
-echo "==> building the epp and sim-worker binaries"
-cargo build -p epp -p sim --bins
-BIN=target/debug
+PROFILE="${PROFILE:-release}"
+echo "==> building the epp and sim-worker binaries ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+    cargo build --release -p epp -p sim --bins
+    BIN=target/release
+else
+    cargo build -p epp -p sim --bins
+    BIN=target/debug
+fi
 
 pids=()
 cleanup() {
@@ -35,14 +47,17 @@ echo "==> starting $WORKERS simulated workers"
     echo "endpoints:"
     for ((i = 0; i < WORKERS; i++)); do
         port=$((BASE_PORT + i))
+        # shellcheck disable=SC2086 # SIM_ARGS is a list of flags
         "$BIN/sim-worker" --host 127.0.0.1 --port "$port" --name "sim-$i" --served-model-name sim-model \
-            > "$STACK/sim-$i.log" 2>&1 &
+            ${SIM_ARGS:-} > "$STACK/sim-$i.log" 2>&1 &
         pids+=($!)
         printf '  - name: sim-%d\n    address: 127.0.0.1\n    port: "%d"\n    labels:\n      model: sim-model\n' "$i" "$port"
     done
 } > "$STACK/endpoints.yaml.tmp"
 mv "$STACK/endpoints.yaml.tmp" "$STACK/endpoints.yaml"
-cp config/epp-config.yaml "$STACK/epp-config.yaml"
+# The config's file-discovery path is pointed at the stack's endpoints file.
+sed -E 's#^([[:space:]]*path:[[:space:]]*).*endpoints\.yaml.*$#\1endpoints.yaml#' \
+    "${EPP_CONFIG:-config/epp-config.yaml}" > "$STACK/epp-config.yaml"
 
 echo "==> starting the EPP (logs: $STACK/epp.log)"
 "$BIN/epp" --config-file "$STACK/epp-config.yaml" --bind-address 127.0.0.1 \

@@ -271,3 +271,12 @@ fn flow_control_mistakes_name_the_field_and_a_disabled_section_is_warned() {
     assert!(!off.flow.enabled);
     assert!(off.warnings.iter().any(|w| w.contains("feature gate is disabled")), "{:?}", off.warnings);
 }
+
+#[test]
+fn the_shipped_flow_control_example_loads() {
+    let text = include_str!("../../config/flow-control.yaml");
+    let c = PickerConfig::parse(text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.flow.enabled && c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.flow.bands.iter().map(|b| b.priority).collect::<Vec<_>>(), [1, 0]);
+    assert_eq!(c.saturation.queue_depth_threshold, 1.0);
+}

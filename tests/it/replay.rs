@@ -201,3 +201,57 @@ fn a_trace_replays_with_a_custom_wasm_policy_csv_and_plot() {
     let svg = std::fs::read_to_string(dir.join("out.svg")).expect("plot written");
     assert!(svg.starts_with("<svg") && svg.contains("prefix-only"), "not an SVG with the policies");
 }
+
+/// The `tenants` workload over the pool's capacity: with flow control and round-robin
+/// fairness the light tenant is served almost as in an idle pool while the heavy one
+/// queues; without flow control both wait alike. Nothing is lost either way.
+#[test]
+fn flow_control_with_round_robin_fairness_shields_the_light_tenant() {
+    let dir = temp_dir("flow");
+    let fc = epp::config::DEFAULT_CONFIG
+        .replace("path: endpoints.yaml", "path: /dev/null")
+        .replace(
+            "kind: EndpointPickerConfig\n",
+            "kind: EndpointPickerConfig\nfeatureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}\n",
+        )
+        .replace(
+            "  - type: max-score-picker\n",
+            "  - type: max-score-picker\n  - type: round-robin-fairness-policy\n  - type: utilization-detector\n    parameters: {queueDepthThreshold: 1}\n",
+        );
+    let path = dir.join("fc-rr.yaml");
+    std::fs::write(&path, fc).expect("write config");
+    let policy = format!("fc-rr={}", path.display());
+    let args = ReplayArgs::parse_flags([
+        "--workload",
+        "tenants",
+        "--requests",
+        "2500",
+        "--workers",
+        "4",
+        "--rate",
+        "120",
+        "--policy",
+        "baseline",
+        "--policy",
+        &policy,
+        "--no-progress",
+    ])
+    .expect("valid flags");
+    let replay = replay::run(&args, &ProgressBar::hidden()).expect("replay runs");
+    let tenants: Vec<_> = replay.runs.iter().flat_map(epp::replay::report::tenant_reports).collect();
+    let get = |policy: &str, tenant: &str| {
+        tenants.iter().find(|t| t.policy == policy && t.tenant == tenant).unwrap_or_else(|| panic!("{policy} {tenant}"))
+    };
+    let (base_light, fc_light) = (get("baseline", "tenant-light"), get("fc-rr", "tenant-light"));
+    let fc_heavy = get("fc-rr", "tenant-heavy");
+    assert!(
+        fc_light.ttft_ms[0] * 10.0 < base_light.ttft_ms[0],
+        "light tenant p50 TTFT: {:.0} ms with flow control vs {:.0} ms without",
+        fc_light.ttft_ms[0],
+        base_light.ttft_ms[0]
+    );
+    assert!(fc_heavy.ttft_ms[0] > 10.0 * fc_light.ttft_ms[0], "the heavy tenant is the one that waits");
+    for t in &tenants {
+        assert_eq!(t.completed + t.rejected, t.requests, "{t:?}: every request has an outcome");
+    }
+}

@@ -224,7 +224,7 @@ impl Run<'_> {
                     waiting: m.waiting[w],
                     kv_usage: m.kv_usage[w],
                     age_ms: m.age_ms[w] as u32,
-                    routed_since_scrape: recent.iter().filter(|&&t| t > scraped_at).count() as u32,
+                    routed_since_scrape: recent.iter().filter(|&&t| t >= scraped_at).count() as u32,
                     in_flight: self.in_flight[w],
                     in_flight_tokens: 0,
                 }
