@@ -6,10 +6,13 @@
 #   scripts/stack.sh                 # 3 workers on 8000..8002, Envoy on :8081
 #   WORKERS=5 BASE_PORT=8100 scripts/stack.sh
 #   EPP_CONFIG=my-config.yaml SIM_ARGS="--max-num-seqs 4" scripts/stack.sh
+#   KV_EVENTS=1 EPP_CONFIG=config/precise.yaml scripts/stack.sh   # precise prefix routing
 #
 # EPP_CONFIG: the EndpointPickerConfig to start with (copied to .stack/epp-config.yaml, whose
 # discovery path is pointed at .stack/endpoints.yaml; edit that copy to reload it live).
 # SIM_ARGS: extra flags for every simulated worker (see `sim-worker --help`).
+# KV_EVENTS=1: every worker publishes its KV-cache events as vLLM does (worker i on ports
+# KV_BASE_PORT+2i and +2i+1, default 5557), named in the endpoints file by labels.
 # PROFILE=debug builds faster and runs slower (default: release, as in production).
 #
 # Ports: Envoy 8081 (admin 19000), EPP ext_proc 9002, health 9003. The endpoints file is
@@ -20,6 +23,7 @@ source scripts/prepare.sh
 
 WORKERS="${WORKERS:-3}"
 BASE_PORT="${BASE_PORT:-8000}"
+KV_BASE_PORT="${KV_BASE_PORT:-5557}"
 STACK=.stack
 mkdir -p "$STACK"
 
@@ -47,11 +51,19 @@ echo "==> starting $WORKERS simulated workers"
     echo "endpoints:"
     for ((i = 0; i < WORKERS; i++)); do
         port=$((BASE_PORT + i))
+        kv_args=()
+        if [ "${KV_EVENTS:-0}" = 1 ]; then
+            kv_args=(--kv-events-port $((KV_BASE_PORT + 2 * i)) --kv-events-replay-port $((KV_BASE_PORT + 2 * i + 1)))
+        fi
         # shellcheck disable=SC2086 # SIM_ARGS is a list of flags
         "$BIN/sim-worker" --host 127.0.0.1 --port "$port" --name "sim-$i" --served-model-name sim-model \
-            ${SIM_ARGS:-} > "$STACK/sim-$i.log" 2>&1 &
+            "${kv_args[@]}" ${SIM_ARGS:-} > "$STACK/sim-$i.log" 2>&1 &
         pids+=($!)
         printf '  - name: sim-%d\n    address: 127.0.0.1\n    port: "%d"\n    labels:\n      model: sim-model\n' "$i" "$port"
+        if [ "${KV_EVENTS:-0}" = 1 ]; then
+            printf '      kv-events-endpoint: "tcp://127.0.0.1:%d"\n      kv-events-replay-endpoint: "tcp://127.0.0.1:%d"\n' \
+                $((KV_BASE_PORT + 2 * i)) $((KV_BASE_PORT + 2 * i + 1))
+        fi
     done
 } > "$STACK/endpoints.yaml.tmp"
 mv "$STACK/endpoints.yaml.tmp" "$STACK/endpoints.yaml"

@@ -1,16 +1,20 @@
-//! Part 2, end to end through a real Envoy on loopback: the same simulated workers (which
-//! answer at once, so the router is what is measured) behind (a) Envoy → ext_proc → EPP
-//! with the default config and (b) Envoy round-robin without ext_proc. Three load shapes:
-//! one client (the added latency, uncontended), many clients (throughput), and a fixed rate
-//! below saturation (latency at equal load). Each shape runs A, B, A, B in halves so drift
-//! on a noisy machine hits both paths alike. CPU time per request of the EPP, of each Envoy
-//! and of this process (client + workers) comes from /proc/<pid>/stat.
+//! Part 2, end to end on loopback: the same simulated workers (which answer at once, so the
+//! router is what is measured) behind (a) Envoy (config/envoy.yaml) → ext_proc over TLS →
+//! EPP with the default config, (b) the same EPP behind the upstream guide's Envoy config
+//! (full duplex both ways, plaintext), (c) Envoy round-robin without ext_proc, and (d) the
+//! peer routers `sglang-router` and `vllm-router` (`cache_aware`) when installed. Three
+//! load shapes: one client (the added latency, uncontended), many clients (throughput), and
+//! a fixed rate below saturation (latency at equal load). Each shape runs every path in
+//! turn, twice, so drift on a noisy machine hits all alike. CPU time per request of the
+//! router process, of Envoy and of this process (client + workers) comes from
+//! /proc/<pid>/stat.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::{self, BodyFn, LoadResult, Shape, Target};
-use crate::stack::{Envoy, Epp, Scratch, Setup, StackError, Workers, cpu_time};
+use crate::stack::peers::{Peer, PeerKind};
+use crate::stack::{Bootstrap, Envoy, Epp, EppOptions, Process, Scratch, Setup, StackError, Workers, cpu_time};
 use crate::workload;
 
 #[derive(Clone, Debug)]
@@ -25,6 +29,8 @@ pub struct E2eOptions {
     /// The fixed rate is this fraction of the slower path's closed-loop throughput.
     pub rate_fraction: f64,
     pub warmup_requests: u64,
+    /// Also run `sglang-router` and `vllm-router` (when installed) on the same workers.
+    pub peers: bool,
 }
 
 impl E2eOptions {
@@ -37,34 +43,48 @@ impl E2eOptions {
             half: Duration::from_secs(4),
             rate_fraction: 0.5,
             warmup_requests: 300,
+            peers: true,
         }
     }
 
     pub fn smoke() -> E2eOptions {
-        E2eOptions { half: Duration::from_millis(400), warmup_requests: 20, clients: 4, ..E2eOptions::full() }
+        E2eOptions {
+            half: Duration::from_millis(400),
+            warmup_requests: 20,
+            clients: 4,
+            peers: false,
+            ..E2eOptions::full()
+        }
     }
 }
 
 /// One path's result for one load shape.
 #[derive(Clone, Default)]
 pub struct PathRun {
+    pub label: String,
     pub load: LoadResult,
-    /// CPU time of the EPP (None on the round-robin path, which has no EPP).
-    pub epp_cpu: Option<Duration>,
-    pub envoy_cpu: Duration,
+    /// CPU time of the routing process: the EPP, or the peer router (None for Envoy
+    /// round-robin, which has none).
+    pub router_cpu: Option<Duration>,
+    /// CPU time of Envoy (None for the peers, which have no Envoy in front).
+    pub envoy_cpu: Option<Duration>,
     /// This process: the load generator and the simulated workers.
     pub bench_cpu: Duration,
 }
 
+fn add_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (None, b) => b,
+        (a, None) => a,
+    }
+}
+
 impl PathRun {
-    fn add(&mut self, load: &LoadResult, epp: Option<Duration>, envoy: Duration, bench: Duration) {
+    fn add(&mut self, load: &LoadResult, router: Option<Duration>, envoy: Option<Duration>, bench: Duration) {
         self.load.merge(load);
-        self.epp_cpu = match (self.epp_cpu, epp) {
-            (Some(a), Some(b)) => Some(a + b),
-            (None, b) => b,
-            (a, None) => a,
-        };
-        self.envoy_cpu += envoy;
+        self.router_cpu = add_opt(self.router_cpu, router);
+        self.envoy_cpu = add_opt(self.envoy_cpu, envoy);
         self.bench_cpu += bench;
     }
 
@@ -74,22 +94,66 @@ impl PathRun {
     }
 }
 
+/// The paths compared, in the order they run within a half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// Envoy (config/envoy.yaml) → ext_proc over TLS → EPP.
+    EppOurs,
+    /// Envoy (the upstream guide's envoy.yaml: full duplex both ways, plaintext) → EPP.
+    EppGuide,
+    RoundRobin,
+    Peer(PeerKind),
+}
+
+impl PathKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            PathKind::EppOurs => "EPP, config/envoy.yaml",
+            PathKind::EppGuide => "EPP, guide's envoy.yaml",
+            PathKind::RoundRobin => "Envoy round-robin",
+            PathKind::Peer(PeerKind::Sglang) => "sglang-router cache_aware",
+            PathKind::Peer(PeerKind::Vllm) => "vllm-router cache_aware",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ShapeRun {
     pub name: String,
-    pub epp: PathRun,
-    pub round_robin: PathRun,
+    pub paths: Vec<(PathKind, PathRun)>,
+}
+
+impl ShapeRun {
+    pub fn path(&self, kind: PathKind) -> Option<&PathRun> {
+        self.paths.iter().find(|(k, _)| *k == kind).map(|(_, r)| r)
+    }
+
+    /// `kind`'s throughput over round-robin's.
+    pub fn throughput_ratio(&self, kind: PathKind) -> Option<f64> {
+        let (a, b) = (self.path(kind)?, self.path(PathKind::RoundRobin)?);
+        Some(a.load.throughput() / b.load.throughput())
+    }
 }
 
 #[derive(Clone)]
 pub struct E2eResults {
     pub options: E2eOptions,
-    /// Whether Envoy reached the EPP over TLS.
+    /// Whether Envoy reached the EPP over TLS with our config.
     pub tls: bool,
     pub shapes: Vec<ShapeRun>,
+    /// Peers that could not run (not installed) and why.
+    pub skipped: Vec<String>,
 }
 
-/// Runs both paths over every shape; `progress` hears one line per shape.
+/// A running path: where to send, and the processes whose CPU counts.
+struct Path<'a> {
+    kind: PathKind,
+    url: String,
+    router: Option<&'a Process>,
+    envoy: Option<&'a Process>,
+}
+
+/// Runs every path over every shape; `progress` hears one line per shape.
 pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(String)) -> Result<E2eResults, StackError> {
     let scratch = Scratch::new("e2e")?;
     let base = sim::SimConfig { time_scale: 0.0, ..Default::default() };
@@ -98,7 +162,44 @@ pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(Stri
     let config = epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()));
     let epp = Epp::start(setup, &scratch, &config).await?;
     let via_epp = Envoy::ext_proc(setup, &scratch, epp.grpc_port).await?;
+    // The guide runs the EPP with --secure-serving=false behind its own Envoy config.
+    let guide_scratch = Scratch::new("e2e-guide")?;
+    let epp_plain =
+        Epp::start_with(&setup.epp, &guide_scratch, &config, &EppOptions { plaintext: true, ..Default::default() })
+            .await?;
+    let via_guide = Envoy::ext_proc_with(&setup.envoy, &guide_scratch, epp_plain.grpc_port, Bootstrap::Guide).await?;
     let via_rr = Envoy::round_robin(setup, &scratch, &workers).await?;
+    let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    if opts.peers {
+        for kind in PeerKind::ALL {
+            if !kind.available() {
+                skipped.push(format!("{} is not installed", kind.name()));
+                continue;
+            }
+            peers.push(Peer::start(kind, "cache_aware", &addrs, &scratch).await?);
+        }
+    }
+    let path = "/v1/chat/completions";
+    let mut paths = vec![
+        Path {
+            kind: PathKind::EppOurs,
+            url: via_epp.url(path),
+            router: Some(&epp.process),
+            envoy: Some(&via_epp.process),
+        },
+        Path {
+            kind: PathKind::EppGuide,
+            url: via_guide.url(path),
+            router: Some(&epp_plain.process),
+            envoy: Some(&via_guide.process),
+        },
+        Path { kind: PathKind::RoundRobin, url: via_rr.url(path), router: None, envoy: Some(&via_rr.process) },
+    ];
+    for p in &peers {
+        paths.push(Path { kind: PathKind::Peer(p.kind), url: p.url(path), router: Some(&p.process), envoy: None });
+    }
 
     // Distinct prompts over a few shared system prompts, as real traffic: identical
     // prompts would all stick to one worker through the prefix scorer.
@@ -115,75 +216,84 @@ pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(Stri
         let bodies = bodies.clone();
         Arc::new(move |k| bodies[(k % bodies.len() as u64) as usize].clone())
     };
-    let target = |envoy: &Envoy, clients: usize| Target {
+    let target = |url: &str, clients: usize| Target {
         client: load::client(clients),
-        url: envoy.url("/v1/chat/completions"),
+        url: url.to_string(),
         body: body.clone(),
         stream: false,
         record_from: 0,
     };
 
-    for envoy in [&via_epp, &via_rr] {
+    for p in &paths {
         let warm = Shape::Requests { clients: 4, total: opts.warmup_requests };
-        let r = load::run(&target(envoy, 4), warm).await;
+        let r = load::run(&target(&p.url, 4), warm).await;
         if r.errors > 0 {
-            return Err(StackError::Setup(format!("warm-up failed: {}", r.first_error.unwrap_or_default())));
+            return Err(StackError::Setup(format!(
+                "warm-up of {} failed: {}",
+                p.kind.label(),
+                r.first_error.unwrap_or_default()
+            )));
         }
     }
 
     let mut shapes = Vec::new();
     let serial = Shape::Clients { clients: 1, duration: opts.half };
-    shapes.push(run_shape("1 client (closed loop)", serial, 1, &epp, &via_epp, &via_rr, &target).await?);
+    shapes.push(run_shape("1 client (closed loop)", serial, 1, &paths, &target).await?);
     progress(describe(shapes.last()));
     let many = Shape::Clients { clients: opts.clients, duration: opts.half };
     let name = format!("{} clients (closed loop)", opts.clients);
-    shapes.push(run_shape(&name, many, opts.clients, &epp, &via_epp, &via_rr, &target).await?);
+    shapes.push(run_shape(&name, many, opts.clients, &paths, &target).await?);
     progress(describe(shapes.last()));
-    let slower = shapes[1].epp.load.throughput().min(shapes[1].round_robin.load.throughput());
+    let slower = shapes[1].paths.iter().map(|(_, r)| r.load.throughput()).fold(f64::INFINITY, f64::min);
     let per_sec = (slower * opts.rate_fraction).max(10.0).round();
     let rate = Shape::Rate { per_sec, duration: opts.half };
     let name = format!("{per_sec:.0} req/s (open loop)");
-    shapes.push(run_shape(&name, rate, opts.clients, &epp, &via_epp, &via_rr, &target).await?);
+    shapes.push(run_shape(&name, rate, opts.clients, &paths, &target).await?);
     progress(describe(shapes.last()));
     let tls = crate::stack::ext_proc_uses_tls() && !setup.plaintext_ext_proc;
-    Ok(E2eResults { options: opts.clone(), tls, shapes })
+    Ok(E2eResults { options: opts.clone(), tls, shapes, skipped })
 }
 
 fn describe(s: Option<&ShapeRun>) -> String {
     let Some(s) = s else { return String::new() };
-    format!(
-        "e2e: {}: EPP {:.0} req/s p50 {} | round-robin {:.0} req/s p50 {}",
-        s.name,
-        s.epp.load.throughput(),
-        crate::latency::fmt_duration(s.epp.load.latency.summary().p50),
-        s.round_robin.load.throughput(),
-        crate::latency::fmt_duration(s.round_robin.load.latency.summary().p50),
-    )
+    let parts: Vec<String> = s
+        .paths
+        .iter()
+        .map(|(k, r)| {
+            format!(
+                "{} {:.0} req/s p50 {}",
+                k.label(),
+                r.load.throughput(),
+                crate::latency::fmt_duration(r.load.latency.summary().p50)
+            )
+        })
+        .collect();
+    format!("e2e: {}: {}", s.name, parts.join(" | "))
 }
 
 async fn run_shape(
     name: &str,
     shape: Shape,
     clients: usize,
-    epp: &Epp,
-    via_epp: &Envoy,
-    via_rr: &Envoy,
-    target: &impl Fn(&Envoy, usize) -> Target,
+    paths: &[Path<'_>],
+    target: &impl Fn(&str, usize) -> Target,
 ) -> Result<ShapeRun, StackError> {
-    let mut run = ShapeRun { name: name.into(), epp: PathRun::default(), round_robin: PathRun::default() };
+    let mut run = ShapeRun {
+        name: name.into(),
+        paths: paths.iter().map(|p| (p.kind, PathRun { label: p.kind.label().into(), ..Default::default() })).collect(),
+    };
     let me = std::process::id();
     // One client per path for both halves: connections stay warm between them.
-    let (t_epp, t_rr) = (target(via_epp, clients), target(via_rr, clients));
+    let targets: Vec<Target> = paths.iter().map(|p| target(&p.url, clients)).collect();
+    let cpu = |p: Option<&Process>| -> Result<Option<Duration>, StackError> { p.map(|p| p.cpu_time()).transpose() };
     for _half in 0..2 {
-        let (e0, v0, b0) = (epp.process.cpu_time()?, via_epp.process.cpu_time()?, cpu_time(me)?);
-        let r = load::run(&t_epp, shape).await;
-        let (e1, v1, b1) = (epp.process.cpu_time()?, via_epp.process.cpu_time()?, cpu_time(me)?);
-        run.epp.add(&r, Some(e1.saturating_sub(e0)), v1.saturating_sub(v0), b1.saturating_sub(b0));
-
-        let (v0, b0) = (via_rr.process.cpu_time()?, cpu_time(me)?);
-        let r = load::run(&t_rr, shape).await;
-        let (v1, b1) = (via_rr.process.cpu_time()?, cpu_time(me)?);
-        run.round_robin.add(&r, None, v1.saturating_sub(v0), b1.saturating_sub(b0));
+        for (i, p) in paths.iter().enumerate() {
+            let (r0, e0, b0) = (cpu(p.router)?, cpu(p.envoy)?, cpu_time(me)?);
+            let r = load::run(&targets[i], shape).await;
+            let (r1, e1, b1) = (cpu(p.router)?, cpu(p.envoy)?, cpu_time(me)?);
+            let diff = |a: Option<Duration>, b: Option<Duration>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
+            run.paths[i].1.add(&r, diff(r0, r1), diff(e0, e1), b1.saturating_sub(b0));
+        }
     }
     Ok(run)
 }

@@ -12,6 +12,7 @@ pub mod latency;
 pub mod load;
 pub mod micro;
 pub mod native;
+pub mod precise;
 pub mod quality;
 pub mod report;
 pub mod workload;

@@ -81,6 +81,8 @@ pub enum MicroError {
     Schedule { build: &'static str, endpoints: usize, error: String },
     #[error("parsing a {0}-byte body failed: {1}")]
     Parse(usize, String),
+    #[error("precise prefix costs: {0}")]
+    Precise(String),
 }
 
 /// One (pool size, prompt size) cell: the whole decision in both builds.
@@ -131,6 +133,8 @@ pub struct MicroResults {
     pub plugins: Vec<PluginCost>,
     pub calls: Vec<CallCost>,
     pub parse: Vec<ParseCost>,
+    /// Precise prefix routing: tokenization, index lookup and memory.
+    pub precise: Option<crate::precise::PreciseCosts>,
 }
 
 /// What one build's decisions in one cell recorded.
@@ -201,6 +205,16 @@ pub fn run(opts: &MicroOptions, progress: &mut dyn FnMut(String)) -> Result<Micr
         ));
         results.parse.push(cost);
     }
+    let precise = crate::precise::run(&opts.prompt_bytes, opts.parse_budget).map_err(MicroError::Precise)?;
+    if let Some(big) = precise.tokenize.iter().max_by_key(|t| t.prompt_bytes) {
+        progress(format!(
+            "micro: precise: tokenize {} ({}): p50 {}",
+            crate::report::fmt_bytes(big.prompt_bytes),
+            big.tokenizer,
+            crate::latency::fmt_duration(big.summary.p50)
+        ));
+    }
+    results.precise = Some(precise);
     Ok(results)
 }
 

@@ -2,7 +2,8 @@
 //! cache each) behind every router an operator could choose — Envoy + EPP with the default
 //! profile, Envoy + EPP with the upstream guide's config (with and without autoTune, to show
 //! what it brings), `sglang-router` and `vllm-router` (their default `cache_aware` policy,
-//! from PyPI), and Envoy round-robin — on the workloads of `epp replay` (the very same request
+//! from PyPI), Envoy + EPP on precise prefix matches (the workers publish their KV-cache
+//! events as vLLM does), and Envoy round-robin — on the workloads of `epp replay` (the very same request
 //! lists, sent open-loop at their arrival times): shared system prompts, multi-turn chat with
 //! growing histories and more conversations than the caches hold, and unique prompts of
 //! mixed lengths (pure load balancing).
@@ -106,14 +107,17 @@ pub enum RouterKind {
     EppGuide,
     /// The guide's config with autoTune off: the prefix index sized as before it existed.
     EppGuideNoAutoTune,
+    /// Envoy + EPP on `config/precise.yaml`: the workers publish their KV-cache events.
+    EppPrecise,
     Peer(PeerKind),
     /// Envoy round-robin, no EPP.
     RoundRobin,
 }
 
 impl RouterKind {
-    pub const ALL: [RouterKind; 6] = [
+    pub const ALL: [RouterKind; 7] = [
         RouterKind::EppDefault,
+        RouterKind::EppPrecise,
         RouterKind::EppGuide,
         RouterKind::EppGuideNoAutoTune,
         RouterKind::Peer(PeerKind::Sglang),
@@ -127,6 +131,7 @@ impl RouterKind {
             RouterKind::EppDefault => "default",
             RouterKind::EppGuide => "guide",
             RouterKind::EppGuideNoAutoTune => "guide-no-autotune",
+            RouterKind::EppPrecise => "precise",
             RouterKind::Peer(PeerKind::Sglang) => "sglang",
             RouterKind::Peer(PeerKind::Vllm) => "vllm",
             RouterKind::RoundRobin => "round-robin",
@@ -138,6 +143,7 @@ impl RouterKind {
             RouterKind::EppDefault => "EPP, default profile",
             RouterKind::EppGuide => "EPP, upstream guide config",
             RouterKind::EppGuideNoAutoTune => "EPP, guide config, autoTune off",
+            RouterKind::EppPrecise => "EPP, precise (KV events)",
             RouterKind::Peer(PeerKind::Sglang) => "sglang-router cache_aware",
             RouterKind::Peer(PeerKind::Vllm) => "vllm-router cache_aware",
             RouterKind::RoundRobin => "Envoy round-robin",
@@ -149,6 +155,7 @@ impl RouterKind {
         match self {
             RouterKind::EppDefault => Some("baseline"),
             RouterKind::EppGuide => Some("guide"),
+            RouterKind::EppPrecise => Some("precise"),
             RouterKind::Peer(_) => Some("cache-aware"),
             RouterKind::RoundRobin => Some("round-robin"),
             RouterKind::EppGuideNoAutoTune => None,
@@ -162,6 +169,7 @@ pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path) -> Option<Strin
     match kind {
         RouterKind::EppDefault => Some(epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &path)),
         RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
+        RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &path)),
         RouterKind::EppGuideNoAutoTune => {
             Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path).replace(
                 "  - type: prefix-cache-scorer\n",
@@ -299,7 +307,11 @@ async fn run_one(
 ) -> Result<RouterRun, StackError> {
     let scratch = Scratch::new("quality")?;
     let model = sim::ModelParams { num_gpu_blocks: spec.num_gpu_blocks, ..opts.model.clone() };
-    let base = sim::SimConfig { time_scale: 1.0, model, ..Default::default() };
+    let mut base = sim::SimConfig { time_scale: 1.0, model, ..Default::default() };
+    if router == RouterKind::EppPrecise {
+        // Every worker publishes its events on ports of its own (named by endpoint labels).
+        base.kv_events = Some(sim::KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
+    }
     let workers = Workers::spawn(opts.workers, &base).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
@@ -465,7 +477,9 @@ mod tests {
     #[test]
     fn every_epp_router_has_a_valid_config_reading_the_endpoints_given() {
         let path = std::path::Path::new("/tmp/e.yaml");
-        for kind in [RouterKind::EppDefault, RouterKind::EppGuide, RouterKind::EppGuideNoAutoTune] {
+        for kind in
+            [RouterKind::EppDefault, RouterKind::EppGuide, RouterKind::EppGuideNoAutoTune, RouterKind::EppPrecise]
+        {
             let text = epp_config(kind, path).expect("an EPP config");
             let config = epp::config::PickerConfig::parse(&text, None).expect("parses");
             let discovery = config.discovery().expect("discovery");
@@ -475,8 +489,12 @@ mod tests {
                 .iter()
                 .find(|p| p.type_name == "approx-prefix-cache-producer")
                 .map(|p| p.parameters.get("autoTune").cloned());
+            if kind == RouterKind::EppPrecise {
+                assert!(config.plugins.iter().any(|p| p.type_name == "precise-prefix-cache-producer"));
+                continue;
+            }
             let off = kind == RouterKind::EppGuideNoAutoTune;
-            assert_eq!(auto_tune, Some(off.then(|| serde_json::json!(false))), "{kind:?}");
+            assert_eq!(auto_tune, Some(off.then_some(serde_json::json!(false))), "{kind:?}");
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct Request {
     pub user: Option<String>,
     /// The client asked for a streamed response (its headers come at once).
     pub stream: bool,
+    /// Chat requests: the `messages` array as sent (JSON), for the host's tokenizer, which
+    /// renders the model's chat template as the engine does.
+    pub messages: Option<std::sync::Arc<str>>,
 }
 
 /// Bytes counted as one token when no tokenizer is configured (the usual rule of thumb for

@@ -9,6 +9,7 @@ pub mod experiment;
 pub mod ext_proc;
 pub mod flow;
 pub mod health;
+pub mod kv_events;
 pub mod loader;
 pub mod metrics_scrape;
 pub mod probe;

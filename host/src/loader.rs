@@ -20,6 +20,7 @@ use epp_core::scheduler::Admission;
 use epp_core::{PluginHandle, ProfileError, Scheduler, SchedulerProfile, Variant, WeightedScorer};
 
 use crate::config::{PickerConfig, PluginSpec, ProfileSpec};
+use crate::kv_events::KvEvents;
 use crate::wasm::{LoadError, WasmRuntime, embedded};
 
 /// The picker used when a profile lists none.
@@ -39,6 +40,8 @@ pub enum BuildError {
     SeveralPickers { profile: String, first: String, second: String },
     #[error(transparent)]
     Profile(Box<ProfileError>),
+    #[error("plugin `{plugin}`: {error}")]
+    Configure { plugin: String, error: String },
 }
 
 impl From<ProfileError> for BuildError {
@@ -51,9 +54,22 @@ impl From<ProfileError> for BuildError {
 #[derive(Clone, Default)]
 pub struct PluginSet {
     by_key: HashMap<u64, PluginHandle>,
+    /// The KV-event hub a precise prefix producer feeds from (the server's, kept across
+    /// reloads; a standalone one is made when a build needs one and none is given).
+    kv_events: Option<Arc<KvEvents>>,
 }
 
 impl PluginSet {
+    /// An empty set whose builds use `hub` for precise prefix routing.
+    pub fn with_kv_events(hub: Arc<KvEvents>) -> PluginSet {
+        PluginSet { by_key: HashMap::new(), kv_events: Some(hub) }
+    }
+
+    /// The KV-event hub, when the set has one.
+    pub fn kv_events(&self) -> Option<&Arc<KvEvents>> {
+        self.kv_events.as_ref()
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
@@ -135,7 +151,7 @@ pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHan
 /// Builds everything the config runs (one profile, or every variant of its experiment),
 /// reusing unchanged plugins from `previous`.
 pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet) -> Result<Built, BuildError> {
-    let mut next = PluginSet::default();
+    let mut next = PluginSet { by_key: HashMap::new(), kv_events: previous.kv_events.clone() };
     let mut loaded = Vec::new();
     let scheduler = match &config.experiment {
         None => {
@@ -189,6 +205,14 @@ fn build_one(
         let Some(spec) = config.plugin(&entry.plugin_ref) else {
             continue;
         };
+        if spec.type_name == crate::kv_events::PRECISE_TYPE {
+            // The host's side of precise routing runs first: it turns the engines' events
+            // into the columns the component reads.
+            let hub = next.kv_events.get_or_insert_with(|| KvEvents::new(None)).clone();
+            hub.configure(&spec.parameters, config.base_dir.as_deref())
+                .map_err(|error| BuildError::Configure { plugin: spec.name.clone(), error })?;
+            producers.push(Arc::new(crate::kv_events::KvEventsProducer::new(hub)) as Arc<dyn epp_core::ProducerPlugin>);
+        }
         match load_or_reuse(runtime, owner, spec, previous, next, loaded)? {
             PluginHandle::Producer(p) => producers.push(p),
             PluginHandle::Filter(f) => filters.push(f),

@@ -139,6 +139,10 @@ struct Flags {
     /// After SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Bind the listeners with SO_REUSEPORT, so a replacement EPP can start on the same
+    /// ports while this one still serves (see docs/reliability.md, "Replacing the EPP").
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    reuse_port: bool,
     /// Name of the pool (a label on logs and metrics here).
     #[arg(long, default_value = "epp")]
     pool_name: String,
@@ -238,6 +242,7 @@ fn main() -> anyhow::Result<()> {
         secure_serving: flags.secure_serving,
         cert_path: flags.cert_path,
         drain_timeout: flags.drain_timeout,
+        reuse_port: flags.reuse_port,
         pool_name: flags.pool_name,
         pool_namespace: flags.pool_namespace,
         health: epp::health::HealthConfig {

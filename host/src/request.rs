@@ -43,6 +43,8 @@ pub struct InferenceRequest {
     /// The client's cap on generated tokens (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`).
     pub max_tokens: Option<u32>,
+    /// Chat requests: the `messages` array as sent (JSON).
+    pub messages: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -128,7 +130,12 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestErro
         .iter()
         .find_map(|k| obj.get(*k).and_then(Value::as_u64))
         .map(|n| n.min(u64::from(u32::MAX)) as u32);
-    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user, max_tokens })
+    // Chat messages as sent, for a tokenizer that renders the model's chat template.
+    let messages = match kind {
+        ApiKind::ChatCompletions => obj.get("messages").map(|m| std::sync::Arc::from(m.to_string())),
+        _ => None,
+    };
+    Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user, max_tokens, messages })
 }
 
 /// The scheduler's view of a request: its id, headers (lower-case names) and, when it had
@@ -154,6 +161,7 @@ pub fn for_scheduling(id: &str, headers: &[(String, String)], parsed: Option<Inf
             max_tokens: r.max_tokens,
             user: r.user,
             stream: r.stream,
+            messages: r.messages,
             ..base
         },
     }

@@ -61,6 +61,8 @@ pub struct Options {
     pub cert_path: Option<PathBuf>,
     /// After a shutdown signal, how long in-flight streams may take to finish.
     pub drain_timeout: std::time::Duration,
+    /// Bind with SO_REUSEPORT (a replacement process can bind the same ports).
+    pub reuse_port: bool,
     pub pool_name: String,
     pub pool_namespace: String,
     /// The passive breaker's settings.
@@ -109,9 +111,11 @@ pub fn load_config(source: &ConfigSource) -> Result<(PickerConfig, Option<PathBu
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
     let (config, base_dir) = load_config(&opts.config)?;
     let runtime = if opts.wasm_disk_cache { WasmRuntime::with_disk_cache()? } else { WasmRuntime::new()? };
-    let built = loader::build(&runtime, &config, &loader::PluginSet::default())?;
-    let datastore = Arc::new(Datastore::new());
     let telemetry = Telemetry::new(&opts.pool_name);
+    // Precise prefix routing's event intake; idle unless a config uses it (kept across reloads).
+    let kv_events = crate::kv_events::KvEvents::new(Some(telemetry.clone()));
+    let built = loader::build(&runtime, &config, &loader::PluginSet::with_kv_events(kv_events.clone()))?;
+    let datastore = Arc::new(Datastore::new());
     let first = crate::routing::Built::new(built.scheduler, &telemetry).with_flow(config.flow.clone());
     let mut router = Router::with_built(datastore.clone(), first, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
@@ -119,6 +123,25 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     router.set_health(opts.health.clone());
     let router = Arc::new(router);
     let flow = router.start_flow_control();
+    tokio::spawn({
+        let (hub, datastore) = (kv_events.clone(), datastore.clone());
+        async move {
+            // Subscriptions follow the pool (a no-op until a config turns precise routing on).
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            let mut seen = u64::MAX;
+            let mut configured = false;
+            loop {
+                tick.tick().await;
+                let pool = datastore.snapshot();
+                let now_configured = hub.settings().is_some();
+                if pool.generation != seen || now_configured != configured {
+                    hub.sync_pool(&pool);
+                    seen = pool.generation;
+                    configured = now_configured;
+                }
+            }
+        }
+    });
     if config.flow.enabled {
         info!(bands = ?config.flow.bands.iter().map(|b| b.priority).collect::<Vec<_>>(), "flow control on");
     }
@@ -214,9 +237,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let grpc_addr = SocketAddr::new(opts.bind, opts.grpc_port);
     let health_addr = SocketAddr::new(opts.bind, opts.grpc_health_port);
     let metrics_addr = SocketAddr::new(opts.metrics_bind, opts.metrics_port);
-    let grpc_listener = bind(grpc_addr).await?;
-    let health_listener = bind(health_addr).await?;
-    let metrics_listener = bind(metrics_addr).await?;
+    let grpc_listener = bind(grpc_addr, opts.reuse_port)?;
+    let health_listener = bind(health_addr, opts.reuse_port)?;
+    let metrics_listener = bind(metrics_addr, opts.reuse_port)?;
     info!(
         ext_proc = %grpc_listener.local_addr().unwrap_or(grpc_addr),
         health = %health_listener.local_addr().unwrap_or(health_addr),
@@ -229,6 +252,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop_rx_main = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Health checkers (Envoy's, a replacement's operator) see the drain at once.
+        for service in ["", ext_proc::SERVICE_NAME] {
+            health.set_service_status(service, ServingStatus::NotServing).await;
+        }
         stop_tx.send_replace(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -303,8 +330,18 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     Ok(())
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|error| ServerError::Bind { addr, error })
+/// A listener on `addr`; with `reuse_port`, shared with other processes that bound it the
+/// same way (the kernel spreads new connections over them).
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<tokio::net::TcpListener, ServerError> {
+    let err = |error| ServerError::Bind { addr, error };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    if reuse_port {
+        socket.set_reuseport(true).map_err(err)?;
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
 }
 
 /// The server identity: `tls.crt` + `tls.key` from `cert_path`, or a fresh self-signed

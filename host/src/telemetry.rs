@@ -75,6 +75,13 @@ pub struct Telemetry {
     flow_requests: IntCounterVec,
     flow_saturation: GaugeVec,
     flow_dispatch_cycle: Histogram,
+    kv_messages: IntCounterVec,
+    kv_gaps: IntCounterVec,
+    kv_replays: IntCounterVec,
+    kv_malformed: IntCounterVec,
+    kv_skipped: IntCounterVec,
+    kv_index_blocks: IntGaugeVec,
+    kv_lag: GaugeVec,
 }
 
 /// Flow-control queue-wait buckets (seconds), upstream's.
@@ -312,6 +319,40 @@ impl Telemetry {
                 "Duration of one flow-control dispatch cycle.",
                 CYCLE_BUCKETS,
             ))),
+            kv_messages: must(IntCounterVec::new(
+                opts("llm_d_epp_kv_cache_events_messages_received_total", "KV-event messages received, by endpoint."),
+                &["endpoint"],
+            )),
+            kv_gaps: must(IntCounterVec::new(
+                opts("llm_d_epp_kv_cache_events_gaps_total", "Gaps in an endpoint's KV-event sequence numbers."),
+                &["endpoint"],
+            )),
+            kv_replays: must(IntCounterVec::new(
+                opts("llm_d_epp_kv_cache_events_replays_total", "KV-event replays asked for, by outcome (ok, failed)."),
+                &["endpoint", "outcome"],
+            )),
+            kv_malformed: must(IntCounterVec::new(
+                opts("llm_d_epp_kv_cache_events_malformed_total", "KV-event messages that did not decode (dropped)."),
+                &["endpoint"],
+            )),
+            kv_skipped: must(IntCounterVec::new(
+                opts(
+                    "llm_d_epp_kv_cache_events_stores_skipped_total",
+                    "Stored blocks not indexed: unknown parent, another tier or KV-group kind, not dense, index full.",
+                ),
+                &["endpoint"],
+            )),
+            kv_index_blocks: must(IntGaugeVec::new(
+                opts("llm_d_epp_kv_cache_index_blocks", "Blocks the precise prefix index holds, by endpoint."),
+                &["endpoint"],
+            )),
+            kv_lag: must(GaugeVec::new(
+                opts(
+                    "llm_d_epp_kv_cache_events_lag_seconds",
+                    "Age of the newest KV event applied when it was applied (engine timestamp to now).",
+                ),
+                &["endpoint"],
+            )),
             registry,
         };
         for c in t.collectors() {
@@ -362,6 +403,13 @@ impl Telemetry {
             Box::new(self.flow_requests.clone()),
             Box::new(self.flow_saturation.clone()),
             Box::new(self.flow_dispatch_cycle.clone()),
+            Box::new(self.kv_messages.clone()),
+            Box::new(self.kv_gaps.clone()),
+            Box::new(self.kv_replays.clone()),
+            Box::new(self.kv_malformed.clone()),
+            Box::new(self.kv_skipped.clone()),
+            Box::new(self.kv_index_blocks.clone()),
+            Box::new(self.kv_lag.clone()),
         ]
     }
 
@@ -451,6 +499,34 @@ impl Telemetry {
 
     pub fn flow_dispatch_cycle(&self, elapsed: Duration) {
         self.flow_dispatch_cycle.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn kv_events_message(&self, endpoint: &str) {
+        self.kv_messages.with_label_values(&[endpoint]).inc();
+    }
+
+    pub fn kv_events_gap(&self, endpoint: &str) {
+        self.kv_gaps.with_label_values(&[endpoint]).inc();
+    }
+
+    pub fn kv_events_replay(&self, endpoint: &str, outcome: &str) {
+        self.kv_replays.with_label_values(&[endpoint, outcome]).inc();
+    }
+
+    pub fn kv_events_malformed(&self, endpoint: &str) {
+        self.kv_malformed.with_label_values(&[endpoint]).inc();
+    }
+
+    pub fn kv_events_skipped(&self, endpoint: &str, n: u64) {
+        self.kv_skipped.with_label_values(&[endpoint]).inc_by(n);
+    }
+
+    pub fn kv_index_blocks(&self, endpoint: &str, blocks: usize) {
+        self.kv_index_blocks.with_label_values(&[endpoint]).set(blocks.min(i64::MAX as usize) as i64);
+    }
+
+    pub fn kv_events_lag(&self, endpoint: &str, seconds: f64) {
+        self.kv_lag.with_label_values(&[endpoint]).set(seconds);
     }
 
     /// Counts an ejection of `endpoint` by the passive breaker.

@@ -33,6 +33,18 @@ pub struct SimConfig {
     pub model: ModelParams,
     pub metrics_mode: FaultMode,
     pub requests_mode: FaultMode,
+    /// Publish KV-cache events as vLLM does (`--kv-events-config`), when set.
+    pub kv_events: Option<KvEventsConfig>,
+}
+
+/// Where KV-cache events are published (vLLM's `endpoint`, `replay_endpoint`, `topic`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvEventsConfig {
+    /// PUB port on the worker's host; 0 picks a free one ([`crate::SimHandle::kv_events_ports`]).
+    pub port: u16,
+    /// ROUTER replay port; 0 picks a free one; None: no replay.
+    pub replay_port: Option<u16>,
+    pub topic: String,
 }
 
 impl Default for SimConfig {
@@ -47,6 +59,7 @@ impl Default for SimConfig {
             model: ModelParams::default(),
             metrics_mode: FaultMode::Ok,
             requests_mode: FaultMode::Ok,
+            kv_events: None,
         }
     }
 }
@@ -160,6 +173,15 @@ pub struct Cli {
     /// Behaviour of the inference endpoints.
     #[arg(long, value_enum, default_value_t = FaultMode::Ok)]
     pub requests_mode: FaultMode,
+    /// Publish KV-cache events (ZMQ PUB) on this port, as vLLM's `--kv-events-config`.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// The replay (ZMQ ROUTER) port for missed events.
+    #[arg(long, requires = "kv_events_port")]
+    pub kv_events_replay_port: Option<u16>,
+    /// The events' topic.
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
     #[command(flatten)]
     pub model: ModelFlags,
 }
@@ -216,6 +238,11 @@ impl From<Cli> for SimConfig {
             model: cli.model.into(),
             metrics_mode: cli.metrics_mode,
             requests_mode: cli.requests_mode,
+            kv_events: cli.kv_events_port.map(|port| KvEventsConfig {
+                port,
+                replay_port: cli.kv_events_replay_port,
+                topic: cli.kv_events_topic,
+            }),
         }
     }
 }

@@ -31,6 +31,8 @@ pub type Events = mpsc::UnboundedReceiver<EventKind>;
 
 pub struct Engine {
     state: Mutex<Driver>,
+    /// Where the KV cache's events go, when they are published.
+    kv_events: Option<mpsc::UnboundedSender<crate::kv_publish::Batch>>,
     /// Wakes the ticker when work arrives so it can sleep until the new step's end.
     wake: Notify,
     time_scale: f64,
@@ -45,7 +47,18 @@ struct Driver {
 
 impl Engine {
     pub fn new(model: Model, time_scale: f64) -> Arc<Self> {
+        Engine::with_kv_events(model, time_scale, None)
+    }
+
+    /// Like `new`; the KV cache's events of every step are sent to `kv_events`.
+    pub fn with_kv_events(
+        mut model: Model,
+        time_scale: f64,
+        kv_events: Option<mpsc::UnboundedSender<crate::kv_publish::Batch>>,
+    ) -> Arc<Self> {
+        model.record_kv_events(kv_events.is_some());
         Arc::new(Engine {
+            kv_events,
             state: Mutex::new(Driver { model, subscribers: HashMap::new(), closed: false }),
             wake: Notify::new(),
             time_scale,
@@ -125,6 +138,15 @@ impl Engine {
         let mut events = d.model.advance(now);
         if self.time_scale == 0.0 {
             events.extend(d.model.run_until_idle());
+        }
+        if let Some(tx) = &self.kv_events {
+            let kv = d.model.drain_kv_events();
+            if !kv.is_empty() {
+                // vLLM stamps a batch with wall-clock time (what the EPP's lag metric reads).
+                let ts =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                let _ = tx.send(crate::kv_publish::Batch { ts, events: kv });
+            }
         }
         let mut gone = Vec::new();
         for event in events {

@@ -45,6 +45,26 @@ pub fn block_hashes(prompt: &[u8], block_bytes: usize, namespace: &[&[u8]]) -> V
         .collect()
 }
 
+/// What happened to the cache, as vLLM publishes it (`vllm/distributed/kv_events.py`):
+/// recorded when [`KvCache::record_events`] is on, drained with [`KvCache::drain_events`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvEvent {
+    /// New full blocks of one sequence, chained: `parent` is the hash of the block before the
+    /// first one (None at the start of a sequence); `tokens` are all their tokens.
+    Stored { hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32> },
+    /// Evicted blocks.
+    Removed { hashes: Vec<u64> },
+    /// Everything evicted (a reset).
+    Cleared,
+}
+
+/// The token ids of `prompt`'s full blocks as the simulator counts tokens: each 4 bytes, read
+/// little-endian, are one token (what the simulated `/tokenize` answers).
+pub fn pseudo_tokens(prompt: &[u8], full_blocks: usize, block_bytes: usize) -> Vec<u32> {
+    let end = (full_blocks * block_bytes).min(prompt.len());
+    prompt[..end].chunks_exact(BYTES_PER_TOKEN).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 /// Blocks held by one sequence; give it back with [`KvCache::release`].
 ///
 /// Not `Clone`: one allocation is released exactly once.
@@ -86,6 +106,8 @@ pub struct KvCache {
     /// Unhashed blocks held by sequences.
     private: usize,
     next_stamp: u64,
+    /// Events since the last drain, when recording.
+    events: Option<Vec<KvEvent>>,
 }
 
 // Invariant: entries.len() + private <= capacity, and every entry with refs == 0 is in
@@ -99,7 +121,18 @@ impl KvCache {
             referenced: 0,
             private: 0,
             next_stamp: 0,
+            events: None,
         }
+    }
+
+    /// Starts (or stops) recording what is stored and evicted.
+    pub fn record_events(&mut self, on: bool) {
+        self.events = on.then(Vec::new);
+    }
+
+    /// The events since the last drain (none when not recording).
+    pub fn drain_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn capacity(&self) -> usize {
@@ -132,6 +165,12 @@ impl KvCache {
     /// Takes the prompt blocks `hashes` (sharing cached ones) plus `private` fresh blocks, or
     /// returns `None` and changes nothing when they do not fit.
     pub fn allocate(&mut self, hashes: &[u64], private: usize) -> Option<Allocation> {
+        self.allocate_tokens(hashes, &[], private)
+    }
+
+    /// Like `allocate`; `tokens` are the tokens of the `hashes` blocks (all of the same
+    /// size), reported in the `Stored` events of the blocks this allocation adds.
+    pub fn allocate_tokens(&mut self, hashes: &[u64], tokens: &[u32], private: usize) -> Option<Allocation> {
         let cached_blocks = self.matched_prefix(hashes);
         // A block costs one free block unless some live sequence already references it.
         // A hash repeated within `hashes` is counted twice: conservative, and harmless.
@@ -142,12 +181,40 @@ impl KvCache {
         }
         // Leading hits are referenced before anything is inserted, so making room for the
         // new blocks can never evict the prefix this allocation is reusing.
+        let fresh: Vec<bool> = hashes.iter().map(|h| !self.entries.contains_key(h)).collect();
         for &hash in hashes {
             self.reference(hash);
+        }
+        if self.events.is_some() {
+            self.record_stored(hashes, &fresh, tokens);
         }
         self.make_room(private);
         self.private += private;
         Some(Allocation { hashes: hashes.to_vec(), private, cached_blocks })
+    }
+
+    /// One `Stored` event per run of consecutive blocks this allocation added.
+    fn record_stored(&mut self, hashes: &[u64], fresh: &[bool], tokens: &[u32]) {
+        let per_block = if hashes.is_empty() { 0 } else { tokens.len() / hashes.len() };
+        let mut i = 0;
+        while i < hashes.len() {
+            if !fresh[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < hashes.len() && fresh[i] {
+                i += 1;
+            }
+            let event = KvEvent::Stored {
+                hashes: hashes[start..i].to_vec(),
+                parent: start.checked_sub(1).map(|p| hashes[p]),
+                tokens: tokens.get(start * per_block..i * per_block).map(<[u32]>::to_vec).unwrap_or_default(),
+            };
+            if let Some(events) = self.events.as_mut() {
+                events.push(event);
+            }
+        }
     }
 
     /// Gives blocks back. Hashed blocks stay cached (and reusable) until evicted; the tail of
@@ -193,6 +260,9 @@ impl KvCache {
                 return;
             };
             self.entries.remove(&victim);
+            if let Some(events) = self.events.as_mut() {
+                events.push(KvEvent::Removed { hashes: vec![victim] });
+            }
         }
     }
 }
@@ -217,6 +287,34 @@ mod tests {
         longer.extend_from_slice(&[b'b'; 64]);
         assert_eq!(block_hashes(&longer, 64, &[b"m"])[..3], h[..], "a shared prefix shares hashes");
         assert!(block_hashes(&prompt, 0, &[]).is_empty());
+    }
+
+    #[test]
+    fn events_report_stores_with_their_parent_and_tokens_and_evictions() {
+        let mut kv = KvCache::new(4);
+        kv.record_events(true);
+        let a = kv.allocate_tokens(&[1, 2], &[10, 11, 20, 21], 0).expect("fits");
+        kv.release(a);
+        // Block 1 is cached: 3 and 4 are new, with 1 as their parent; then room for the
+        // private block is made by evicting the least recently released block (2).
+        let b = kv.allocate_tokens(&[1, 3, 4], &[10, 11, 30, 31, 40, 41], 1).expect("fits");
+        assert_eq!(
+            kv.drain_events(),
+            vec![
+                KvEvent::Stored { hashes: vec![1, 2], parent: None, tokens: vec![10, 11, 20, 21] },
+                KvEvent::Stored { hashes: vec![3, 4], parent: Some(1), tokens: vec![30, 31, 40, 41] },
+                KvEvent::Removed { hashes: vec![2] },
+            ]
+        );
+        kv.release(b);
+        assert!(kv.drain_events().is_empty());
+        let mut quiet = KvCache::new(4);
+        quiet.allocate(&[1], 0);
+        assert!(quiet.drain_events().is_empty(), "nothing recorded unless asked");
+        assert_eq!(
+            pseudo_tokens(b"abcdefgh-x", 1, 8),
+            vec![u32::from_le_bytes(*b"abcd"), u32::from_le_bytes(*b"efgh")]
+        );
     }
 
     #[test]

@@ -17,12 +17,13 @@ pub mod config;
 pub mod engine;
 pub mod fault;
 pub mod kv_cache;
+pub mod kv_publish;
 pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod server;
 
-pub use config::{Cli, ModelFlags, SimConfig};
+pub use config::{Cli, KvEventsConfig, ModelFlags, SimConfig};
 pub use fault::{FaultMode, FaultUpdate};
 pub use model::{Model, ModelParams};
 pub use server::{SimHandle, WORKER_HEADER, spawn};

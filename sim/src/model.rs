@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use thiserror::Error;
 
-use crate::kv_cache::{Allocation, BYTES_PER_TOKEN, KvCache, block_hashes};
+use crate::kv_cache::{Allocation, BYTES_PER_TOKEN, KvCache, KvEvent, block_hashes, pseudo_tokens};
 
 /// Parameters of the serving model. Defaults resemble a small model on one GPU.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +108,8 @@ pub struct ModelRequest {
     pub prompt_tokens: u32,
     /// Chained hashes of the prompt's full blocks (see `kv_cache::block_hashes`).
     pub block_hashes: Vec<u64>,
+    /// The tokens of those blocks (`kv_cache::pseudo_tokens`), for KV events.
+    pub block_tokens: std::sync::Arc<[u32]>,
     /// Tokens to generate; 0 for a prefill-only request (embeddings).
     pub max_tokens: u32,
     pub lora: Option<String>,
@@ -124,9 +126,12 @@ impl ModelRequest {
         lora: Option<String>,
     ) -> Self {
         let tokens = prompt.len().div_ceil(BYTES_PER_TOKEN).max(1);
+        let block_hashes = block_hashes(prompt, params.block_bytes(), namespace);
+        let block_tokens = pseudo_tokens(prompt, block_hashes.len(), params.block_bytes()).into();
         ModelRequest {
             prompt_tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
-            block_hashes: block_hashes(prompt, params.block_bytes(), namespace),
+            block_hashes,
+            block_tokens,
             max_tokens,
             lora,
         }
@@ -241,6 +246,16 @@ impl Model {
             next_id: 0,
             counters: Counters::default(),
         })
+    }
+
+    /// Starts recording the KV cache's stores and evictions (see `drain_kv_events`).
+    pub fn record_kv_events(&mut self, on: bool) {
+        self.kv.record_events(on);
+    }
+
+    /// What the KV cache stored and evicted since the last call.
+    pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
+        self.kv.drain_events()
     }
 
     pub fn params(&self) -> &ModelParams {
@@ -387,7 +402,7 @@ impl Model {
                 continue;
             }
             let private = self.blocks_for(&seq.req).saturating_sub(seq.req.block_hashes.len());
-            let Some(blocks) = self.kv.allocate(&seq.req.block_hashes, private) else {
+            let Some(blocks) = self.kv.allocate_tokens(&seq.req.block_hashes, &seq.req.block_tokens, private) else {
                 break; // FIFO: the head waits for space, and so does everyone behind it.
             };
             let Some(mut seq) = self.waiting.remove(i) else { break };

@@ -99,12 +99,18 @@ pub struct SimHandle {
     engine: Arc<Engine>,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    kv_events_ports: Option<(u16, Option<u16>)>,
 }
 
 impl SimHandle {
     /// The bound address (the real port when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The KV-event ports (PUB, replay) when events are published.
+    pub fn kv_events_ports(&self) -> Option<(u16, Option<u16>)> {
+        self.kv_events_ports
     }
 
     /// `http://<addr>`.
@@ -158,7 +164,21 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     let (stop, shutdown) = watch::channel(false);
-    let engine = Engine::new(model, config.time_scale);
+    let (engine, kv_events_ports) = match &config.kv_events {
+        None => (Engine::new(model, config.time_scale), None),
+        Some(kv) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let publish = crate::kv_publish::PublishConfig {
+                endpoint: format!("tcp://{}:{}", config.host, kv.port),
+                replay_endpoint: kv.replay_port.map(|p| format!("tcp://{}:{p}", config.host)),
+                topic: kv.topic.clone(),
+                block_size: u32::try_from(config.model.block_size).unwrap_or(u32::MAX),
+            };
+            let ports =
+                crate::kv_publish::start(publish, rx, shutdown.clone()).await.context("publishing KV events")?;
+            (Engine::with_kv_events(model, config.time_scale, Some(tx)), Some(ports))
+        }
+    };
     tokio::spawn(Arc::clone(&engine).run(shutdown.clone()));
     let handle_engine = Arc::clone(&engine);
     let faults = Arc::new(Faults::new(config.metrics_mode, config.requests_mode));
@@ -187,7 +207,15 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
             .await
     });
     tracing::info!(worker = %config.name, %addr, "sim worker listening");
-    Ok(SimHandle { addr, name: config.name, faults, engine: handle_engine, stop, server: Some(server) })
+    Ok(SimHandle {
+        addr,
+        name: config.name,
+        faults,
+        engine: handle_engine,
+        stop,
+        server: Some(server),
+        kv_events_ports,
+    })
 }
 
 fn router(app: Arc<App>, name: &str) -> anyhow::Result<Router> {

@@ -176,7 +176,9 @@ impl Workers {
         Ok(Workers { handles })
     }
 
-    /// The EPP's endpoints file listing every worker.
+    /// The EPP's endpoints file listing every worker; a worker that publishes KV-cache
+    /// events gets the labels naming its sockets (`kv-events-endpoint`,
+    /// `kv-events-replay-endpoint`).
     pub fn endpoints_yaml(&self) -> String {
         let mut text = String::from("endpoints:\n");
         for h in &self.handles {
@@ -185,6 +187,12 @@ impl Workers {
                 h.name(),
                 h.addr().port()
             ));
+            if let Some((events, replay)) = h.kv_events_ports() {
+                text.push_str(&format!("    labels:\n      kv-events-endpoint: \"tcp://127.0.0.1:{events}\"\n"));
+                if let Some(r) = replay {
+                    text.push_str(&format!("      kv-events-replay-endpoint: \"tcp://127.0.0.1:{r}\"\n"));
+                }
+            }
         }
         text
     }
@@ -337,6 +345,10 @@ pub struct EppOptions {
     pub log_filter: Option<String>,
     /// Serve ext_proc in plaintext (`--secure-serving=false`), as the upstream guide runs it.
     pub plaintext: bool,
+    /// A replacement for a running EPP on the same ports (both with `--reuse-port`): it
+    /// logs to `epp-<n>.log` and is ready when its own log says SERVING (the shared health
+    /// port may answer for the old process).
+    pub replacement: Option<u32>,
 }
 
 /// A running `epp`.
@@ -409,6 +421,16 @@ impl Epp {
             Some(filter) => cmd.env("RUST_LOG", filter),
             None => cmd.env_remove("RUST_LOG"),
         };
+        if let Some(n) = opts.replacement {
+            let log = scratch.log(&format!("epp-{n}.log"));
+            let mut process = Process::spawn("epp", &mut cmd, log.clone())?;
+            wait_until(&mut process, "the replacement EPP reporting SERVING", Duration::from_secs(90), || {
+                let log = log.clone();
+                async move { std::fs::read_to_string(&log).is_ok_and(|t| t.contains("health is SERVING")) }
+            })
+            .await?;
+            return Ok(Epp { process, grpc_port, health_port, metrics_port, config_path });
+        }
         let mut process = Process::spawn("epp", &mut cmd, scratch.log("epp.log"))?;
         wait_until(&mut process, "the EPP's gRPC health reporting SERVING", Duration::from_secs(90), || async move {
             health_status(health_port, "").await.as_deref() == Some("SERVING")

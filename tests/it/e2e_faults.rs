@@ -184,6 +184,72 @@ async fn sigterm_drains_streams_and_a_restart_serves_again() {
     assert_eq!(ok.worker.as_deref(), Some("w0"));
 }
 
+/// The documented single-EPP replace: a second EPP binds the same ports (`--reuse-port`),
+/// warms up and reports SERVING; then the old one gets SIGTERM, stops accepting, tells
+/// Envoy to go away (HTTP/2 GOAWAY) and drains. Envoy opens its next ext_proc connection
+/// to the new process. Under steady load from four clients, no request may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_epp_under_load_fails_no_request() {
+    let mut stack = Stack::start_full(2, EnvoyConfig::Ours, |_| {}, &["--reuse-port"]).await;
+    let stack_url = stack.url("/v1/completions");
+    let client = stack.client.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (client, url, stop) = (client.clone(), stack_url.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(completion(&format!("client {c} request {i}"), 2))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        ok += 1;
+                    }
+                    Ok(r) => failed.push(format!("HTTP {}: {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old = stack.start_replacement_epp(EnvoyConfig::Ours).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut old_process = old.process;
+    let status = tokio::task::spawn_blocking(move || old_process.terminate(Duration::from_secs(30)))
+        .await
+        .expect("join")
+        .expect("the old EPP exits after draining");
+    assert!(status.success(), "old EPP exit status {status:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.expect("client task");
+        ok += o;
+        failed.extend(f);
+    }
+    println!("replace under load: {ok} requests served, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "too little load to tell: {ok} requests");
+    let served_by_new = stack.replacement_log().matches("request routed").count();
+    assert!(served_by_new > 0, "the replacement EPP routed nothing");
+}
+
 /// A gray failure: w2 accepts requests and never answers, while its `/metrics` stays
 /// healthy. The guide's config has no in-flight accounting, so only the passive breaker
 /// can see it: after a handful of requests w2 is ejected, and once it heals (after the

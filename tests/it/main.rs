@@ -9,6 +9,7 @@ mod e2e_experiment;
 mod e2e_faults;
 mod e2e_flow;
 mod e2e_load;
+mod e2e_precise;
 mod e2e_reload;
 mod e2e_routing;
 mod ext_proc_wire;

@@ -75,4 +75,44 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn kv_event_decoder_never_panics(
+        raw in prop::collection::vec(any::<u8>(), 0..300),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in any::<prop::sample::Index>(),
+        hashes in prop::collection::vec(any::<u64>(), 0..4),
+        parent in any::<Option<u64>>(),
+        tokens in 0usize..80,
+    ) {
+        use epp::kv_events::decode::{Event, decode_batch};
+        use epp::kv_events::index::PreciseIndex;
+        use sim::kv_cache::KvEvent;
+        // A well-formed payload as the simulator (and vLLM) lays it out, then damaged.
+        let events = vec![
+            KvEvent::Stored { hashes: hashes.clone(), parent, tokens: vec![7; tokens] },
+            KvEvent::Removed { hashes: hashes.clone() },
+            KvEvent::Cleared,
+        ];
+        let good = sim::kv_publish::encode_batch(1.0, &events, 16, None);
+        prop_assert!(decode_batch(&good).is_ok());
+        let mut damaged = good.clone();
+        for (at, byte) in &flips {
+            let i = at.index(damaged.len());
+            damaged[i] = *byte;
+        }
+        let truncated = &good[..cut.index(good.len())];
+        let mut index = PreciseIndex::new(64);
+        for bytes in [raw.as_slice(), damaged.as_slice(), truncated] {
+            if let Ok(batch) = decode_batch(bytes) {
+                for e in &batch.events {
+                    if let Event::Stored(s) = e {
+                        prop_assert!(s.block_size > 0 || s.tokens.is_empty());
+                    }
+                }
+                let _ = index.apply(3, &batch.events);
+                prop_assert!(index.blocks(3) <= 64, "the index is bounded");
+            }
+        }
+    }
 }

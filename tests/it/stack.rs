@@ -76,7 +76,7 @@ pub struct Stack {
 }
 
 /// The EPP's log filter in tests: the per-request lines the tests read.
-const LOG_FILTER: &str = "info,epp::ext_proc=debug,epp::routing=debug,epp::flow=debug";
+const LOG_FILTER: &str = "info,epp::ext_proc=debug,epp::routing=debug,epp::flow=debug,epp::kv_events=debug";
 
 impl Stack {
     pub async fn start(workers: usize) -> Stack {
@@ -184,7 +184,12 @@ impl Stack {
         let config = std::fs::read_to_string(self.dir.join("epp-config.yaml")).expect("config");
         let mut args = vec!["--v=3".to_string(), "--refresh-prometheus-metrics-interval".into(), "200ms".into()];
         args.extend(self.epp_args.iter().cloned());
-        let opts = EppOptions { args, log_filter: Some(LOG_FILTER.into()), plaintext: envoy == EnvoyConfig::Guide };
+        let opts = EppOptions {
+            args,
+            log_filter: Some(LOG_FILTER.into()),
+            plaintext: envoy == EnvoyConfig::Guide,
+            replacement: None,
+        };
         let bin = Path::new(env!("CARGO_BIN_EXE_epp")).to_path_buf();
         let ports = (self.epp_port != 0).then_some((self.epp_port, self.health_port, self.metrics_port));
         let epp = Epp::start_on(&bin, &self.scratch, &config, &opts, ports)
@@ -192,6 +197,32 @@ impl Stack {
             .unwrap_or_else(|e| panic!("start epp: {e}"));
         (self.epp_port, self.health_port, self.metrics_port) = (epp.grpc_port, epp.health_port, epp.metrics_port);
         self.epp = Some(epp);
+    }
+
+    /// Starts a second EPP on the same ports (the stack must run with `--reuse-port`),
+    /// waits until it serves, and returns the one it replaces (still running) for the
+    /// caller to stop.
+    pub async fn start_replacement_epp(&mut self, envoy: EnvoyConfig) -> Epp {
+        let config = std::fs::read_to_string(self.dir.join("epp-config.yaml")).expect("config");
+        let mut args = vec!["--v=3".to_string(), "--refresh-prometheus-metrics-interval".into(), "200ms".into()];
+        args.extend(self.epp_args.iter().cloned());
+        let opts = EppOptions {
+            args,
+            log_filter: Some(LOG_FILTER.into()),
+            plaintext: envoy == EnvoyConfig::Guide,
+            replacement: Some(2),
+        };
+        let bin = Path::new(env!("CARGO_BIN_EXE_epp")).to_path_buf();
+        let ports = Some((self.epp_port, self.health_port, self.metrics_port));
+        let epp = Epp::start_on(&bin, &self.scratch, &config, &opts, ports)
+            .await
+            .unwrap_or_else(|e| panic!("start the replacement epp: {e}"));
+        self.epp.replace(epp).expect("a running EPP to replace")
+    }
+
+    /// The log of the replacement EPP.
+    pub fn replacement_log(&self) -> String {
+        read(&self.scratch.log("epp-2.log"))
     }
 
     /// The EPP's process id.

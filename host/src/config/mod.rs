@@ -28,6 +28,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../config/epp-config.yaml")
 /// The upstream no-Kubernetes guide's config, unchanged (the older optimized baseline).
 pub const GUIDE_CONFIG: &str = include_str!("../../../config/guide/epp-config.yaml");
 
+/// The default profile on precise prefix matches from the engines' KV events.
+pub const PRECISE_CONFIG: &str = include_str!("../../../config/precise.yaml");
+
 /// The type of the prefix-index producer that prefix-aware plugins read from.
 pub const PREFIX_PRODUCER_TYPE: &str = "approx-prefix-cache-producer";
 /// The type of the producer of the EPP's own in-flight load.
@@ -73,6 +76,7 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("prefix-cache-affinity-filter", PluginKind::Scheduling),
     ("session-affinity-scorer", PluginKind::Scheduling),
     ("label-selector-filter", PluginKind::Scheduling),
+    ("precise-prefix-cache-producer", PluginKind::Scheduling),
     ("by-label-selector", PluginKind::Scheduling),
     ("file-discovery", PluginKind::Discovery),
     ("metrics-data-source", PluginKind::DataSource),
@@ -165,6 +169,8 @@ pub struct PickerConfig {
     pub flow: flow::FlowSpec,
     /// Things worth telling the operator (unknown keys, ignored sections).
     pub warnings: Vec<String>,
+    /// The config file's folder: relative paths in plugin parameters resolve against it.
+    pub base_dir: Option<PathBuf>,
 }
 
 impl PickerConfig {
@@ -312,8 +318,17 @@ impl PickerConfig {
         let enabled = gates.get(flow::FLOW_CONTROL_GATE).copied().unwrap_or(false);
         let flow = flow::flow_spec(enabled, raw.flow_control, &plugins, legacy_saturation, &mut warnings)?;
         let saturation = flow.utilization().copied().unwrap_or(legacy_saturation);
-        let mut config =
-            PickerConfig { api_version, plugins, profiles, experiment, data_layer, saturation, flow, warnings };
+        let mut config = PickerConfig {
+            api_version,
+            plugins,
+            profiles,
+            experiment,
+            data_layer,
+            saturation,
+            flow,
+            warnings,
+            base_dir: base_dir.map(Path::to_path_buf),
+        };
         for i in 0..config.profiles.len() {
             // The in-flight producer reads the prefix columns: it goes in first, so the
             // prefix producer, inserted after it at the front, runs before it.
@@ -342,7 +357,9 @@ impl PickerConfig {
                 .iter()
                 .any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| canonical_type(&p.type_name) == type_name))
         };
-        if in_profile(self, producer_type) || !readers.iter().any(|t| in_profile(self, t)) {
+        // The precise producer publishes its own prefix columns: its readers name it.
+        let precise = producer_type == PREFIX_PRODUCER_TYPE && in_profile(self, crate::kv_events::PRECISE_TYPE);
+        if precise || in_profile(self, producer_type) || !readers.iter().any(|t| in_profile(self, t)) {
             return;
         }
         let existing = self.plugins.iter().find(|p| p.type_name == producer_type).map(|p| p.name.clone());

@@ -63,7 +63,14 @@ impl ExternalProcessor for ExtProc {
                         break;
                     }
                 };
-                let mut answers = state.handle(msg);
+                // A large prompt's decision runs where it cannot stall other streams.
+                let multi_thread =
+                    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+                let mut answers = if multi_thread && state.heavy(&msg) {
+                    tokio::task::block_in_place(|| state.handle(msg))
+                } else {
+                    state.handle(msg)
+                };
                 let mut held = Vec::new();
                 if let Some(mut ticket) = state.take_ticket() {
                     // Queued by flow control: wait for the answer while watching the stream.

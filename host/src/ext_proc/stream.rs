@@ -30,6 +30,9 @@ use crate::request::{self, ApiKind};
 use crate::routing::{Ending, RouteError, Routed, Router, ShadowJob};
 use crate::usage::UsageTracker;
 
+/// Request bodies above this are scheduled off the async worker (`heavy`).
+pub const HEAVY_BODY_BYTES: usize = 64 << 10;
+
 /// Default cap on a request body the EPP buffers.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 
@@ -78,6 +81,16 @@ impl StreamState {
             status: 0,
             model: String::new(),
             finished: false,
+        }
+    }
+
+    /// Whether handling `msg` may take long enough to hold up other streams on this thread:
+    /// the end of a large request body, whose parsing, tokenization (precise prefix routing)
+    /// and hashing grow with the prompt.
+    pub fn heavy(&self, msg: &ProcessingRequest) -> bool {
+        match &msg.request {
+            Some(Msg::RequestBody(b)) => b.end_of_stream && self.body.len() + b.body.len() > HEAVY_BODY_BYTES,
+            _ => false,
         }
     }
 

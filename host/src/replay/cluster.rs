@@ -111,6 +111,18 @@ impl Cluster {
         Ok(Cluster { workers: list, params, scrape_interval, infos, generation: 1 })
     }
 
+    /// Starts recording every worker's KV-cache events (precise prefix routing).
+    pub fn record_kv_events(&mut self) {
+        for w in &mut self.workers {
+            w.model.record_kv_events(true);
+        }
+    }
+
+    /// Worker `w`'s KV-cache events since the last call.
+    pub fn drain_kv_events(&mut self, w: usize) -> Vec<sim::kv_cache::KvEvent> {
+        self.workers.get_mut(w).map(|x| x.model.drain_kv_events()).unwrap_or_default()
+    }
+
     pub fn params(&self) -> &ModelParams {
         &self.params
     }

@@ -93,7 +93,13 @@ pub fn run(
     seed: u64,
     tick: &(dyn Fn(u64) + Sync),
 ) -> Result<RunResult, ParamsError> {
-    let cluster = Cluster::new(setup.workers, setup.params.clone(), setup.scrape_interval)?;
+    let mut cluster = Cluster::new(setup.workers, setup.params.clone(), setup.scrape_interval)?;
+    if let Some(hub) = &policy.kv_events {
+        cluster.record_kv_events();
+        for w in 0..cluster.len() {
+            hub.set_live(w as u32, true);
+        }
+    }
     let (generation, endpoints) = cluster.pool();
     policy.pool_changed(generation, endpoints);
     let records: Vec<Record> = workload
@@ -207,6 +213,15 @@ impl Run<'_> {
             let (generation, endpoints) = self.cluster.pool();
             policy.pool_changed(generation, endpoints);
         }
+        if let Some(hub) = &policy.kv_events {
+            let block_size = u32::try_from(self.cluster.params().block_size).unwrap_or(u32::MAX);
+            for w in 0..self.cluster.len() {
+                let events = self.cluster.drain_kv_events(w);
+                if !events.is_empty() {
+                    hub.apply(w as u32, "", &crate::kv_events::from_sim(events, block_size));
+                }
+            }
+        }
         deliver(policy, &mut self.events, &mut self.records, &mut self.in_flight);
     }
 
@@ -304,6 +319,7 @@ impl Run<'_> {
             now_ms: (now * 1000.0).max(0.0) as u64,
             user: None,
             stream: true,
+            messages: None,
         };
         let candidates = self.cluster.metrics(now, DEFAULT_METRICS_STALENESS_MS);
         let record = &mut self.records[index];

@@ -46,6 +46,9 @@ pub enum PolicySource {
     RoundRobin,
     /// A model of the peer routers' `cache_aware` policy (`cache_aware.rs`).
     CacheAware,
+    /// The default profile on precise prefix matches (`config/precise.yaml`), fed by the
+    /// simulated engines' KV events.
+    Precise,
     /// An EndpointPickerConfig file (which may name `.wasm` plugins of your own).
     Config(PathBuf),
 }
@@ -72,6 +75,7 @@ fn builtin(name: &str) -> Option<PolicySource> {
         "random" => Some(PolicySource::Random),
         "round-robin" => Some(PolicySource::RoundRobin),
         "cache-aware" => Some(PolicySource::CacheAware),
+        "precise" => Some(PolicySource::Precise),
         _ => None,
     }
 }
@@ -98,7 +102,7 @@ impl FromStr for PolicySpec {
             return Ok(PolicySpec { name, source: PolicySource::Config(path) });
         }
         Err(format!(
-            "`{s}` is neither baseline, guide, random, round-robin, cache-aware, name=config.yaml nor a .yaml file"
+            "`{s}` is neither baseline, guide, precise, random, round-robin, cache-aware, name=config.yaml nor a .yaml file"
         ))
     }
 }
@@ -127,6 +131,9 @@ pub struct Policy {
     router: Router,
     /// Flow control, when the config turns it on.
     pub flow: Option<crate::config::flow::FlowSpec>,
+    /// Precise prefix routing's index, when the config uses it (fed from the simulated
+    /// engines' KV events).
+    pub kv_events: Option<std::sync::Arc<crate::kv_events::KvEvents>>,
 }
 
 impl Policy {
@@ -143,6 +150,7 @@ impl Policy {
                     saturation: SaturationConfig::default(),
                     router: Router::RoundRobin { next: 0 },
                     flow: None,
+                    kv_events: None,
                 });
             }
             PolicySource::CacheAware => {
@@ -151,10 +159,12 @@ impl Policy {
                     saturation: SaturationConfig::default(),
                     router: Router::CacheAware(Default::default()),
                     flow: None,
+                    kv_events: None,
                 });
             }
             PolicySource::Baseline => cfg(PickerConfig::default_config())?,
             PolicySource::Guide => cfg(PickerConfig::guide_config())?,
+            PolicySource::Precise => cfg(PickerConfig::parse(crate::config::PRECISE_CONFIG, None))?,
             PolicySource::Random => cfg(PickerConfig::parse(RANDOM_CONFIG, None))?,
             PolicySource::Config(path) => cfg(PickerConfig::from_file(path))?,
         };
@@ -162,13 +172,15 @@ impl Policy {
         for plugin in &mut config.plugins {
             plugin.sandbox.call_timeout_ms = plugin.sandbox.call_timeout_ms.max(MIN_CALL_TIMEOUT_MS);
         }
-        let built = crate::loader::build(runtime, &config, &crate::loader::PluginSet::default())
+        let hub = crate::kv_events::KvEvents::new(None);
+        let built = crate::loader::build(runtime, &config, &crate::loader::PluginSet::with_kv_events(hub.clone()))
             .map_err(|error| PolicyError::Build { policy: spec.name.clone(), error })?;
         Ok(Policy {
             name: spec.name.clone(),
             saturation: config.saturation,
             router: Router::Scheduler(Box::new(built.scheduler)),
             flow: config.flow.enabled.then(|| config.flow.clone()),
+            kv_events: hub.settings().is_some().then_some(hub),
         })
     }
 
@@ -276,6 +288,7 @@ mod tests {
             saturation: SaturationConfig::default(),
             router: Router::RoundRobin { next: 0 },
             flow: None,
+            kv_events: None,
         }
     }
 

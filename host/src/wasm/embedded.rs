@@ -27,6 +27,10 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ),
     ("session-affinity-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/session_affinity_scorer.wasm"))),
     ("label-selector-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/label_selector_filter.wasm"))),
+    (
+        "precise-prefix-cache-producer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/precise_prefix_cache_producer.wasm")),
+    ),
 ];
 
 /// Older names upstream still accepts, and the type they stand for.

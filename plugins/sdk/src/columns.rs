@@ -19,6 +19,16 @@ pub const APPROX_PREFIX: &str = "prefix-cache";
 /// The column namespace of the precise prefix index (`precise-prefix-cache-producer`).
 pub const PRECISE_PREFIX: &str = "precise-prefix-cache";
 
+/// Host-produced when `precise-prefix-cache-producer` is configured, from the engines' KV
+/// events: per candidate, the request's blocks it holds (consecutively from the start)…
+pub const KV_EVENTS_MATCHED: &str = "kv-events/matched-blocks";
+/// …the request's full blocks at that engine's block size…
+pub const KV_EVENTS_TOTAL: &str = "kv-events/total-blocks";
+/// …that block size in tokens…
+pub const KV_EVENTS_BLOCK_TOKENS: &str = "kv-events/block-tokens";
+/// …and 1 when the engine's events are flowing (0: fall back to an estimate).
+pub const KV_EVENTS_LIVE: &str = "kv-events/live";
+
 /// The prefix columns of namespace `ns` (see `prefix_namespace`): how many of the
 /// request's blocks each candidate holds, consecutively from the start…
 pub fn prefix_matched(ns: &str) -> String {

@@ -1,0 +1,182 @@
+//! What precise prefix routing costs the EPP: turning a prompt into token ids (a byte-level
+//! BPE tokenizer trained here on synthetic text, as model tokenizers are built; and the
+//! simulator's), hashing them into block keys, matching a request against the index, and
+//! the index's memory per 100 000 blocks.
+
+use std::time::{Duration, Instant};
+
+use epp::kv_events::decode::{Event, Stored};
+use epp::kv_events::index::{PreciseIndex, chain, root};
+use epp::kv_events::tokenize::Tokenizer;
+use epp_core::Request;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+use crate::latency::{Latency, Summary};
+
+/// Tokens per KV block (vLLM's default).
+const BLOCK: usize = 16;
+/// The blocks whose memory is measured.
+const INDEX_BLOCKS: usize = 100_000;
+
+#[derive(Clone, Debug)]
+pub struct TokenizeCost {
+    pub tokenizer: &'static str,
+    pub prompt_bytes: usize,
+    pub tokens: usize,
+    /// Tokenizing and hashing into block keys.
+    pub summary: Summary,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PreciseCosts {
+    pub tokenize: Vec<TokenizeCost>,
+    /// Resident memory the index took for `INDEX_BLOCKS` blocks, bytes (None where
+    /// /proc is not readable).
+    pub index_bytes: Option<u64>,
+    pub index_blocks: usize,
+    /// Matching a 64-block chain against 100 endpoints' blocks.
+    pub lookup: Option<Summary>,
+}
+
+/// Synthetic text of `bytes` bytes: words of random syllables, so a trained BPE vocabulary
+/// splits it about as a model tokenizer splits prose (3–5 bytes a token).
+fn prose(seed: u64, bytes: usize) -> String {
+    const ONSETS: [&str; 16] = ["b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "st", "tr"];
+    const NUCLEI: [&str; 6] = ["a", "e", "i", "o", "u", "ou"];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut out = String::with_capacity(bytes + 16);
+    while out.len() < bytes {
+        for _ in 0..1 + next(3) {
+            out.push_str(ONSETS[next(ONSETS.len())]);
+            out.push_str(NUCLEI[next(NUCLEI.len())]);
+        }
+        out.push_str(match next(12) {
+            0 => ". ",
+            1 => ", ",
+            _ => " ",
+        });
+    }
+    out.truncate(bytes);
+    out
+}
+
+/// A byte-level BPE tokenizer with an 8k vocabulary trained on `prose`, as `tokenizer.json`.
+fn trained_tokenizer() -> Result<Tokenizer, String> {
+    let mut tok = tokenizers::Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(ByteLevel::default()));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(8192)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+    let corpus: Vec<String> = (0..64).map(|i| prose(i, 16 * 1024)).collect();
+    tok.train(&mut trainer, corpus.iter()).map_err(|e| format!("training the tokenizer: {e}"))?;
+    let json = tok.to_string(false).map_err(|e| format!("serializing the tokenizer: {e}"))?;
+    Tokenizer::from_json(&json)
+}
+
+fn request(prompt: String) -> Request {
+    Request { prompt_tokens: Request::estimate_tokens(prompt.len()), prompt, ..Default::default() }
+}
+
+fn time(budget: Duration, min: u64, mut f: impl FnMut()) -> Summary {
+    let mut lat = Latency::new();
+    let started = Instant::now();
+    while lat.count() < min || started.elapsed() < budget {
+        let t = Instant::now();
+        f();
+        lat.record(t.elapsed());
+        if lat.count() >= 10_000 {
+            break;
+        }
+    }
+    lat.summary()
+}
+
+/// Resident set size of this process, bytes.
+fn rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+pub fn run(prompt_bytes: &[usize], budget: Duration) -> Result<PreciseCosts, String> {
+    let mut out = PreciseCosts { index_blocks: INDEX_BLOCKS, ..Default::default() };
+    let bpe = trained_tokenizer()?;
+    for (name, tokenizer) in [("byte-level BPE, 8k vocab", &bpe), ("simulator (4 bytes a token)", &Tokenizer::Sim)] {
+        for &bytes in prompt_bytes {
+            let req = request(prose(1000 + bytes as u64, bytes));
+            let tokens = tokenizer.encode(&req).len();
+            let summary = time(budget, 5, || {
+                let ids = tokenizer.encode(&req);
+                std::hint::black_box(chain(root(None, None), &ids, BLOCK));
+            });
+            out.tokenize.push(TokenizeCost { tokenizer: name, prompt_bytes: bytes, tokens, summary });
+        }
+    }
+
+    // 100 000 blocks: 1 000 sequences of 100 blocks on one endpoint, stored as an engine
+    // reports them (one event per sequence, engine hashes of its own).
+    let before = rss();
+    let mut index = PreciseIndex::new(INDEX_BLOCKS);
+    let mut engine_hash = 1u64;
+    for s in 0..(INDEX_BLOCKS / 100) as u32 {
+        let tokens: Vec<u32> = (0..(100 * BLOCK) as u32).map(|t| s.wrapping_mul(7919).wrapping_add(t)).collect();
+        let hashes: Vec<u64> = (0..100)
+            .map(|_| {
+                engine_hash += 1;
+                engine_hash
+            })
+            .collect();
+        let stored = Stored {
+            hashes,
+            parent: None,
+            tokens,
+            block_size: BLOCK as u32,
+            lora: None,
+            medium: None,
+            first_block_strings: Vec::new(),
+            kind: None,
+        };
+        index.apply(0, &[Event::Stored(stored)]);
+    }
+    out.index_bytes = match (before, rss()) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
+    std::hint::black_box(index.blocks(0));
+    drop(index);
+
+    // Lookup: 100 endpoints holding 1 000 blocks each; a request's 64-block chain against all.
+    let mut index = PreciseIndex::new(INDEX_BLOCKS);
+    let tokens: Vec<u32> = (0..(64 * BLOCK) as u32).collect();
+    for e in 0..100u32 {
+        let stored = Stored {
+            hashes: (0..64).map(|h| u64::from(e) << 32 | h).collect(),
+            parent: None,
+            tokens: tokens.clone(),
+            block_size: BLOCK as u32,
+            lora: None,
+            medium: None,
+            first_block_strings: Vec::new(),
+            kind: None,
+        };
+        index.apply(e, &[Event::Stored(stored)]);
+    }
+    let keys = chain(root(None, None), &tokens, BLOCK);
+    out.lookup = Some(time(budget, 100, || {
+        let total: usize = (0..100).map(|e| index.matched(e, &keys)).sum();
+        std::hint::black_box(total);
+    }));
+    Ok(out)
+}

@@ -1,0 +1,228 @@
+//! The precise prefix index: per endpoint, exactly the blocks its engine says it holds.
+//!
+//! Keys are our own, not the engine's: a block's key chains the previous block's key with
+//! the block's token ids (XXH64), starting from a root of the LoRA adapter and cache salt.
+//! A request's prompt, tokenized as the engine tokenizes it, gives the same keys, whatever
+//! hash algorithm (and `PYTHONHASHSEED`) the engine uses. The engine's hash of each block is
+//! kept only to resolve `parent_block_hash` and `BlockRemoved`.
+//!
+//! Only GPU-resident blocks of full-attention KV groups count. A store whose parent the index
+//! does not know (events were lost before it) is skipped and counted; the next store of a
+//! sequence start, or a replay, heals it. Memory is bounded by `max_blocks` per endpoint:
+//! about 60 bytes a block (one key set entry, one engine→key entry), 6 MB per 100 000 blocks.
+
+use std::collections::{HashMap, HashSet};
+
+use xxhash_rust::xxh64::xxh64;
+
+use super::decode::{Event, Stored};
+
+/// KV-group kinds whose blocks serve prefix reuse (vLLM's names, as upstream accepts them).
+const PREFIX_KINDS: &[&str] = &["full_attention", "mla_attention", "sink_full_attention"];
+
+/// The chain's root for a LoRA adapter (None: the base model) and cache salt.
+pub fn root(lora: Option<&str>, salt: Option<&str>) -> u64 {
+    let mut seed = Vec::new();
+    seed.extend_from_slice(lora.unwrap_or("").as_bytes());
+    seed.push(0);
+    seed.extend_from_slice(salt.unwrap_or("").as_bytes());
+    xxh64(&seed, 0x6b76_2d65_7665_6e74)
+}
+
+/// The keys of the full `block_size`-token blocks of `tokens`, chained from `parent`.
+pub fn chain(parent: u64, tokens: &[u32], block_size: usize) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut prev = parent;
+    let mut buf = Vec::with_capacity(8 + 4 * block_size);
+    tokens
+        .chunks_exact(block_size)
+        .map(|block| {
+            buf.clear();
+            buf.extend_from_slice(&prev.to_le_bytes());
+            for t in block {
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+            prev = xxh64(&buf, 0);
+            prev
+        })
+        .collect()
+}
+
+/// What applying events did, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub stored: u64,
+    pub removed: u64,
+    pub cleared: u64,
+    /// Stores skipped: unknown parent, another tier or KV-group kind, not dense, index full.
+    pub skipped: u64,
+}
+
+#[derive(Debug, Default)]
+struct EndpointBlocks {
+    /// Tokens per block, from the engine's events.
+    block_size: u32,
+    keys: HashSet<u64>,
+    by_engine: HashMap<u64, u64>,
+}
+
+/// Every endpoint's blocks.
+#[derive(Debug)]
+pub struct PreciseIndex {
+    endpoints: HashMap<u32, EndpointBlocks>,
+    max_blocks: usize,
+}
+
+impl PreciseIndex {
+    pub fn new(max_blocks: usize) -> Self {
+        PreciseIndex { endpoints: HashMap::new(), max_blocks: max_blocks.max(1) }
+    }
+
+    /// Applies one endpoint's events, in order.
+    pub fn apply(&mut self, endpoint: u32, events: &[Event]) -> Applied {
+        let mut out = Applied::default();
+        let max = self.max_blocks;
+        let e = self.endpoints.entry(endpoint).or_default();
+        for event in events {
+            match event {
+                Event::Stored(s) => {
+                    let n = store(e, s, max);
+                    if n == 0 && !s.hashes.is_empty() {
+                        out.skipped += 1;
+                    }
+                    out.stored += n;
+                }
+                Event::Removed { hashes, medium } => {
+                    if medium.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("gpu")) {
+                        continue;
+                    }
+                    for h in hashes {
+                        if let Some(key) = e.by_engine.remove(h) {
+                            e.keys.remove(&key);
+                            out.removed += 1;
+                        }
+                    }
+                }
+                Event::Cleared => {
+                    e.keys.clear();
+                    e.by_engine.clear();
+                    out.cleared += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets what `endpoint` holds (it restarted, or left the pool).
+    pub fn forget(&mut self, endpoint: u32) {
+        self.endpoints.remove(&endpoint);
+    }
+
+    /// Blocks held by `endpoint`.
+    pub fn blocks(&self, endpoint: u32) -> usize {
+        self.endpoints.get(&endpoint).map_or(0, |e| e.keys.len())
+    }
+
+    /// The block size `endpoint`'s engine uses, once an event told it.
+    pub fn block_size(&self, endpoint: u32) -> Option<u32> {
+        self.endpoints.get(&endpoint).map(|e| e.block_size).filter(|&b| b > 0)
+    }
+
+    /// How many of `keys` (a request's chain) `endpoint` holds, from the first.
+    pub fn matched(&self, endpoint: u32, keys: &[u64]) -> usize {
+        self.endpoints.get(&endpoint).map_or(0, |e| keys.iter().take_while(|k| e.keys.contains(k)).count())
+    }
+}
+
+/// Adds a store's blocks; returns how many were added.
+fn store(e: &mut EndpointBlocks, s: &Stored, max: usize) -> u64 {
+    if s.medium.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("gpu")) {
+        return 0;
+    }
+    if s.kind.as_deref().is_some_and(|k| !PREFIX_KINDS.contains(&k)) {
+        return 0;
+    }
+    let bs = s.block_size as usize;
+    if s.tokens.len() != s.hashes.len() * bs {
+        // Not dense (null blocks skipped) or a tier move without tokens: not ours to index.
+        return 0;
+    }
+    let parent = match s.parent {
+        Some(p) => match e.by_engine.get(&p) {
+            Some(k) => *k,
+            None => return 0,
+        },
+        None => {
+            let salt = s.first_block_strings.iter().find(|x| Some(x.as_str()) != s.lora.as_deref());
+            root(s.lora.as_deref(), salt.map(String::as_str))
+        }
+    };
+    e.block_size = s.block_size;
+    let mut added = 0;
+    for (h, key) in s.hashes.iter().zip(chain(parent, &s.tokens, bs)) {
+        if e.keys.len() >= max && !e.keys.contains(&key) {
+            break;
+        }
+        e.by_engine.insert(*h, key);
+        e.keys.insert(key);
+        added += 1;
+    }
+    added
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> Event {
+        Event::Stored(Stored {
+            hashes: hashes.to_vec(),
+            parent,
+            tokens: tokens.to_vec(),
+            block_size: 2,
+            lora: None,
+            medium: Some("GPU".into()),
+            first_block_strings: vec![],
+            kind: None,
+        })
+    }
+
+    #[test]
+    fn a_request_matches_what_the_engine_stored_whatever_its_hashes() {
+        let mut ix = PreciseIndex::new(100);
+        let a = ix.apply(0, &[stored(&[901, 902], None, &[1, 2, 3, 4]), stored(&[903], Some(902), &[5, 6])]);
+        assert_eq!(a, Applied { stored: 3, ..Default::default() });
+        let keys = chain(root(None, None), &[1, 2, 3, 4, 5, 6, 7], 2);
+        assert_eq!(keys.len(), 3, "full blocks only");
+        assert_eq!(ix.matched(0, &keys), 3);
+        assert_eq!(ix.matched(0, &chain(root(None, None), &[1, 2, 9, 9], 2)), 1);
+        assert_eq!(ix.matched(0, &chain(root(Some("lora"), None), &[1, 2], 2)), 0, "adapters apart");
+        assert_eq!(ix.matched(1, &keys), 0);
+        // Evicting the middle block breaks the chain there.
+        assert_eq!(ix.apply(0, &[Event::Removed { hashes: vec![902], medium: None }]).removed, 1);
+        assert_eq!(ix.matched(0, &keys), 1);
+        assert_eq!(ix.block_size(0), Some(2));
+        ix.apply(0, &[Event::Cleared]);
+        assert_eq!((ix.matched(0, &keys), ix.blocks(0)), (0, 0));
+    }
+
+    #[test]
+    fn stores_that_cannot_be_placed_are_skipped() {
+        let mut ix = PreciseIndex::new(3);
+        // Unknown parent (its store was lost).
+        assert_eq!(ix.apply(0, &[stored(&[5], Some(4), &[1, 2])]).skipped, 1);
+        // Not dense.
+        assert_eq!(ix.apply(0, &[stored(&[5, 6], None, &[1, 2, 3])]).skipped, 1);
+        // CPU tier.
+        let mut cpu = stored(&[5], None, &[1, 2]);
+        if let Event::Stored(s) = &mut cpu {
+            s.medium = Some("CPU".into());
+        }
+        assert_eq!(ix.apply(0, &[cpu]).skipped, 1);
+        // Bounded: 4 blocks into room for 3.
+        let a = ix.apply(0, &[stored(&[1, 2, 3, 4], None, &[1, 1, 2, 2, 3, 3, 4, 4])]);
+        assert_eq!((a.stored, ix.blocks(0)), (3, 3));
+    }
+}

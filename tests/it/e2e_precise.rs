@@ -1,0 +1,141 @@
+//! Precise prefix routing end to end: simulated workers publish their KV-cache events over
+//! ZMQ as vLLM does, the `epp` binary subscribes (endpoint labels name each worker's
+//! sockets) and routes on what every worker really stores — including blocks stored by
+//! traffic that never went through the EPP, which the approximate index cannot know.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sim::{KvEventsConfig, SimConfig};
+
+use crate::stack::{EnvoyConfig, Stack, eventually, sample};
+
+fn precise_config_with(endpoints: &Path) -> String {
+    epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
+}
+
+fn with_events(cfg: &mut SimConfig) {
+    cfg.kv_events = Some(KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
+}
+
+/// `blocks` simulated KV blocks (16 tokens of 4 bytes) of text unique to `tag`.
+fn prompt(tag: &str, blocks: usize) -> String {
+    let unit = format!("{tag}-{}", "x".repeat(63 - tag.len()));
+    unit.repeat(blocks)
+}
+
+fn completion(prompt: &str) -> String {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2}).to_string()
+}
+
+/// Labels every worker with its own event sockets.
+fn label_event_sockets(stack: &Stack) {
+    let labels: Vec<Vec<(String, String)>> = stack
+        .workers
+        .iter()
+        .map(|w| {
+            let (events, replay) = w.handle.kv_events_ports().expect("the worker publishes KV events");
+            let mut l = vec![("kv-events-endpoint".to_string(), format!("tcp://127.0.0.1:{events}"))];
+            if let Some(r) = replay {
+                l.push(("kv-events-replay-endpoint".to_string(), format!("tcp://127.0.0.1:{r}")));
+            }
+            l
+        })
+        .collect();
+    let borrowed: Vec<Vec<(&str, &str)>> =
+        labels.iter().map(|l| l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
+    let entries: Vec<(usize, &[(&str, &str)])> = borrowed.iter().enumerate().map(|(i, l)| (i, l.as_slice())).collect();
+    stack.write_endpoints_labelled(&entries);
+}
+
+/// Sends `prompt` straight to worker `i`, bypassing Envoy and the EPP.
+async fn direct(stack: &Stack, i: usize, prompt: &str) {
+    let url = format!("http://{}/v1/completions", stack.workers[i].addr());
+    let r = stack
+        .client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(completion(prompt))
+        .send()
+        .await
+        .expect("direct request");
+    assert_eq!(r.status(), 200);
+}
+
+/// Waits until the EPP's precise index holds blocks of worker `name` (at least `min`).
+async fn index_holds(stack: &Stack, name: &str, min: f64) {
+    eventually(Duration::from_secs(15), &format!("the precise index to hold {min} blocks of {name}"), || async {
+        let page = stack.epp_metrics().await;
+        sample(&page, "llm_d_epp_kv_cache_index_blocks", &[&format!("endpoint=\"{name}\"")]).filter(|&b| b >= min)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_on_what_each_worker_stores_and_heals_after_a_restart() {
+    let mut stack = Stack::start_config(3, EnvoyConfig::Ours, with_events, &[], precise_config_with).await;
+    label_event_sockets(&stack);
+    eventually(Duration::from_secs(15), "subscriptions to every worker", || async {
+        let log = stack.epp_log();
+        (log.matches("subscribing to KV events").count() >= 3).then_some(())
+    })
+    .await;
+
+    // Each worker gets a long prompt of its own behind the EPP's back; only the workers'
+    // events can tell the EPP where those prefixes live. Three right picks out of three
+    // would happen by chance one time in 27.
+    let prompts: Vec<String> = (0..3).map(|i| prompt(&format!("doc{i}"), 40)).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        direct(&stack, i, p).await;
+        index_holds(&stack, &format!("w{i}"), 40.0).await;
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        let r = stack.post("/v1/completions", &format!("follow-{i}"), &completion(&format!("{p} and then?"))).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.worker.as_deref(), Some(format!("w{i}").as_str()), "the follow-up of doc{i} went elsewhere");
+    }
+    let page = stack.epp_metrics().await;
+    let received = sample(&page, "llm_d_epp_kv_cache_events_messages_received_total", &["endpoint=\"w1\""]);
+    assert!(received.is_some_and(|n| n >= 1.0), "no event messages counted for w1:\n{page}");
+
+    // Worker 1 restarts on the same ports: a new publisher, sequence numbers from 0. The EPP
+    // notices the disconnect, reconnects, forgets what the old process held and learns the
+    // new one's blocks — no EPP restart.
+    let old = stack.workers.remove(1);
+    let (events, replay) = old.handle.kv_events_ports().expect("ports");
+    let http = old.addr().port();
+    drop(old);
+    let handle = respawn(http, events, replay).await;
+    stack.workers.insert(1, crate::stack::Worker { handle, name: "w1".into() });
+    let fresh = prompt("after-restart", 30);
+    direct(&stack, 1, &fresh).await;
+    eventually(Duration::from_secs(20), "the restart to be noticed", || async {
+        let log = stack.epp_log();
+        log.contains("KV event publisher reconnected").then_some(())
+    })
+    .await;
+    index_holds(&stack, "w1", 30.0).await;
+    let page = stack.epp_metrics().await;
+    let w1 = sample(&page, "llm_d_epp_kv_cache_index_blocks", &["endpoint=\"w1\""]).unwrap_or(0.0);
+    assert!(w1 < 70.0, "the old process's 40 blocks should have been forgotten (index holds {w1})");
+    let r = stack.post("/v1/completions", "after-restart", &completion(&format!("{fresh} more"))).await;
+    assert_eq!(r.worker.as_deref(), Some("w1"), "{r:?}");
+}
+
+/// Starts worker w1 again on the ports its previous process used, retrying while the old
+/// listeners are still being released.
+async fn respawn(http: u16, events: u16, replay: Option<u16>) -> sim::SimHandle {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut cfg = SimConfig { name: "w1".into(), port: http, time_scale: 0.0, ..SimConfig::default() };
+        cfg.kv_events = Some(KvEventsConfig { port: events, replay_port: replay, topic: String::new() });
+        match sim::spawn(cfg).await {
+            Ok(h) => return h,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("restart w1 on its ports: {e:#}"),
+        }
+    }
+}
