@@ -7,12 +7,15 @@
 #   WORKERS=5 BASE_PORT=8100 scripts/stack.sh
 #   EPP_CONFIG=my-config.yaml SIM_ARGS="--max-num-seqs 4" scripts/stack.sh
 #   KV_EVENTS=1 EPP_CONFIG=config/precise.yaml scripts/stack.sh   # precise prefix routing
+#   REPLICAS=2 scripts/stack.sh      # two EPPs sharing routing state through redis-server
 #
 # EPP_CONFIG: the EndpointPickerConfig to start with (copied to .stack/epp-config.yaml, whose
 # discovery path is pointed at .stack/endpoints.yaml; edit that copy to reload it live).
 # SIM_ARGS: extra flags for every simulated worker (see `sim-worker --help`).
 # KV_EVENTS=1: every worker publishes its KV-cache events as vLLM does (worker i on ports
 # KV_BASE_PORT+2i and +2i+1, default 5557), named in the endpoints file by labels.
+# REPLICAS=2: a redis-server on REDIS_PORT (default 6390) and a second EPP (ext_proc :9012,
+# health :9013, metrics :9091), both with --state-store, behind config/envoy-replicas.yaml.
 # PROFILE=debug builds faster and runs slower (default: release, as in production).
 #
 # Ports: Envoy 8081 (admin 19000), EPP ext_proc 9002, health 9003. The endpoints file is
@@ -71,18 +74,39 @@ mv "$STACK/endpoints.yaml.tmp" "$STACK/endpoints.yaml"
 sed -E 's#^([[:space:]]*path:[[:space:]]*).*endpoints\.yaml.*$#\1endpoints.yaml#' \
     "${EPP_CONFIG:-config/epp-config.yaml}" > "$STACK/epp-config.yaml"
 
-echo "==> starting the EPP (logs: $STACK/epp.log)"
-"$BIN/epp" --config-file "$STACK/epp-config.yaml" --bind-address 127.0.0.1 \
-    --grpc-port 9002 --grpc-health-port 9003 --v=2 > "$STACK/epp.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 300); do
-    grep -q "health is SERVING" "$STACK/epp.log" 2>/dev/null && break
-    if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$STACK/epp.log"; exit 1; fi
-    sleep 0.2
-done
+REPLICAS="${REPLICAS:-1}"
+epp_args=()
+ENVOY_CONFIG=config/envoy.yaml
+if [ "$REPLICAS" = 2 ]; then
+    REDIS_PORT="${REDIS_PORT:-6390}"
+    echo "==> starting redis-server on :$REDIS_PORT (logs: $STACK/redis.log)"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$STACK/redis.log" 2>&1 &
+    pids+=($!)
+    epp_args=(--state-store "redis://127.0.0.1:$REDIS_PORT/0")
+    ENVOY_CONFIG=config/envoy-replicas.yaml
+elif [ "$REPLICAS" != 1 ]; then
+    echo "REPLICAS must be 1 or 2" >&2
+    exit 1
+fi
 
-echo "==> starting Envoy on :8081 (logs: $STACK/envoy.log)"
-"$ENVOY_BIN" -c config/envoy.yaml --use-dynamic-base-id --log-level warn > "$STACK/envoy.log" 2>&1 &
+start_epp() { # name grpc-port health-port metrics-port
+    echo "==> starting the EPP $1 (logs: $STACK/$1.log)"
+    "$BIN/epp" --config-file "$STACK/epp-config.yaml" --bind-address 127.0.0.1 --reuse-port \
+        --grpc-port "$2" --grpc-health-port "$3" --metrics-port "$4" --v=2 "${epp_args[@]}" > "$STACK/$1.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 300); do
+        grep -q "health is SERVING" "$STACK/$1.log" 2>/dev/null && break
+        if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$STACK/$1.log"; exit 1; fi
+        sleep 0.2
+    done
+}
+start_epp epp 9002 9003 9090
+if [ "$REPLICAS" = 2 ]; then
+    start_epp epp-2 9012 9013 9091
+fi
+
+echo "==> starting Envoy on :8081 with $ENVOY_CONFIG (logs: $STACK/envoy.log)"
+"$ENVOY_BIN" -c "$ENVOY_CONFIG" --use-dynamic-base-id --log-level warn > "$STACK/envoy.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 150); do
     curl -sf http://127.0.0.1:19000/ready > /dev/null 2>&1 && break
@@ -91,8 +115,9 @@ done
 
 echo "==> requests through Envoy: two conversations, each with its own long system prompt"
 echo "    (x-sim-worker names the worker that answered; a shared prefix stays on one worker)"
-sys_a="You are a travel agent. You answer questions about trains, flights and hotels in Europe, briefly."
-sys_b="You are a cooking assistant. You answer questions about recipes, spices and baking times, briefly."
+# Long enough to fill several of the prefix index's 64-token blocks (about 1.4 KB each).
+sys_a=$(printf 'You are a travel agent. You answer questions about trains, flights and hotels in Europe, briefly. %.0s' $(seq 1 14))
+sys_b=$(printf 'You are a cooking assistant. You answer questions about recipes, spices and baking times, briefly. %.0s' $(seq 1 14))
 for turn in 1 2 3; do
     for conv in a b; do
         if [ "$conv" = a ]; then system=$sys_a; else system=$sys_b; fi

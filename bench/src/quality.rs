@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use epp::replay::workload::{self, GenParams, Generator, WorkItem, Workload};
 use epp_stack::peers::{Peer, PeerKind};
-use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, Scratch, Setup, StackError, Workers};
+use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, Redis, Scratch, Setup, StackError, Workers};
 use tokio::task::JoinSet;
 
 use crate::latency::Latency;
@@ -109,15 +109,22 @@ pub enum RouterKind {
     EppGuideNoAutoTune,
     /// Envoy + EPP on `config/precise.yaml`: the workers publish their KV-cache events.
     EppPrecise,
+    /// Envoy (`config/envoy-replicas.yaml`) + two EPPs with the default profile, sharing
+    /// routing state through a real redis-server (`shared`) or each on its own.
+    EppReplicas {
+        shared: bool,
+    },
     Peer(PeerKind),
     /// Envoy round-robin, no EPP.
     RoundRobin,
 }
 
 impl RouterKind {
-    pub const ALL: [RouterKind; 7] = [
+    pub const ALL: [RouterKind; 9] = [
         RouterKind::EppDefault,
         RouterKind::EppPrecise,
+        RouterKind::EppReplicas { shared: true },
+        RouterKind::EppReplicas { shared: false },
         RouterKind::EppGuide,
         RouterKind::EppGuideNoAutoTune,
         RouterKind::Peer(PeerKind::Sglang),
@@ -132,6 +139,8 @@ impl RouterKind {
             RouterKind::EppGuide => "guide",
             RouterKind::EppGuideNoAutoTune => "guide-no-autotune",
             RouterKind::EppPrecise => "precise",
+            RouterKind::EppReplicas { shared: true } => "replicas-shared",
+            RouterKind::EppReplicas { shared: false } => "replicas-local",
             RouterKind::Peer(PeerKind::Sglang) => "sglang",
             RouterKind::Peer(PeerKind::Vllm) => "vllm",
             RouterKind::RoundRobin => "round-robin",
@@ -144,6 +153,8 @@ impl RouterKind {
             RouterKind::EppGuide => "EPP, upstream guide config",
             RouterKind::EppGuideNoAutoTune => "EPP, guide config, autoTune off",
             RouterKind::EppPrecise => "EPP, precise (KV events)",
+            RouterKind::EppReplicas { shared: true } => "EPP ×2 replicas, state shared (Redis)",
+            RouterKind::EppReplicas { shared: false } => "EPP ×2 replicas, each its own state",
             RouterKind::Peer(PeerKind::Sglang) => "sglang-router cache_aware",
             RouterKind::Peer(PeerKind::Vllm) => "vllm-router cache_aware",
             RouterKind::RoundRobin => "Envoy round-robin",
@@ -158,7 +169,16 @@ impl RouterKind {
             RouterKind::EppPrecise => Some("precise"),
             RouterKind::Peer(_) => Some("cache-aware"),
             RouterKind::RoundRobin => Some("round-robin"),
-            RouterKind::EppGuideNoAutoTune => None,
+            RouterKind::EppGuideNoAutoTune | RouterKind::EppReplicas { .. } => None,
+        }
+    }
+
+    /// Whether it runs on `workload` (the comparisons that only matter on multi-turn chat —
+    /// autoTune off, replicas — run there only, to keep the bench short).
+    pub fn runs_on(self, workload: Generator) -> bool {
+        match self {
+            RouterKind::EppGuideNoAutoTune | RouterKind::EppReplicas { .. } => workload == Generator::MultiTurn,
+            _ => true,
         }
     }
 }
@@ -167,7 +187,9 @@ impl RouterKind {
 pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path) -> Option<String> {
     let path = format!("path: {}", endpoints.display());
     match kind {
-        RouterKind::EppDefault => Some(epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &path)),
+        RouterKind::EppDefault | RouterKind::EppReplicas { .. } => {
+            Some(epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &path))
+        }
         RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
         RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &path)),
         RouterKind::EppGuideNoAutoTune => {
@@ -245,7 +267,7 @@ pub async fn run(
             &GenParams { requests: spec.requests, rate: spec.rate, seed: opts.seed },
         ));
         let mut runs = Vec::new();
-        for &router in &routers {
+        for &router in routers.iter().filter(|r| r.runs_on(spec.generator)) {
             let run = run_one(opts, spec, router, &load, setup).await?;
             progress(format!(
                 "quality: {}: {}: prefix hits {:.1} %, TTFT p50 {} p90 {}, {} ok, {} errors",
@@ -319,7 +341,30 @@ async fn run_one(
     let mut _epp = None;
     let mut _envoy = None;
     let mut _peer = None;
+    let mut _replicas = Vec::new();
+    let mut _redis = None;
     let url = match router {
+        RouterKind::EppReplicas { shared } => {
+            let config = epp_config(router, &endpoints).unwrap_or_default();
+            let mut args = Vec::new();
+            if shared {
+                let redis = Redis::start(&scratch, None).await?;
+                args = vec!["--state-store".to_string(), redis.url()];
+                _redis = Some(redis);
+            }
+            let mut ports = [0u16; 2];
+            for port in &mut ports {
+                let home = Scratch::new("quality-replica")?;
+                let opts = EppOptions { plaintext: true, args: args.clone(), ..Default::default() };
+                let epp = Epp::start_with(&setup.epp, &home, &config, &opts).await?;
+                *port = epp.grpc_port;
+                _replicas.push((epp, home));
+            }
+            let envoy = Envoy::ext_proc_replicas(&setup.envoy, &scratch, ports, true).await?;
+            let url = envoy.url("/v1/completions");
+            _envoy = Some(envoy);
+            url
+        }
         RouterKind::RoundRobin => {
             let envoy = Envoy::round_robin(setup, &scratch, &workers).await?;
             let url = envoy.url("/v1/completions");

@@ -91,7 +91,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "Run it all with `scripts/bench.sh` (≈ 5 minutes after the build); it rewrites this file. \
+            "Run it all with `scripts/bench.sh` (≈ 30 minutes after the build, most of it the routing-quality runs); it rewrites this file. \
              `cargo run --release -p bench -- micro|e2e|quality` runs one part; `--smoke` runs a few \
              seconds of each (CI runs the micro smoke as a test). Ratios compare measurements taken \
              side by side in the same run; absolute numbers depend on the machine, which here is small \
@@ -208,6 +208,17 @@ impl Report<'_> {
                         what: format!("{name}: TTFT p90, default profile ≤ round-robin"),
                         measured: format!("{} vs {}", fmt_duration(a), fmt_duration(b)),
                         met: Some(a <= b),
+                    });
+                }
+                if let Some(shared) = run(RouterKind::EppReplicas { shared: true }) {
+                    let r = shared.hit_rate / ours.hit_rate;
+                    let alone = run(RouterKind::EppReplicas { shared: false })
+                        .map(|a| format!("; each its own state: {}", fmt_pct(a.hit_rate)))
+                        .unwrap_or_default();
+                    t.push(Target {
+                        what: format!("{name}: two replicas sharing state, hit rate ≥ 0.95 × one EPP's"),
+                        measured: format!("{r:.2} ({} vs {}{alone})", fmt_pct(shared.hit_rate), fmt_pct(ours.hit_rate)),
+                        met: Some(r >= 0.95),
                     });
                 }
                 if let Some(p) = run(RouterKind::EppPrecise) {
@@ -493,9 +504,11 @@ fn quality_table(q: &QualityResults) -> String {
         "## 3. Routing quality: side by side with the routers an operator could install\n\n\
          {} simulated workers in model time (time_scale 1; each {} running sequences at most, KV \
          blocks of {} tokens (how many: per workload), prefill {} µs per uncached prompt token, {} ms decode steps) behind each \
-         router in turn: Envoy + EPP (default profile; the upstream guide's config with and without \
+         router in turn: Envoy + EPP (default profile; precise prefix routing on the workers' \
+         KV-cache events; two replicas behind `config/envoy-replicas.yaml`, sharing state through \
+         a real redis-server or each on its own; the upstream guide's config with and without \
          autoTune), `sglang-router` and `vllm-router` from PyPI (their default policy, `cache_aware`), \
-         and Envoy round-robin. The workloads are `epp replay`'s generators (seed {}), sent open-loop \
+         and Envoy round-robin. The replica and autoTune-off rows run on multi-turn chat only. The workloads are `epp replay`'s generators (seed {}), sent open-loop \
          at their arrival times as streamed `/v1/completions`; the first {:.0} % of each warm the \
          caches and are not counted. Hit rate = prefix-cache hits ÷ queried prompt tokens from the \
          **workers' own counters**; TTFT = due time to the first streamed chunk. Fresh workers and \

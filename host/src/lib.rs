@@ -19,6 +19,7 @@ pub mod replay;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod state_store;
 pub mod telemetry;
 pub mod toolkit;
 pub mod usage;

@@ -143,6 +143,11 @@ struct Flags {
     /// ports while this one still serves (see docs/reliability.md, "Replacing the EPP").
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     reuse_port: bool,
+    /// Share routing state (prefix index, LRU, in-flight load) with other EPP replicas
+    /// through Redis: `redis://host:port[/db]` (default: this process only). Overrides
+    /// the config's `stateStore`.
+    #[arg(long)]
+    state_store: Option<String>,
     /// Name of the pool (a label on logs and metrics here).
     #[arg(long, default_value = "epp")]
     pool_name: String,
@@ -243,6 +248,7 @@ fn main() -> anyhow::Result<()> {
         cert_path: flags.cert_path,
         drain_timeout: flags.drain_timeout,
         reuse_port: flags.reuse_port,
+        state_store: flags.state_store,
         pool_name: flags.pool_name,
         pool_namespace: flags.pool_namespace,
         health: epp::health::HealthConfig {

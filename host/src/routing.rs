@@ -160,7 +160,29 @@ pub struct Router {
     freed: Arc<tokio::sync::Notify>,
     /// The flow controller, once started.
     flow: std::sync::OnceLock<Arc<FlowControl>>,
+    /// Where decisions are shared with peer replicas (the state store), when configured.
+    sink: std::sync::OnceLock<Arc<dyn DecisionSink>>,
     clock: Instant,
+}
+
+/// Where a replica shares its decisions with its peers (`state_store`). Called on the
+/// request path: an implementation queues and returns, it never waits on the network.
+pub trait DecisionSink: Send + Sync {
+    /// Request `req` (cycle `cycle`) was routed to `target`.
+    fn decided(&self, cycle: u64, target: SocketAddr, req: &Request);
+    /// That request ended.
+    fn finished(&self, cycle: u64, completion: &Completion);
+}
+
+/// A peer replica's decision, applied here: this replica's plugins learnt it as their own
+/// (prefix index, LRU, in-flight load) until `Router::mirror_finished`.
+pub struct Mirrored {
+    built: Arc<Built>,
+    variant: usize,
+    cycle: u64,
+    endpoint: u32,
+    cell: Arc<MetricsCell>,
+    tokens: u64,
 }
 
 /// A request counted in flight until dropped.
@@ -222,6 +244,7 @@ pub struct Routed {
     freed: Arc<tokio::sync::Notify>,
     finished: bool,
     shadows: Option<Arc<Mutex<ShadowLink>>>,
+    sink: Option<Arc<dyn DecisionSink>>,
     _running: InFlight,
     _admitted: Admitted,
 }
@@ -313,6 +336,9 @@ impl Routed {
         debug!(cycle = self.cycle, ?completion, "request finished");
         let failures = self.built.scheduler.finished(&[self.variant], self.cycle, &completion);
         self.built.metrics.hook_failures(&failures);
+        if let Some(sink) = &self.sink {
+            sink.finished(self.cycle, &completion);
+        }
         if let Some(link) = &self.shadows {
             let mut link = lock(link);
             match &link.ran {
@@ -358,6 +384,7 @@ impl Router {
             health: Arc::new(Health::new(HealthConfig::default(), Some(telemetry.clone()))),
             freed: Arc::default(),
             flow: std::sync::OnceLock::new(),
+            sink: std::sync::OnceLock::new(),
             telemetry,
             clock: Instant::now(),
         }
@@ -375,6 +402,40 @@ impl Router {
     /// Starts flow control (once; it queues only while the config's gate is on).
     pub fn start_flow_control(self: &Arc<Self>) -> Arc<FlowControl> {
         self.flow.get_or_init(|| FlowControl::start(self)).clone()
+    }
+
+    /// Shares every decision from now on through `sink` (set once, before serving).
+    pub fn set_sink(&self, sink: Arc<dyn DecisionSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Applies a peer replica's decision: the variant the request would use here decides
+    /// it as a shadow does, then learns it went to `target`. None when `target` is not in
+    /// this replica's pool.
+    pub fn mirror(&self, mut req: Request, target: SocketAddr) -> Option<Mirrored> {
+        let pool = self.datastore.snapshot();
+        let endpoint = pool.endpoints.iter().find(|e| e.target() == target)?;
+        let all: Vec<&PoolEndpoint> = pool.endpoints.iter().collect();
+        let candidates = self.datastore.candidates(&all, self.metrics_staleness_ms);
+        let built = self.built.load_full();
+        let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
+        req.now_ms = self.now_ms();
+        let variant = built.scheduler.choose(&req);
+        let profile = &built.scheduler.variants.get(variant)?.profile;
+        if let Err(e) = profile.schedule_shadow(cycle, &req, &candidates, endpoint.id) {
+            debug!(cycle, error = %e, "a peer's decision did not replay here (its placement is still recorded)");
+        }
+        let tokens = u64::from(req.prompt_tokens);
+        endpoint.metrics.routed(tokens);
+        Some(Mirrored { built, variant, cycle, endpoint: endpoint.id, cell: endpoint.metrics.clone(), tokens })
+    }
+
+    /// A peer's request applied by `mirror` ended.
+    pub fn mirror_finished(&self, m: Mirrored, outcome: Outcome, status: u16) {
+        m.cell.ended(m.tokens);
+        self.freed.notify_one();
+        let c = Completion { endpoint: m.endpoint, outcome, status, usage: None };
+        m.built.metrics.hook_failures(&m.built.scheduler.finished(&[m.variant], m.cycle, &c));
     }
 
     pub fn flow_control(&self) -> Option<&Arc<FlowControl>> {
@@ -509,9 +570,13 @@ impl Router {
             freed: self.freed.clone(),
             finished: false,
             shadows: None,
+            sink: self.sink.get().cloned(),
             _running: self.telemetry.routed(&req.model),
             _admitted: admitted,
         };
+        if let (Some(sink), Some(&target)) = (&routed.sink, routed.targets.first()) {
+            sink.decided(cycle, target, &req);
+        }
         let job = if decision.shadows.is_empty() {
             None
         } else if self.shadow_jobs.fetch_add(1, Ordering::AcqRel) < MAX_SHADOW_JOBS {

@@ -63,6 +63,9 @@ pub struct Options {
     pub drain_timeout: std::time::Duration,
     /// Bind with SO_REUSEPORT (a replacement process can bind the same ports).
     pub reuse_port: bool,
+    /// `redis://host:port[/db]`: share routing state with other replicas (overrides the
+    /// config's `stateStore`).
+    pub state_store: Option<String>,
     pub pool_name: String,
     pub pool_namespace: String,
     /// The passive breaker's settings.
@@ -89,6 +92,8 @@ pub enum ServerError {
     Watch(String),
     #[error("cannot listen on {addr}: {error}")]
     Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("{0}")]
+    StateStore(String),
     #[error("gRPC server on {addr} failed: {error}")]
     Serve { addr: SocketAddr, error: tonic::transport::Error },
 }
@@ -222,10 +227,28 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     for service in ["", ext_proc::SERVICE_NAME] {
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
+    let state_url = opts.state_store.clone().or_else(|| config.state_store.clone());
+    if let Some(url) = &state_url {
+        crate::state_store::check_url(url).map_err(ServerError::StateStore)?;
+    }
     {
         let health = health.clone();
+        let (router, telemetry, pool) =
+            (router.clone(), telemetry.clone(), format!("{}/{}", opts.pool_namespace, opts.pool_name));
         tokio::spawn(async move {
             if loaded_rx.wait_for(|loaded| *loaded).await.is_ok() {
+                // With a shared state store, peers' decisions are replayed before serving.
+                if let Some(url) = state_url {
+                    match crate::state_store::StateStore::start(&url, &pool, router.clone(), telemetry) {
+                        Ok(store) => {
+                            router.set_sink(store.clone());
+                            if !store.warmed(std::time::Duration::from_secs(10)).await {
+                                warn!("the state store's history was not replayed within 10 s; serving on local state");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "state store not started; routing on local state"),
+                    }
+                }
                 for service in ["", ext_proc::SERVICE_NAME] {
                     health.set_service_status(service, ServingStatus::Serving).await;
                 }

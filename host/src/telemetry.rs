@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use epp_core::{CycleResult, Decision, HookFailure, PluginTiming, Scheduler, Usage};
 use llmd_plugin_sdk::columns::{PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS};
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tracing::{info, warn};
 
@@ -82,6 +82,9 @@ pub struct Telemetry {
     kv_skipped: IntCounterVec,
     kv_index_blocks: IntGaugeVec,
     kv_lag: GaugeVec,
+    state_connected: IntGauge,
+    state_events: IntCounterVec,
+    state_lag: Gauge,
 }
 
 /// Flow-control queue-wait buckets (seconds), upstream's.
@@ -353,6 +356,22 @@ impl Telemetry {
                 ),
                 &["endpoint"],
             )),
+            state_connected: must(IntGauge::new(
+                "epp_state_store_connected",
+                "1 while the shared state store (Redis) answers, 0 while this replica routes on local state only.",
+            )),
+            state_events: must(IntCounterVec::new(
+                opts(
+                    "epp_state_store_events_total",
+                    "Routing events shared through the state store: published, applied (from peers), dropped \
+                     (not published: store down or queue full), skipped (malformed or for an unknown endpoint).",
+                ),
+                &["direction"],
+            )),
+            state_lag: must(Gauge::new(
+                "epp_state_store_lag_seconds",
+                "Age of the newest peer event applied when it was applied.",
+            )),
             registry,
         };
         for c in t.collectors() {
@@ -410,6 +429,9 @@ impl Telemetry {
             Box::new(self.kv_skipped.clone()),
             Box::new(self.kv_index_blocks.clone()),
             Box::new(self.kv_lag.clone()),
+            Box::new(self.state_connected.clone()),
+            Box::new(self.state_events.clone()),
+            Box::new(self.state_lag.clone()),
         ]
     }
 
@@ -527,6 +549,19 @@ impl Telemetry {
 
     pub fn kv_events_lag(&self, endpoint: &str, seconds: f64) {
         self.kv_lag.with_label_values(&[endpoint]).set(seconds);
+    }
+
+    pub fn state_store_connected(&self, up: bool) {
+        self.state_connected.set(i64::from(up));
+    }
+
+    /// `direction`: published, applied, dropped or skipped.
+    pub fn state_store_events(&self, direction: &str, n: u64) {
+        self.state_events.with_label_values(&[direction]).inc_by(n);
+    }
+
+    pub fn state_store_lag(&self, seconds: f64) {
+        self.state_lag.set(seconds);
     }
 
     /// Counts an ejection of `endpoint` by the passive breaker.

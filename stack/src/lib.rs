@@ -20,6 +20,8 @@ use sim::{SimConfig, SimHandle};
 const EXT_PROC_ENVOY: &str = include_str!("../../config/envoy.yaml");
 /// The upstream guide's Envoy bootstrap, unchanged but for ports.
 const GUIDE_ENVOY: &str = include_str!("../../config/guide/envoy.yaml");
+/// The project's Envoy bootstrap for two EPP replicas.
+const REPLICAS_ENVOY: &str = include_str!("../../config/envoy-replicas.yaml");
 
 pub mod peers;
 
@@ -282,6 +284,12 @@ impl Process {
         None
     }
 
+    /// Kills it at once (SIGKILL: no drain) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether it has exited (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -481,6 +489,22 @@ impl Envoy {
         .await
     }
 
+    /// Envoy with `config/envoy-replicas.yaml`: ext_proc balanced over two EPPs on `ports`
+    /// (TLS to them unless `plaintext`).
+    pub async fn ext_proc_replicas(
+        envoy: &Path,
+        scratch: &Scratch,
+        ports: [u16; 2],
+        plaintext: bool,
+    ) -> Result<Envoy, StackError> {
+        Envoy::start_on_free_ports(envoy, scratch, "envoy-replicas", |listener, admin| {
+            let text = with_ports(REPLICAS_ENVOY, listener, admin, ports[0])
+                .replace("port_value: 9012", &format!("port_value: {}", ports[1]));
+            if plaintext { without_tls(&text) } else { text }
+        })
+        .await
+    }
+
     /// Envoy round-robin over `workers`, without ext_proc.
     pub async fn round_robin(setup: &Setup, scratch: &Scratch, workers: &Workers) -> Result<Envoy, StackError> {
         let ports: Vec<u16> = workers.handles.iter().map(|h| h.addr().port()).collect();
@@ -676,6 +700,65 @@ static_resources:
           - lb_endpoints:
 {endpoints}"#
     )
+}
+
+/// The `redis-server` binary: `$REDIS_SERVER`, then `PATH`, then Debian's place.
+pub fn locate_redis() -> Result<PathBuf, StackError> {
+    if let Some(p) = std::env::var_os("REDIS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("redis-server")).find(|p| p.is_file()));
+    if let Some(Some(p)) = on_path {
+        return Ok(p);
+    }
+    let debian = PathBuf::from("/usr/bin/redis-server");
+    if debian.is_file() {
+        return Ok(debian);
+    }
+    Err(StackError::Setup(
+        "redis-server not found (scripts/prepare.sh installs Debian's redis-server; or set REDIS_SERVER)".into(),
+    ))
+}
+
+/// A real `redis-server` on loopback, without persistence; killed when dropped.
+pub struct Redis {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts one on `port` (a free one when None) and waits until it answers PING.
+    pub async fn start(scratch: &Scratch, port: Option<u16>) -> Result<Redis, StackError> {
+        let bin = locate_redis()?;
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no"]);
+        let mut process = Process::spawn("redis-server", &mut cmd, scratch.log("redis.log"))?;
+        wait_until(&mut process, "redis-server answering PING", Duration::from_secs(20), || redis_ping(port)).await?;
+        Ok(Redis { process, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// Whether a Redis server on `port` answers PING.
+pub async fn redis_ping(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"+PONG"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten().unwrap_or(false)
 }
 
 #[cfg(test)]

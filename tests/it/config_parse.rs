@@ -280,3 +280,17 @@ fn the_shipped_flow_control_example_loads() {
     assert_eq!(c.flow.bands.iter().map(|b| b.priority).collect::<Vec<_>>(), [1, 0]);
     assert_eq!(c.saturation.queue_depth_threshold, 1.0);
 }
+
+#[test]
+fn the_state_store_is_read_and_checked() {
+    let with = |url: &str| format!("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nstateStore: {url}\n");
+    let c = PickerConfig::parse(&with("redis://10.0.0.9:6379/2"), None).expect("a redis url");
+    assert_eq!(c.state_store.as_deref(), Some("redis://10.0.0.9:6379/2"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    for bad in ["http://10.0.0.9:6379", "rediss://10.0.0.9:6379"] {
+        let e = PickerConfig::parse(&with(bad), None).expect_err(bad).to_string();
+        assert!(e.contains("stateStore"), "{bad}: {e}");
+    }
+    assert_eq!(PickerConfig::parse(&with("redis://h:1"), None).map(|c| c.state_store.is_some()).ok(), Some(true));
+    assert!(PickerConfig::default_config().expect("default").state_store.is_none());
+}

@@ -11,6 +11,7 @@ mod e2e_flow;
 mod e2e_load;
 mod e2e_precise;
 mod e2e_reload;
+mod e2e_replicas;
 mod e2e_routing;
 mod ext_proc_wire;
 mod guide_profile;

@@ -181,20 +181,8 @@ impl Stack {
     /// with our Envoy config (its default), plaintext with the upstream guide's (which runs
     /// it with --secure-serving=false). A restart keeps the ports Envoy knows.
     pub async fn start_epp(&mut self, envoy: EnvoyConfig) {
-        let config = std::fs::read_to_string(self.dir.join("epp-config.yaml")).expect("config");
-        let mut args = vec!["--v=3".to_string(), "--refresh-prometheus-metrics-interval".into(), "200ms".into()];
-        args.extend(self.epp_args.iter().cloned());
-        let opts = EppOptions {
-            args,
-            log_filter: Some(LOG_FILTER.into()),
-            plaintext: envoy == EnvoyConfig::Guide,
-            replacement: None,
-        };
-        let bin = Path::new(env!("CARGO_BIN_EXE_epp")).to_path_buf();
         let ports = (self.epp_port != 0).then_some((self.epp_port, self.health_port, self.metrics_port));
-        let epp = Epp::start_on(&bin, &self.scratch, &config, &opts, ports)
-            .await
-            .unwrap_or_else(|e| panic!("start epp: {e}"));
+        let epp = self.spawn_epp(envoy, None, ports).await;
         (self.epp_port, self.health_port, self.metrics_port) = (epp.grpc_port, epp.health_port, epp.metrics_port);
         self.epp = Some(epp);
     }
@@ -203,6 +191,12 @@ impl Stack {
     /// waits until it serves, and returns the one it replaces (still running) for the
     /// caller to stop.
     pub async fn start_replacement_epp(&mut self, envoy: EnvoyConfig) -> Epp {
+        let ports = Some((self.epp_port, self.health_port, self.metrics_port));
+        let epp = self.spawn_epp(envoy, Some(2), ports).await;
+        self.epp.replace(epp).expect("a running EPP to replace")
+    }
+
+    async fn spawn_epp(&self, envoy: EnvoyConfig, replacement: Option<u32>, ports: Option<(u16, u16, u16)>) -> Epp {
         let config = std::fs::read_to_string(self.dir.join("epp-config.yaml")).expect("config");
         let mut args = vec!["--v=3".to_string(), "--refresh-prometheus-metrics-interval".into(), "200ms".into()];
         args.extend(self.epp_args.iter().cloned());
@@ -210,14 +204,10 @@ impl Stack {
             args,
             log_filter: Some(LOG_FILTER.into()),
             plaintext: envoy == EnvoyConfig::Guide,
-            replacement: Some(2),
+            replacement,
         };
         let bin = Path::new(env!("CARGO_BIN_EXE_epp")).to_path_buf();
-        let ports = Some((self.epp_port, self.health_port, self.metrics_port));
-        let epp = Epp::start_on(&bin, &self.scratch, &config, &opts, ports)
-            .await
-            .unwrap_or_else(|e| panic!("start the replacement epp: {e}"));
-        self.epp.replace(epp).expect("a running EPP to replace")
+        Epp::start_on(&bin, &self.scratch, &config, &opts, ports).await.unwrap_or_else(|e| panic!("start epp: {e}"))
     }
 
     /// The log of the replacement EPP.

@@ -171,6 +171,9 @@ pub struct PickerConfig {
     pub warnings: Vec<String>,
     /// The config file's folder: relative paths in plugin parameters resolve against it.
     pub base_dir: Option<PathBuf>,
+    /// Our extension: `stateStore: redis://host:port[/db]`, routing state shared between
+    /// replicas (read at start; `--state-store` overrides it).
+    pub state_store: Option<String>,
 }
 
 impl PickerConfig {
@@ -318,6 +321,9 @@ impl PickerConfig {
         let enabled = gates.get(flow::FLOW_CONTROL_GATE).copied().unwrap_or(false);
         let flow = flow::flow_spec(enabled, raw.flow_control, &plugins, legacy_saturation, &mut warnings)?;
         let saturation = flow.utilization().copied().unwrap_or(legacy_saturation);
+        if let Some(url) = &raw.state_store {
+            crate::state_store::check_url(url).map_err(|e| invalid("stateStore", e))?;
+        }
         let mut config = PickerConfig {
             api_version,
             plugins,
@@ -328,6 +334,7 @@ impl PickerConfig {
             flow,
             warnings,
             base_dir: base_dir.map(Path::to_path_buf),
+            state_store: raw.state_store,
         };
         for i in 0..config.profiles.len() {
             // The in-flight producer reads the prefix columns: it goes in first, so the
@@ -629,6 +636,7 @@ struct RawConfig {
     experiment: Option<experiment::RawExperiment>,
     feature_gates: Option<serde_yaml::Value>,
     flow_control: Option<flow::RawFlowControl>,
+    state_store: Option<String>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_yaml::Value>,
 }
