@@ -32,8 +32,7 @@ pub struct TokenizeCost {
 #[derive(Clone, Debug, Default)]
 pub struct PreciseCosts {
     pub tokenize: Vec<TokenizeCost>,
-    /// Resident memory the index took for `INDEX_BLOCKS` blocks, bytes (None where
-    /// /proc is not readable).
+    /// Heap the index takes for `index_blocks` blocks, bytes (its hash tables at capacity).
     pub index_bytes: Option<u64>,
     pub index_blocks: usize,
     /// Matching a 64-block chain against 100 endpoints' blocks.
@@ -103,11 +102,18 @@ fn time(budget: Duration, min: u64, mut f: impl FnMut()) -> Summary {
     lat.summary()
 }
 
-/// Resident set size of this process, bytes.
-fn rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+/// A store event of full 16-token blocks, from the start of a sequence.
+fn stored(hashes: Vec<u64>, tokens: Vec<u32>) -> Stored {
+    Stored {
+        hashes,
+        parent: None,
+        tokens,
+        block_size: BLOCK as u32,
+        lora: None,
+        medium: None,
+        first_block_strings: Vec::new(),
+        kind: None,
+    }
 }
 
 pub fn run(prompt_bytes: &[usize], budget: Duration) -> Result<PreciseCosts, String> {
@@ -127,7 +133,6 @@ pub fn run(prompt_bytes: &[usize], budget: Duration) -> Result<PreciseCosts, Str
 
     // 100 000 blocks: 1 000 sequences of 100 blocks on one endpoint, stored as an engine
     // reports them (one event per sequence, engine hashes of its own).
-    let before = rss();
     let mut index = PreciseIndex::new(INDEX_BLOCKS);
     let mut engine_hash = 1u64;
     for s in 0..(INDEX_BLOCKS / 100) as u32 {
@@ -138,40 +143,17 @@ pub fn run(prompt_bytes: &[usize], budget: Duration) -> Result<PreciseCosts, Str
                 engine_hash
             })
             .collect();
-        let stored = Stored {
-            hashes,
-            parent: None,
-            tokens,
-            block_size: BLOCK as u32,
-            lora: None,
-            medium: None,
-            first_block_strings: Vec::new(),
-            kind: None,
-        };
-        index.apply(0, &[Event::Stored(stored)]);
+        index.apply(0, &[Event::Stored(stored(hashes, tokens))]);
     }
-    out.index_bytes = match (before, rss()) {
-        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
-        _ => None,
-    };
-    std::hint::black_box(index.blocks(0));
+    out.index_blocks = index.blocks(0);
+    out.index_bytes = Some(index.memory_bytes() as u64);
     drop(index);
 
     // Lookup: 100 endpoints holding 1 000 blocks each; a request's 64-block chain against all.
     let mut index = PreciseIndex::new(INDEX_BLOCKS);
     let tokens: Vec<u32> = (0..(64 * BLOCK) as u32).collect();
     for e in 0..100u32 {
-        let stored = Stored {
-            hashes: (0..64).map(|h| u64::from(e) << 32 | h).collect(),
-            parent: None,
-            tokens: tokens.clone(),
-            block_size: BLOCK as u32,
-            lora: None,
-            medium: None,
-            first_block_strings: Vec::new(),
-            kind: None,
-        };
-        index.apply(e, &[Event::Stored(stored)]);
+        index.apply(e, &[Event::Stored(stored((0..64).map(|h| u64::from(e) << 32 | h).collect(), tokens.clone()))]);
     }
     let keys = chain(root(None, None), &tokens, BLOCK);
     out.lookup = Some(time(budget, 100, || {

@@ -286,8 +286,9 @@ fn added(a: Duration, b: Duration) -> String {
 fn micro_tables(m: &MicroResults) -> String {
     let mut out = String::from(
         "## 1. Scheduling cost: one decision, wasm components vs native\n\n\
-         One full decision of the optimized baseline (prefix producer, queue, kv-cache, prefix and \
-         no-hit-LRU scorers, max-score picker, every plugin's `pre-request` hook) over a pool with \
+         One full decision of the default profile (approximate prefix and in-flight load \
+         producers, prefix-affinity filter, prefix, token-load, LoRA and no-hit-LRU scorers, \
+         max-score picker, and the `decided` hooks the plugins ask for) over a pool with \
          spread-out load; requests share 8 system prompts (so the prefix index hits). *wasm* is the \
          embedded components through wasmtime, *native* the same plugin crates compiled into the \
          host; batches of each alternate.\n\n\
@@ -376,10 +377,13 @@ fn micro_tables(m: &MicroResults) -> String {
 
 fn precise_table(p: &crate::precise::PreciseCosts) -> String {
     let mut out = String::from(
-        "### Precise prefix routing: tokenizing, matching, memory
-
-         What `precise-prefix-cache-producer` adds to a decision: the prompt tokenized as the          engine does and hashed into 16-token block keys (a byte-level BPE tokenizer with an 8k          vocabulary trained on synthetic prose here, as model tokenizers are built; and the          simulator's), then matched against every endpoint's blocks. Prompts over 64 KB are          decided off the server's async workers (`block_in_place`), so a long tokenization          does not hold up other streams.
-
+        "### Precise prefix routing: tokenizing, matching, memory\n\n\
+         What `precise-prefix-cache-producer` adds to a decision: the prompt tokenized as the \
+         engine does and hashed into 16-token block keys (a byte-level BPE tokenizer with an 8k \
+         vocabulary trained on synthetic prose here, as model tokenizers are built; and the \
+         simulator's), then matched against every endpoint's blocks. Prompts over 64 KB are \
+         decided off the server's async workers (`block_in_place`), so a long tokenization \
+         does not hold up other streams.\n\n\
          | tokenizer | prompt | tokens | p50 | p99 | MB/s at p50 |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for t in &p.tokenize {
@@ -407,7 +411,8 @@ fn precise_table(p: &crate::precise::PreciseCosts) -> String {
     if let Some(b) = p.index_bytes {
         let _ = writeln!(
             out,
-            "Index memory for {} blocks (resident set growth): {:.1} MB ({:.0} bytes a block); the              index is bounded by `maxBlocksPerEndpoint`.",
+            "Index memory for {} blocks (its hash tables at capacity): {:.1} MB ({:.0} bytes a block); \
+             the index is bounded by `maxBlocksPerEndpoint`.",
             p.index_blocks,
             b as f64 / 1e6,
             b as f64 / p.index_blocks as f64

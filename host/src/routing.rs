@@ -162,6 +162,8 @@ pub struct Router {
     flow: std::sync::OnceLock<Arc<FlowControl>>,
     /// Where decisions are shared with peer replicas (the state store), when configured.
     sink: std::sync::OnceLock<Arc<dyn DecisionSink>>,
+    /// Request bodies above this are decided off the async workers (`ext_proc`).
+    heavy_body_bytes: AtomicUsize,
     clock: Instant,
 }
 
@@ -385,6 +387,7 @@ impl Router {
             freed: Arc::default(),
             flow: std::sync::OnceLock::new(),
             sink: std::sync::OnceLock::new(),
+            heavy_body_bytes: AtomicUsize::new(crate::ext_proc::stream::HEAVY_BODY_BYTES),
             telemetry,
             clock: Instant::now(),
         }
@@ -402,6 +405,16 @@ impl Router {
     /// Starts flow control (once; it queues only while the config's gate is on).
     pub fn start_flow_control(self: &Arc<Self>) -> Arc<FlowControl> {
         self.flow.get_or_init(|| FlowControl::start(self)).clone()
+    }
+
+    /// Request bodies above this many bytes are decided where they cannot hold up other
+    /// streams (their parsing and tokenization grow with the prompt).
+    pub fn heavy_body_bytes(&self) -> usize {
+        self.heavy_body_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_heavy_body_bytes(&self, bytes: usize) {
+        self.heavy_body_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Shares every decision from now on through `sink` (set once, before serving).

@@ -129,7 +129,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let router = Arc::new(router);
     let flow = router.start_flow_control();
     tokio::spawn({
-        let (hub, datastore) = (kv_events.clone(), datastore.clone());
+        let (hub, datastore, router) = (kv_events.clone(), datastore.clone(), router.clone());
         async move {
             // Subscriptions follow the pool (a no-op until a config turns precise routing on).
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -140,6 +140,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 let pool = datastore.snapshot();
                 let now_configured = hub.settings().is_some();
                 if pool.generation != seen || now_configured != configured {
+                    // A model tokenizer costs about a millisecond per 4 KB of prompt: such
+                    // requests are decided off the async workers.
+                    let tokenizes = hub.settings().is_some_and(|s| s.tokenizer.is_model());
+                    router.set_heavy_body_bytes(if tokenizes {
+                        crate::ext_proc::stream::HEAVY_BODY_BYTES_TOKENIZED
+                    } else {
+                        crate::ext_proc::stream::HEAVY_BODY_BYTES
+                    });
                     hub.sync_pool(&pool);
                     seen = pool.generation;
                     configured = now_configured;

@@ -3,7 +3,7 @@
 //! `reply` builds the messages. Routing decisions come from `routing::Router`.
 
 mod reply;
-mod stream;
+pub mod stream;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -32,6 +32,8 @@ use crate::usage::UsageTracker;
 
 /// Request bodies above this are scheduled off the async worker (`heavy`).
 pub const HEAVY_BODY_BYTES: usize = 64 << 10;
+/// The same when precise prefix routing tokenizes with a model's tokenizer.
+pub const HEAVY_BODY_BYTES_TOKENIZED: usize = 4 << 10;
 
 /// Default cap on a request body the EPP buffers.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
@@ -89,7 +91,9 @@ impl StreamState {
     /// and hashing grow with the prompt.
     pub fn heavy(&self, msg: &ProcessingRequest) -> bool {
         match &msg.request {
-            Some(Msg::RequestBody(b)) => b.end_of_stream && self.body.len() + b.body.len() > HEAVY_BODY_BYTES,
+            Some(Msg::RequestBody(b)) => {
+                b.end_of_stream && self.body.len() + b.body.len() > self.router.heavy_body_bytes()
+            }
             _ => false,
         }
     }

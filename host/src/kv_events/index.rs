@@ -120,6 +120,19 @@ impl PreciseIndex {
         self.endpoints.remove(&endpoint);
     }
 
+    /// An estimate of the heap the index takes, in bytes: every endpoint's hash tables at
+    /// their capacity (one control byte a slot, at most 7/8 of the slots used).
+    pub fn memory_bytes(&self) -> usize {
+        let table = |capacity: usize, entry: usize| capacity * 8 / 7 * (entry + 1);
+        self.endpoints
+            .values()
+            .map(|e| {
+                table(e.keys.capacity(), std::mem::size_of::<u64>())
+                    + table(e.by_engine.capacity(), 2 * std::mem::size_of::<u64>())
+            })
+            .sum()
+    }
+
     /// Blocks held by `endpoint`.
     pub fn blocks(&self, endpoint: u32) -> usize {
         self.endpoints.get(&endpoint).map_or(0, |e| e.keys.len())

@@ -82,6 +82,11 @@ impl Tokenizer {
         Ok(Tokenizer::HuggingFace { tokenizer: Box::new(tokenizer), template: None, warned: AtomicBool::new(false) })
     }
 
+    /// Whether it runs a model's tokenizer (costly per byte), not the simulator's.
+    pub fn is_model(&self) -> bool {
+        matches!(self, Tokenizer::HuggingFace { .. })
+    }
+
     /// The request's token ids.
     pub fn encode(&self, req: &Request) -> Vec<u32> {
         match self {
@@ -103,7 +108,7 @@ impl Tokenizer {
                     Some(t) => (t.as_str(), false),
                     None => (req.prompt.as_str(), true),
                 };
-                tokenizer.encode(text, special).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+                tokenizer.encode_fast(text, special).map(|e| e.get_ids().to_vec()).unwrap_or_default()
             }
         }
     }
