@@ -5,6 +5,7 @@
 mod reply;
 pub mod stream;
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -13,7 +14,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
@@ -50,65 +50,76 @@ impl ExternalProcessor for ExtProc {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ProcessingResponse, Status>>(64);
-        let mut state = stream::StreamState::new(self.router.clone(), self.max_body);
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let msg = match msg {
+        // The answers are produced as tonic polls for them: no task or channel per stream,
+        // so a message costs no extra wake-up between threads.
+        let conn = Conn {
+            inbound: request.into_inner(),
+            state: stream::StreamState::new(self.router.clone(), self.max_body),
+            out: VecDeque::new(),
+        };
+        let out = futures::stream::unfold(conn, |mut conn| async move {
+            loop {
+                if let Some(answer) = conn.out.pop_front() {
+                    return Some((Ok(answer), conn));
+                }
+                if conn.state.finished {
+                    return None;
+                }
+                let msg = match conn.inbound.next().await? {
                     Ok(m) => m,
                     Err(status) => {
                         // Envoy closed or reset the stream (client gone): nothing to answer.
                         debug!(%status, "ext_proc stream ended by the data plane");
-                        break;
+                        return None;
                     }
                 };
-                // A large prompt's decision runs where it cannot stall other streams.
-                let multi_thread =
-                    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-                let mut answers = if multi_thread && state.heavy(&msg) {
-                    tokio::task::block_in_place(|| state.handle(msg))
-                } else {
-                    state.handle(msg)
-                };
-                let mut held = Vec::new();
-                if let Some(mut ticket) = state.take_ticket() {
-                    // Queued by flow control: wait for the answer while watching the stream.
-                    // If it ends (client gone), the ticket is dropped, which takes the
-                    // request out of the queue at once. Messages meanwhile wait their turn.
-                    let routing = loop {
-                        tokio::select! {
-                            r = ticket.wait() => break Some(r),
-                            m = inbound.next() => match m {
-                                Some(Ok(m)) => held.push(m),
-                                _ => break None,
-                            },
-                        }
-                    };
-                    let Some(routing) = routing else {
-                        debug!("ext_proc stream ended while its request was queued");
-                        return;
-                    };
-                    answers.extend(state.resume(routing));
-                }
-                for answer in answers {
-                    if tx.send(Ok(answer)).await.is_err() {
-                        return;
-                    }
-                }
-                for msg in held {
-                    for answer in state.handle(msg) {
-                        if tx.send(Ok(answer)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                if state.finished {
-                    break;
-                }
+                conn.answer(msg).await?;
             }
         });
-        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// One ext_proc stream: Envoy's messages, the request's state, the answers not yet sent.
+struct Conn {
+    inbound: Streaming<ProcessingRequest>,
+    state: stream::StreamState,
+    out: VecDeque<ProcessingResponse>,
+}
+
+impl Conn {
+    /// Handles one message, queueing its answers; `None` when the stream is over.
+    async fn answer(&mut self, msg: ProcessingRequest) -> Option<()> {
+        // A large prompt's decision runs where it cannot stall other streams.
+        let multi_thread =
+            tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        let answers = if multi_thread && self.state.heavy(&msg) {
+            tokio::task::block_in_place(|| self.state.handle(msg))
+        } else {
+            self.state.handle(msg)
+        };
+        self.out.extend(answers);
+        let Some(mut ticket) = self.state.take_ticket() else { return Some(()) };
+        // Queued by flow control: wait for the answer while watching the stream. If it ends
+        // (client gone), the ticket is dropped, which takes the request out of the queue at
+        // once. Messages meanwhile wait their turn.
+        let mut held = Vec::new();
+        let routing = loop {
+            tokio::select! {
+                r = ticket.wait() => break r,
+                m = self.inbound.next() => match m {
+                    Some(Ok(m)) => held.push(m),
+                    _ => {
+                        debug!("ext_proc stream ended while its request was queued");
+                        return None;
+                    }
+                },
+            }
+        };
+        self.out.extend(self.state.resume(routing));
+        for msg in held {
+            self.out.extend(self.state.handle(msg));
+        }
+        Some(())
     }
 }

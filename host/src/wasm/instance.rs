@@ -13,7 +13,7 @@
 //! gathered in the manifest's order by the profile.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,8 @@ pub struct WasmPlugin {
     slots: Vec<Mutex<Option<Live>>>,
     next_slot: AtomicUsize,
     breaker: Mutex<Breaker>,
+    /// Set while the breaker is open, so a healthy plugin's call skips its lock and clock.
+    breaker_open: AtomicBool,
     /// The last pool told to the plugin, replayed into a rebuilt instance.
     pool: Mutex<Option<Arc<Pool>>>,
 }
@@ -162,6 +164,7 @@ impl WasmPlugin {
             slots: vec![Mutex::new(None)],
             next_slot: AtomicUsize::new(0),
             breaker: Mutex::default(),
+            breaker_open: AtomicBool::new(false),
             pool: Mutex::new(None),
         };
         let (first, manifest) = plugin.instantiate(None)?;
@@ -223,8 +226,12 @@ impl WasmPlugin {
     /// Runs `f` on an instance (building one if needed) under the call deadline. On any
     /// error the instance is dropped, to be rebuilt by the next call.
     fn call<R>(&self, f: impl FnOnce(&mut Live) -> wasmtime::Result<R>) -> Result<R, PluginError> {
-        if let Some(remaining) = lock(&self.breaker).open_for(Instant::now()) {
-            return Err(PluginError::Disabled(remaining.as_millis() as u64));
+        if self.breaker_open.load(Ordering::Acquire) {
+            let mut breaker = lock(&self.breaker);
+            match breaker.open_for(Instant::now()) {
+                Some(remaining) => return Err(PluginError::Disabled(remaining.as_millis() as u64)),
+                None => self.breaker_open.store(false, Ordering::Release),
+            }
         }
         let mut slot = self.slot();
         let mut live = match slot.take() {
@@ -272,7 +279,10 @@ impl WasmPlugin {
     }
 
     fn trip(&self) {
-        if lock(&self.breaker).failed(Instant::now()) {
+        let mut breaker = lock(&self.breaker);
+        if breaker.failed(Instant::now()) {
+            self.breaker_open.store(true, Ordering::Release);
+            drop(breaker);
             warn!(
                 plugin = %self.name,
                 failures = BREAKER_FAILURES + 1,

@@ -1,5 +1,5 @@
 //! The process-wide wasm runtime: one `Engine` with epoch interruption (a ticker thread
-//! advances the epoch every millisecond, which is what per-call deadlines count), one
+//! advances the epoch every 5 ms, which is what per-call deadlines count), one
 //! WASI linker, and a cache of compiled components keyed by a hash of their bytes, so a
 //! reload only compiles what changed.
 

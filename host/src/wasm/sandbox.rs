@@ -11,8 +11,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use epp_core::PluginError;
 
-/// Milliseconds per epoch tick; deadlines are expressed in ticks.
-pub(super) const TICK: Duration = Duration::from_millis(1);
+/// The epoch tick; deadlines are expressed in ticks. Coarse on purpose: the ticker thread
+/// wakes once a tick for the life of the process, and on a virtual machine each wake-up
+/// costs tens of microseconds; a deadline needs no finer grain than this.
+pub(super) const TICK: Duration = Duration::from_millis(5);
 
 /// Per-plugin resource limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +93,8 @@ impl Sandbox {
     }
 }
 
-/// A deadline of `ms` milliseconds, in epoch ticks.
+/// A deadline of `ms` milliseconds, in epoch ticks: never earlier than `ms` (the current
+/// tick may be about to end), at most one tick later.
 pub(super) fn ticks(ms: u64) -> u64 {
-    (ms / TICK.as_millis().max(1) as u64).max(1)
+    ms.div_ceil(TICK.as_millis().max(1) as u64) + 1
 }
