@@ -381,9 +381,9 @@ fn precise_table(p: &crate::precise::PreciseCosts) -> String {
          What `precise-prefix-cache-producer` adds to a decision: the prompt tokenized as the \
          engine does and hashed into 16-token block keys (a byte-level BPE tokenizer with an 8k \
          vocabulary trained on synthetic prose here, as model tokenizers are built; and the \
-         simulator's), then matched against every endpoint's blocks. Prompts over 64 KB are \
-         decided off the server's async workers (`block_in_place`), so a long tokenization \
-         does not hold up other streams.\n\n\
+         simulator's), then matched against every endpoint's blocks. Bodies over 4 KB when a \
+         model tokenizer is configured (64 KB otherwise) are decided off the server's async \
+         workers (`block_in_place`), so a long tokenization does not hold up other streams.\n\n\
          | tokenizer | prompt | tokens | p50 | p99 | MB/s at p50 |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for t in &p.tokenize {
