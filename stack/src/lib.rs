@@ -24,6 +24,7 @@ const GUIDE_ENVOY: &str = include_str!("../../config/guide/envoy.yaml");
 const REPLICAS_ENVOY: &str = include_str!("../../config/envoy-replicas.yaml");
 
 pub mod peers;
+pub mod text;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {

@@ -4,7 +4,8 @@
 //! traffic that never went through the EPP, which the approximate index cannot know.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sim::{KvEventsConfig, SimConfig};
 
@@ -12,6 +13,15 @@ use crate::stack::{EnvoyConfig, Stack, eventually, sample};
 
 fn precise_config_with(endpoints: &Path) -> String {
     epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
+}
+
+/// The precise config with a model-like tokenizer: a byte-level BPE trained in-test, written
+/// beside the config (paths in the config resolve from its folder).
+fn bpe_config_with(endpoints: &Path) -> String {
+    let dir = endpoints.parent().expect("the config folder");
+    let json = epp_stack::text::trained_bpe_json().expect("train a tokenizer");
+    std::fs::write(dir.join("tokenizer.json"), json).expect("write tokenizer.json");
+    precise_config_with(endpoints).replace("type: sim", "path: tokenizer.json")
 }
 
 fn with_events(cfg: &mut SimConfig) {
@@ -138,4 +148,49 @@ async fn respawn(http: u16, events: u16, replay: Option<u16>) -> sim::SimHandle 
             Err(e) => panic!("restart w1 on its ports: {e:#}"),
         }
     }
+}
+
+/// A long prompt's tokenization with a model's BPE tokenizer runs off the EPP's async
+/// workers: while more such requests are being tokenized than the EPP has workers, small
+/// requests still get through. (Were the tokenization on the workers, every one of them
+/// would be busy and the small requests would wait for the first long one to be decided.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_tokenizations_do_not_hold_up_other_requests() {
+    let stack = Arc::new(Stack::start_config(2, EnvoyConfig::Ours, |_| {}, &[], bpe_config_with).await);
+    let started = Instant::now();
+    let heavy = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+    let long = Arc::new(completion(&epp_stack::text::prose(7, 4 << 20)));
+    let mut long_ones = Vec::new();
+    for i in 0..heavy {
+        let (stack, body) = (stack.clone(), long.clone());
+        long_ones.push(tokio::spawn(async move {
+            let r = stack.post("/v1/completions", &format!("long-{i}"), &body).await;
+            (r, started.elapsed())
+        }));
+    }
+    // Their bodies reach the EPP within a few milliseconds; tokenizing each takes seconds.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut small = Vec::new();
+    for i in 0..5 {
+        let r = stack.post("/v1/completions", &format!("small-{i}"), &completion(&format!("short question {i}"))).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        small.push(started.elapsed());
+    }
+    let mut first_long = Duration::MAX;
+    for task in long_ones {
+        let (r, at) = task.await.expect("long request task");
+        // The workers refuse a prompt larger than their KV cache; what matters is that the
+        // EPP decided and Envoy delivered it.
+        assert!(r.worker.is_some(), "the long request was not routed: {} {}", r.status, r.body);
+        first_long = first_long.min(at);
+    }
+    // The long prompts take seconds to tokenize; the small requests must pass meanwhile, well
+    // within the first half of the time the first long one takes. (Were the tokenization on
+    // the async workers, they would all wait for the long decisions and finish just before
+    // the first long request.)
+    let before = small.iter().filter(|&&t| t < first_long / 2).count();
+    assert!(
+        before >= 3,
+        "only {before} of 5 small requests finished in the first half of the long requests' time (small at {small:?}, first long at {first_long:?})"
+    );
 }
