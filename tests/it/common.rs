@@ -11,6 +11,42 @@ use epp_core::{
 };
 use llmd_plugin_sdk::columns::BUILT_IN;
 
+/// A fresh folder under the system's temp dir, removed when dropped — unless the test is
+/// failing (panicking), so what it wrote can be looked at.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// `epp-<suite>-<pid>-<name>`, emptied if it exists.
+    pub fn new(suite: &str, name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("epp-{suite}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 pub fn runtime() -> &'static WasmRuntime {
     static RT: OnceLock<WasmRuntime> = OnceLock::new();
     RT.get_or_init(|| WasmRuntime::new().expect("wasm runtime"))

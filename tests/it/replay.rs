@@ -6,7 +6,6 @@
 //! plot must work.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use epp::replay::report::PolicyReport;
@@ -14,7 +13,7 @@ use epp::replay::workload::{TraceError, read_trace};
 use epp::replay::{self, ReplayArgs, ReplayError};
 use indicatif::ProgressBar;
 
-use crate::common::wasm_file_bytes;
+use crate::common::{TempDir, wasm_file_bytes};
 
 /// A small shared-prefix run: 1500 requests on 4 workers (seconds in a debug build).
 fn shared_prefix(seed: u64) -> Vec<PolicyReport> {
@@ -85,11 +84,8 @@ fn other_seeds_vary_a_little() {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("epp-replay-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+fn temp_dir(name: &str) -> TempDir {
+    TempDir::new("replay", name)
 }
 
 #[test]

@@ -6,14 +6,11 @@ use std::process::Command;
 
 use epp::wasm::LoadError;
 
-use crate::common::{runtime, wasm_file_bytes};
+use crate::common::{TempDir, runtime, wasm_file_bytes};
 use crate::stack::workspace_root;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("epp-toolkit-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(name: &str) -> TempDir {
+    TempDir::new("toolkit", name)
 }
 
 /// A copy of a component whose contract version reads `version` instead of 0.2.0 (same
