@@ -61,7 +61,6 @@ impl E2eOptions {
 /// One path's result for one load shape.
 #[derive(Clone, Default)]
 pub struct PathRun {
-    pub label: String,
     pub load: LoadResult,
     /// CPU time of the routing process: the EPP, or the peer router (None for Envoy
     /// round-robin, which has none).
@@ -278,10 +277,7 @@ async fn run_shape(
     paths: &[Path<'_>],
     target: &impl Fn(&str, usize) -> Target,
 ) -> Result<ShapeRun, StackError> {
-    let mut run = ShapeRun {
-        name: name.into(),
-        paths: paths.iter().map(|p| (p.kind, PathRun { label: p.kind.label().into(), ..Default::default() })).collect(),
-    };
+    let mut run = ShapeRun { name: name.into(), paths: paths.iter().map(|p| (p.kind, PathRun::default())).collect() };
     let me = std::process::id();
     // One client per path for both halves: connections stay warm between them.
     let targets: Vec<Target> = paths.iter().map(|p| target(&p.url, clients)).collect();

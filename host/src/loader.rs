@@ -20,7 +20,7 @@ use epp_core::scheduler::Admission;
 use epp_core::{PluginHandle, ProfileError, Scheduler, SchedulerProfile, Variant, WeightedScorer};
 
 use crate::config::{PickerConfig, PluginSpec, ProfileSpec};
-use crate::kv_events::KvEvents;
+use crate::kv_events::{KvEvents, Settings};
 use crate::wasm::{LoadError, WasmRuntime, embedded};
 
 /// The picker used when a profile lists none.
@@ -57,17 +57,20 @@ pub struct PluginSet {
     /// The KV-event hub a precise prefix producer feeds from (the server's, kept across
     /// reloads; a standalone one is made when a build needs one and none is given).
     kv_events: Option<Arc<KvEvents>>,
+    /// The settings of its precise prefix producer, put in force when its scheduler is
+    /// installed (kept across builds while the entry does not change).
+    precise: Option<Arc<Settings>>,
 }
 
 impl PluginSet {
     /// An empty set whose builds use `hub` for precise prefix routing.
     pub fn with_kv_events(hub: Arc<KvEvents>) -> PluginSet {
-        PluginSet { by_key: HashMap::new(), kv_events: Some(hub) }
+        PluginSet { by_key: HashMap::new(), kv_events: Some(hub), precise: None }
     }
 
-    /// The KV-event hub, when the set has one.
-    pub fn kv_events(&self) -> Option<&Arc<KvEvents>> {
-        self.kv_events.as_ref()
+    /// The settings of the set's precise prefix producer, when it has one.
+    pub fn precise(&self) -> Option<&Arc<Settings>> {
+        self.precise.as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -151,7 +154,7 @@ pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHan
 /// Builds everything the config runs (one profile, or every variant of its experiment),
 /// reusing unchanged plugins from `previous`.
 pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet) -> Result<Built, BuildError> {
-    let mut next = PluginSet { by_key: HashMap::new(), kv_events: previous.kv_events.clone() };
+    let mut next = PluginSet { by_key: HashMap::new(), kv_events: previous.kv_events.clone(), precise: None };
     let mut loaded = Vec::new();
     let scheduler = match &config.experiment {
         None => {
@@ -208,10 +211,20 @@ fn build_one(
         if spec.type_name == crate::kv_events::PRECISE_TYPE {
             // The host's side of precise routing runs first: it turns the engines' events
             // into the columns the component reads.
+            let base = config.base_dir.as_deref();
+            let made = |set: &PluginSet| set.precise.clone().filter(|s| s.made_from(&spec.parameters, base));
+            let settings = match made(next).or_else(|| made(previous)) {
+                Some(settings) => settings,
+                None => Arc::new(
+                    Settings::from_params(&spec.parameters, base)
+                        .map_err(|error| BuildError::Configure { plugin: spec.name.clone(), error })?,
+                ),
+            };
+            next.precise = Some(settings.clone());
             let hub = next.kv_events.get_or_insert_with(|| KvEvents::new(None)).clone();
-            hub.configure(&spec.parameters, config.base_dir.as_deref())
-                .map_err(|error| BuildError::Configure { plugin: spec.name.clone(), error })?;
-            producers.push(Arc::new(crate::kv_events::KvEventsProducer::new(hub)) as Arc<dyn epp_core::ProducerPlugin>);
+            producers
+                .push(Arc::new(crate::kv_events::KvEventsProducer::new(hub, settings))
+                    as Arc<dyn epp_core::ProducerPlugin>);
         }
         match load_or_reuse(runtime, owner, spec, previous, next, loaded)? {
             PluginHandle::Producer(p) => producers.push(p),

@@ -87,7 +87,11 @@ impl Reloader {
             warn!("config: {w}");
         }
         let built = loader::build(&self.runtime, &config, &state.plugins).map_err(|e| e.to_string())?;
-        let scheduler = Arc::new(Built::new(built.scheduler, self.router.telemetry()).with_flow(config.flow.clone()));
+        let scheduler = Arc::new(
+            Built::new(built.scheduler, self.router.telemetry())
+                .with_flow(config.flow.clone())
+                .with_precise(built.plugins.precise().cloned()),
+        );
         self.publisher.scheduler(scheduler);
         state.plugins = built.plugins;
         state.fingerprint = fp;

@@ -31,6 +31,10 @@ pub const DEFAULT_METRICS_STALENESS_MS: u32 = 2_000;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// Shadow cycles running or waiting at most; beyond, a shadow is skipped (and counted).
 pub const MAX_SHADOW_JOBS: usize = 64;
+/// Request bodies above this are decided off the async workers (`Built::heavy_body_bytes`).
+pub const HEAVY_BODY_BYTES: usize = 64 << 10;
+/// The same when precise prefix routing tokenizes with a model's tokenizer.
+pub const HEAVY_BODY_BYTES_TOKENIZED: usize = 4 << 10;
 
 /// Every reason a request is not routed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -113,6 +117,9 @@ pub struct Built {
     pub scheduler: Scheduler,
     pub metrics: SchedulerMetrics,
     pub flow: FlowSpec,
+    /// The settings of its precise prefix producer, if it runs one: the KV-event hub
+    /// follows them while this scheduler is installed.
+    pub precise: Option<Arc<crate::kv_events::Settings>>,
     /// The pool generation its plugins were last told (the publisher keeps it current).
     told: AtomicU64,
 }
@@ -120,12 +127,28 @@ pub struct Built {
 impl Built {
     pub fn new(scheduler: Scheduler, telemetry: &Telemetry) -> Built {
         let metrics = telemetry.scheduler_metrics(&scheduler);
-        Built { scheduler, metrics, flow: FlowSpec::default(), told: AtomicU64::new(0) }
+        Built { scheduler, metrics, flow: FlowSpec::default(), precise: None, told: AtomicU64::new(0) }
     }
 
     /// The same, with the config's flow-control settings.
     pub fn with_flow(self, flow: FlowSpec) -> Built {
         Built { flow, ..self }
+    }
+
+    /// The same, with its precise prefix producer's settings.
+    pub fn with_precise(self, precise: Option<Arc<crate::kv_events::Settings>>) -> Built {
+        Built { precise, ..self }
+    }
+
+    /// Request bodies above this many bytes are decided where they cannot hold up other
+    /// streams (their parsing and tokenization grow with the prompt): a model tokenizer
+    /// costs about a millisecond per 4 KB.
+    pub fn heavy_body_bytes(&self) -> usize {
+        if self.precise.as_ref().is_some_and(|s| s.tokenizer.is_model()) {
+            HEAVY_BODY_BYTES_TOKENIZED
+        } else {
+            HEAVY_BODY_BYTES
+        }
     }
 
     /// The pool generation its plugins were last told.
@@ -163,7 +186,6 @@ pub struct Router {
     /// Where decisions are shared with peer replicas (the state store), when configured.
     sink: std::sync::OnceLock<Arc<dyn DecisionSink>>,
     /// Request bodies above this are decided off the async workers (`ext_proc`).
-    heavy_body_bytes: AtomicUsize,
     clock: Instant,
 }
 
@@ -276,7 +298,7 @@ impl Drop for ShadowSlot {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -387,7 +409,6 @@ impl Router {
             freed: Arc::default(),
             flow: std::sync::OnceLock::new(),
             sink: std::sync::OnceLock::new(),
-            heavy_body_bytes: AtomicUsize::new(crate::ext_proc::stream::HEAVY_BODY_BYTES),
             telemetry,
             clock: Instant::now(),
         }
@@ -407,14 +428,10 @@ impl Router {
         self.flow.get_or_init(|| FlowControl::start(self)).clone()
     }
 
-    /// Request bodies above this many bytes are decided where they cannot hold up other
-    /// streams (their parsing and tokenization grow with the prompt).
+    /// Request bodies above this many bytes are decided off the async workers (the
+    /// installed scheduler's `Built::heavy_body_bytes`).
     pub fn heavy_body_bytes(&self) -> usize {
-        self.heavy_body_bytes.load(Ordering::Relaxed)
-    }
-
-    pub fn set_heavy_body_bytes(&self, bytes: usize) {
-        self.heavy_body_bytes.store(bytes, Ordering::Relaxed);
+        self.built.load().heavy_body_bytes()
     }
 
     /// Shares every decision from now on through `sink` (set once, before serving).

@@ -100,28 +100,30 @@ pub enum ServerError {
 
 /// Loads the config named by `source`; relative paths in it resolve against its folder
 /// (or the working directory for text and the built-in default).
-pub fn load_config(source: &ConfigSource) -> Result<(PickerConfig, Option<PathBuf>), ConfigError> {
-    let (config, base) = match source {
-        ConfigSource::File(path) => (PickerConfig::from_file(path)?, path.parent().map(|p| p.to_path_buf())),
-        ConfigSource::Text(text) => (PickerConfig::parse(text, None)?, None),
-        ConfigSource::Default => (PickerConfig::default_config()?, None),
+pub fn load_config(source: &ConfigSource) -> Result<PickerConfig, ConfigError> {
+    let config = match source {
+        ConfigSource::File(path) => PickerConfig::from_file(path)?,
+        ConfigSource::Text(text) => PickerConfig::parse(text, None)?,
+        ConfigSource::Default => PickerConfig::default_config()?,
     };
     for w in &config.warnings {
         warn!("config: {w}");
     }
-    Ok((config, base))
+    Ok(config)
 }
 
 /// Runs the EPP until `shutdown` resolves.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
-    let (config, base_dir) = load_config(&opts.config)?;
+    let config = load_config(&opts.config)?;
     let runtime = if opts.wasm_disk_cache { WasmRuntime::with_disk_cache()? } else { WasmRuntime::new()? };
     let telemetry = Telemetry::new(&opts.pool_name);
     // Precise prefix routing's event intake; idle unless a config uses it (kept across reloads).
     let kv_events = crate::kv_events::KvEvents::new(Some(telemetry.clone()));
     let built = loader::build(&runtime, &config, &loader::PluginSet::with_kv_events(kv_events.clone()))?;
     let datastore = Arc::new(Datastore::new());
-    let first = crate::routing::Built::new(built.scheduler, &telemetry).with_flow(config.flow.clone());
+    let first = crate::routing::Built::new(built.scheduler, &telemetry)
+        .with_flow(config.flow.clone())
+        .with_precise(built.plugins.precise().cloned());
     let mut router = Router::with_built(datastore.clone(), first, telemetry.clone());
     router.metrics_staleness_ms = opts.metrics_staleness.as_millis().min(u32::MAX as u128) as u32;
     router.max_in_flight = opts.max_in_flight;
@@ -131,26 +133,24 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     tokio::spawn({
         let (hub, datastore, router) = (kv_events.clone(), datastore.clone(), router.clone());
         async move {
-            // Subscriptions follow the pool (a no-op until a config turns precise routing on).
+            // The event intake follows the installed scheduler's precise settings and the
+            // pool (idle while no config uses precise routing).
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-            let mut seen = u64::MAX;
-            let mut configured = false;
+            let mut seen: Option<(u64, Option<Arc<crate::kv_events::Settings>>)> = None;
             loop {
                 tick.tick().await;
                 let pool = datastore.snapshot();
-                let now_configured = hub.settings().is_some();
-                if pool.generation != seen || now_configured != configured {
-                    // A model tokenizer costs about a millisecond per 4 KB of prompt: such
-                    // requests are decided off the async workers.
-                    let tokenizes = hub.settings().is_some_and(|s| s.tokenizer.is_model());
-                    router.set_heavy_body_bytes(if tokenizes {
-                        crate::ext_proc::stream::HEAVY_BODY_BYTES_TOKENIZED
-                    } else {
-                        crate::ext_proc::stream::HEAVY_BODY_BYTES
-                    });
-                    hub.sync_pool(&pool);
-                    seen = pool.generation;
-                    configured = now_configured;
+                let precise = router.built().precise.clone();
+                let same = seen.as_ref().is_some_and(|(generation, settings)| {
+                    *generation == pool.generation
+                        && match (settings, &precise) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (a, b) => a.is_none() && b.is_none(),
+                        }
+                });
+                if !same {
+                    hub.sync(precise.as_ref(), &pool);
+                    seen = Some((pool.generation, precise));
                 }
             }
         }
@@ -223,7 +223,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     };
 
     let discovery_spec = config.discovery().ok_or(ServerError::NoDiscovery)?;
-    let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, base_dir.as_deref())?;
+    let params = FileDiscoveryParams::from_json(&discovery_spec.parameters, config.base_dir.as_deref())?;
     let on_update = {
         let publisher = publisher.clone();
         move |specs: Arc<Vec<crate::discovery::EndpointSpec>>| publisher.endpoints(specs)

@@ -35,11 +35,11 @@ use crate::routing::{DecisionSink, Mirrored, Router};
 use crate::telemetry::Telemetry;
 
 /// Stream length kept by Redis (approximate trimming).
-pub const MAX_LEN: usize = 100_000;
+const MAX_LEN: usize = 100_000;
 /// Entries a fresh replica replays before serving.
-pub const WARM_ENTRIES: usize = 20_000;
+const WARM_ENTRIES: usize = 20_000;
 /// Prompt bytes shared per decision.
-pub const PROMPT_CAP: usize = 64 * 1024;
+const PROMPT_CAP: usize = 64 * 1024;
 /// The session header the session-affinity scorer reads.
 const SESSION_HEADER: &str = "x-session-token";
 /// Decisions waiting to be published; beyond it new ones are dropped (counted).
@@ -47,7 +47,7 @@ const QUEUE: usize = 8192;
 /// Entries per pipeline or read.
 const BATCH: usize = 256;
 /// A peer's request without an end is released after this.
-pub const MIRROR_TTL: Duration = Duration::from_secs(300);
+const MIRROR_TTL: Duration = Duration::from_secs(300);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a read may block waiting for new entries.
@@ -55,7 +55,6 @@ const READ_BLOCK_MS: u64 = 1000;
 
 /// One replica's link to the store.
 pub struct StateStore {
-    replica: String,
     tx: mpsc::Sender<Outgoing>,
     telemetry: Arc<Telemetry>,
     warmed: watch::Receiver<bool>,
@@ -139,12 +138,7 @@ impl StateStore {
         info!(store = %url, stream = %key, replica = %replica, "sharing routing state through Redis");
         tokio::spawn(publish(client.clone(), key.clone(), replica.clone(), rx, link.clone(), telemetry.clone()));
         tokio::spawn(follow(client, key, replica.clone(), router, link, telemetry.clone(), warm_tx));
-        Ok(Arc::new(StateStore { replica, tx, telemetry, warmed: warm_rx }))
-    }
-
-    /// This replica's id in the stream.
-    pub fn replica(&self) -> &str {
-        &self.replica
+        Ok(Arc::new(StateStore { tx, telemetry, warmed: warm_rx }))
     }
 
     /// Waits (up to `limit`) until the peers' history was replayed, or the store was found
@@ -154,16 +148,19 @@ impl StateStore {
         tokio::time::timeout(limit, rx.wait_for(|w| *w)).await.is_ok()
     }
 
-    fn enqueue(&self, o: Outgoing) {
-        if self.tx.try_send(o).is_err() {
-            self.telemetry.state_store_events("dropped", 1);
+    /// Queues what `make` builds for publishing, or counts it dropped when the queue is
+    /// full (then nothing is built: a decision's entry copies up to 64 KB of prompt).
+    fn enqueue(&self, make: impl FnOnce() -> Outgoing) {
+        match self.tx.try_reserve() {
+            Ok(slot) => slot.send(make()),
+            Err(_) => self.telemetry.state_store_events("dropped", 1),
         }
     }
 }
 
 impl DecisionSink for StateStore {
     fn decided(&self, cycle: u64, target: SocketAddr, req: &Request) {
-        self.enqueue(Outgoing::Decided {
+        self.enqueue(|| Outgoing::Decided {
             cycle,
             target,
             model: req.model.clone(),
@@ -175,7 +172,7 @@ impl DecisionSink for StateStore {
     }
 
     fn finished(&self, cycle: u64, completion: &Completion) {
-        self.enqueue(Outgoing::Finished { cycle, outcome: completion.outcome, status: completion.status });
+        self.enqueue(|| Outgoing::Finished { cycle, outcome: completion.outcome, status: completion.status });
     }
 }
 
@@ -446,7 +443,7 @@ async fn follow(
     let run = |batch: Vec<Entry>, sweep_too: bool| {
         let (router, me, mirrors, telemetry) = (router.clone(), me.clone(), mirrors.clone(), telemetry.clone());
         tokio::task::spawn_blocking(move || {
-            let mut m = mirrors.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = crate::routing::lock(&mirrors);
             apply(&router, &me, &mut m, batch, &telemetry);
             if sweep_too {
                 sweep(&router, &mut m);

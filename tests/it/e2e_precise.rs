@@ -85,9 +85,15 @@ async fn index_holds(stack: &Stack, name: &str, min: f64) {
 async fn routes_on_what_each_worker_stores_and_heals_after_a_restart() {
     let mut stack = Stack::start_config(3, EnvoyConfig::Ours, with_events, &[], precise_config_with).await;
     label_event_sockets(&stack);
-    eventually(Duration::from_secs(15), "subscriptions to every worker", || async {
+    let sockets: Vec<String> = stack
+        .workers
+        .iter()
+        .filter_map(|w| w.handle.kv_events_ports())
+        .map(|(events, _)| format!("tcp://127.0.0.1:{events}"))
+        .collect();
+    eventually(Duration::from_secs(15), "subscriptions to every worker's labelled sockets", || async {
         let log = stack.epp_log();
-        (log.matches("subscribing to KV events").count() >= 3).then_some(())
+        sockets.iter().all(|s| log.contains(s.as_str())).then_some(())
     })
     .await;
 
@@ -141,8 +147,7 @@ async fn respawn(http: u16, events: u16, replay: Option<u16>) -> sim::SimHandle 
         cfg.kv_events = Some(KvEventsConfig { port: events, replay_port: replay, topic: String::new() });
         match sim::spawn(cfg).await {
             Ok(h) => return h,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                let _ = e;
+            Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("restart w1 on its ports: {e:#}"),
@@ -193,4 +198,35 @@ async fn long_tokenizations_do_not_hold_up_other_requests() {
         before >= 3,
         "only {before} of 5 small requests finished in the first half of the long requests' time (small at {small:?}, first long at {first_long:?})"
     );
+}
+
+/// Building a scheduler never touches the running event intake: the precise settings ride
+/// with the build and are put in force only when it is installed. A rebuild whose precise
+/// entry did not change reuses them (no tokenizer reload, the index kept), and a build
+/// that fails leaves the hub as it was.
+#[test]
+fn builds_carry_precise_settings_and_leave_the_hub_alone() {
+    use epp::config::{PRECISE_CONFIG, PickerConfig};
+    use epp::loader::{PluginSet, build};
+
+    let runtime = crate::common::runtime();
+    let hub = epp::kv_events::KvEvents::new(None);
+    let config = PickerConfig::parse(PRECISE_CONFIG, None).expect("the precise config");
+    let first = build(runtime, &config, &PluginSet::with_kv_events(hub.clone())).expect("build");
+    let settings = first.plugins.precise().cloned().expect("precise settings in the build");
+    assert!(hub.settings().is_none(), "a build must not change the hub");
+
+    // Another weight, same precise entry: the same settings.
+    let reweighted = PRECISE_CONFIG.replace("weight: 0.0001", "weight: 0.001");
+    assert_ne!(reweighted, PRECISE_CONFIG);
+    let config = PickerConfig::parse(&reweighted, None).expect("the reweighted config");
+    let second = build(runtime, &config, &first.plugins).expect("rebuild");
+    assert!(Arc::ptr_eq(&settings, second.plugins.precise().expect("settings")));
+
+    // A bad precise entry fails the build and changes nothing in force.
+    hub.install(Some(&settings));
+    let bad = PRECISE_CONFIG.replace("type: sim", "type: nonsense");
+    let config = PickerConfig::parse(&bad, None).expect("parses; the producer rejects it");
+    assert!(build(runtime, &config, &second.plugins).is_err());
+    assert!(hub.settings().is_some_and(|s| Arc::ptr_eq(&s, &settings)));
 }

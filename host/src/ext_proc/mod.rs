@@ -3,7 +3,7 @@
 //! `reply` builds the messages. Routing decisions come from `routing::Router`.
 
 mod reply;
-pub mod stream;
+mod stream;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -56,6 +56,8 @@ impl ExternalProcessor for ExtProc {
             inbound: request.into_inner(),
             state: stream::StreamState::new(self.router.clone(), self.max_body),
             out: VecDeque::new(),
+            multi_thread: tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread,
         };
         let out = futures::stream::unfold(conn, |mut conn| async move {
             loop {
@@ -85,15 +87,15 @@ struct Conn {
     inbound: Streaming<ProcessingRequest>,
     state: stream::StreamState,
     out: VecDeque<ProcessingResponse>,
+    /// Whether `block_in_place` is available (a multi-thread runtime).
+    multi_thread: bool,
 }
 
 impl Conn {
     /// Handles one message, queueing its answers; `None` when the stream is over.
     async fn answer(&mut self, msg: ProcessingRequest) -> Option<()> {
         // A large prompt's decision runs where it cannot stall other streams.
-        let multi_thread =
-            tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-        let answers = if multi_thread && self.state.heavy(&msg) {
+        let answers = if self.multi_thread && self.state.heavy(&msg) {
             tokio::task::block_in_place(|| self.state.handle(msg))
         } else {
             self.state.handle(msg)

@@ -30,11 +30,6 @@ use crate::request::{self, ApiKind};
 use crate::routing::{Ending, RouteError, Routed, Router, ShadowJob};
 use crate::usage::UsageTracker;
 
-/// Request bodies above this are scheduled off the async worker (`heavy`).
-pub const HEAVY_BODY_BYTES: usize = 64 << 10;
-/// The same when precise prefix routing tokenizes with a model's tokenizer.
-pub const HEAVY_BODY_BYTES_TOKENIZED: usize = 4 << 10;
-
 /// Default cap on a request body the EPP buffers.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 

@@ -21,8 +21,7 @@ mod subscriber;
 pub mod tokenize;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::Deserialize;
@@ -72,7 +71,8 @@ struct PodDiscovery {
     replay_socket_port: Option<u16>,
 }
 
-/// The settings of the configured precise producer.
+/// The settings of a configured precise producer, made when a scheduler is built and
+/// applied to the hub when that scheduler is installed (`KvEvents::sync`).
 pub struct Settings {
     pub tokenizer: Tokenizer,
     /// Used for endpoints whose events have not said their block size yet.
@@ -80,17 +80,44 @@ pub struct Settings {
     pub socket_port: u16,
     pub replay_port: u16,
     pub topic: String,
+    /// The index bound per endpoint (`maxBlocksPerEndpoint`).
+    pub max_blocks: usize,
+    /// What these settings were made from, so an unchanged entry reuses them.
+    source: (serde_json::Value, Option<PathBuf>),
 }
 
-/// Counters of the event intake.
-#[derive(Default)]
-pub struct Stats {
-    pub messages: AtomicU64,
-    pub gaps: AtomicU64,
-    pub replays: AtomicU64,
-    pub restarts: AtomicU64,
-    pub malformed: AtomicU64,
-    pub skipped: AtomicU64,
+impl Settings {
+    /// Reads the producer's `parameters` (`base` resolves the tokenizer's paths), loading
+    /// the tokenizer; changes nothing until installed.
+    pub fn from_params(params: &serde_json::Value, base: Option<&Path>) -> Result<Settings, String> {
+        let p: Params = serde_json::from_value(params.clone()).map_err(|e| format!("invalid parameters: {e}"))?;
+        let tokenizer = Tokenizer::load(&p.tokenizer.unwrap_or_default(), base)?;
+        let tp = p.token_processor_config.unwrap_or_default();
+        let default_block_size = tp.block_size_tokens.or(tp.block_size).unwrap_or(16);
+        if default_block_size == 0 {
+            return Err("tokenProcessorConfig.blockSize must be > 0".into());
+        }
+        let max_blocks = p.max_blocks_per_endpoint.unwrap_or(DEFAULT_MAX_BLOCKS);
+        if max_blocks == 0 {
+            return Err("maxBlocksPerEndpoint must be > 0".into());
+        }
+        let events = p.kv_events_config.unwrap_or_default();
+        let discovery = events.pod_discovery_config.unwrap_or_default();
+        Ok(Settings {
+            tokenizer,
+            default_block_size,
+            socket_port: discovery.socket_port.unwrap_or(5557),
+            replay_port: discovery.replay_socket_port.unwrap_or(5558),
+            topic: events.topic_filter.unwrap_or_default(),
+            max_blocks,
+            source: (params.clone(), base.map(Path::to_path_buf)),
+        })
+    }
+
+    /// Whether these settings were made from `params` and `base`.
+    pub fn made_from(&self, params: &serde_json::Value, base: Option<&Path>) -> bool {
+        self.source.0 == *params && self.source.1.as_deref() == base
+    }
 }
 
 /// One endpoint's event source.
@@ -109,7 +136,6 @@ pub struct KvEvents {
     live: RwLock<HashSet<u32>>,
     /// Per endpoint id: its sockets, the subscriber task and the endpoint's name.
     subscriptions: Mutex<HashMap<u32, Subscription>>,
-    pub stats: Stats,
     telemetry: Option<Arc<Telemetry>>,
 }
 
@@ -120,47 +146,18 @@ impl KvEvents {
             settings: RwLock::new(None),
             live: RwLock::default(),
             subscriptions: Mutex::default(),
-            stats: Stats::default(),
             telemetry,
         })
     }
 
-    /// Configures from the producer's `parameters`; `base` resolves the tokenizer's paths.
-    pub fn configure(&self, params: &serde_json::Value, base: Option<&Path>) -> Result<(), String> {
-        let p: Params = serde_json::from_value(params.clone()).map_err(|e| format!("invalid parameters: {e}"))?;
-        let tokenizer = Tokenizer::load(&p.tokenizer.unwrap_or_default(), base)?;
-        let tp = p.token_processor_config.unwrap_or_default();
-        let default_block_size = tp.block_size_tokens.or(tp.block_size).unwrap_or(16);
-        if default_block_size == 0 {
-            return Err("tokenProcessorConfig.blockSize must be > 0".into());
-        }
-        let events = p.kv_events_config.unwrap_or_default();
-        let discovery = events.pod_discovery_config.unwrap_or_default();
-        let settings = Settings {
-            tokenizer,
-            default_block_size,
-            socket_port: discovery.socket_port.unwrap_or(5557),
-            replay_port: discovery.replay_socket_port.unwrap_or(5558),
-            topic: events.topic_filter.unwrap_or_default(),
-        };
-        if let Some(max) = p.max_blocks_per_endpoint {
-            if max == 0 {
-                return Err("maxBlocksPerEndpoint must be > 0".into());
-            }
-            let mut ix = write(&self.index);
-            *ix = index::PreciseIndex::new(max);
-        }
-        *write(&self.settings) = Some(Arc::new(settings));
-        Ok(())
-    }
-
+    /// The settings in force (those of the installed scheduler), if any.
     pub fn settings(&self) -> Option<Arc<Settings>> {
         read(&self.settings).clone()
     }
 
-    /// Whether `endpoint`'s events are flowing.
-    pub fn is_live(&self, endpoint: u32) -> bool {
-        read(&self.live).contains(&endpoint)
+    /// The endpoints whose events are flowing.
+    pub fn live(&self) -> std::sync::RwLockReadGuard<'_, HashSet<u32>> {
+        read(&self.live)
     }
 
     pub fn set_live(&self, endpoint: u32, live: bool) {
@@ -179,7 +176,6 @@ impl KvEvents {
     /// Applies one endpoint's decoded events (from a subscriber, or the replay's cluster).
     pub fn apply(&self, endpoint: u32, name: &str, events: &[decode::Event]) {
         let applied = write(&self.index).apply(endpoint, events);
-        self.stats.skipped.fetch_add(applied.skipped, Ordering::Relaxed);
         if let Some(t) = &self.telemetry {
             t.kv_index_blocks(name, self.index().blocks(endpoint));
             if applied.skipped > 0 {
@@ -200,30 +196,38 @@ impl KvEvents {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Subscribes to the events of every endpoint of `pool` and drops subscriptions (and
-    /// index entries) of endpoints no longer in it. A no-op until configured.
-    pub fn sync_pool(self: &Arc<Self>, pool: &PoolSnapshot) {
-        let Some(settings) = self.settings() else { return };
+    /// Puts `settings` (the installed scheduler's; `None` when it routes without events)
+    /// in force, subscribes to the events of every endpoint of `pool`, and drops the
+    /// subscriptions (and index entries) of endpoints no longer in it. Settings that
+    /// change the index bound start a new index; ones that change the topic resubscribe.
+    pub fn sync(self: &Arc<Self>, settings: Option<&Arc<Settings>>, pool: &PoolSnapshot) {
         let mut subs = self.subscriptions();
+        let previous = self.install(settings);
+        let Some(settings) = settings else {
+            for (id, sub) in subs.drain() {
+                self.unsubscribe(id, sub);
+            }
+            return;
+        };
+        if previous.as_ref().is_some_and(|p| p.topic != settings.topic) {
+            for (id, sub) in subs.drain() {
+                self.unsubscribe(id, sub);
+            }
+        }
         let mut wanted = HashMap::new();
         for e in &pool.endpoints {
             let label = |k: &str| e.spec.labels.get(k).cloned();
-            let host = match e.spec.address {
-                std::net::IpAddr::V6(a) => format!("[{a}]"),
-                a => a.to_string(),
-            };
+            let at = |port: u16| format!("tcp://{}", std::net::SocketAddr::new(e.spec.address, port));
             let source = Source {
-                events: label(EVENTS_LABEL).unwrap_or_else(|| format!("tcp://{host}:{}", settings.socket_port)),
-                replay: label(REPLAY_LABEL).or_else(|| Some(format!("tcp://{host}:{}", settings.replay_port))),
+                events: label(EVENTS_LABEL).unwrap_or_else(|| at(settings.socket_port)),
+                replay: label(REPLAY_LABEL).or_else(|| Some(at(settings.replay_port))),
             };
             wanted.insert(e.id, (source, e.spec.name.clone()));
         }
         let gone: Vec<u32> = subs.keys().copied().filter(|id| !wanted.contains_key(id)).collect();
         for id in gone {
             if let Some(sub) = subs.remove(&id) {
-                sub.task.abort();
-                self.set_live(id, false);
-                self.forget(id, &sub.name);
+                self.unsubscribe(id, sub);
             }
         }
         for (id, (source, name)) in wanted {
@@ -231,8 +235,7 @@ impl KvEvents {
                 continue;
             }
             if let Some(old) = subs.remove(&id) {
-                old.task.abort();
-                self.forget(id, &old.name);
+                self.unsubscribe(id, old);
             }
             info!(endpoint = %name, events = %source.events, "subscribing to KV events");
             let task =
@@ -241,11 +244,23 @@ impl KvEvents {
         }
     }
 
-    /// Stops every subscription.
-    pub fn stop(&self) {
-        for (_, sub) in self.subscriptions().drain() {
-            sub.task.abort();
+    /// Puts `settings` in force without touching subscriptions (`epp replay` feeds the
+    /// index itself); a changed index bound starts a new index. Returns the previous ones.
+    pub fn install(&self, settings: Option<&Arc<Settings>>) -> Option<Arc<Settings>> {
+        let previous = std::mem::replace(&mut *write(&self.settings), settings.cloned());
+        if let Some(s) = settings
+            && previous.as_ref().is_none_or(|p| p.max_blocks != s.max_blocks)
+        {
+            *write(&self.index) = index::PreciseIndex::new(s.max_blocks);
         }
+        previous
+    }
+
+    /// Ends a subscription: its task stops and the endpoint's blocks are forgotten.
+    fn unsubscribe(&self, id: u32, sub: Subscription) {
+        sub.task.abort();
+        self.set_live(id, false);
+        self.forget(id, &sub.name);
     }
 
     fn telemetry(&self) -> Option<&Arc<Telemetry>> {

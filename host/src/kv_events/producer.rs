@@ -9,21 +9,23 @@ use epp_core::{CallInput, PluginCore, PluginError, ProducerPlugin};
 use llmd_plugin_sdk::columns::{KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL};
 use llmd_plugin_sdk::{Completion, EndpointInfo, Manifest, Needs};
 
-use super::KvEvents;
 use super::index::{chain, root};
+use super::{KvEvents, Settings};
 
 /// The name it runs under in a profile.
 pub const NAME: &str = "kv-events";
 
 pub struct KvEventsProducer {
     hub: Arc<KvEvents>,
+    /// Its entry's settings (tokenizer, default block size).
+    settings: Arc<Settings>,
     manifest: Manifest,
     /// Adapters each endpoint runs or queues: a request naming one is an adapter request.
     adapters: RwLock<HashMap<u32, HashSet<String>>>,
 }
 
 impl KvEventsProducer {
-    pub fn new(hub: Arc<KvEvents>) -> Self {
+    pub fn new(hub: Arc<KvEvents>, settings: Arc<Settings>) -> Self {
         let manifest = Manifest {
             needs: Needs { model: true, prompt: true, pool: true, ..Default::default() },
             reads: Vec::new(),
@@ -33,7 +35,7 @@ impl KvEventsProducer {
                 .collect(),
             stateless: true,
         };
-        KvEventsProducer { hub, manifest, adapters: RwLock::default() }
+        KvEventsProducer { hub, settings, manifest, adapters: RwLock::default() }
     }
 }
 
@@ -72,24 +74,38 @@ impl ProducerPlugin for KvEventsProducer {
     fn produce(&self, input: &CallInput<'_>) -> Result<Vec<f32>, PluginError> {
         let n = input.ids.len();
         let mut out = vec![0.0f32; 4 * n];
-        let Some(settings) = self.hub.settings() else { return Ok(out) };
         let req = input.request;
-        let tokens = settings.tokenizer.encode(req);
-        let adapters = self.adapters.read().unwrap_or_else(|p| p.into_inner());
-        let index = self.hub.index();
-        // Chains by (block size, adapter): most pools share one.
+        let tokens = self.settings.tokenizer.encode(req);
+        // Per candidate: its block size and whether the request is an adapter request there.
+        let shapes: Vec<(u32, bool)> = {
+            let adapters = self.adapters.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.hub.index();
+            input
+                .ids
+                .iter()
+                .map(|id| {
+                    let block_size = index.block_size(*id).unwrap_or(self.settings.default_block_size);
+                    (block_size, adapters.get(id).is_some_and(|a| a.contains(&req.model)))
+                })
+                .collect()
+        };
+        // Chains by (block size, adapter), hashed without holding the index (the event
+        // intake writes to it): most pools share one.
         let mut chains: HashMap<(u32, bool), Vec<u64>> = HashMap::new();
-        for (i, &id) in input.ids.iter().enumerate() {
-            let live = self.hub.is_live(id);
-            let block_size = index.block_size(id).unwrap_or(settings.default_block_size);
-            let adapter = adapters.get(&id).is_some_and(|a| a.contains(&req.model));
-            let keys = chains.entry((block_size, adapter)).or_insert_with(|| {
+        for &(block_size, adapter) in &shapes {
+            chains.entry((block_size, adapter)).or_insert_with(|| {
                 let lora = adapter.then_some(req.model.as_str());
                 chain(root(lora, req.cache_salt.as_deref()), &tokens, block_size as usize)
             });
+        }
+        let index = self.hub.index();
+        let live = self.hub.live();
+        for (i, (&id, shape)) in input.ids.iter().zip(&shapes).enumerate() {
+            let Some(keys) = chains.get(shape) else { continue };
+            let live = live.contains(&id);
             out[i] = if live { index.matched(id, keys) as f32 } else { 0.0 };
             out[n + i] = keys.len() as f32;
-            out[2 * n + i] = block_size as f32;
+            out[2 * n + i] = shape.0 as f32;
             out[3 * n + i] = if live { 1.0 } else { 0.0 };
         }
         Ok(out)

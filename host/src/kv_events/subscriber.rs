@@ -12,7 +12,6 @@
 //! The connection is retried forever, with a pause.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,7 +54,6 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
         if rejoining {
             // The publisher went away: most likely the engine stopped, and with it its cache.
             // What it holds now is whatever its replay buffer says.
-            hub.stats.restarts.fetch_add(1, Ordering::Relaxed);
             info!(endpoint = %name, "KV event publisher reconnected; forgetting the endpoint's blocks and replaying its history");
             hub.forget(id, &name);
             (last_live, applied) = (None, None);
@@ -85,13 +83,11 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
             };
             let frames = msg.into_vec();
             let Some((seq, payload)) = split(&frames) else {
-                hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 if let Some(t) = hub.telemetry() {
                     t.kv_events_malformed(&name);
                 }
                 continue;
             };
-            hub.stats.messages.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = hub.telemetry() {
                 t.kv_events_message(&name);
             }
@@ -99,7 +95,6 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
                 // The live stream went back: a new publisher (the engine restarted), whose
                 // history starts over.
                 info!(endpoint = %name, seq, "KV event publisher restarted; forgetting the endpoint's blocks");
-                hub.stats.restarts.fetch_add(1, Ordering::Relaxed);
                 hub.forget(id, &name);
                 applied = None;
             }
@@ -107,11 +102,10 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
             let expected = applied.map_or(0, |a| a + 1);
             if seq > expected {
                 // Missed some (or joined late: the engine may hold blocks stored before).
-                if applied.is_some() {
-                    hub.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                    if let Some(t) = hub.telemetry() {
-                        t.kv_events_gap(&name);
-                    }
+                if applied.is_some()
+                    && let Some(t) = hub.telemetry()
+                {
+                    t.kv_events_gap(&name);
                 }
                 debug!(endpoint = %name, missing_from = expected, seq, "asking for a KV event replay");
                 if let Some(r) = replay(&hub, id, &name, &source, expected).await {
@@ -156,7 +150,6 @@ fn apply(hub: &KvEvents, id: u32, name: &str, payload: &[u8]) {
             hub.apply(id, name, &batch.events);
         }
         Err(e) => {
-            hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = hub.telemetry() {
                 t.kv_events_malformed(name);
             }
@@ -169,7 +162,6 @@ fn apply(hub: &KvEvents, id: u32, name: &str, payload: &[u8]) {
 /// returns the last sequence applied (None when nothing was).
 async fn replay(hub: &KvEvents, id: u32, name: &str, source: &Source, from: u64) -> Option<u64> {
     let endpoint = source.replay.as_deref()?;
-    hub.stats.replays.fetch_add(1, Ordering::Relaxed);
     let outcome = replay_inner(hub, id, name, endpoint, from).await;
     if let Some(t) = hub.telemetry() {
         t.kv_events_replay(name, if outcome.is_ok() { "ok" } else { "failed" });

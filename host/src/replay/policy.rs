@@ -175,12 +175,15 @@ impl Policy {
         let hub = crate::kv_events::KvEvents::new(None);
         let built = crate::loader::build(runtime, &config, &crate::loader::PluginSet::with_kv_events(hub.clone()))
             .map_err(|error| PolicyError::Build { policy: spec.name.clone(), error })?;
+        // Replay feeds the index from its simulated engines itself: no subscriptions.
+        let precise = built.plugins.precise();
+        hub.install(precise);
         Ok(Policy {
             name: spec.name.clone(),
             saturation: config.saturation,
             router: Router::Scheduler(Box::new(built.scheduler)),
             flow: config.flow.enabled.then(|| config.flow.clone()),
-            kv_events: hub.settings().is_some().then_some(hub),
+            kv_events: precise.is_some().then_some(hub),
         })
     }
 

@@ -24,7 +24,7 @@ use llmd_plugin_sdk::columns::{
     KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL, PRECISE_PREFIX, prefix_block_tokens,
     prefix_matched, prefix_total,
 };
-use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Plugin, Producer};
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Plugin, Producer, params};
 use prefix_index::PrefixIndexProducer;
 
 /// Parameters the host reads (checked there) and the approximate index's.
@@ -51,18 +51,7 @@ pub fn written() -> Vec<String> {
 
 impl Plugin for PrecisePrefixProducer {
     fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
-        let trimmed = params_json.trim();
-        let params: serde_json::Map<String, serde_json::Value> = if trimmed.is_empty() || trimmed == "null" {
-            serde_json::Map::new()
-        } else {
-            match serde_json::from_str::<serde_json::Value>(trimmed) {
-                Ok(serde_json::Value::Object(m)) => m,
-                Ok(other) => {
-                    return Err(format!("invalid parameters: expected an object of named parameters, got {other}"));
-                }
-                Err(e) => return Err(format!("invalid parameters: {e}")),
-            }
-        };
+        let params: serde_json::Map<String, serde_json::Value> = params::parse(params_json)?;
         let mut approx = serde_json::Map::new();
         for (k, v) in &params {
             if APPROX_KEYS.contains(&k.as_str()) {
