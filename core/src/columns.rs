@@ -14,6 +14,10 @@ pub struct Candidates {
     pub kv_usage: Vec<f32>,
     /// Milliseconds since the endpoint's metrics were scraped (`f32::MAX`-ish when never).
     pub age_ms: Vec<f32>,
+    /// Requests the EPP itself has in flight on each endpoint (routed, not finished), known
+    /// at once rather than scraped. Empty when not known: every queued request then counts
+    /// as someone else's (see `SaturationConfig::filter`).
+    pub own_in_flight: Vec<f32>,
 }
 
 impl Candidates {
@@ -34,6 +38,7 @@ impl Candidates {
             running: pick(&self.running),
             kv_usage: pick(&self.kv_usage),
             age_ms: pick(&self.age_ms),
+            own_in_flight: if self.own_in_flight.is_empty() { Vec::new() } else { pick(&self.own_in_flight) },
         }
     }
 
@@ -46,6 +51,7 @@ impl Candidates {
             running: vec![0.0; n_us],
             kv_usage: vec![0.0; n_us],
             age_ms: vec![10.0; n_us],
+            own_in_flight: vec![0.0; n_us],
         }
     }
 }
@@ -135,6 +141,7 @@ impl Table {
             running: self.column(1).to_vec(),
             kv_usage: self.column(2).to_vec(),
             age_ms: self.column(3).to_vec(),
+            own_in_flight: Vec::new(),
         }
     }
 }
@@ -151,6 +158,7 @@ mod tests {
             running: vec![0.0; 3],
             kv_usage: vec![0.1, 0.2, 0.3],
             age_ms: vec![5.0; 3],
+            own_in_flight: Vec::new(),
         };
         let mut t = Table::new(&c, 6);
         t.set(4, &[10.0, 20.0, 30.0]);

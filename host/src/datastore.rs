@@ -271,6 +271,7 @@ impl Datastore {
             running: Vec::with_capacity(endpoints.len()),
             kv_usage: Vec::with_capacity(endpoints.len()),
             age_ms: Vec::with_capacity(endpoints.len()),
+            own_in_flight: Vec::with_capacity(endpoints.len()),
         };
         for e in endpoints {
             let (r, updated) = e.metrics.load();
@@ -282,6 +283,7 @@ impl Datastore {
             m.running.push(v(r.running));
             m.kv_usage.push(v(r.kv_usage));
             m.age_ms.push(age as f32);
+            m.own_in_flight.push(e.metrics.in_flight.load(Ordering::Relaxed) as f32);
         }
         m
     }

@@ -185,6 +185,7 @@ impl Cluster {
             running: Vec::with_capacity(n),
             kv_usage: Vec::with_capacity(n),
             age_ms: Vec::with_capacity(n),
+            own_in_flight: Vec::with_capacity(n),
         };
         for (w, worker) in self.workers.iter().enumerate() {
             let s = worker.scrape;
@@ -195,6 +196,9 @@ impl Cluster {
             m.running.push(v(s.running));
             m.kv_usage.push(v(s.kv_usage));
             m.age_ms.push(age as f32);
+            // Every request of a replay goes through the policy: what a worker holds now is
+            // what the EPP has in flight there.
+            m.own_in_flight.push((worker.model.running() + worker.model.waiting()) as f32);
         }
         m
     }

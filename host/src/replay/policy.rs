@@ -282,6 +282,7 @@ mod tests {
             running: rows.iter().map(|_| 0.0).collect(),
             kv_usage: rows.iter().map(|r| r.2).collect(),
             age_ms: rows.iter().map(|_| 10.0).collect(),
+            own_in_flight: Vec::new(),
         }
     }
 
