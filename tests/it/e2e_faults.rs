@@ -40,7 +40,7 @@ async fn dead_and_hanging_workers_are_routed_around() {
     let dead = stack.workers.remove(1);
     let _ = dead.handle.shutdown().await;
     stack.workers[1].handle.set_faults(FaultUpdate { metrics: Some(FaultMode::Hang), requests: Some(FaultMode::Hang) });
-    // Once their metrics are stale (200 ms for admission) both are left out: every request
+    // Once they have not been scraped for a second both are left out: every request
     // is served by w0.
     let settled = eventually(Duration::from_secs(15), "traffic to settle on w0", || async {
         let mut client_ok = Vec::new();
