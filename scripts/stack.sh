@@ -82,6 +82,13 @@ if [ "$REPLICAS" = 2 ]; then
     echo "==> starting redis-server on :$REDIS_PORT (logs: $STACK/redis.log)"
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$STACK/redis.log" 2>&1 &
     pids+=($!)
+    # Ready when it answers PING (bash's /dev/tcp: redis-cli is not needed).
+    for _ in $(seq 1 100); do
+        timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT && printf 'PING\r\n' >&3 && head -c 5 <&3" 2>/dev/null |
+            grep -q PONG && break
+        if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$STACK/redis.log"; exit 1; fi
+        sleep 0.1
+    done
     epp_args=(--state-store "redis://127.0.0.1:$REDIS_PORT/0")
     ENVOY_CONFIG=config/envoy-replicas.yaml
 elif [ "$REPLICAS" != 1 ]; then

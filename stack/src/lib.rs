@@ -728,19 +728,32 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Starts one on `port` (a free one when None) and waits until it answers PING.
+    /// Starts one on `port` (a free one when None) and waits until it answers PING. A free
+    /// port can be taken by another process before redis-server binds it; then it exits,
+    /// and another free port is tried (three in all).
     pub async fn start(scratch: &Scratch, port: Option<u16>) -> Result<Redis, StackError> {
         let bin = locate_redis()?;
-        let port = match port {
-            Some(p) => p,
-            None => free_port()?,
-        };
-        let mut cmd = Command::new(bin);
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no"]);
-        let mut process = Process::spawn("redis-server", &mut cmd, scratch.log("redis.log"))?;
-        wait_until(&mut process, "redis-server answering PING", Duration::from_secs(20), || redis_ping(port)).await?;
-        Ok(Redis { process, port })
+        let attempts = if port.is_some() { 1 } else { 3 };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = match port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "no"]);
+            let mut process = Process::spawn("redis-server", &mut cmd, scratch.log("redis.log"))?;
+            let ready = Duration::from_secs(20);
+            match wait_until(&mut process, "redis-server answering PING", ready, || redis_ping(port)).await {
+                Ok(()) => return Ok(Redis { process, port }),
+                Err(e @ StackError::Exited { .. }) if attempt < attempts => {
+                    eprintln!("redis-server on port {port} exited ({e}); trying another port");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
