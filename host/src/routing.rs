@@ -185,7 +185,6 @@ pub struct Router {
     flow: std::sync::OnceLock<Arc<FlowControl>>,
     /// Where decisions are shared with peer replicas (the state store), when configured.
     sink: std::sync::OnceLock<Arc<dyn DecisionSink>>,
-    /// Request bodies above this are decided off the async workers (`ext_proc`).
     clock: Instant,
 }
 

@@ -143,10 +143,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 let precise = router.built().precise.clone();
                 let same = seen.as_ref().is_some_and(|(generation, settings)| {
                     *generation == pool.generation
-                        && match (settings, &precise) {
-                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                            (a, b) => a.is_none() && b.is_none(),
-                        }
+                        && settings.as_ref().map(Arc::as_ptr) == precise.as_ref().map(Arc::as_ptr)
                 });
                 if !same {
                     hub.sync(precise.as_ref(), &pool);

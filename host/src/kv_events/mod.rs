@@ -193,7 +193,7 @@ impl KvEvents {
     }
 
     fn subscriptions(&self) -> MutexGuard<'_, HashMap<u32, Subscription>> {
-        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
+        crate::routing::lock(&self.subscriptions)
     }
 
     /// Puts `settings` (the installed scheduler's; `None` when it routes without events)
@@ -203,17 +203,13 @@ impl KvEvents {
     pub fn sync(self: &Arc<Self>, settings: Option<&Arc<Settings>>, pool: &PoolSnapshot) {
         let mut subs = self.subscriptions();
         let previous = self.install(settings);
-        let Some(settings) = settings else {
-            for (id, sub) in subs.drain() {
-                self.unsubscribe(id, sub);
-            }
-            return;
-        };
-        if previous.as_ref().is_some_and(|p| p.topic != settings.topic) {
+        // Routing without events, or on another topic: every subscription ends.
+        if settings.is_none_or(|s| previous.as_ref().is_some_and(|p| p.topic != s.topic)) {
             for (id, sub) in subs.drain() {
                 self.unsubscribe(id, sub);
             }
         }
+        let Some(settings) = settings else { return };
         let mut wanted = HashMap::new();
         for e in &pool.endpoints {
             let label = |k: &str| e.spec.labels.get(k).cloned();

@@ -53,7 +53,7 @@ impl PluginCore for KvEventsProducer {
             .iter()
             .map(|e| (e.id, e.running_adapters.iter().chain(&e.waiting_adapters).cloned().collect()))
             .collect();
-        *self.adapters.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *super::write(&self.adapters) = map;
         Ok(())
     }
 
@@ -78,7 +78,7 @@ impl ProducerPlugin for KvEventsProducer {
         let tokens = self.settings.tokenizer.encode(req);
         // Per candidate: its block size and whether the request is an adapter request there.
         let shapes: Vec<(u32, bool)> = {
-            let adapters = self.adapters.read().unwrap_or_else(|p| p.into_inner());
+            let adapters = super::read(&self.adapters);
             let index = self.hub.index();
             input
                 .ids
