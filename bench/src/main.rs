@@ -53,9 +53,26 @@ struct Flags {
     /// Micro: wall time per cell in milliseconds (longer for profiling).
     #[arg(long)]
     cell_ms: Option<u64>,
-    /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique).
+    /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique, or
+    /// another `epp replay` generator: bursts, lora-mix, tenants).
     #[arg(long = "workload")]
     workloads: Vec<String>,
+    /// Quality: requests of every selected workload (default: each workload's own).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Quality: arrival rate over the pool, requests/s (default: each workload's own).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Quality: KV blocks per worker (default: each workload's own).
+    #[arg(long)]
+    num_gpu_blocks: Option<usize>,
+    /// Quality: the workloads' seed (default 1).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Quality: run this EPP config in the default profile's place (its `path:
+    /// endpoints.yaml` is pointed at the bench's workers).
+    #[arg(long)]
+    epp_config: Option<PathBuf>,
     /// Quality: only these routers (repeatable: default, guide, guide-no-autotune, sglang,
     /// vllm, round-robin).
     #[arg(long = "router")]
@@ -109,6 +126,13 @@ fn main() -> anyhow::Result<()> {
         if wants(Part::Quality) {
             let mut opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
+            opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
+            opts.seed = flags.seed.unwrap_or(opts.seed);
+            if let Some(path) = &flags.epp_config {
+                let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+                let name = path.file_name().map_or_else(|| "custom".into(), |n| n.to_string_lossy().into_owned());
+                opts.default_config = Some(quality::CustomConfig { name, text });
+            }
             let r = rt.block_on(quality::run(&opts, &setup, &mut progress)).context("routing-quality benchmark")?;
             quality_results = Some(r);
         }

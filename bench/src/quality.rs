@@ -47,6 +47,17 @@ pub struct QualityOptions {
     pub seed: u64,
     /// The first requests (this share) warm the caches and are not recorded.
     pub warmup: f64,
+    /// An EPP config to run in place of the default profile (`path: endpoints.yaml` in its
+    /// discovery is pointed at the bench's workers), to compare it with the peers.
+    pub default_config: Option<CustomConfig>,
+}
+
+/// An operator's EPP config, run in the default profile's row under its own name.
+#[derive(Clone, Debug)]
+pub struct CustomConfig {
+    /// The file's name, shown as the row's router (`EPP, <name>`).
+    pub name: String,
+    pub text: String,
 }
 
 impl QualityOptions {
@@ -63,16 +74,21 @@ impl QualityOptions {
             routers: RouterKind::ALL.to_vec(),
             seed: 1,
             warmup: 0.15,
+            default_config: None,
         }
     }
 
-    /// Keeps only the named workloads and routers (all when a list is empty).
+    /// Keeps only the named workloads and routers (all when a list is empty). A generator
+    /// of `epp replay` that the full run does not include (bursts, lora-mix, tenants) is
+    /// added at 80 % of its default replay rate with 2 048 KV blocks a worker.
     pub fn select(&mut self, workloads: &[String], routers: &[String]) -> Result<(), String> {
         for w in workloads {
-            if !self.workloads.iter().any(|s| s.generator.name() == w) {
-                let known: Vec<&str> = self.workloads.iter().map(|s| s.generator.name()).collect();
-                return Err(format!("unknown workload `{w}`; known: {}", known.join(", ")));
+            if self.workloads.iter().any(|s| s.generator.name() == w) {
+                continue;
             }
+            let generator: Generator = w.parse()?;
+            let rate = 0.8 * generator.default_rate_per_worker() * self.workers as f64;
+            self.workloads.push(WorkloadSpec { generator, requests: 1200, rate, num_gpu_blocks: 2048 });
         }
         for r in routers {
             if !RouterKind::ALL.iter().any(|k| k.key() == r) {
@@ -87,6 +103,16 @@ impl QualityOptions {
             self.routers.retain(|k| routers.iter().any(|r| r == k.key()));
         }
         Ok(())
+    }
+
+    /// Overrides the shape of every selected workload (to try the comparison on shapes the
+    /// full run does not show).
+    pub fn reshape(&mut self, requests: Option<usize>, rate: Option<f64>, num_gpu_blocks: Option<usize>) {
+        for w in &mut self.workloads {
+            w.requests = requests.unwrap_or(w.requests);
+            w.rate = rate.unwrap_or(w.rate);
+            w.num_gpu_blocks = num_gpu_blocks.unwrap_or(w.num_gpu_blocks);
+        }
     }
 
     pub fn smoke() -> QualityOptions {
@@ -184,11 +210,11 @@ impl RouterKind {
 }
 
 /// The EPP config of `kind` reading `endpoints`.
-pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path) -> Option<String> {
+pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path, default: Option<&str>) -> Option<String> {
     let path = format!("path: {}", endpoints.display());
     match kind {
         RouterKind::EppDefault | RouterKind::EppReplicas { .. } => {
-            Some(epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &path))
+            Some(default.unwrap_or(epp::config::DEFAULT_CONFIG).replace("path: endpoints.yaml", &path))
         }
         RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
         RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &path)),
@@ -272,7 +298,7 @@ pub async fn run(
             progress(format!(
                 "quality: {}: {}: prefix hits {:.1} %, TTFT p50 {} p90 {}, {} ok, {} errors",
                 spec.generator.name(),
-                router.label(),
+                run.router,
                 100.0 * run.hit_rate,
                 crate::latency::fmt_duration(run.ttft.summary().p50),
                 crate::latency::fmt_duration(run.ttft.summary().p90),
@@ -308,11 +334,23 @@ fn replay_same(
         opts.seed.to_string(),
         "--no-progress".into(),
     ];
-    let mut policies: Vec<&str> = routers.iter().filter_map(|r| r.replay_policy()).collect();
+    let mut policies: Vec<String> = routers.iter().filter_map(|r| r.replay_policy()).map(String::from).collect();
+    // An operator's config stands in for the default profile in replay too.
+    let _scratch = match &opts.default_config {
+        Some(custom) => {
+            let scratch = Scratch::new("quality-replay")?;
+            let path = scratch.write("custom.yaml", &custom.text)?;
+            for p in policies.iter_mut().filter(|p| *p == "baseline") {
+                *p = format!("{}={}", custom.name, path.display());
+            }
+            Some(scratch)
+        }
+        None => None,
+    };
     policies.dedup();
     for p in policies {
         flags.push("--policy".into());
-        flags.push(p.into());
+        flags.push(p);
     }
     let args = epp::replay::ReplayArgs::parse_flags(flags).map_err(|e| StackError::Setup(e.to_string()))?;
     let replay = epp::replay::run(&args, &indicatif::ProgressBar::hidden())
@@ -329,7 +367,11 @@ async fn run_one(
 ) -> Result<RouterRun, StackError> {
     let scratch = Scratch::new("quality")?;
     let model = sim::ModelParams { num_gpu_blocks: spec.num_gpu_blocks, ..opts.model.clone() };
-    let mut base = sim::SimConfig { time_scale: 1.0, model, ..Default::default() };
+    // The adapters the workload names are served as LoRA adapters, as in replay's cluster.
+    let mut loras: Vec<String> = load.items.iter().filter_map(|i| i.lora.as_deref().map(str::to_owned)).collect();
+    loras.sort();
+    loras.dedup();
+    let mut base = sim::SimConfig { time_scale: 1.0, model, loras, ..Default::default() };
     if router == RouterKind::EppPrecise {
         // Every worker publishes its events on ports of its own (named by endpoint labels).
         base.kv_events = Some(sim::KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
@@ -345,7 +387,8 @@ async fn run_one(
     let mut _redis = None;
     let url = match router {
         RouterKind::EppReplicas { shared } => {
-            let config = epp_config(router, &endpoints).unwrap_or_default();
+            let config = epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str()))
+                .unwrap_or_default();
             let mut args = Vec::new();
             if shared {
                 let redis = Redis::start(&scratch, None).await?;
@@ -378,7 +421,8 @@ async fn run_one(
             url
         }
         _ => {
-            let config = epp_config(router, &endpoints).unwrap_or_default();
+            let config = epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str()))
+                .unwrap_or_default();
             let epp =
                 Epp::start_with(&setup.epp, &scratch, &config, &EppOptions { plaintext: true, ..Default::default() })
                     .await?;
@@ -422,7 +466,11 @@ async fn run_one(
         let session = item.session.clone();
         tasks.spawn(async move { (k, send(&client, &url, body, session.as_deref(), due).await) });
     }
-    let mut run = RouterRun { router: router.label().into(), ..Default::default() };
+    let label = match (&opts.default_config, router) {
+        (Some(custom), RouterKind::EppDefault) => format!("EPP, {}", custom.name),
+        _ => router.label().into(),
+    };
+    let mut run = RouterRun { router: label, ..Default::default() };
     let mut ttfts = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         let Ok((k, outcome)) = joined else { continue };
@@ -520,12 +568,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn other_generators_can_be_selected_and_every_workload_reshaped() {
+        let mut o = QualityOptions::full();
+        o.select(&["bursts".into(), "multi-turn".into()], &["default".into(), "sglang".into()]).expect("known names");
+        let names: Vec<&str> = o.workloads.iter().map(|w| w.generator.name()).collect();
+        assert_eq!(names, ["multi-turn", "bursts"]);
+        let bursts = o.workloads[1];
+        assert_eq!((bursts.requests, bursts.num_gpu_blocks), (1200, 2048));
+        assert!((bursts.rate - 0.8 * Generator::Bursts.default_rate_per_worker() * 4.0).abs() < 1e-9);
+        assert_eq!(o.routers.len(), 2);
+        // The multi-turn spec keeps its own shape until reshaped.
+        assert_eq!((o.workloads[0].rate, o.workloads[0].num_gpu_blocks), (20.0, 1024));
+        o.reshape(Some(300), None, Some(512));
+        for w in &o.workloads {
+            assert_eq!((w.requests, w.num_gpu_blocks), (300, 512));
+        }
+        assert_eq!(o.workloads[0].rate, 20.0);
+
+        let err = QualityOptions::full().select(&["chat".into()], &[]).expect_err("unknown workload");
+        assert!(err.contains("chat") && err.contains("bursts"), "{err}");
+        let err = QualityOptions::full().select(&[], &["nginx".into()]).expect_err("unknown router");
+        assert!(err.contains("nginx") && err.contains("sglang"), "{err}");
+    }
+
+    #[test]
+    fn an_operators_config_replaces_the_default_profile_only() {
+        let path = std::path::Path::new("/tmp/e.yaml");
+        let mine = "plugins:\n  - type: file-discovery\n    parameters: {path: endpoints.yaml}\n";
+        let text = epp_config(RouterKind::EppDefault, path, Some(mine)).expect("a config");
+        assert_eq!(text, mine.replace("endpoints.yaml", "/tmp/e.yaml"));
+        let guide = epp_config(RouterKind::EppGuide, path, Some(mine)).expect("a config");
+        assert!(
+            guide.contains("/tmp/e.yaml") && !guide.starts_with("plugins:\n  - type: file-discovery\n    parameters")
+        );
+    }
+
+    #[test]
     fn every_epp_router_has_a_valid_config_reading_the_endpoints_given() {
         let path = std::path::Path::new("/tmp/e.yaml");
         for kind in
             [RouterKind::EppDefault, RouterKind::EppGuide, RouterKind::EppGuideNoAutoTune, RouterKind::EppPrecise]
         {
-            let text = epp_config(kind, path).expect("an EPP config");
+            let text = epp_config(kind, path, None).expect("an EPP config");
             let config = epp::config::PickerConfig::parse(&text, None).expect("parses");
             let discovery = config.discovery().expect("discovery");
             assert_eq!(discovery.parameters["path"], "/tmp/e.yaml", "{kind:?}");
