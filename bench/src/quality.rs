@@ -462,9 +462,8 @@ async fn run_one(
         if k == warmup {
             baseline = Some(counters(&workers));
         }
-        let (client, url, body) = (client.clone(), url.clone(), request_body(item));
-        let session = item.session.clone();
-        tasks.spawn(async move { (k, send(&client, &url, body, session.as_deref(), due).await) });
+        let (client, url, body, headers) = (client.clone(), url.clone(), request_body(item), request_headers(item));
+        tasks.spawn(async move { (k, send(&client, &url, body, &headers, due).await) });
     }
     let label = match (&opts.default_config, router) {
         (Some(custom), RouterKind::EppDefault) => format!("EPP, {}", custom.name),
@@ -519,6 +518,23 @@ fn request_body(item: &WorkItem) -> String {
     .to_string()
 }
 
+/// The headers a work item's request carries: its session, and its priority and tenant as
+/// the EPP reads them (the objective and fairness-id headers), so a live run sheds and
+/// queues what `epp replay` does. Routers that do not know them ignore them.
+fn request_headers(item: &WorkItem) -> Vec<(&'static str, String)> {
+    let mut headers = Vec::new();
+    if let Some(s) = &item.session {
+        headers.push(("x-session-id", s.to_string()));
+    }
+    if item.priority != 0 {
+        headers.push((epp::request::OBJECTIVE_HEADERS[0], item.priority.to_string()));
+    }
+    if let Some(t) = &item.tenant {
+        headers.push((epp::flow::FAIRNESS_HEADERS[0], t.to_string()));
+    }
+    headers
+}
+
 struct Outcome {
     ttft: Duration,
     latency: Duration,
@@ -531,12 +547,12 @@ async fn send(
     client: &reqwest::Client,
     url: &str,
     body: String,
-    session: Option<&str>,
+    headers: &[(&'static str, String)],
     due: Instant,
 ) -> Result<Outcome, String> {
     let mut req = client.post(url).header("content-type", "application/json").body(body);
-    if let Some(s) = session {
-        req = req.header("x-session-id", s);
+    for (name, value) in headers {
+        req = req.header(*name, value);
     }
     let mut r = req.send().await.map_err(|e| format!("send: {e}"))?;
     let status = r.status();
@@ -589,6 +605,26 @@ mod tests {
         assert!(err.contains("chat") && err.contains("bursts"), "{err}");
         let err = QualityOptions::full().select(&[], &["nginx".into()]).expect_err("unknown router");
         assert!(err.contains("nginx") && err.contains("sglang"), "{err}");
+    }
+
+    #[test]
+    fn requests_carry_the_items_session_priority_and_tenant() {
+        let items = workload::generate(Generator::Bursts, &GenParams { requests: 400, rate: 40.0, seed: 1 }).items;
+        let sheddable = items.iter().find(|i| i.priority < 0).expect("bursts have sheddable requests");
+        let headers = request_headers(sheddable);
+        let pairs: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        assert_eq!(epp::request::priority(&pairs), sheddable.priority, "{headers:?}");
+        let normal = items.iter().find(|i| i.priority == 0).expect("and normal ones");
+        assert!(request_headers(normal).is_empty());
+
+        let items = workload::generate(Generator::Tenants, &GenParams { requests: 50, rate: 40.0, seed: 1 }).items;
+        let tenant = items[0].tenant.clone().expect("tenants name their tenant");
+        let headers = request_headers(&items[0]);
+        assert!(headers.contains(&(epp::flow::FAIRNESS_HEADERS[0], tenant.to_string())), "{headers:?}");
+
+        let items = workload::generate(Generator::MultiTurn, &GenParams { requests: 20, rate: 4.0, seed: 1 }).items;
+        let session = items[0].session.clone().expect("chat turns name their session");
+        assert_eq!(request_headers(&items[0]), vec![("x-session-id", session.to_string())]);
     }
 
     #[test]
