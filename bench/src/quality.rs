@@ -60,6 +60,21 @@ pub struct CustomConfig {
     pub text: String,
 }
 
+/// The discovery line of the project's configs that `epp_config` points at the bench's workers.
+const ENDPOINTS_LINE: &str = "path: endpoints.yaml";
+
+impl CustomConfig {
+    /// A config the bench can run: its file discovery must read `endpoints.yaml`.
+    pub fn new(name: String, text: String) -> Result<CustomConfig, String> {
+        if !text.contains(ENDPOINTS_LINE) {
+            return Err(format!(
+                "{name}: its file-discovery must read `{ENDPOINTS_LINE}`, which the bench points at its own workers"
+            ));
+        }
+        Ok(CustomConfig { name, text })
+    }
+}
+
 impl QualityOptions {
     pub fn full() -> QualityOptions {
         QualityOptions {
@@ -214,10 +229,10 @@ pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path, default: Option
     let path = format!("path: {}", endpoints.display());
     match kind {
         RouterKind::EppDefault | RouterKind::EppReplicas { .. } => {
-            Some(default.unwrap_or(epp::config::DEFAULT_CONFIG).replace("path: endpoints.yaml", &path))
+            Some(default.unwrap_or(epp::config::DEFAULT_CONFIG).replace(ENDPOINTS_LINE, &path))
         }
         RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
-        RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &path)),
+        RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace(ENDPOINTS_LINE, &path)),
         RouterKind::EppGuideNoAutoTune => {
             Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path).replace(
                 "  - type: prefix-cache-scorer\n",
@@ -385,10 +400,11 @@ async fn run_one(
     let mut _peer = None;
     let mut _replicas = Vec::new();
     let mut _redis = None;
+    // Empty for the routers that are not an EPP (their branches do not read it).
+    let config =
+        epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str())).unwrap_or_default();
     let url = match router {
         RouterKind::EppReplicas { shared } => {
-            let config = epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str()))
-                .unwrap_or_default();
             let mut args = Vec::new();
             if shared {
                 let redis = Redis::start(&scratch, None).await?;
@@ -421,8 +437,6 @@ async fn run_one(
             url
         }
         _ => {
-            let config = epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str()))
-                .unwrap_or_default();
             let epp =
                 Epp::start_with(&setup.epp, &scratch, &config, &EppOptions { plaintext: true, ..Default::default() })
                     .await?;
@@ -634,9 +648,10 @@ mod tests {
         let text = epp_config(RouterKind::EppDefault, path, Some(mine)).expect("a config");
         assert_eq!(text, mine.replace("endpoints.yaml", "/tmp/e.yaml"));
         let guide = epp_config(RouterKind::EppGuide, path, Some(mine)).expect("a config");
-        assert!(
-            guide.contains("/tmp/e.yaml") && !guide.starts_with("plugins:\n  - type: file-discovery\n    parameters")
-        );
+        assert_eq!(Some(guide), epp_config(RouterKind::EppGuide, path, None));
+        let err = CustomConfig::new("mine.yaml".into(), "plugins: []\n".into()).expect_err("no endpoints.yaml");
+        assert!(err.contains("mine.yaml") && err.contains("path: endpoints.yaml"), "{err}");
+        assert!(CustomConfig::new("mine.yaml".into(), mine.into()).is_ok());
     }
 
     #[test]
