@@ -62,6 +62,8 @@ pub struct CustomConfig {
 
 /// The discovery line of the project's configs that `epp_config` points at the bench's workers.
 const ENDPOINTS_LINE: &str = "path: endpoints.yaml";
+/// The same line in the upstream guide's config.
+const GUIDE_ENDPOINTS_LINE: &str = "path: /etc/epp/endpoints.yaml";
 
 impl CustomConfig {
     /// A config the bench can run: its file discovery must read `endpoints.yaml`.
@@ -231,14 +233,14 @@ pub fn epp_config(kind: RouterKind, endpoints: &std::path::Path, default: Option
         RouterKind::EppDefault | RouterKind::EppReplicas { .. } => {
             Some(default.unwrap_or(epp::config::DEFAULT_CONFIG).replace(ENDPOINTS_LINE, &path))
         }
-        RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path)),
+        RouterKind::EppGuide => Some(epp::config::GUIDE_CONFIG.replace(GUIDE_ENDPOINTS_LINE, &path)),
         RouterKind::EppPrecise => Some(epp::config::PRECISE_CONFIG.replace(ENDPOINTS_LINE, &path)),
-        RouterKind::EppGuideNoAutoTune => {
-            Some(epp::config::GUIDE_CONFIG.replace("path: /etc/epp/endpoints.yaml", &path).replace(
+        RouterKind::EppGuideNoAutoTune => epp_config(RouterKind::EppGuide, endpoints, default).map(|guide| {
+            guide.replace(
                 "  - type: prefix-cache-scorer\n",
                 "  - type: prefix-cache-scorer\n    parameters: {autoTune: false}\n",
-            ))
-        }
+            )
+        }),
         RouterKind::Peer(_) | RouterKind::RoundRobin => None,
     }
 }
@@ -532,19 +534,13 @@ fn request_body(item: &WorkItem) -> String {
     .to_string()
 }
 
-/// The headers a work item's request carries: its session, and its priority and tenant as
-/// the EPP reads them (the objective and fairness-id headers), so a live run sheds and
-/// queues what `epp replay` does. Routers that do not know them ignore them.
+/// The headers a work item's request carries: replay's (session, tenant) and its priority
+/// as the objective header the EPP reads, so a live run sheds and queues what `epp replay`
+/// does. Routers that do not know them ignore them.
 fn request_headers(item: &WorkItem) -> Vec<(&'static str, String)> {
-    let mut headers = Vec::new();
-    if let Some(s) = &item.session {
-        headers.push(("x-session-id", s.to_string()));
-    }
+    let mut headers = item.headers();
     if item.priority != 0 {
         headers.push((epp::request::OBJECTIVE_HEADERS[0], item.priority.to_string()));
-    }
-    if let Some(t) = &item.tenant {
-        headers.push((epp::flow::FAIRNESS_HEADERS[0], t.to_string()));
     }
     headers
 }

@@ -300,11 +300,7 @@ impl Run<'_> {
         let model = item.requested_model();
         let id = request_id(index);
         let prompt = String::from_utf8_lossy(&prompt).into_owned();
-        let mut headers: Vec<(String, String)> =
-            item.session.iter().map(|s| ("x-session-id".to_string(), s.to_string())).collect();
-        if let Some(t) = &item.tenant {
-            headers.push((crate::flow::FAIRNESS_HEADERS[0].to_string(), t.to_string()));
-        }
+        let headers: Vec<(String, String)> = item.headers().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let req = Request {
             random_seed: xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), self.seed),
             id,

@@ -111,7 +111,25 @@ impl WorkItem {
     pub fn requested_model(&self) -> &str {
         self.lora.as_deref().unwrap_or(&self.model)
     }
+
+    /// The headers its request carries: the session (as `session-affinity-scorer` reads it
+    /// by default) and the tenant (the fairness id). Its priority travels in the request
+    /// itself in replay; a live client sends it as an objective header.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if let Some(s) = &self.session {
+            headers.push((SESSION_HEADER, s.to_string()));
+        }
+        if let Some(t) = &self.tenant {
+            headers.push((crate::flow::FAIRNESS_HEADERS[0], t.to_string()));
+        }
+        headers
+    }
 }
+
+/// The header a work item's session travels in: what `session-affinity-scorer`'s
+/// `session_id` strategy reads by default.
+pub const SESSION_HEADER: &str = "x-session-id";
 
 /// A workload: requests in arrival order.
 #[derive(Clone, Debug, PartialEq)]
@@ -638,6 +656,11 @@ fn synthetic_prompt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_travel_in_the_header_the_session_scorer_reads() {
+        assert_eq!(SESSION_HEADER, session_affinity_scorer::DEFAULT_SESSION_HEADER);
+    }
 
     fn params(requests: usize) -> GenParams {
         GenParams { requests, rate: 20.0, seed: 7 }
