@@ -17,8 +17,10 @@ const PROMPT: Duration = Duration::from_secs(5);
 
 fn sandbox(mode: &str) -> Sandbox {
     // Filling 64 MiB can take longer than 50 ms on a loaded machine: give the allocating
-    // plugin a long deadline so that the memory cap, not the clock, is what stops it.
-    let call_timeout_ms = if mode == "alloc" { 3_000 } else { 50 };
+    // plugin a long deadline so that the memory cap, not the clock, is what stops it. The
+    // trapping one gets it too: it traps at once, and a busy CI machine that deschedules a
+    // call for 50 ms must not turn an expected trap into a timeout.
+    let call_timeout_ms = if matches!(mode, "alloc" | "trap") { 3_000 } else { 50 };
     Sandbox { memory_bytes: 64 << 20, call_timeout_ms, setup_timeout_ms: 2_000 }
 }
 
