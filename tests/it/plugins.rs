@@ -16,12 +16,14 @@ use kv_cache_utilization_scorer::KvCacheUtilizationScorer;
 use label_selector_filter::LabelSelectorFilter;
 use llmd_plugin_sdk::EndpointInfo;
 use llmd_plugin_sdk::columns::{
-    INFLIGHT_REQUESTS, INFLIGHT_TOKENS, PREFIX_BLOCK_TOKENS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
-    REQUEST_UNCACHED_TOKENS,
+    INFLIGHT_REQUESTS, INFLIGHT_TOKENS, KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL,
+    PRECISE_PREFIX, PREFIX_BLOCK_TOKENS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, REQUEST_UNCACHED_TOKENS,
+    prefix_block_tokens, prefix_matched, prefix_total,
 };
 use lora_affinity_scorer::LoraAffinityScorer;
 use max_score_picker::MaxScorePicker;
 use no_hit_lru_scorer::NoHitLruScorer;
+use precise_prefix_cache_producer::PrecisePrefixProducer;
 use prefix_cache_affinity_filter::PrefixCacheAffinityFilter;
 use prefix_cache_scorer::PrefixCacheScorer;
 use queue_scorer::QueueScorer;
@@ -383,6 +385,78 @@ fn prefix_producer_rejects_bad_parameters() {
     ];
     for (params, field) in cases {
         rejected("approx-prefix-cache-producer", params, field);
+    }
+}
+
+/// What the engines' events say, per candidate: matched and total blocks of 16 tokens,
+/// and whether events flow.
+fn engine_says<'a>(matched: &'a [f32], total: &'a [f32], live: &'a [f32]) -> Named<'a> {
+    vec![
+        (KV_EVENTS_MATCHED, matched),
+        (KV_EVENTS_TOTAL, total),
+        (KV_EVENTS_BLOCK_TOKENS, &[16.0; 8][..matched.len()]),
+        (KV_EVENTS_LIVE, live),
+    ]
+}
+
+#[test]
+fn precise_producer_seeds_speculative_entries_for_their_ttl() {
+    let long = blocks_prompt('a', 8);
+    let at = |id: &str, now_ms: u64| Request { now_ms, ..request(id, &long) };
+    let m = idle(3);
+    let (matched, total, tokens) =
+        (prefix_matched(PRECISE_PREFIX), prefix_total(PRECISE_PREFIX), prefix_block_tokens(PRECISE_PREFIX));
+    // Events flow from endpoints 1 and 2 and say nothing is stored yet (they lag the
+    // routing decision); endpoint 1's engine holds 3 of the 4 blocks of its own size.
+    let lagging = engine_says(&[0.0, 3.0, 0.0], &[4.0, 4.0, 4.0], &[0.0, 1.0, 1.0]);
+
+    // Off (upstream's default): an endpoint with events gets the engine's word only.
+    let off = producer::<PrecisePrefixProducer>("precise-prefix-cache-producer", r#"{"autoTune": false}"#);
+    off.pool_changed(&pool(3));
+    off.produce(1, &at("r1", 1_000), &m, &lagging);
+    off.decided(1, 2);
+    let cols = off.produce(2, &at("r2", 1_100), &m, &lagging);
+    assert_eq!(column(&cols, &matched), vec![0.0, 3.0, 0.0]);
+
+    // On, 500 ms: the routed request's blocks count for endpoint 2 until the TTL is over.
+    let on = producer::<PrecisePrefixProducer>(
+        "precise-prefix-cache-producer",
+        r#"{"autoTune": false, "speculativeIndexing": true, "speculativeTTL": "500ms"}"#,
+    );
+    on.pool_changed(&pool(3));
+    on.produce(1, &at("r1", 1_000), &m, &lagging);
+    on.decided(1, 2);
+    let cols = on.produce(2, &at("r2", 1_400), &m, &lagging);
+    // Endpoint 2: all 8 seeded blocks of 64 tokens; endpoint 1: its engine's 3 of 4 (a
+    // larger share than nothing seeded); endpoint 0 (no events): the approximate index,
+    // which never saw it chosen.
+    assert_eq!(column(&cols, &matched), vec![0.0, 3.0, 8.0]);
+    assert_eq!(column(&cols, &total), vec![8.0, 4.0, 8.0]);
+    assert_eq!(column(&cols, &tokens), vec![64.0, 16.0, 64.0]);
+    // Past the TTL only the engine's word counts.
+    let cols = on.produce(3, &at("r3", 1_501), &m, &lagging);
+    assert_eq!(column(&cols, &matched), vec![0.0, 3.0, 0.0]);
+    // A decision renews the entries; an endpoint that leaves the pool loses them.
+    on.decided(3, 2);
+    assert_eq!(column(&on.produce(4, &at("r4", 1_900), &m, &lagging), &matched), vec![0.0, 3.0, 8.0]);
+    on.pool_changed(&pool(2));
+    assert_eq!(column(&on.produce(5, &at("r5", 1_950), &m, &lagging), &matched), vec![0.0, 3.0, 0.0]);
+    // Where events do not flow, the approximate index (no TTL) answers.
+    on.decided(5, 0);
+    assert_eq!(column(&on.produce(6, &at("r6", 9_000), &m, &lagging), &matched), vec![8.0, 3.0, 0.0]);
+}
+
+#[test]
+fn precise_producer_rejects_bad_parameters() {
+    for (params, field) in [
+        (r#"{"speculativeTTL": "soon"}"#, "speculativeTTL"),
+        (r#"{"speculativeTTL": "0s"}"#, "speculativeTTL"),
+        (r#"{"speculativeTTL": 5}"#, "speculativeTTL"),
+        (r#"{"speculativeIndexing": "yes"}"#, "speculativeIndexing"),
+        (r#"{"lruCapacityPerServer": -1}"#, "lruCapacityPerServer"),
+        (r#"{"bogus": 1}"#, "bogus"),
+    ] {
+        rejected("precise-prefix-cache-producer", params, field);
     }
 }
 

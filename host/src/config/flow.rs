@@ -454,38 +454,7 @@ fn number(p: &PluginSpec, key: &str, default: f64) -> Result<f64, ConfigError> {
 }
 
 /// A Go duration as upstream writes TTLs: `60s`, `1m`, `500ms`, `1m30s`, `0s`, `0`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s == "0" {
-        return Some(Duration::ZERO);
-    }
-    let mut total = 0.0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += value * scale;
-    }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
-}
+pub use llmd_plugin_sdk::params::duration as parse_go_duration;
 
 /// A Kubernetes quantity (`1Gi`, `500M`, `1024`, `1e9`) as a count; negative is an error.
 pub fn quantity(v: Option<&serde_yaml::Value>, field: &str) -> Result<Option<u64>, ConfigError> {
@@ -541,16 +510,6 @@ mod tests {
         }
         assert!(quantity(Some(&y("-1")), "f").unwrap_err().to_string().contains("non-negative"));
         assert!(quantity(Some(&y("lots")), "f").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_go_duration("60s"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("0s"), Some(Duration::ZERO));
-        assert_eq!(parse_go_duration("-5s"), None);
-        assert_eq!(parse_go_duration("soon"), None);
     }
 
     #[test]

@@ -591,29 +591,21 @@ fn saturation_spec(raw: Option<RawSaturation>) -> Result<SaturationConfig, Confi
         c.kv_cache_threshold = k as f32;
     }
     if let Some(s) = raw.metrics_staleness_threshold {
-        c.staleness_ms = parse_duration(&s).map(|d| d.as_millis() as u32).ok_or_else(|| {
-            invalid("saturationDetector.metricsStalenessThreshold", format!("`{s}` is not a duration like 200ms or 1s"))
-        })?;
+        c.staleness_ms =
+            parse_duration(&s).filter(|d| !d.is_zero()).map(|d| d.as_millis() as u32).ok_or_else(|| {
+                invalid(
+                    "saturationDetector.metricsStalenessThreshold",
+                    format!("`{s}` is not a positive duration like 200ms or 1s"),
+                )
+            })?;
     }
     Ok(c)
 }
 
-/// A Go-style duration of one unit (`200ms`, `1s`, `1.5s`, `2m`). Shared by the config
-/// and the command-line flags.
+/// A Go duration (`200ms`, `1s`, `1.5s`, `2m`, `1m30s`) of at most `u32::MAX` ms. Shared
+/// by the config and the command-line flags.
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        return None;
-    };
-    let secs = num.trim().parse::<f64>().ok()? * scale;
-    (secs.is_finite() && secs >= 0.0 && secs <= u32::MAX as f64 / 1000.0)
-        .then(|| std::time::Duration::from_secs_f64(secs))
+    llmd_plugin_sdk::params::duration(s).filter(|d| d.as_millis() <= u128::from(u32::MAX))
 }
 
 fn yaml_inline(v: &serde_yaml::Value) -> String {

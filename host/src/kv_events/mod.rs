@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::Deserialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::datastore::PoolSnapshot;
 use crate::telemetry::Telemetry;
@@ -91,6 +91,14 @@ impl Settings {
     /// the tokenizer; changes nothing until installed.
     pub fn from_params(params: &serde_json::Value, base: Option<&Path>) -> Result<Settings, String> {
         let p: Params = serde_json::from_value(params.clone()).map_err(|e| format!("invalid parameters: {e}"))?;
+        if params.get("indexerConfig").is_some_and(|v| !v.is_null()) {
+            // Upstream's indexer settings (tokenizer pool, index backend, metrics) name Go
+            // components; accepted so an upstream config loads, and said to be unused.
+            warn!(
+                "precise-prefix-cache-producer: `indexerConfig` is accepted and not used: the index is in memory, \
+                 bounded by `maxBlocksPerEndpoint`, and the tokenizer is set by `tokenizer`"
+            );
+        }
         let tokenizer = Tokenizer::load(&p.tokenizer.unwrap_or_default(), base)?;
         let tp = p.token_processor_config.unwrap_or_default();
         let default_block_size = tp.block_size_tokens.or(tp.block_size).unwrap_or(16);

@@ -18,6 +18,41 @@ pub fn parse<T: DeserializeOwned + Default>(params_json: &str) -> Result<T, Stri
     serde_json::from_value(value).map_err(|e| format!("invalid parameters: {e}"))
 }
 
+/// A Go duration as upstream writes them (`2s`, `500ms`, `1m30s`, `1.5s`, `0s`, `0`; units
+/// `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`); `None` for anything else, negative included.
+pub fn duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(std::time::Duration::ZERO);
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += value * scale;
+    }
+    std::time::Duration::try_from_secs_f64(total).ok()
+}
+
 /// Parameters every picker accepts: how many endpoints to return (primary + fallbacks).
 #[derive(Debug, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -47,3 +82,31 @@ impl PickerParams {
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::duration;
+
+    #[test]
+    fn go_durations() {
+        for (text, want) in [
+            ("60s", Duration::from_secs(60)),
+            ("1m30s", Duration::from_secs(90)),
+            ("250ms", Duration::from_millis(250)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("2h", Duration::from_secs(7200)),
+            ("100us", Duration::from_micros(100)),
+            ("100µs", Duration::from_micros(100)),
+            ("0s", Duration::ZERO),
+            ("0", Duration::ZERO),
+            (" 2s ", Duration::from_secs(2)),
+        ] {
+            assert_eq!(duration(text), Some(want), "{text}");
+        }
+        for bad in ["", "-5s", "soon", "5", "5 s", "s", "1.2.3s", "5d"] {
+            assert_eq!(duration(bad), None, "{bad}");
+        }
+    }
+}

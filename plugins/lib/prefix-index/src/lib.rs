@@ -239,6 +239,11 @@ impl PrefixIndexProducer {
         self.per_endpoint.get(&endpoint).map(|l| (l.len(), l.cap().get()))
     }
 
+    /// The block hashes `produce` computed for `cycle`, until `decided` takes them.
+    pub fn pending_hashes(&self, cycle: u64) -> Option<&[u64]> {
+        self.pending.get(cycle).map(Vec::as_slice)
+    }
+
     /// Tokens per block in use.
     pub fn block_tokens(&self) -> usize {
         self.block_tokens
