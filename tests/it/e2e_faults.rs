@@ -8,19 +8,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sim::{FaultMode, FaultUpdate};
 
-use crate::stack::{EnvoyConfig, Stack, eventually, guide_config_with, health_status, sample};
-
-fn completion(tag: &str, max_tokens: u32) -> String {
-    serde_json::json!({"model": "m", "prompt": format!("{tag}: a question"), "max_tokens": max_tokens}).to_string()
-}
+use crate::stack::{EnvoyConfig, Stack, eventually, guide_config_with, health_status, question, sample};
 
 async fn statuses(stack: &Stack, tag: &str, n: usize) -> Vec<(u16, String)> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let r = stack.post("/v1/completions", &format!("{tag}-{i}"), &completion(&format!("{tag} {i}"), 1)).await;
-        out.push((r.status, r.worker.unwrap_or_default()));
-    }
-    out
+    stack.fresh_questions(tag, n).await.into_iter().map(|r| (r.status, r.worker.unwrap_or_default())).collect()
 }
 
 /// Peak resident memory of a process, in KiB (VmHWM).
@@ -47,7 +38,7 @@ async fn dead_and_hanging_workers_are_routed_around() {
         for i in 0..10 {
             let r = tokio::time::timeout(
                 Duration::from_secs(3),
-                stack.post("/v1/completions", &format!("after-{i}"), &completion(&format!("after {i}"), 1)),
+                stack.post("/v1/completions", &format!("after-{i}"), &question(&format!("after {i}"), 1)),
             )
             .await;
             match r {
@@ -112,7 +103,7 @@ async fn overload_is_refused_not_queued_and_the_epp_recovers() {
     for i in 0..40 {
         let stack = stack.clone();
         tasks.push(tokio::spawn(async move {
-            stack.post("/v1/completions", &format!("burst-{i}"), &completion(&format!("burst {i}"), 60)).await
+            stack.post("/v1/completions", &format!("burst-{i}"), &question(&format!("burst {i}"), 60)).await
         }));
     }
     let mut counts = std::collections::BTreeMap::new();
@@ -177,7 +168,7 @@ async fn sigterm_drains_streams_and_a_restart_serves_again() {
     let elapsed = started.elapsed();
     println!("restart to SERVING: {elapsed:?}");
     let ok = eventually(Duration::from_secs(20), "a request after the restart", || async {
-        let r = stack.post("/v1/completions", "after-restart", &completion("after restart", 1)).await;
+        let r = stack.post("/v1/completions", "after-restart", &question("after restart", 1)).await;
         (r.status == 200).then_some(r)
     })
     .await;
@@ -205,7 +196,7 @@ async fn replacing_the_epp_under_load_fails_no_request() {
                 let r = client
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(completion(&format!("client {c} request {i}"), 2))
+                    .body(question(&format!("client {c} request {i}"), 2))
                     .send()
                     .await;
                 match r {
@@ -315,7 +306,7 @@ async fn a_worker_that_never_answers_gets_a_handful_of_requests_then_none() {
         n += 1;
         let stack = stack.clone();
         async move {
-            let body = completion(&format!("healed {n}"), 1);
+            let body = question(&format!("healed {n}"), 1);
             let r = stack.post("/v1/completions", &format!("healed-{n}"), &body).await;
             (r.worker.as_deref() == Some("w2")).then_some(())
         }

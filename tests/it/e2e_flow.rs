@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::stack::{EnvoyConfig, Reply, Stack, eventually};
+use crate::stack::{EnvoyConfig, Reply, Stack, eventually, question};
 
 fn config(endpoints: &Path, ttl: &str, band: &str) -> String {
     format!(
@@ -61,14 +61,10 @@ async fn start(config: fn(&Path) -> String) -> Arc<Stack> {
     };
     let stack = Stack::start_config(2, EnvoyConfig::Ours, tune, &[], config).await;
     eventually(Duration::from_secs(10), "the pool to serve", || async {
-        (stack.post("/v1/completions", "warm", &body("warm", 1)).await.status == 200).then_some(())
+        (stack.post("/v1/completions", "warm", &question("warm", 1)).await.status == 200).then_some(())
     })
     .await;
     Arc::new(stack)
-}
-
-fn body(tag: &str, max_tokens: u32) -> String {
-    serde_json::json!({"model": "m", "prompt": format!("{tag}: a question"), "max_tokens": max_tokens}).to_string()
 }
 
 /// Sends a request in the background; `headers` as (name, value).
@@ -79,7 +75,7 @@ fn send(
     headers: &[(&'static str, &'static str)],
 ) -> tokio::task::JoinHandle<Reply> {
     let (stack, id, headers) = (stack.clone(), id.to_string(), headers.to_vec());
-    tokio::spawn(async move { stack.post_with("/v1/completions", &id, &body(&id, max_tokens), &headers).await })
+    tokio::spawn(async move { stack.post_with("/v1/completions", &id, &question(&id, max_tokens), &headers).await })
 }
 
 /// The tags of `replies` in the order the EPP logged their requests leaving the queue
@@ -215,7 +211,7 @@ async fn ttl_expiry_and_clients_that_leave_are_answered_and_counted() {
     let leaver = {
         let stack = stack.clone();
         tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_millis(200), stack.post("/v1/completions", "leaver", &body("l", 1)))
+            tokio::time::timeout(Duration::from_millis(200), stack.post("/v1/completions", "leaver", &question("l", 1)))
                 .await
         })
     };

@@ -6,24 +6,16 @@ use std::time::Duration;
 
 use sim::{FaultMode, FaultUpdate};
 
-use crate::stack::{Reply, Stack, eventually, sample};
-
-fn completion(tag: &str) -> String {
-    serde_json::json!({"model": "m", "prompt": format!("{tag} — a short question?"), "max_tokens": 1}).to_string()
-}
+use crate::stack::{Stack, eventually, question, sample};
 
 /// Sends `n` requests through Envoy, each with a prompt never sent before (so prefix
 /// affinity plays no part); returns the workers that answered.
 async fn spread(stack: &Stack, tag: &str, n: usize) -> Vec<String> {
-    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let mut workers = Vec::new();
-    for _ in 0..n {
-        let k = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let r: Reply = stack.post("/v1/completions", &format!("{tag}-{k}"), &completion(&format!("{tag} {k}"))).await;
+    let replies = stack.fresh_questions(tag, n).await;
+    for r in &replies {
         assert_eq!(r.status, 200, "{r:?}");
-        workers.push(r.worker.unwrap_or_default());
     }
-    workers
+    replies.into_iter().map(|r| r.worker.unwrap_or_default()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +91,7 @@ async fn a_saturated_pool_sheds_sheddable_requests_only() {
             .post(stack.url("/v1/completions"))
             .header("content-type", "application/json")
             .header("x-gateway-inference-objective", "sheddable")
-            .body(completion("shed me"))
+            .body(question("shed me", 1))
             .send()
             .await
             .ok()?;
@@ -110,7 +102,7 @@ async fn a_saturated_pool_sheds_sheddable_requests_only() {
     .await;
     assert!(shed.starts_with("inference error: ResourceExhausted - "), "{shed}");
     // A normal request is still served.
-    let r = stack.post("/v1/completions", "normal", &completion("serve me")).await;
+    let r = stack.post("/v1/completions", "normal", &question("serve me", 1)).await;
     assert_eq!(r.status, 200, "{r:?}");
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sim::{KvEventsConfig, SimConfig};
 
-use crate::stack::{EnvoyConfig, Stack, eventually, sample};
+use crate::stack::{EnvoyConfig, Stack, completion, eventually, sample};
 
 fn precise_config_with(endpoints: &Path) -> String {
     epp::config::PRECISE_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()))
@@ -32,10 +32,6 @@ fn with_events(cfg: &mut SimConfig) {
 fn prompt(tag: &str, blocks: usize) -> String {
     let unit = format!("{tag}-{}", "x".repeat(63 - tag.len()));
     unit.repeat(blocks)
-}
-
-fn completion(prompt: &str) -> String {
-    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2}).to_string()
 }
 
 /// Labels every worker with its own event sockets.
@@ -65,7 +61,7 @@ async fn direct(stack: &Stack, i: usize, prompt: &str) {
         .client
         .post(url)
         .header("content-type", "application/json")
-        .body(completion(prompt))
+        .body(completion(prompt, 2))
         .send()
         .await
         .expect("direct request");
@@ -106,7 +102,7 @@ async fn routes_on_what_each_worker_stores_and_heals_after_a_restart() {
         index_holds(&stack, &format!("w{i}"), 40.0).await;
     }
     for (i, p) in prompts.iter().enumerate() {
-        let r = stack.post("/v1/completions", &format!("follow-{i}"), &completion(&format!("{p} and then?"))).await;
+        let r = stack.post("/v1/completions", &format!("follow-{i}"), &completion(&format!("{p} and then?"), 2)).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.worker.as_deref(), Some(format!("w{i}").as_str()), "the follow-up of doc{i} went elsewhere");
     }
@@ -134,7 +130,7 @@ async fn routes_on_what_each_worker_stores_and_heals_after_a_restart() {
     let page = stack.epp_metrics().await;
     let w1 = sample(&page, "llm_d_epp_kv_cache_index_blocks", &["endpoint=\"w1\""]).unwrap_or(0.0);
     assert!(w1 < 70.0, "the old process's 40 blocks should have been forgotten (index holds {w1})");
-    let r = stack.post("/v1/completions", "after-restart", &completion(&format!("{fresh} more"))).await;
+    let r = stack.post("/v1/completions", "after-restart", &completion(&format!("{fresh} more"), 2)).await;
     assert_eq!(r.worker.as_deref(), Some("w1"), "{r:?}");
 }
 
@@ -164,7 +160,7 @@ async fn long_tokenizations_do_not_hold_up_other_requests() {
     let stack = Arc::new(Stack::start_config(2, EnvoyConfig::Ours, |_| {}, &[], bpe_config_with).await);
     let started = Instant::now();
     let heavy = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
-    let long = Arc::new(completion(&epp_stack::text::prose(7, 4 << 20)));
+    let long = Arc::new(completion(&epp_stack::text::prose(7, 4 << 20), 2));
     let mut long_ones = Vec::new();
     for i in 0..heavy {
         let (stack, body) = (stack.clone(), long.clone());
@@ -177,7 +173,8 @@ async fn long_tokenizations_do_not_hold_up_other_requests() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut small = Vec::new();
     for i in 0..5 {
-        let r = stack.post("/v1/completions", &format!("small-{i}"), &completion(&format!("short question {i}"))).await;
+        let r =
+            stack.post("/v1/completions", &format!("small-{i}"), &completion(&format!("short question {i}"), 2)).await;
         assert_eq!(r.status, 200, "{r:?}");
         small.push(started.elapsed());
     }

@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use crate::stack::{EnvoyConfig, Reply, Stack, eventually, health_status};
-
-fn completion(prompt: &str) -> String {
-    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4}).to_string()
-}
+use crate::stack::{EnvoyConfig, Reply, Stack, completion, eventually, health_status};
 
 /// Asserts the request reached the worker the EPP logged for it.
 async fn assert_routed_as_picked(stack: &Stack, r: &Reply) {
@@ -60,11 +56,12 @@ async fn sse_streams_through_with_usage() {
 async fn shared_prefix_goes_to_the_same_worker() {
     let stack = Stack::start(4).await;
     let system: String = (0..40).map(|i| format!("You are assistant number {i:04}, precise and brief. ")).collect();
-    let first = stack.post("/v1/completions", "p-0", &completion(&format!("{system} Question zero?"))).await;
+    let first = stack.post("/v1/completions", "p-0", &completion(&format!("{system} Question zero?"), 4)).await;
     assert_eq!(first.status, 200, "{first:?}");
     let home = first.worker.clone().expect("worker header");
     for i in 1..6 {
-        let r = stack.post("/v1/completions", &format!("p-{i}"), &completion(&format!("{system} Question {i}?"))).await;
+        let r =
+            stack.post("/v1/completions", &format!("p-{i}"), &completion(&format!("{system} Question {i}?"), 4)).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.worker.as_deref(), Some(home.as_str()), "request p-{i} left the worker holding its prefix");
     }
@@ -88,7 +85,7 @@ async fn bad_bodies_get_400_and_an_empty_pool_gets_503() {
     }
     stack.write_endpoints(&[], &[]);
     let r = eventually(Duration::from_secs(10), "503 from an empty pool", || async {
-        let r = stack.post("/v1/completions", "empty-pool", &completion("x")).await;
+        let r = stack.post("/v1/completions", "empty-pool", &completion("x", 4)).await;
         (r.status == 503).then_some(r)
     })
     .await;
@@ -100,7 +97,7 @@ async fn the_upstream_guide_envoy_config_works_unchanged() {
     let stack = Stack::start_with(2, EnvoyConfig::Guide, |_| {}).await;
     // The guide's Envoy health-checks the EPP on its ext_proc port.
     assert_eq!(health_status(stack.epp_port, epp::ext_proc::SERVICE_NAME).await.as_deref(), Some("SERVING"));
-    let r = stack.post("/v1/completions", "guide-1", &completion("hello")).await;
+    let r = stack.post("/v1/completions", "guide-1", &completion("hello", 4)).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_routed_as_picked(&stack, &r).await;
     let body = r#"{"model":"m","prompt":"stream","max_tokens":4,"stream":true}"#;

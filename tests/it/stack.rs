@@ -266,6 +266,18 @@ impl Stack {
         self.post_with(path, id, body, &[]).await
     }
 
+    /// Sends `n` one-token completions one after another, each with a prompt never sent
+    /// before (so prefix affinity plays no part); their replies, in order.
+    pub async fn fresh_questions(&self, tag: &str, n: usize) -> Vec<Reply> {
+        static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            out.push(self.post("/v1/completions", &format!("{tag}-{k}"), &question(&format!("{tag} {k}"), 1)).await);
+        }
+        out
+    }
+
     /// Like `post`, with extra request headers.
     pub async fn post_with(&self, path: &str, id: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
         let mut req = self
@@ -347,6 +359,16 @@ pub struct Reply {
 }
 
 /// The value of the first sample of `metric` whose line contains every one of `labels`.
+/// A `/v1/completions` body for model `m`: `prompt`, at most `max_tokens` tokens out.
+pub fn completion(prompt: &str, max_tokens: u32) -> String {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens}).to_string()
+}
+
+/// A completion whose prompt is `tag` and a question.
+pub fn question(tag: &str, max_tokens: u32) -> String {
+    completion(&format!("{tag}: a question"), max_tokens)
+}
+
 pub fn sample(page: &str, metric: &str, labels: &[&str]) -> Option<f64> {
     page.lines()
         .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
