@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use epp::replay::workload::{self, GenParams, Generator, WorkItem, Workload};
 use epp_stack::peers::{Peer, PeerKind};
-use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, Redis, Scratch, Setup, StackError, Workers};
+use epp_stack::{Bootstrap, Envoy, Epp, EppOptions, ReplicaSet, Scratch, Setup, StackError, Workers};
 use tokio::task::JoinSet;
 
 use crate::latency::Latency;
@@ -400,30 +400,16 @@ async fn run_one(
     let mut _epp = None;
     let mut _envoy = None;
     let mut _peer = None;
-    let mut _replicas = Vec::new();
-    let mut _redis = None;
+    let mut _replicas = None;
     // Empty for the routers that are not an EPP (their branches do not read it).
     let config =
         epp_config(router, &endpoints, opts.default_config.as_ref().map(|c| c.text.as_str())).unwrap_or_default();
     let url = match router {
         RouterKind::EppReplicas { shared } => {
-            let mut args = Vec::new();
-            if shared {
-                let redis = Redis::start(&scratch, None).await?;
-                args = vec!["--state-store".to_string(), redis.url()];
-                _redis = Some(redis);
-            }
-            let mut ports = [0u16; 2];
-            for port in &mut ports {
-                let home = Scratch::new("quality-replica")?;
-                let opts = EppOptions { plaintext: true, args: args.clone(), ..Default::default() };
-                let epp = Epp::start_with(&setup.epp, &home, &config, &opts).await?;
-                *port = epp.grpc_port;
-                _replicas.push((epp, home));
-            }
-            let envoy = Envoy::ext_proc_replicas(&setup.envoy, &scratch, ports, true).await?;
-            let url = envoy.url("/v1/completions");
-            _envoy = Some(envoy);
+            let opts = EppOptions { plaintext: true, ..Default::default() };
+            let set = ReplicaSet::start(&setup.epp, &setup.envoy, &scratch, &config, shared, opts).await?;
+            let url = set.envoy.url("/v1/completions");
+            _replicas = Some(set);
             url
         }
         RouterKind::RoundRobin => {

@@ -448,6 +448,50 @@ impl Epp {
     }
 }
 
+/// Two EPPs behind one Envoy (`config/envoy-replicas.yaml`, ext_proc balanced over both),
+/// sharing routing state through a real redis-server when `shared`, each on its own state
+/// otherwise; the tests and the bench start them the same way.
+pub struct ReplicaSet {
+    pub redis: Option<Redis>,
+    /// One per replica (`None` while a test holds it stopped).
+    pub epps: Vec<Option<Epp>>,
+    /// One folder per replica: its config copy and logs.
+    pub homes: Vec<Scratch>,
+    /// Each replica's (ext_proc, health, metrics) ports, which a restart reuses.
+    pub ports: Vec<(u16, u16, u16)>,
+    pub envoy: Envoy,
+    /// What the replicas run with, `--state-store` included when shared (a restart reuses it).
+    pub options: EppOptions,
+}
+
+impl ReplicaSet {
+    /// Starts Redis (when `shared`), two `epp` replicas with `config` and `options`, and
+    /// Envoy in front of them (TLS to them unless `options.plaintext`).
+    pub async fn start(
+        epp: &Path,
+        envoy: &Path,
+        scratch: &Scratch,
+        config: &str,
+        shared: bool,
+        mut options: EppOptions,
+    ) -> Result<ReplicaSet, StackError> {
+        let redis = if shared { Some(Redis::start(scratch, None).await?) } else { None };
+        if let Some(r) = &redis {
+            options.args.extend(["--state-store".to_string(), r.url()]);
+        }
+        let (mut epps, mut homes, mut ports) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let home = Scratch::new("replica")?;
+            let e = Epp::start_on(epp, &home, config, &options, None).await?;
+            ports.push((e.grpc_port, e.health_port, e.metrics_port));
+            epps.push(Some(e));
+            homes.push(home);
+        }
+        let envoy = Envoy::ext_proc_replicas(envoy, scratch, [ports[0].0, ports[1].0], options.plaintext).await?;
+        Ok(ReplicaSet { redis, epps, homes, ports, envoy, options })
+    }
+}
+
 /// gRPC health status of `service` on `port` (plaintext), as its proto name.
 pub async fn health_status(port: u16, service: &str) -> Option<String> {
     use tonic_health::pb::HealthCheckRequest;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use epp_stack::{Envoy, Epp, EppOptions, Redis, Scratch, Workers};
+use epp_stack::{Epp, EppOptions, Redis, ReplicaSet, Scratch, Workers};
 
 use crate::stack::{eventually, sample};
 
@@ -16,16 +16,10 @@ const LOG_FILTER: &str = "info,epp::ext_proc=debug,epp::routing=debug,epp::state
 
 struct Replicas {
     scratch: Scratch,
-    /// One folder per replica (its config copy and logs).
-    homes: Vec<Scratch>,
     /// Kept alive for the whole test.
     _workers: Workers,
     config: String,
-    epps: Vec<Option<Epp>>,
-    ports: Vec<(u16, u16, u16)>,
-    _envoy: Option<Envoy>,
-    redis: Option<Redis>,
-    listener: u16,
+    set: ReplicaSet,
     client: reqwest::Client,
 }
 
@@ -43,48 +37,26 @@ impl Replicas {
         let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml()).expect("endpoints");
         let config =
             epp::config::DEFAULT_CONFIG.replace("path: endpoints.yaml", &format!("path: {}", endpoints.display()));
-        let redis =
-            if share { Some(Redis::start(&scratch, None).await.unwrap_or_else(|e| panic!("{e}"))) } else { None };
-        let mut r = Replicas {
+        let options = EppOptions {
+            args: vec!["--v=3".into(), "--reuse-port".into()],
+            log_filter: Some(LOG_FILTER.into()),
+            ..Default::default()
+        };
+        let envoy = epp_stack::locate_envoy(None).expect("envoy");
+        let set = ReplicaSet::start(&epp_bin(), &envoy, &scratch, &config, share, options)
+            .await
+            .unwrap_or_else(|e| panic!("start the replicas: {e}"));
+        Replicas {
             scratch,
-            homes: Vec::new(),
             _workers: workers,
             config,
-            epps: Vec::new(),
-            ports: Vec::new(),
-            _envoy: None,
-            redis,
-            listener: 0,
+            set,
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
-        };
-        for _ in 0..2 {
-            let home = Scratch::new("replica").expect("scratch");
-            let epp = Epp::start_on(&epp_bin(), &home, &r.config, &r.options(None), None)
-                .await
-                .unwrap_or_else(|e| panic!("start a replica: {e}"));
-            r.ports.push((epp.grpc_port, epp.health_port, epp.metrics_port));
-            r.epps.push(Some(epp));
-            r.homes.push(home);
         }
-        let envoy_bin = epp_stack::locate_envoy(None).expect("envoy");
-        let envoy = Envoy::ext_proc_replicas(&envoy_bin, &r.scratch, [r.ports[0].0, r.ports[1].0], false)
-            .await
-            .unwrap_or_else(|e| panic!("start envoy: {e}"));
-        r.listener = envoy.listener;
-        r._envoy = Some(envoy);
-        r
-    }
-
-    fn options(&self, replacement: Option<u32>) -> EppOptions {
-        let mut args: Vec<String> = vec!["--v=3".into(), "--reuse-port".into()];
-        if let Some(redis) = &self.redis {
-            args.extend(["--state-store".into(), redis.url()]);
-        }
-        EppOptions { args, log_filter: Some(LOG_FILTER.into()), plaintext: false, replacement }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/completions", self.listener)
+        format!("http://127.0.0.1:{}/v1/completions", self.set.envoy.listener)
     }
 
     /// POSTs a completion through Envoy; (status, worker name or error text).
@@ -108,13 +80,13 @@ impl Replicas {
     }
 
     fn log(&self, i: usize) -> String {
-        let main = std::fs::read_to_string(self.homes[i].log("epp.log")).unwrap_or_default();
-        let replacement = std::fs::read_to_string(self.homes[i].log("epp-2.log")).unwrap_or_default();
+        let main = std::fs::read_to_string(self.set.homes[i].log("epp.log")).unwrap_or_default();
+        let replacement = std::fs::read_to_string(self.set.homes[i].log("epp-2.log")).unwrap_or_default();
         main + &replacement
     }
 
     async fn metrics(&self, i: usize) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.ports[i].2);
+        let url = format!("http://127.0.0.1:{}/metrics", self.set.ports[i].2);
         match self.client.get(url).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
@@ -214,9 +186,9 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(&r, 2, &stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let port = r.redis.as_ref().expect("redis").port;
+    let port = r.set.redis.as_ref().expect("redis").port;
     // Kill Redis under load (SIGKILL: no goodbye), then start a new one on its port.
-    kill_pid(r.redis.as_ref().expect("redis").process.pid());
+    kill_pid(r.set.redis.as_ref().expect("redis").process.pid());
     eventually(Duration::from_secs(10), "a replica to notice Redis is gone", || async {
         let page = r.metrics(0).await;
         (sample(&page, "epp_state_store_connected", &[]) == Some(0.0)).then_some(())
@@ -252,7 +224,7 @@ fn kill_pid(pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_under_load_fails_only_the_streams_it_held() {
     let mut r = Replicas::start(3, true).await;
-    let mut victim = r.epps[0].take().expect("replica 0");
+    let mut victim = r.set.epps[0].take().expect("replica 0");
     let r = Arc::new(r);
     let stop = Arc::new(AtomicBool::new(false));
     const CLIENTS: usize = 4;
@@ -304,11 +276,11 @@ async fn a_rolling_restart_of_both_replicas_fails_no_request() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..2 {
-        let opts = r.options(Some(2));
-        let fresh = Epp::start_on(&epp_bin(), &r.homes[i], &r.config, &opts, Some(r.ports[i]))
+        let opts = EppOptions { replacement: Some(2), ..r.set.options.clone() };
+        let fresh = Epp::start_on(&epp_bin(), &r.set.homes[i], &r.config, &opts, Some(r.set.ports[i]))
             .await
             .unwrap_or_else(|e| panic!("start the replacement of replica {i}: {e}"));
-        let mut previous = r.epps[i].replace(fresh).expect("a running replica");
+        let mut previous = r.set.epps[i].replace(fresh).expect("a running replica");
         let status = tokio::task::spawn_blocking(move || {
             let s = previous.process.terminate(Duration::from_secs(30));
             (s, previous)
@@ -325,7 +297,7 @@ async fn a_rolling_restart_of_both_replicas_fails_no_request() {
     assert!(failed.is_empty(), "requests failed: {:?}", &failed[..failed.len().min(5)]);
     assert!(ok > 50, "too little load to tell: {ok}");
     for i in 0..2 {
-        let replacement = std::fs::read_to_string(r.homes[i].log("epp-2.log")).unwrap_or_default();
+        let replacement = std::fs::read_to_string(r.set.homes[i].log("epp-2.log")).unwrap_or_default();
         assert!(
             replacement.contains("routing state replayed from the store"),
             "replica {i}'s replacement did not warm up"
