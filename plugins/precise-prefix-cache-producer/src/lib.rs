@@ -24,12 +24,12 @@
 //! `blockSizeTokens`, `maxPrefixBlocksToMatch`, `maxPrefixTokensToMatch`). The host reads
 //! what concerns it; unknown names are errors.
 
+use std::collections::HashMap;
+
 use llmd_plugin_sdk::columns::{
     KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL, PRECISE_PREFIX, prefix_block_tokens,
     prefix_matched, prefix_total,
 };
-use std::collections::HashMap;
-
 use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Plugin, Producer, params};
 use prefix_index::{IdentityHasher, PrefixIndexProducer};
 
