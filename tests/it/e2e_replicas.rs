@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use epp_stack::{Epp, EppOptions, Redis, ReplicaSet, Scratch, Workers};
 
-use crate::stack::{eventually, sample};
+use crate::stack::{completion, eventually, sample};
 
 const LOG_FILTER: &str = "info,epp::ext_proc=debug,epp::routing=debug,epp::state_store=debug";
 
@@ -61,7 +61,7 @@ impl Replicas {
 
     /// POSTs a completion through Envoy; (status, worker name or error text).
     async fn post(&self, prompt: &str) -> Result<String, String> {
-        let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 2}).to_string();
+        let body = completion(prompt, 2);
         let r = self
             .client
             .post(self.url())

@@ -358,7 +358,6 @@ pub struct Reply {
     pub body: String,
 }
 
-/// The value of the first sample of `metric` whose line contains every one of `labels`.
 /// A `/v1/completions` body for model `m`: `prompt`, at most `max_tokens` tokens out.
 pub fn completion(prompt: &str, max_tokens: u32) -> String {
     serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens}).to_string()
@@ -369,6 +368,7 @@ pub fn question(tag: &str, max_tokens: u32) -> String {
     completion(&format!("{tag}: a question"), max_tokens)
 }
 
+/// The value of the first sample of `metric` whose line contains every one of `labels`.
 pub fn sample(page: &str, metric: &str, labels: &[&str]) -> Option<f64> {
     page.lines()
         .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))

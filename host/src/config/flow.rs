@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use epp_core::SaturationConfig;
+// Upstream writes TTLs as Go durations: `60s`, `1m`, `500ms`, `1m30s`, `0s`, `0`.
+use llmd_plugin_sdk::params::duration as parse_go_duration;
 use serde::Deserialize;
 
 use super::{ConfigError, PluginKind, PluginSpec, invalid};
@@ -452,9 +454,6 @@ fn number(p: &PluginSpec, key: &str, default: f64) -> Result<f64, ConfigError> {
         }),
     }
 }
-
-/// A Go duration as upstream writes TTLs: `60s`, `1m`, `500ms`, `1m30s`, `0s`, `0`.
-pub use llmd_plugin_sdk::params::duration as parse_go_duration;
 
 /// A Kubernetes quantity (`1Gi`, `500M`, `1024`, `1e9`) as a count; negative is an error.
 pub fn quantity(v: Option<&serde_yaml::Value>, field: &str) -> Result<Option<u64>, ConfigError> {

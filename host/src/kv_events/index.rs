@@ -64,9 +64,9 @@ pub struct Applied {
 /// Hashes the `u64` keys of the index's tables with one multiply and a fold instead of
 /// SipHash: the keys are themselves hashes (ours XXH64, the engine's its own) and come from
 /// the operator's own workers, so they need no protection against crafted collisions (a
-/// worker that wanted to harm routing could lie about its blocks anyway); a match walks a request's chain against
-/// every candidate (6 400 lookups for 64 blocks × 100 endpoints), where SipHash was most of
-/// the time. The multiply still spreads keys that are not uniform (an engine numbering its
+/// worker that wanted to harm routing could lie about its blocks anyway); a match walks a
+/// request's chain against every candidate (6 400 lookups for 64 blocks × 100 endpoints),
+/// where SipHash was most of the time. The multiply still spreads keys that are not uniform (an engine numbering its
 /// blocks 1, 2, 3, …) over the table's buckets and control bytes.
 #[derive(Default, Clone, Copy)]
 struct FoldHasher(u64);

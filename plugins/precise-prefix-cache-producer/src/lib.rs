@@ -170,7 +170,7 @@ impl Producer for PrecisePrefixProducer {
         // for `decided`), then the engines' own word where their events flow.
         let mut out = self.fallback.produce(cycle);
         self.now_ms = self.now_ms.max(cycle.now_ms);
-        let hashes = self.fallback.pending_hashes(cycle.id).unwrap_or_default();
+        let hashes = if self.speculative { self.fallback.pending_hashes(cycle.id).unwrap_or_default() } else { &[] };
         let n = cycle.len();
         for i in 0..n {
             let live = cycle.value(3, i);
@@ -181,7 +181,7 @@ impl Producer for PrecisePrefixProducer {
             if !(matched.is_finite() && total.is_finite() && tokens.is_finite()) {
                 continue;
             }
-            if self.speculative && !hashes.is_empty() {
+            if !hashes.is_empty() {
                 // The seeded match, in the approximate index's blocks (its columns already
                 // hold that block count and size); compared as shares of the prompt.
                 let depth = self.seeded_depth(cycle.ids[i], hashes, cycle.now_ms);
