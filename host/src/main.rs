@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -184,7 +185,20 @@ struct Flags {
     verbosity: u8,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed as one chain ("error: what failed: why"), never as a backtrace: the
+/// reason (a port in use, a missing file) is what an operator needs, and with
+/// `RUST_BACKTRACE` set a backtrace would push it out of view.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let flags = cli.serve;
     match cli.command {

@@ -294,3 +294,41 @@ fn the_state_store_is_read_and_checked() {
     assert_eq!(PickerConfig::parse(&with("redis://h:1"), None).map(|c| c.state_store.is_some()).ok(), Some(true));
     assert!(PickerConfig::default_config().expect("default").state_store.is_none());
 }
+
+/// What keeps the EPP from starting is printed as one chain naming the cause, last in its
+/// output, with no backtrace even when `RUST_BACKTRACE` asks for one: operators (and the
+/// test stack, which retries on a port taken meanwhile) read the reason from there.
+#[test]
+fn startup_errors_are_one_line_naming_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let dir = crate::common::TempDir::new("config", "startup");
+    let endpoints = dir.join("endpoints.yaml");
+    std::fs::write(&endpoints, "endpoints: []\n").expect("endpoints");
+    let discovery = format!(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: file-discovery\n  parameters:\n    path: {}\n",
+        endpoints.display()
+    );
+    let missing = dir.join("no-such-config.yaml");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+            .args(["--bind-address", "127.0.0.1", "--metrics-bind-address", "127.0.0.1", "--secure-serving=false"])
+            .args(["--grpc-health-port", "0", "--metrics-port", "0"])
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("run epp");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let cases: [(Vec<&str>, &str); 2] = [
+        (vec!["--grpc-port", &port, "--config-text", &discovery], "Address already in use"),
+        (vec!["--grpc-port", "0", "--config-file", missing.to_str().expect("path")], "no-such-config.yaml"),
+    ];
+    for (args, cause) in cases {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(1), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: ") && last.contains(cause), "last line {last:?} of:\n{stderr}");
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
+}
