@@ -25,8 +25,13 @@ use crate::native::{NativeError, native_scheduler};
 use crate::workload;
 
 /// Requests cycled through in one cell; they share `SHARED_PROMPTS` system prompts.
+/// Besides them, one request in `FRESH_EVERY` starts a new conversation (a prompt never
+/// seen): a warm request's pick is settled by the affinity filter (one sticky candidate, the
+/// stateless scorers and picker skipped), a new one is open (every candidate scored), and
+/// a decision's cost is measured over that mix.
 const RING: usize = 64;
 const SHARED_PROMPTS: usize = 8;
+const FRESH_EVERY: usize = 4;
 /// Decisions per build before switching to the other build.
 const BATCH: usize = 16;
 
@@ -141,7 +146,8 @@ pub struct MicroResults {
 #[derive(Default)]
 struct Recorder {
     decision: Latency,
-    /// Keyed by call order then name, so tables list plugins as the cycle calls them.
+    /// Keyed by profile position then name, so tables list plugins as the cycle calls them
+    /// (a settled pick skips some; the others keep their place).
     plugins: BTreeMap<(usize, String), (Role, Latency)>,
     glue: Latency,
 }
@@ -161,10 +167,10 @@ impl Recorder {
         self.decision.record(elapsed);
         let plugins = scheduler.primary().plugins();
         let mut in_plugins = Duration::ZERO;
-        for (i, t) in decision.result.timings.iter().enumerate() {
+        for t in &decision.result.timings {
             in_plugins += t.elapsed;
             let Some(p) = plugins.get(t.plugin) else { continue };
-            let key = (i, p.core().name().to_string());
+            let key = (t.plugin, p.core().name().to_string());
             self.plugins.entry(key).or_insert_with(|| (p.role(), Latency::new())).1.record(t.elapsed);
         }
         self.glue.record(elapsed.saturating_sub(in_plugins));
@@ -241,7 +247,9 @@ fn run_cell(
     let mut scratch = Recorder::default();
     let mut decisions_agree = true;
     let mut cycle = 0u64;
-    for req in &requests {
+    let warm_fresh: Vec<Request> =
+        (0..RING / FRESH_EVERY).map(|j| workload::fresh_request(1_000_000 + j as u64, bytes)).collect();
+    for req in requests.iter().chain(&warm_fresh) {
         cycle += 1;
         let a = scratch.run(&wasm, cycle, req, &metrics).map_err(fail("wasm"))?;
         let b = scratch.run(&native, cycle, req, &metrics).map_err(fail("native"))?;
@@ -261,9 +269,16 @@ fn run_cell(
         }
         // Alternate which build goes first, so neither always runs on a warmer cache.
         let order: [bool; 2] = if round.is_multiple_of(2) { [true, false] } else { [false, true] };
+        // This round's new conversations, the same for both builds (each has its own index).
+        let fresh: Vec<Request> =
+            (0..BATCH / FRESH_EVERY).map(|j| workload::fresh_request((round * BATCH + j) as u64, bytes)).collect();
         for is_wasm in order {
             for i in 0..BATCH {
-                let req = &requests[(k + i) % RING];
+                let req = if i % FRESH_EVERY == FRESH_EVERY - 1 {
+                    &fresh[i / FRESH_EVERY]
+                } else {
+                    &requests[(k + i) % RING]
+                };
                 cycle += 1;
                 if is_wasm {
                     w.run(&wasm, cycle, req, &metrics).map_err(fail("wasm"))?;

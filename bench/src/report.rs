@@ -289,7 +289,9 @@ fn micro_tables(m: &MicroResults) -> String {
          One full decision of the default profile (approximate prefix and in-flight load \
          producers, prefix-affinity filter, prefix, token-load, LoRA and no-hit-LRU scorers, \
          max-score picker, and the `decided` hooks the plugins ask for) over a pool with \
-         spread-out load; requests share 8 system prompts (so the prefix index hits). *wasm* is the \
+         spread-out load; three requests in four share 8 system prompts (the prefix index hits and \
+         the affinity filter settles the pick: the stateless scorers and the picker are skipped), \
+         one in four starts a new conversation (every candidate scored). *wasm* is the \
          embedded components through wasmtime, *native* the same plugin crates compiled into the \
          host; batches of each alternate.\n\n\
          | endpoints | prompt | wasm p50 | wasm p99 | native p50 | native p99 | wasm/native p50 | p99 | same picks |\n\

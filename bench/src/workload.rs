@@ -95,6 +95,20 @@ pub fn scheduler_requests(count: usize, prompt_bytes: usize, shared: usize) -> V
         .collect()
 }
 
+/// A request with a prompt of `prompt_bytes` no other request of this module shares
+/// (request `k` of a new conversation, as the scheduler sees it).
+pub fn fresh_request(k: u64, prompt_bytes: usize) -> Request {
+    let prompt = text(2_000_000 + k, prompt_bytes);
+    Request {
+        id: format!("fresh-{k}"),
+        model: MODEL.into(),
+        prompt_tokens: Request::estimate_tokens(prompt.len()),
+        prompt,
+        random_seed: k,
+        ..Default::default()
+    }
+}
+
 /// A shared-prefix workload: `systems` system prompts of `system_bytes`; `users` users, each
 /// bound to one system prompt (user u to prompt u mod systems), ask questions of `user_bytes`.
 #[derive(Clone, Debug)]

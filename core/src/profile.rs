@@ -396,8 +396,15 @@ impl SchedulerProfile {
         }
 
         let n = table.len();
+        // One candidate left: the pick is settled. A scorer or picker that keeps no state
+        // (manifest `stateless`) could only confirm it, so it is not called; a stateful one
+        // still is, since what it sees may feed its state.
+        let settled = n == 1;
         let mut total = vec![0.0f32; n];
         for (stage, weight) in &self.scorers {
+            if settled && stage.plugin.manifest().stateless {
+                continue;
+            }
             table.gather(&stage.reads, &mut buf);
             let input = CallInput { cycle, request: req, ids: table.ids(), columns: &buf };
             let scores = match run.timed(stage.index, || stage.plugin.score(&input)) {
@@ -421,11 +428,14 @@ impl SchedulerProfile {
         }
 
         let picker = &self.picker;
-        table.gather(&picker.reads, &mut buf);
-        let input = CallInput { cycle, request: req, ids: table.ids(), columns: &buf };
-        let picked = run
-            .timed(picker.index, || picker.plugin.pick(&input, &total))
-            .map_err(|error| ScheduleError::PluginFailed { plugin: picker.plugin.name().to_string(), error })?;
+        let picked = if settled && picker.plugin.manifest().stateless {
+            table.ids().to_vec()
+        } else {
+            table.gather(&picker.reads, &mut buf);
+            let input = CallInput { cycle, request: req, ids: table.ids(), columns: &buf };
+            run.timed(picker.index, || picker.plugin.pick(&input, &total))
+                .map_err(|error| ScheduleError::PluginFailed { plugin: picker.plugin.name().to_string(), error })?
+        };
         let mut targets: Vec<u32> = Vec::with_capacity(picked.len().min(n));
         for id in picked {
             if table.ids().contains(&id) && !targets.contains(&id) {

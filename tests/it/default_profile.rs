@@ -128,3 +128,35 @@ fn lora_requests_prefer_workers_running_their_adapter() {
     req.model = "sql-lora".into();
     assert_eq!(d.route(&req, &idle(3), false).primary(), 2);
 }
+
+/// When one candidate is left after the filters the pick is settled: scorers and the picker
+/// that declare no state are not called, a scorer that keeps state still is, and the pick is
+/// that candidate. With more candidates every plugin runs.
+#[test]
+fn a_settled_pick_skips_the_stateless_scorers_and_picker() {
+    use epp_core::{SchedulerProfile, Weight, WeightedScorer};
+    let profile = SchedulerProfile::new(
+        "settled",
+        vec![],
+        vec![],
+        vec![
+            WeightedScorer { scorer: wasm_scorer("queue-scorer", "{}"), weight: Weight::ONE },
+            WeightedScorer { scorer: wasm_scorer("lora-affinity-scorer", "{}"), weight: Weight::ONE },
+        ],
+        wasm_picker("max-score-picker", "{}"),
+    )
+    .expect("a valid profile");
+    profile.pool_changed(1, &pool(3));
+    let names = |timings: &[epp_core::PluginTiming]| -> Vec<String> {
+        timings.iter().map(|t| profile.plugins()[t.plugin].core().name().to_string()).collect()
+    };
+    let req = request("r", "hello");
+    let one = metrics(&[(2, 0.0, 0.0, 0.0)]);
+    let settled = profile.schedule(1, &req, &one).expect("schedules");
+    assert_eq!(settled.targets, vec![2]);
+    assert_eq!(names(&settled.timings), vec!["lora-affinity-scorer"]);
+    let three = metrics(&[(0, 3.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 1.0, 0.0, 0.0)]);
+    let open = profile.schedule(2, &req, &three).expect("schedules");
+    assert_eq!(open.targets[0], 1);
+    assert_eq!(names(&open.timings), vec!["queue-scorer", "lora-affinity-scorer", "max-score-picker"]);
+}

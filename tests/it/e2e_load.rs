@@ -139,7 +139,11 @@ async fn the_epp_reports_its_metrics() {
         ("inference_pool_ready_pods", &[], |v| v == 2.0),
         ("inference_pool_per_pod_queue_size", &["model_server_pod=\"w0\""], |v| v >= 0.0),
         ("inference_extension_scheduler_e2e_duration_seconds_count", &[], |v| v >= 5.0),
-        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"token-load-scorer\""], |v| v >= 5.0),
+        // Filters run in every cycle; a stateless scorer only when the pick is not settled.
+        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"prefix-cache-affinity-filter\""], |v| {
+            v >= 5.0
+        }),
+        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"token-load-scorer\""], |v| v >= 1.0),
         ("inference_extension_prefix_indexer_size", &[], |v| v >= 1.0),
         ("inference_extension_prefix_indexer_hit_ratio_count", &[], |v| v >= 1.0),
         ("epp_discovery_reloads_total", &["result=\"applied\""], |v| v >= 0.0),

@@ -31,7 +31,8 @@ pub struct Manifest {
     /// Producers: the columns `produce` returns, in this order.
     pub writes: Vec<String>,
     /// No state between calls (beyond configuration and pool data): the host may run
-    /// several instances side by side.
+    /// several instances side by side, and skips a stateless scorer or picker when the
+    /// filters leave one candidate.
     pub stateless: bool,
 }
 
