@@ -28,15 +28,15 @@
 //!
 //! It owns the index only: turning matches into scores is the scorers' job.
 
+mod store;
+
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroUsize;
 
 use llmd_plugin_sdk::columns::{
     PREFIX_BLOCK_TOKENS, PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
 };
 use llmd_plugin_sdk::pending::Pending;
 use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Producer, params};
-use lru::LruCache;
 use serde::Deserialize;
 use xxhash_rust::xxh64::{Xxh64, xxh64};
 
@@ -192,16 +192,14 @@ impl std::hash::Hasher for IdentityHasher {
     }
 }
 
-type BuildIdentity = std::hash::BuildHasherDefault<IdentityHasher>;
-
 pub struct PrefixIndexProducer {
     config: Config,
     /// Tokens per block in use; the index is cleared when it changes.
     block_tokens: usize,
-    /// Which endpoints hold each block hash.
-    holders: HashMap<u64, Vec<u32>, BuildIdentity>,
-    /// Per endpoint, its block hashes in recency order; eviction updates `holders`.
-    per_endpoint: HashMap<u32, LruCache<u64, (), BuildIdentity>>,
+    /// Which endpoints hold each block hash, and each endpoint's blocks in recency order.
+    blocks: store::BlockStore,
+    /// Holders of one block, reused by `produce`.
+    scratch: Vec<u32>,
     /// Each endpoint's capacity in blocks, from its cache geometry (auto-tune).
     tuned: HashMap<u32, usize>,
     /// Hashes of cycles produced for but not yet routed.
@@ -220,8 +218,8 @@ impl Default for PrefixIndexProducer {
         PrefixIndexProducer {
             block_tokens: config.block_tokens,
             config,
-            holders: HashMap::default(),
-            per_endpoint: HashMap::new(),
+            blocks: store::BlockStore::new(),
+            scratch: Vec::new(),
             tuned: HashMap::new(),
             pending: Pending::new(PENDING_CYCLES),
         }
@@ -231,12 +229,12 @@ impl Default for PrefixIndexProducer {
 impl PrefixIndexProducer {
     /// Number of distinct block hashes in the index (for tests and introspection).
     pub fn indexed_blocks(&self) -> usize {
-        self.holders.len()
+        self.blocks.distinct_blocks()
     }
 
     /// Blocks held for `endpoint`, and its capacity.
     pub fn endpoint_blocks(&self, endpoint: u32) -> Option<(usize, usize)> {
-        self.per_endpoint.get(&endpoint).map(|l| (l.len(), l.cap().get()))
+        self.blocks.endpoint_blocks(endpoint)
     }
 
     /// The block hashes `produce` computed for `cycle`, until `decided` takes them.
@@ -254,70 +252,30 @@ impl PrefixIndexProducer {
     }
 
     fn record(&mut self, endpoint: u32, hashes: &[u64]) {
-        let capacity = NonZeroUsize::new(self.capacity_of(endpoint)).unwrap_or(NonZeroUsize::MIN);
-        let lru = self
-            .per_endpoint
-            .entry(endpoint)
-            .or_insert_with(|| LruCache::with_hasher(capacity, BuildIdentity::default()));
+        let capacity = self.capacity_of(endpoint);
         // Tail first, so the head of the prefix is the most recent: an engine evicts a freed
         // sequence's blocks tail first (vLLM does), and a chain whose head is forgotten can
         // never match again, while its later blocks would still take room. Recording head
         // first forgot the heads of prefixes the workers still held (−1.6 points of hit
         // rate on multi-turn chat with tight caches in `epp replay`).
         for &h in hashes.iter().rev() {
-            if lru.get(&h).is_some() {
-                continue;
-            }
-            if let Some((evicted, ())) = lru.push(h, ())
-                && evicted != h
-            {
-                drop_holder(&mut self.holders, evicted, endpoint);
-            }
-            let holders = self.holders.entry(h).or_default();
-            if !holders.contains(&endpoint) {
-                holders.push(endpoint);
-            }
+            self.blocks.touch(endpoint, h, capacity);
         }
     }
 
     fn forget_endpoint(&mut self, endpoint: u32) {
-        if let Some(lru) = self.per_endpoint.remove(&endpoint) {
-            for (h, ()) in lru.iter() {
-                drop_holder(&mut self.holders, *h, endpoint);
-            }
-        }
+        self.blocks.forget(endpoint);
     }
 
     /// Shrinks (or grows) an endpoint's LRU to its capacity, dropping the oldest blocks.
     fn resize(&mut self, endpoint: u32) {
-        let capacity = NonZeroUsize::new(self.capacity_of(endpoint)).unwrap_or(NonZeroUsize::MIN);
-        let Some(lru) = self.per_endpoint.get_mut(&endpoint) else { return };
-        let mut evicted = Vec::new();
-        while lru.len() > capacity.get() {
-            match lru.pop_lru() {
-                Some((h, ())) => evicted.push(h),
-                None => break,
-            }
-        }
-        lru.resize(capacity);
-        for h in evicted {
-            drop_holder(&mut self.holders, h, endpoint);
-        }
+        let capacity = self.capacity_of(endpoint);
+        self.blocks.set_capacity(endpoint, capacity);
     }
 
     fn clear(&mut self) {
-        self.holders.clear();
-        self.per_endpoint.clear();
+        self.blocks.clear();
         self.pending.clear();
-    }
-}
-
-fn drop_holder(holders: &mut HashMap<u64, Vec<u32>, BuildIdentity>, hash: u64, endpoint: u32) {
-    if let Some(list) = holders.get_mut(&hash) {
-        list.retain(|&e| e != endpoint);
-        if list.is_empty() {
-            holders.remove(&hash);
-        }
     }
 }
 
@@ -338,7 +296,7 @@ impl Plugin for PrefixIndexProducer {
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         let present: HashSet<u32> = endpoints.iter().map(|e| e.id).collect();
-        let gone: Vec<u32> = self.per_endpoint.keys().copied().filter(|id| !present.contains(id)).collect();
+        let gone: Vec<u32> = self.blocks.endpoint_ids().into_iter().filter(|id| !present.contains(id)).collect();
         for id in gone {
             self.forget_endpoint(id);
         }
@@ -398,10 +356,12 @@ impl Producer for PrefixIndexProducer {
         let mut out = vec![0.0f32; 4 * n];
         // Walk the chain once, keeping the candidates that matched every block so far.
         let mut alive: Vec<usize> = (0..n).collect();
-        for (depth, h) in hashes.iter().enumerate() {
-            let Some(holders) = self.holders.get(h) else {
+        let mut holders = std::mem::take(&mut self.scratch);
+        for (depth, &h) in hashes.iter().enumerate() {
+            holders.clear();
+            if !self.blocks.holders(h, &mut holders) {
                 break;
-            };
+            }
             alive.retain(|&i| holders.contains(&cycle.ids[i]));
             if alive.is_empty() {
                 break;
@@ -413,8 +373,9 @@ impl Producer for PrefixIndexProducer {
         for (i, id) in cycle.ids.iter().enumerate() {
             out[n + i] = hashes.len() as f32;
             out[2 * n + i] = block_tokens as f32;
-            out[3 * n + i] = self.per_endpoint.get(id).map_or(0.0, |l| l.len() as f32);
+            out[3 * n + i] = self.blocks.endpoint_blocks(*id).map_or(0.0, |(len, _)| len as f32);
         }
+        self.scratch = holders;
         self.pending.insert(cycle.id, hashes);
         out
     }

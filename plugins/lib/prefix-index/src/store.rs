@@ -1,0 +1,382 @@
+//! The index's storage: which endpoints hold each block hash, and each endpoint's blocks in
+//! recency order, in one table of fixed-size entries.
+//!
+//! One entry per (block, endpoint) pair, 24 bytes, kept in chunks (no large reallocation
+//! as the index grows) and reused through a free list. An entry is linked twice: into its
+//! endpoint's recency list (newest to oldest, doubly linked, for eviction) and into the
+//! list of its hash's other holders (singly linked, usually short). A map, split in
+//! `SHARDS`, goes from a hash to the first of its holders. About 60 bytes per pair in all, where an LRU per
+//! endpoint plus a map of holder lists took about 150 in a wasm guest, so an index of
+//! 100 endpoints × 31 250 blocks (upstream's default capacity) stays well inside a
+//! plugin's 256 MiB sandbox.
+
+use std::collections::HashMap;
+
+use crate::IdentityHasher;
+
+pub(crate) type BuildIdentity = std::hash::BuildHasherDefault<IdentityHasher>;
+
+const NIL: u32 = u32::MAX;
+/// Entries per chunk (96 KiB).
+const CHUNK: usize = 4096;
+/// The hash → first holder map is split in this many maps, by bits of the hash neither
+/// the bucket index nor the control bytes of a map use: growing one rehashes a 64th of
+/// the index. One map of 1.8 million blocks took longer than a plugin call may (50 ms) to
+/// grow in a wasm guest, and the instance was rebuilt with an empty index.
+const SHARDS: usize = 64;
+
+fn shard(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    hash: u64,
+    endpoint: u32,
+    /// Recency list of `endpoint`: the next newer and next older entry.
+    newer: u32,
+    older: u32,
+    /// The next holder of `hash` (for a free entry: the next free one).
+    next_holder: u32,
+}
+
+const EMPTY: Entry = Entry { hash: 0, endpoint: 0, newer: NIL, older: NIL, next_holder: NIL };
+
+/// One endpoint's recency list and capacity.
+#[derive(Clone, Copy)]
+struct Recency {
+    newest: u32,
+    oldest: u32,
+    len: usize,
+    capacity: usize,
+}
+
+pub(crate) struct BlockStore {
+    chunks: Vec<Box<[Entry]>>,
+    /// Entries handed out so far (free ones included).
+    used: u32,
+    free: u32,
+    first_holder: Vec<HashMap<u64, u32, BuildIdentity>>,
+    endpoints: HashMap<u32, Recency>,
+}
+
+impl BlockStore {
+    pub(crate) fn new() -> Self {
+        BlockStore {
+            chunks: Vec::new(),
+            used: 0,
+            free: NIL,
+            first_holder: (0..SHARDS).map(|_| HashMap::default()).collect(),
+            endpoints: HashMap::new(),
+        }
+    }
+
+    fn at(&self, i: u32) -> &Entry {
+        &self.chunks[i as usize / CHUNK][i as usize % CHUNK]
+    }
+
+    fn at_mut(&mut self, i: u32) -> &mut Entry {
+        &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK]
+    }
+
+    /// Distinct block hashes held by any endpoint.
+    pub(crate) fn distinct_blocks(&self) -> usize {
+        self.first_holder.iter().map(HashMap::len).sum()
+    }
+
+    /// Blocks held for `endpoint`, and its capacity.
+    pub(crate) fn endpoint_blocks(&self, endpoint: u32) -> Option<(usize, usize)> {
+        self.endpoints.get(&endpoint).map(|r| (r.len, r.capacity))
+    }
+
+    pub(crate) fn endpoint_ids(&self) -> Vec<u32> {
+        self.endpoints.keys().copied().collect()
+    }
+
+    /// Appends the endpoints holding `hash` to `out`; false when none does.
+    pub(crate) fn holders(&self, hash: u64, out: &mut Vec<u32>) -> bool {
+        let Some(&first) = self.first_holder[shard(hash)].get(&hash) else { return false };
+        let mut i = first;
+        while i != NIL {
+            let e = self.at(i);
+            out.push(e.endpoint);
+            i = e.next_holder;
+        }
+        true
+    }
+
+    /// The entry of (`hash`, `endpoint`), if held.
+    fn find(&self, hash: u64, endpoint: u32) -> Option<u32> {
+        let mut i = *self.first_holder[shard(hash)].get(&hash)?;
+        while i != NIL {
+            let e = self.at(i);
+            if e.endpoint == endpoint {
+                return Some(i);
+            }
+            i = e.next_holder;
+        }
+        None
+    }
+
+    /// Records that `endpoint` holds `hash`, as its newest block: an entry it already holds
+    /// is moved to the front; a new one evicts the endpoint's oldest when it is at
+    /// `capacity` (the capacity its list is created with; `set_capacity` changes it).
+    pub(crate) fn touch(&mut self, endpoint: u32, hash: u64, capacity: usize) {
+        let capacity = capacity.max(1);
+        let r = *self.endpoints.entry(endpoint).or_insert(Recency { newest: NIL, oldest: NIL, len: 0, capacity });
+        if let Some(i) = self.find(hash, endpoint) {
+            if r.newest != i {
+                self.unlink_recency(i);
+                self.push_newest(endpoint, i);
+            }
+            return;
+        }
+        if r.len >= r.capacity
+            && let Some(oldest) = self.endpoints.get(&endpoint).map(|r| r.oldest)
+            && oldest != NIL
+        {
+            self.remove(oldest);
+        }
+        let i = self.alloc(Entry { hash, endpoint, ..EMPTY });
+        let head = self.first_holder[shard(hash)].entry(hash).or_insert(NIL);
+        let next = *head;
+        *head = i;
+        self.at_mut(i).next_holder = next;
+        self.push_newest(endpoint, i);
+    }
+
+    /// Sets `endpoint`'s capacity, evicting its oldest blocks beyond it.
+    pub(crate) fn set_capacity(&mut self, endpoint: u32, capacity: usize) {
+        let capacity = capacity.max(1);
+        let Some(r) = self.endpoints.get_mut(&endpoint) else { return };
+        r.capacity = capacity;
+        while let Some(r) = self.endpoints.get(&endpoint)
+            && r.len > capacity
+            && r.oldest != NIL
+        {
+            self.remove(r.oldest);
+        }
+    }
+
+    /// Drops every block of `endpoint`.
+    pub(crate) fn forget(&mut self, endpoint: u32) {
+        while let Some(r) = self.endpoints.get(&endpoint)
+            && r.oldest != NIL
+        {
+            self.remove(r.oldest);
+        }
+        self.endpoints.remove(&endpoint);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = BlockStore::new();
+    }
+
+    fn alloc(&mut self, entry: Entry) -> u32 {
+        if self.free != NIL {
+            let i = self.free;
+            self.free = self.at(i).next_holder;
+            *self.at_mut(i) = entry;
+            return i;
+        }
+        let i = self.used;
+        if i as usize == self.chunks.len() * CHUNK {
+            self.chunks.push(vec![EMPTY; CHUNK].into_boxed_slice());
+        }
+        self.used += 1;
+        *self.at_mut(i) = entry;
+        i
+    }
+
+    /// Unlinks entry `i` from both its lists and frees it.
+    fn remove(&mut self, i: u32) {
+        self.unlink_recency(i);
+        let Entry { hash, next_holder, .. } = *self.at(i);
+        let map = &mut self.first_holder[shard(hash)];
+        match map.get(&hash).copied() {
+            Some(first) if first == i => {
+                if next_holder == NIL {
+                    map.remove(&hash);
+                } else {
+                    map.insert(hash, next_holder);
+                }
+            }
+            Some(first) => {
+                let mut prev = first;
+                while prev != NIL {
+                    let next = self.at(prev).next_holder;
+                    if next == i {
+                        self.at_mut(prev).next_holder = next_holder;
+                        break;
+                    }
+                    prev = next;
+                }
+            }
+            None => {}
+        }
+        *self.at_mut(i) = Entry { next_holder: self.free, ..EMPTY };
+        self.free = i;
+    }
+
+    /// Takes entry `i` out of its endpoint's recency list.
+    fn unlink_recency(&mut self, i: u32) {
+        let Entry { endpoint, newer, older, .. } = *self.at(i);
+        if newer != NIL {
+            self.at_mut(newer).older = older;
+        }
+        if older != NIL {
+            self.at_mut(older).newer = newer;
+        }
+        if let Some(r) = self.endpoints.get_mut(&endpoint) {
+            if r.newest == i {
+                r.newest = older;
+            }
+            if r.oldest == i {
+                r.oldest = newer;
+            }
+            r.len = r.len.saturating_sub(1);
+        }
+        let e = self.at_mut(i);
+        e.newer = NIL;
+        e.older = NIL;
+    }
+
+    /// Puts unlinked entry `i` at the front of `endpoint`'s list.
+    fn push_newest(&mut self, endpoint: u32, i: u32) {
+        let Some(r) = self.endpoints.get_mut(&endpoint) else { return };
+        let previous = r.newest;
+        r.newest = i;
+        if r.oldest == NIL {
+            r.oldest = i;
+        }
+        r.len += 1;
+        self.at_mut(i).older = previous;
+        if previous != NIL {
+            self.at_mut(previous).newer = i;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmd_plugin_sdk::rng::SplitMix64;
+
+    /// The same index, kept the plain way: per endpoint its hashes newest first.
+    #[derive(Default)]
+    struct Model {
+        lists: HashMap<u32, (Vec<u64>, usize)>,
+    }
+
+    impl Model {
+        fn touch(&mut self, endpoint: u32, hash: u64, capacity: usize) {
+            let (list, cap) = self.lists.entry(endpoint).or_insert((Vec::new(), capacity.max(1)));
+            if let Some(pos) = list.iter().position(|&h| h == hash) {
+                list.remove(pos);
+            } else if list.len() >= *cap {
+                list.pop();
+            }
+            list.insert(0, hash);
+        }
+
+        fn set_capacity(&mut self, endpoint: u32, capacity: usize) {
+            if let Some((list, cap)) = self.lists.get_mut(&endpoint) {
+                *cap = capacity.max(1);
+                list.truncate(*cap);
+            }
+        }
+
+        fn holders(&self, hash: u64) -> Vec<u32> {
+            let mut v: Vec<u32> = self.lists.iter().filter(|(_, (l, _))| l.contains(&hash)).map(|(&e, _)| e).collect();
+            v.sort();
+            v
+        }
+
+        fn distinct(&self) -> usize {
+            let mut all: Vec<u64> = self.lists.values().flat_map(|(l, _)| l.iter().copied()).collect();
+            all.sort();
+            all.dedup();
+            all.len()
+        }
+    }
+
+    /// The store's recency order of `endpoint`, newest first, walked both ways.
+    fn order(s: &BlockStore, endpoint: u32) -> Vec<u64> {
+        let Some(r) = s.endpoints.get(&endpoint) else { return Vec::new() };
+        let mut forward = Vec::new();
+        let mut i = r.newest;
+        while i != NIL {
+            forward.push(s.at(i).hash);
+            i = s.at(i).older;
+        }
+        let mut backward = Vec::new();
+        let mut i = r.oldest;
+        while i != NIL {
+            backward.push(s.at(i).hash);
+            i = s.at(i).newer;
+        }
+        backward.reverse();
+        assert_eq!(forward, backward, "the two directions of endpoint {endpoint}'s list disagree");
+        assert_eq!(forward.len(), r.len, "endpoint {endpoint}'s length");
+        forward
+    }
+
+    #[test]
+    fn agrees_with_a_plain_lru_per_endpoint_under_random_operations() {
+        let mut rng = SplitMix64::new(11);
+        let mut store = BlockStore::new();
+        let mut model = Model::default();
+        for step in 0..20_000 {
+            let endpoint = rng.below(5) as u32;
+            match rng.below(100) {
+                0..=89 => {
+                    let (hash, capacity) = (rng.below(60) as u64, 1 + rng.below(12));
+                    store.touch(endpoint, hash, capacity);
+                    model.touch(endpoint, hash, capacity);
+                }
+                90..=96 => {
+                    let capacity = rng.below(12);
+                    store.set_capacity(endpoint, capacity);
+                    model.set_capacity(endpoint, capacity);
+                }
+                _ if step % 7 == 0 => {
+                    store.clear();
+                    model.lists.clear();
+                }
+                _ => {
+                    store.forget(endpoint);
+                    model.lists.remove(&endpoint);
+                }
+            }
+            for e in 0..5 {
+                let want = model.lists.get(&e).map(|(l, c)| (l.clone(), *c));
+                let got = store.endpoint_blocks(e).map(|(_, c)| (order(&store, e), c));
+                assert_eq!(got, want, "step {step}, endpoint {e}");
+            }
+            for h in 0..60 {
+                let mut got = Vec::new();
+                let held = store.holders(h, &mut got);
+                got.sort();
+                assert_eq!(got, model.holders(h), "step {step}, holders of {h}");
+                assert_eq!(held, !got.is_empty());
+            }
+            assert_eq!(store.distinct_blocks(), model.distinct(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn freed_entries_are_reused() {
+        let mut store = BlockStore::new();
+        for h in 0..1000 {
+            store.touch(0, h, 100);
+        }
+        assert_eq!(store.endpoint_blocks(0), Some((100, 100)));
+        assert_eq!(store.used, 100, "eviction reuses the evicted entry");
+        store.forget(0);
+        for h in 0..100 {
+            store.touch(1, h, 100);
+        }
+        assert_eq!(store.used, 100, "a forgotten endpoint's entries serve the next");
+        assert_eq!(store.chunks.len(), 1);
+    }
+}
