@@ -342,6 +342,48 @@ fn prefix_producer_limits_blocks_and_evicts() {
     assert_eq!(column(&p.produce(5, &request("r5", &b), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
 }
 
+/// A full index fits its sandbox: 20 endpoints at upstream's default capacity (31 250
+/// blocks each, 625 000 pairs) in 64 MiB, filled by 16 KB prompts the way traffic does
+/// and kept full while the oldest blocks are evicted; then every endpoint still matches its
+/// latest prompt. (An index of ~150 bytes a pair ran out of the sandbox — and a map grown in
+/// one call past its deadline — and its instance was rebuilt empty.)
+#[test]
+fn a_full_prefix_index_fits_its_sandbox() {
+    let sandbox = epp::wasm::Sandbox { memory_bytes: 64 << 20, ..Default::default() };
+    let bytes = epp::wasm::embedded::find("approx-prefix-cache-producer").unwrap();
+    let p = match runtime().load("p", bytes, r#"{"autoTune": false}"#, sandbox, Default::default()).unwrap() {
+        PluginHandle::Producer(p) => p,
+        other => panic!("{other:?}"),
+    };
+    let endpoints = 20u32;
+    p.pool_changed(1, &pool(endpoints)).unwrap();
+    let candidates = idle(endpoints);
+    let tail = "x".repeat(16 << 10);
+    let prompt = |k: u64| request(&format!("r{k}"), &format!("[{k:016x}]{tail}"));
+    // 65 blocks a prompt (the last one partial): 481 prompts per endpoint fill 31 250
+    // blocks, the others evict.
+    let mut cycle = 0u64;
+    for _ in 0..520 {
+        for e in 0..endpoints {
+            cycle += 1;
+            let input = epp_core::CallInput { cycle, request: &prompt(cycle), ids: &candidates.ids, columns: &[] };
+            p.produce(&input).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
+            p.decided(cycle, e).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
+        }
+    }
+    for e in 0..endpoints {
+        let last = cycle - u64::from(endpoints - 1 - e);
+        let input =
+            epp_core::CallInput { cycle: cycle + 1, request: &prompt(last), ids: &candidates.ids, columns: &[] };
+        let out = p.produce(&input).unwrap();
+        let n = endpoints as usize;
+        let matched: Vec<f32> = out[..n].to_vec();
+        let want: Vec<f32> = (0..endpoints).map(|i| if i == e { 65.0 } else { 0.0 }).collect();
+        assert_eq!(matched, want, "endpoint {e}'s latest prompt");
+        assert_eq!(out[3 * n + e as usize], 31_250.0, "endpoint {e} holds its capacity");
+    }
+}
+
 #[test]
 fn prefix_producer_auto_tunes_each_endpoint_to_its_cache() {
     let p = prefix_producer("{}");
