@@ -131,11 +131,8 @@ impl BlockStore {
             }
             return;
         }
-        if r.len >= r.capacity
-            && let Some(oldest) = self.endpoints.get(&endpoint).map(|r| r.oldest)
-            && oldest != NIL
-        {
-            self.remove(oldest);
+        if r.len >= r.capacity {
+            self.shrink_to(endpoint, r.capacity - 1);
         }
         let i = self.alloc(Entry { hash, endpoint, ..EMPTY });
         let head = self.first_holder[shard(hash)].entry(hash).or_insert(NIL);
@@ -150,22 +147,23 @@ impl BlockStore {
         let capacity = capacity.max(1);
         let Some(r) = self.endpoints.get_mut(&endpoint) else { return };
         r.capacity = capacity;
-        while let Some(r) = self.endpoints.get(&endpoint)
-            && r.len > capacity
-            && r.oldest != NIL
-        {
-            self.remove(r.oldest);
-        }
+        self.shrink_to(endpoint, capacity);
     }
 
     /// Drops every block of `endpoint`.
     pub(crate) fn forget(&mut self, endpoint: u32) {
+        self.shrink_to(endpoint, 0);
+        self.endpoints.remove(&endpoint);
+    }
+
+    /// Evicts `endpoint`'s oldest blocks until it holds at most `keep`.
+    fn shrink_to(&mut self, endpoint: u32, keep: usize) {
         while let Some(r) = self.endpoints.get(&endpoint)
+            && r.len > keep
             && r.oldest != NIL
         {
             self.remove(r.oldest);
         }
-        self.endpoints.remove(&endpoint);
     }
 
     pub(crate) fn clear(&mut self) {
