@@ -142,6 +142,7 @@ fn a_settled_pick_skips_the_stateless_scorers_and_picker() {
         vec![
             WeightedScorer { scorer: wasm_scorer("queue-scorer", "{}"), weight: Weight::ONE },
             WeightedScorer { scorer: wasm_scorer("lora-affinity-scorer", "{}"), weight: Weight::ONE },
+            WeightedScorer { scorer: wasm_scorer("session-affinity-scorer", "{}"), weight: Weight::ONE },
         ],
         wasm_picker("max-score-picker", "{}"),
     )
@@ -154,9 +155,12 @@ fn a_settled_pick_skips_the_stateless_scorers_and_picker() {
     let one = metrics(&[(2, 0.0, 0.0, 0.0)]);
     let settled = profile.schedule(1, &req, &one).expect("schedules");
     assert_eq!(settled.targets, vec![2]);
-    assert_eq!(names(&settled.timings), vec!["lora-affinity-scorer"]);
+    assert_eq!(names(&settled.timings), vec!["session-affinity-scorer"]);
     let three = metrics(&[(0, 3.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 1.0, 0.0, 0.0)]);
     let open = profile.schedule(2, &req, &three).expect("schedules");
     assert_eq!(open.targets[0], 1);
-    assert_eq!(names(&open.timings), vec!["queue-scorer", "lora-affinity-scorer", "max-score-picker"]);
+    assert_eq!(
+        names(&open.timings),
+        vec!["queue-scorer", "lora-affinity-scorer", "session-affinity-scorer", "max-score-picker"]
+    );
 }

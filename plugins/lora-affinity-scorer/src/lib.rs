@@ -3,7 +3,9 @@
 //! 0.8 when the endpoint has room for another adapter (running + waiting < `max_lora`), 0.6
 //! when it is waiting to load there, else 0.
 //!
-//! Adapter state arrives with `pool-changed`; the plugin keeps the latest per endpoint.
+//! Adapter state arrives with `pool-changed`; the plugin keeps the latest per endpoint and
+//! nothing else, so it declares itself stateless (skipped when the filters leave one
+//! candidate, served from several instances side by side).
 
 use std::collections::HashMap;
 
@@ -17,7 +19,11 @@ pub struct LoraAffinityScorer {
 impl Plugin for LoraAffinityScorer {
     fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         params::parse::<params::NoParams>(params_json)?;
-        Ok(Manifest { needs: Needs { model: true, pool: true, ..Default::default() }, ..Default::default() })
+        Ok(Manifest {
+            needs: Needs { model: true, pool: true, ..Default::default() },
+            stateless: true,
+            ..Default::default()
+        })
     }
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {

@@ -20,14 +20,41 @@ const NIL: u32 = u32::MAX;
 /// Entries per chunk (96 KiB).
 const CHUNK: usize = 4096;
 /// The hash → first holder map is split in this many maps, by bits of the hash neither
-/// the bucket index nor the control bytes of a map use: growing one rehashes a 64th of
+/// the bucket index nor the control bytes of a map use: growing one rehashes a 1024th of
 /// the index. One map of 1.8 million blocks took longer than a plugin call may (50 ms) to
-/// grow in a wasm guest, and the instance was rebuilt with an empty index.
-const SHARDS: usize = 64;
+/// grow in a wasm guest, and the instance was rebuilt with an empty index; with 64 maps,
+/// a growing index still made one new conversation in fifty wait for a rehash of tens of
+/// thousands of entries (the decision's p99).
+const SHARDS: usize = 1024;
 
 fn shard(hash: u64) -> usize {
     ((hash >> 32) as usize) % SHARDS
 }
+
+/// Hasher for endpoint ids (small integers): one multiply spreads them over the bits the
+/// map's buckets and control bytes use, where SipHash costs tens of nanoseconds a lookup
+/// and a touch does three.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type BuildId = std::hash::BuildHasherDefault<IdHasher>;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -57,7 +84,7 @@ pub(crate) struct BlockStore {
     used: u32,
     free: u32,
     first_holder: Vec<HashMap<u64, u32, BuildIdentity>>,
-    endpoints: HashMap<u32, Recency>,
+    endpoints: HashMap<u32, Recency, BuildId>,
 }
 
 impl BlockStore {
@@ -67,7 +94,7 @@ impl BlockStore {
             used: 0,
             free: NIL,
             first_holder: (0..SHARDS).map(|_| HashMap::default()).collect(),
-            endpoints: HashMap::new(),
+            endpoints: HashMap::default(),
         }
     }
 
