@@ -386,7 +386,7 @@ impl SchedulerProfile {
                     continue;
                 }
             };
-            let positions: Vec<usize> = (0..table.len()).filter(|&i| kept.contains(&table.ids()[i])).collect();
+            let positions = table.positions_of(&kept);
             if positions.is_empty() {
                 return Err(ScheduleError::AllFiltered { filter: stage.plugin.name().to_string() });
             }

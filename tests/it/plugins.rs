@@ -322,6 +322,27 @@ fn prefix_producer_matches_consecutive_blocks() {
     assert_eq!(column(&p.produce(8, &request("r8", &long), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0; 3]);
 }
 
+/// A prefix many endpoints hold (a popular system prompt on a large pool): each candidate
+/// still gets its own depth, whatever the order of the candidates.
+#[test]
+fn prefix_producer_matches_a_prefix_many_endpoints_hold() {
+    let p = prefix_producer(r#"{"autoTune": false}"#);
+    p.pool_changed(&pool(40));
+    let system = blocks_prompt('s', 4);
+    // Endpoint e holds the system prompt followed by (e % 3) blocks of a conversation.
+    let conversation = blocks_prompt('c', 2);
+    for e in 0..40u32 {
+        let own = format!("{system}{}", &conversation[..(e as usize % 3) * 256]);
+        p.produce(u64::from(e) + 1, &request("w", &own), &idle(40), &[]);
+        p.decided(u64::from(e) + 1, e);
+    }
+    let mut m = idle(40);
+    m.ids.reverse();
+    let cols = p.produce(100, &request("r", &format!("{system}{conversation}")), &m, &[]);
+    let expected: Vec<f32> = m.ids.iter().map(|&e| (4 + e % 3) as f32).collect();
+    assert_eq!(column(&cols, PREFIX_MATCHED_BLOCKS), expected);
+}
+
 #[test]
 fn prefix_producer_limits_blocks_and_evicts() {
     let p = prefix_producer(

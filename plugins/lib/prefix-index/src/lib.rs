@@ -362,7 +362,14 @@ impl Producer for PrefixIndexProducer {
             if !self.blocks.holders(h, &mut holders) {
                 break;
             }
-            alive.retain(|&i| holders.contains(&cycle.ids[i]));
+            // A block many endpoints hold (a popular system prompt on a large pool) is
+            // looked up in its sorted holders, not scanned once per candidate.
+            if holders.len() > 16 {
+                holders.sort_unstable();
+                alive.retain(|&i| holders.binary_search(&cycle.ids[i]).is_ok());
+            } else {
+                alive.retain(|&i| holders.contains(&cycle.ids[i]));
+            }
             if alive.is_empty() {
                 break;
             }
