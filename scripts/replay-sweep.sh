@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Sweeps `epp replay` over cluster shapes and workloads and compares policies with the model
 # of the peer routers' `cache_aware` policy, so a routing change is judged on the general
-# case rather than on the bench's three workloads (docs/replay.md, "Sweeps").
+# case rather than on the bench's four workloads (docs/replay.md, "Sweeps").
 #
 #   scripts/replay-sweep.sh                      # the default profile (`baseline`)
 #   scripts/replay-sweep.sh --policy guide --policy mine=path/to/config.yaml
 #
 # Shapes: 4 and 8 workers; 512, 1024 and 2048 KV blocks per worker; 2.5, 5 and 10 req/s per
 # worker (the last overloads most shapes); workloads multi-turn, shared-prefix, bursts,
-# lora-mix and unique; 1500 requests each, seed 1 (SEED=… to change). About 3 minutes for
+# lora-mix, unique and one-prompt; 1500 requests each, seed 1 (SEED=… to change). About 4 minutes for
 # one policy on 2 cores. Prints, per policy and workload, the mean prefix-hit difference
 # with `cache_aware` (points), the geometric mean of the TTFT p90 ratios, and in how many
 # shapes the policy had fewer hits (by more than half a point) or a TTFT p90 over 5 % worse.
@@ -25,7 +25,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 rows="$(mktemp --suffix=.csv /tmp/replay-sweep.XXXXXX)"
 echo "workload,workers,blocks,rate,policy,prefix_hit_rate,ttft_p90_ms,completed" > "$rows"
-for workload in multi-turn shared-prefix bursts lora-mix unique; do
+for workload in multi-turn shared-prefix bursts lora-mix unique one-prompt; do
     for workers in 4 8; do
         for blocks in 512 1024 2048; do
             for per_worker in 2.5 5 10; do

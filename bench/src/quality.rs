@@ -87,6 +87,8 @@ impl QualityOptions {
                 // About twice the conversations' working set the four caches hold together.
                 WorkloadSpec { generator: Generator::MultiTurn, requests: 1200, rate: 20.0, num_gpu_blocks: 1024 },
                 WorkloadSpec { generator: Generator::Unique, requests: 700, rate: 14.0, num_gpu_blocks: 2048 },
+                // One prompt for every request: it must spread as its traffic grows.
+                WorkloadSpec { generator: Generator::OnePrompt, requests: 1200, rate: 20.0, num_gpu_blocks: 2048 },
             ],
             routers: RouterKind::ALL.to_vec(),
             seed: 1,

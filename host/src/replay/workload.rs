@@ -161,16 +161,20 @@ pub enum Generator {
     Unique,
     /// Two tenants, one sending ten times the other's rate, over the pool's capacity.
     Tenants,
+    /// One system prompt shared by every request (one application): the prompt must
+    /// spread over the workers as its traffic grows, not stay on the first one.
+    OnePrompt,
 }
 
 impl Generator {
-    pub const ALL: [Generator; 6] = [
+    pub const ALL: [Generator; 7] = [
         Generator::SharedPrefix,
         Generator::MultiTurn,
         Generator::LoraMix,
         Generator::Bursts,
         Generator::Unique,
         Generator::Tenants,
+        Generator::OnePrompt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -181,6 +185,7 @@ impl Generator {
             Generator::Bursts => "bursts",
             Generator::Unique => "unique",
             Generator::Tenants => "tenants",
+            Generator::OnePrompt => "one-prompt",
         }
     }
 
@@ -190,7 +195,7 @@ impl Generator {
         match self {
             Generator::SharedPrefix | Generator::Bursts => 10.0,
             Generator::MultiTurn => 6.0,
-            Generator::LoraMix => 6.0,
+            Generator::LoraMix | Generator::OnePrompt => 6.0,
             Generator::Unique => 4.0,
             // Over capacity on purpose: queues form (in the workers, or in the EPP with flow control).
             Generator::Tenants => 7.0,
@@ -281,8 +286,9 @@ fn synthetic(seed: u64, tokens: u32) -> Segment {
 /// Makes the workload of `generator`. Deterministic: equal parameters give equal workloads.
 pub fn generate(generator: Generator, p: &GenParams) -> Workload {
     let items = match generator {
-        Generator::SharedPrefix => shared_prefix(p, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
-        Generator::Bursts => shared_prefix(p, |rng, t| next_burst_arrival(rng, t, p.rate), true),
+        Generator::SharedPrefix => shared_prefix(p, SHARED_PROMPTS, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
+        Generator::OnePrompt => shared_prefix(p, 1, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
+        Generator::Bursts => shared_prefix(p, SHARED_PROMPTS, |rng, t| next_burst_arrival(rng, t, p.rate), true),
         Generator::MultiTurn => multi_turn(p),
         Generator::LoraMix => lora_mix(p),
         Generator::Unique => unique(p),
@@ -291,7 +297,14 @@ pub fn generate(generator: Generator, p: &GenParams) -> Workload {
     Workload { name: generator.name().to_string(), items }
 }
 
-fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f64, sheddable: bool) -> Vec<WorkItem> {
+/// Requests of one of `prompts` system prompts (chosen at random) and a user message of
+/// their own.
+fn shared_prefix(
+    p: &GenParams,
+    prompts: usize,
+    mut next: impl FnMut(&mut SplitMix64, f64) -> f64,
+    sheddable: bool,
+) -> Vec<WorkItem> {
     let model: Arc<str> = Arc::from(DEFAULT_MODEL);
     let mut arrivals = SplitMix64::new(stream_seed(p.seed, Stream::Arrivals, 0));
     let mut choices = SplitMix64::new(stream_seed(p.seed, Stream::Choices, 0));
@@ -299,7 +312,7 @@ fn shared_prefix(p: &GenParams, mut next: impl FnMut(&mut SplitMix64, f64) -> f6
     (0..p.requests)
         .map(|i| {
             t = next(&mut arrivals, t);
-            let group = choices.below(SHARED_PROMPTS) as u64;
+            let group = choices.below(prompts) as u64;
             let user = uniform(&mut choices, USER_TOKENS);
             let output = uniform(&mut choices, OUTPUT_TOKENS);
             let priority = if sheddable && choices.next_f64() < SHEDDABLE_SHARE { -1 } else { 0 };
