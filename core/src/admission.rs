@@ -156,6 +156,18 @@ mod tests {
         }
     }
 
+    /// Candidates from rows (waiting, running, own in flight, scrape age ms).
+    fn queues(rows: &[(f32, f32, f32, f32)]) -> Candidates {
+        Candidates {
+            ids: (0..rows.len() as u32).collect(),
+            waiting: rows.iter().map(|r| r.0).collect(),
+            running: rows.iter().map(|r| r.1).collect(),
+            kv_usage: rows.iter().map(|_| 0.1).collect(),
+            age_ms: rows.iter().map(|r| r.3).collect(),
+            own_in_flight: rows.iter().map(|r| r.2).collect(),
+        }
+    }
+
     #[test]
     fn table() {
         let c = SaturationConfig::default();
@@ -200,15 +212,8 @@ mod tests {
             (&[(4.0, 30.0, 0.0), (0.0, 1.0, 1.0)], &[0, 1]),
         ];
         for (rows, kept) in cases {
-            let metrics = Candidates {
-                ids: (0..rows.len() as u32).collect(),
-                waiting: rows.iter().map(|r| r.0).collect(),
-                running: rows.iter().map(|r| r.1).collect(),
-                kv_usage: rows.iter().map(|_| 0.1).collect(),
-                age_ms: rows.iter().map(|_| 10.0).collect(),
-                own_in_flight: rows.iter().map(|r| r.2).collect(),
-            };
-            assert_eq!(c.filter(&metrics), *kept, "{rows:?}");
+            let fresh: Vec<_> = rows.iter().map(|r| (r.0, r.1, r.2, 10.0)).collect();
+            assert_eq!(c.filter(&queues(&fresh)), *kept, "{rows:?}");
         }
     }
 
@@ -232,15 +237,7 @@ mod tests {
             (&[(10.0, 32.0, 42.0, 10.0), (0.0, 3.0, 3.0, 1500.0)], &[0]),
         ];
         for (rows, kept) in cases {
-            let metrics = Candidates {
-                ids: (0..rows.len() as u32).collect(),
-                waiting: rows.iter().map(|r| r.0).collect(),
-                running: rows.iter().map(|r| r.1).collect(),
-                kv_usage: rows.iter().map(|_| 0.1).collect(),
-                age_ms: rows.iter().map(|r| r.3).collect(),
-                own_in_flight: rows.iter().map(|r| r.2).collect(),
-            };
-            assert_eq!(c.filter(&metrics), *kept, "{rows:?}");
+            assert_eq!(c.filter(&queues(rows)), *kept, "{rows:?}");
         }
     }
 
