@@ -53,7 +53,7 @@ struct Flags {
     /// Micro: wall time per cell in milliseconds (longer for profiling).
     #[arg(long)]
     cell_ms: Option<u64>,
-    /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique, or
+    /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique, one-prompt, or
     /// another `epp replay` generator: bursts, lora-mix, tenants).
     #[arg(long = "workload")]
     workloads: Vec<String>,
