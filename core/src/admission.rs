@@ -28,6 +28,8 @@ impl Default for SaturationConfig {
 /// the requests in it, while another candidate has an empty queue and runs at most
 /// `IDLE_SPILL_RUNNING_SHARE` of its running requests (see `filter`).
 pub const IDLE_SPILL_QUEUE_FACTOR: f32 = 2.0;
+/// The most an idle candidate may run, as a share of the long-queued endpoint's running
+/// requests, to count as idle (more means it is busy with its own traffic).
 pub const IDLE_SPILL_RUNNING_SHARE: f32 = 0.5;
 
 /// How old an endpoint's last scrape may be before the filter leaves it out (with scrapes

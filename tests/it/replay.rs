@@ -132,41 +132,22 @@ fn other_seeds_vary_a_little() {
     }
 }
 
-/// Every request shares one 1 024-token system prompt (one application): the first worker
-/// to cache it must not keep all the traffic while the others idle. The default profile
-/// keeps the prompt's affinity until that worker's queue is twice the saturation threshold
-/// with another worker idle, so its TTFT stays near round-robin's; before, the queue on
-/// the one holder grew without end (TTFT p50 of seconds here).
+/// Every request shares one 1 024-token system prompt (one application, the `one-prompt`
+/// generator): the first worker to cache it must not keep all the traffic while the others
+/// idle. The default profile keeps the prompt's affinity until that worker's queue is twice
+/// the saturation threshold with another worker idle, so its TTFT stays near round-robin's;
+/// before, the queue on the one holder grew without end (TTFT p50 of seconds here).
 #[test]
 fn one_shared_prompt_spreads_when_its_worker_saturates() {
-    let dir = temp_dir("one-prompt");
-    let mut trace = String::new();
-    // 1 500 requests at 24 req/s, user parts of 64–511 tokens, outputs of 32–255 tokens,
-    // spaced unevenly (a fixed pseudo-random sequence) so that queues form and drain.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut at = 0.0f64;
-    for _ in 0..1500 {
-        at += -((next() % 10_000 + 1) as f64 / 10_001.0).ln() / 24.0;
-        let prompt = 1024 + 64 + next() % 448;
-        let output = 32 + next() % 224;
-        trace.push_str(&format!(
-            "{{\"at\": {at:.4}, \"prompt_tokens\": {prompt}, \"prefix_group\": \"app\", \"prefix_tokens\": 1024, \
-             \"output_tokens\": {output}}}\n"
-        ));
-    }
-    let path = dir.join("one-prompt.jsonl");
-    std::fs::write(&path, trace).expect("write trace");
     let args = ReplayArgs::parse_flags([
         "--workload",
-        path.to_str().expect("utf-8 path"),
+        "one-prompt",
+        "--requests",
+        "1500",
         "--workers",
         "4",
+        "--rate",
+        "30",
         "--num-gpu-blocks",
         "2048",
         "--policy",
