@@ -8,8 +8,9 @@
 #
 # Shapes: 4 and 8 workers; 512, 1024 and 2048 KV blocks per worker; 2.5, 5 and 10 req/s per
 # worker (the last overloads most shapes); workloads multi-turn, shared-prefix, bursts,
-# lora-mix, unique and one-prompt; 1500 requests each, seed 1 (SEED=… to change). About 4 minutes for
-# one policy on 2 cores. Prints, per policy and workload, the mean prefix-hit difference
+# lora-mix, unique and one-prompt; 1500 requests each, seed 1 (SEED=… to change). About 4
+# minutes for one policy on 2 cores (NOBUILD=1 sweeps the `epp` built already, without
+# building it first). Prints, per policy and workload, the mean prefix-hit difference
 # with `cache_aware` (points), the geometric mean of the TTFT p90 ratios, and in how many
 # shapes the policy had fewer hits (by more than half a point) or a TTFT p90 over 5 % worse.
 # The per-shape rows are kept in the CSV named at the end.
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 if [ "$#" -eq 0 ]; then
     set -- --policy baseline
 fi
-cargo build --release --quiet -p epp
+[ -n "${NOBUILD:-}" ] || cargo build --release --quiet -p epp
 epp=target/release/epp
 seed="${SEED:-1}"
 work="$(mktemp -d)"

@@ -54,7 +54,7 @@ struct Flags {
     #[arg(long)]
     cell_ms: Option<u64>,
     /// Quality: only these workloads (repeatable: shared-prefix, multi-turn, unique, one-prompt, or
-    /// another `epp replay` generator: bursts, lora-mix, tenants).
+    /// another `epp replay` generator: bursts, lora-mix, tenants, long-output).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Quality: requests of every selected workload (default: each workload's own).

@@ -536,7 +536,8 @@ fn quality_table(q: &QualityResults) -> String {
              |---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
             w.spec.generator.name(),
             w.spec.requests,
-            w.spec.rate,
+            // 0.8 × a replay rate can print as 4.800000000000001.
+            (w.spec.rate * 100.0).round() / 100.0,
             w.spec.num_gpu_blocks
         );
         for r in &w.runs {

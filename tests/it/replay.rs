@@ -33,6 +33,19 @@ fn by_name(reports: &[PolicyReport]) -> BTreeMap<&str, &PolicyReport> {
     reports.iter().map(|r| (r.policy.as_str(), r)).collect()
 }
 
+/// Runs `epp replay` with these flags, without a progress bar.
+fn replay_with(flags: &[&str]) -> epp::replay::Replay {
+    let args = ReplayArgs::parse_flags(flags.iter().copied().chain(["--no-progress"])).expect("valid flags");
+    replay::run(&args, &ProgressBar::hidden()).expect("replay runs")
+}
+
+/// Writes `config` into `dir` and returns the `--policy` value that runs it as `name`.
+fn config_policy(dir: &TempDir, name: &str, config: &str) -> String {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).expect("write config");
+    format!("{name}={}", path.display())
+}
+
 fn assert_baseline_wins(reports: &[PolicyReport]) {
     let r = by_name(reports);
     let baseline = r["baseline"];
@@ -64,9 +77,8 @@ fn baseline_beats_random_and_round_robin_on_shared_prefixes() {
 /// The default profile and the model of the peers' `cache_aware` on the workload and
 /// cluster that `flags` describe.
 fn baseline_and_cache_aware(flags: &[&str]) -> (PolicyReport, PolicyReport) {
-    let all = flags.iter().copied().chain(["--policy", "baseline", "--policy", "cache-aware", "--no-progress"]);
-    let args = ReplayArgs::parse_flags(all).expect("valid flags");
-    let mut reports = replay::run(&args, &ProgressBar::hidden()).expect("replay runs").reports.into_iter();
+    let all = flags.iter().copied().chain(["--policy", "baseline", "--policy", "cache-aware"]);
+    let mut reports = replay_with(&all.collect::<Vec<_>>()).reports.into_iter();
     let (Some(baseline), Some(peers)) = (reports.next(), reports.next()) else {
         panic!("two policies, two reports");
     };
@@ -139,25 +151,9 @@ fn other_seeds_vary_a_little() {
 /// before, the queue on the one holder grew without end (TTFT p50 of seconds here).
 #[test]
 fn one_shared_prompt_spreads_when_its_worker_saturates() {
-    let args = ReplayArgs::parse_flags([
-        "--workload",
-        "one-prompt",
-        "--requests",
-        "1500",
-        "--workers",
-        "4",
-        "--rate",
-        "30",
-        "--num-gpu-blocks",
-        "2048",
-        "--policy",
-        "baseline",
-        "--policy",
-        "round-robin",
-        "--no-progress",
-    ])
-    .expect("valid flags");
-    let reports = replay::run(&args, &ProgressBar::hidden()).expect("replay runs").reports;
+    let flags = ["--workload", "one-prompt", "--requests", "1500", "--workers", "4", "--rate", "30"];
+    let more = ["--num-gpu-blocks", "2048", "--policy", "baseline", "--policy", "round-robin"];
+    let reports = replay_with(&[&flags[..], &more].concat()).reports;
     let r = by_name(&reports);
     let (baseline, rr) = (r["baseline"], r["round-robin"]);
     assert!(
@@ -173,6 +169,43 @@ fn one_shared_prompt_spreads_when_its_worker_saturates() {
         baseline.ttft_ms[1],
         rr.ttft_ms[0],
         rr.ttft_ms[1]
+    );
+}
+
+/// Long generations on a few shared prompts (the `long-output` generator): a worker's load is
+/// mostly its running decodes, which the default profile's load signal (uncached prompt
+/// tokens, released at the first token) does not see, so each prompt's holders fill their
+/// KV cache and a tail of requests waits seconds. `addEstimatedOutputTokens` on the in-flight
+/// producer, as docs/replay.md advises for such traffic, keeps an output estimate on the
+/// worker until the request ends: the tail falls to round-robin's, the hits stay.
+#[test]
+fn an_output_estimate_keeps_long_generations_off_full_workers() {
+    let with_outputs = epp::config::DEFAULT_CONFIG.replace(
+        "  - type: inflight-load-producer\n",
+        "  - type: inflight-load-producer\n    parameters:\n      addEstimatedOutputTokens: true\n",
+    );
+    assert_ne!(with_outputs, epp::config::DEFAULT_CONFIG, "the default config names the producer");
+    let dir = temp_dir("long-output");
+    let policy = config_policy(&dir, "outputs", &with_outputs);
+    let flags = ["--workload", "long-output", "--requests", "1500", "--workers", "4", "--rate", "6"];
+    let more = ["--num-gpu-blocks", "2048", "--policy", "baseline", "--policy", "round-robin", "--policy", &policy];
+    let reports = replay_with(&[&flags[..], &more].concat()).reports;
+    let r = by_name(&reports);
+    let (baseline, rr, outputs) = (r["baseline"], r["round-robin"], r["outputs"]);
+    let p99 = |x: &PolicyReport| x.ttft_ms[2];
+    assert!(
+        p99(outputs) < 0.5 * p99(baseline) && p99(outputs) < 1.5 * p99(rr),
+        "TTFT p99: with the estimate {:.0} ms, without {:.0} ms, round-robin {:.0} ms",
+        p99(outputs),
+        p99(baseline),
+        p99(rr)
+    );
+    assert!(
+        outputs.prefix_hit_rate > rr.prefix_hit_rate && outputs.prefix_hit_rate > baseline.prefix_hit_rate - 0.01,
+        "hit rate {:.3}, default {:.3}, round-robin {:.3}",
+        outputs.prefix_hit_rate,
+        baseline.prefix_hit_rate,
+        rr.prefix_hit_rate
     );
 }
 
@@ -306,26 +339,9 @@ fn flow_control_with_round_robin_fairness_shields_the_light_tenant() {
             "  - type: max-score-picker\n",
             "  - type: max-score-picker\n  - type: round-robin-fairness-policy\n  - type: utilization-detector\n    parameters: {queueDepthThreshold: 1}\n",
         );
-    let path = dir.join("fc-rr.yaml");
-    std::fs::write(&path, fc).expect("write config");
-    let policy = format!("fc-rr={}", path.display());
-    let args = ReplayArgs::parse_flags([
-        "--workload",
-        "tenants",
-        "--requests",
-        "2500",
-        "--workers",
-        "4",
-        "--rate",
-        "120",
-        "--policy",
-        "baseline",
-        "--policy",
-        &policy,
-        "--no-progress",
-    ])
-    .expect("valid flags");
-    let replay = replay::run(&args, &ProgressBar::hidden()).expect("replay runs");
+    let policy = config_policy(&dir, "fc-rr", &fc);
+    let flags = ["--workload", "tenants", "--requests", "2500", "--workers", "4", "--rate", "120"];
+    let replay = replay_with(&[&flags[..], &["--policy", "baseline", "--policy", &policy]].concat());
     let tenants: Vec<_> = replay.runs.iter().flat_map(epp::replay::report::tenant_reports).collect();
     let get = |policy: &str, tenant: &str| {
         tenants.iter().find(|t| t.policy == policy && t.tenant == tenant).unwrap_or_else(|| panic!("{policy} {tenant}"))

@@ -72,7 +72,7 @@ fn model_profile(s: &str) -> Result<String, String> {
 /// Flags of `epp replay`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// shared-prefix, multi-turn, lora-mix, bursts, unique, tenants, one-prompt, or a JSONL trace file (docs/replay.md).
+    /// shared-prefix, multi-turn, lora-mix, bursts, unique, tenants, one-prompt, long-output, or a JSONL trace file (docs/replay.md).
     #[arg(long, default_value = "shared-prefix")]
     pub workload: WorkloadSource,
     /// Requests to replay (generators default to 10000; a trace is cut to its first N).

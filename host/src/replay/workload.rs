@@ -164,10 +164,13 @@ pub enum Generator {
     /// One system prompt shared by every request (one application): the prompt must
     /// spread over the workers as its traffic grows, not stay on the first one.
     OnePrompt,
+    /// Long generations (reasoning, agents): a few shared prompts, long and varied user
+    /// parts and outputs, so a worker's load is mostly its running decodes.
+    LongOutput,
 }
 
 impl Generator {
-    pub const ALL: [Generator; 7] = [
+    pub const ALL: [Generator; 8] = [
         Generator::SharedPrefix,
         Generator::MultiTurn,
         Generator::LoraMix,
@@ -175,6 +178,7 @@ impl Generator {
         Generator::Unique,
         Generator::Tenants,
         Generator::OnePrompt,
+        Generator::LongOutput,
     ];
 
     pub fn name(self) -> &'static str {
@@ -186,6 +190,7 @@ impl Generator {
             Generator::Unique => "unique",
             Generator::Tenants => "tenants",
             Generator::OnePrompt => "one-prompt",
+            Generator::LongOutput => "long-output",
         }
     }
 
@@ -196,6 +201,8 @@ impl Generator {
             Generator::SharedPrefix | Generator::Bursts => 10.0,
             Generator::MultiTurn => 6.0,
             Generator::LoraMix | Generator::OnePrompt => 6.0,
+            // A `small` worker holds about 18 of these requests' KV at once (1 800 tokens each on average).
+            Generator::LongOutput => 1.5,
             Generator::Unique => 4.0,
             // Over capacity on purpose: queues form (in the workers, or in the EPP with flow control).
             Generator::Tenants => 7.0,
@@ -254,6 +261,13 @@ pub const SHEDDABLE_SHARE: f64 = 0.25;
 /// a policy that ignores load piles long requests on one worker.
 pub const UNIQUE_PROMPT_TOKENS: (u32, u32) = (32, 4096);
 pub const UNIQUE_OUTPUT_TOKENS: (u32, u32) = (4, 512);
+/// Long output: one of a few shared prompts, then a user part and an output of log-uniform
+/// lengths. Most prompts match their shared part by less than upstream's affinity
+/// threshold (0.8), so the prefix scorer, not the affinity filter, keeps them on its holders.
+pub const LONG_OUTPUT_PROMPTS: usize = 8;
+pub const LONG_OUTPUT_PREFIX_TOKENS: u32 = 512;
+pub const LONG_OUTPUT_USER_TOKENS: (u32, u32) = (128, 2048);
+pub const LONG_OUTPUT_TOKENS: (u32, u32) = (64, 2048);
 
 /// Seeds of the parts a generator draws, kept apart so that e.g. the system prompts do not
 /// change when the arrival process does.
@@ -286,22 +300,55 @@ fn synthetic(seed: u64, tokens: u32) -> Segment {
 /// Makes the workload of `generator`. Deterministic: equal parameters give equal workloads.
 pub fn generate(generator: Generator, p: &GenParams) -> Workload {
     let items = match generator {
-        Generator::SharedPrefix => shared_prefix(p, SHARED_PROMPTS, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
-        Generator::OnePrompt => shared_prefix(p, 1, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
-        Generator::Bursts => shared_prefix(p, SHARED_PROMPTS, |rng, t| next_burst_arrival(rng, t, p.rate), true),
+        Generator::SharedPrefix => {
+            shared_prefix(p, &SYSTEM_PROMPTS, |rng, t| t + exponential(rng, 1.0 / p.rate), false)
+        }
+        Generator::OnePrompt => shared_prefix(
+            p,
+            &Shape { prompts: 1, ..SYSTEM_PROMPTS },
+            |rng, t| t + exponential(rng, 1.0 / p.rate),
+            false,
+        ),
+        Generator::Bursts => shared_prefix(p, &SYSTEM_PROMPTS, |rng, t| next_burst_arrival(rng, t, p.rate), true),
         Generator::MultiTurn => multi_turn(p),
         Generator::LoraMix => lora_mix(p),
         Generator::Unique => unique(p),
         Generator::Tenants => tenants(p),
+        Generator::LongOutput => shared_prefix(p, &LONG_OUTPUT, |rng, t| t + exponential(rng, 1.0 / p.rate), false),
     };
     Workload { name: generator.name().to_string(), items }
 }
 
-/// Requests of one of `prompts` system prompts (chosen at random) and a user message of
-/// their own.
+/// The lengths of a shared-prompt workload: `prompts` prompts of `prefix_tokens`, then a
+/// user part and an output drawn in these ranges, uniformly or log-uniformly.
+struct Shape {
+    prompts: usize,
+    prefix_tokens: u32,
+    user_tokens: (u32, u32),
+    output_tokens: (u32, u32),
+    log_uniform: bool,
+}
+
+const SYSTEM_PROMPTS: Shape = Shape {
+    prompts: SHARED_PROMPTS,
+    prefix_tokens: SYSTEM_PROMPT_TOKENS,
+    user_tokens: USER_TOKENS,
+    output_tokens: OUTPUT_TOKENS,
+    log_uniform: false,
+};
+
+const LONG_OUTPUT: Shape = Shape {
+    prompts: LONG_OUTPUT_PROMPTS,
+    prefix_tokens: LONG_OUTPUT_PREFIX_TOKENS,
+    user_tokens: LONG_OUTPUT_USER_TOKENS,
+    output_tokens: LONG_OUTPUT_TOKENS,
+    log_uniform: true,
+};
+
+/// Requests of one of the shape's prompts (chosen at random) and a user part of their own.
 fn shared_prefix(
     p: &GenParams,
-    prompts: usize,
+    shape: &Shape,
     mut next: impl FnMut(&mut SplitMix64, f64) -> f64,
     sheddable: bool,
 ) -> Vec<WorkItem> {
@@ -312,16 +359,17 @@ fn shared_prefix(
     (0..p.requests)
         .map(|i| {
             t = next(&mut arrivals, t);
-            let group = choices.below(prompts) as u64;
-            let user = uniform(&mut choices, USER_TOKENS);
-            let output = uniform(&mut choices, OUTPUT_TOKENS);
+            let group = choices.below(shape.prompts) as u64;
+            let draw = if shape.log_uniform { log_uniform } else { uniform };
+            let user = draw(&mut choices, shape.user_tokens);
+            let output = draw(&mut choices, shape.output_tokens);
             let priority = if sheddable && choices.next_f64() < SHEDDABLE_SHARE { -1 } else { 0 };
             WorkItem {
                 at: t,
                 model: model.clone(),
                 lora: None,
                 prompt: Prompt(vec![
-                    synthetic(stream_seed(p.seed, Stream::SystemPrompt, group), SYSTEM_PROMPT_TOKENS),
+                    synthetic(stream_seed(p.seed, Stream::SystemPrompt, group), shape.prefix_tokens),
                     synthetic(stream_seed(p.seed, Stream::Unique, i as u64), user),
                 ]),
                 output_tokens: output,
@@ -733,6 +781,19 @@ mod tests {
         let share = in_burst / 2000.0;
         assert!((0.45..0.75).contains(&share), "bursts carry 60% of the load, got {share}");
         assert!(bursts.items.iter().any(|i| i.priority < 0));
+
+        let long = generate(Generator::LongOutput, &params(400));
+        let prefixes: std::collections::BTreeSet<_> =
+            long.items.iter().map(|i| i.prompt.0.first().cloned().map(|s| format!("{s:?}"))).collect();
+        assert_eq!(prefixes.len(), LONG_OUTPUT_PROMPTS);
+        let outputs: Vec<u32> = long.items.iter().map(|i| i.output_tokens).collect();
+        let (lo, hi) = LONG_OUTPUT_TOKENS;
+        assert!(outputs.iter().all(|o| (lo..=hi).contains(o)));
+        // Log-uniform: as many outputs under the geometric mean (362) as over it, roughly.
+        let short = outputs.iter().filter(|&&o| o < 362).count();
+        assert!((140..260).contains(&short), "{short} of 400 outputs under 362 tokens");
+        let user = long.items[0].prompt.to_bytes().len() / BYTES_PER_TOKEN - LONG_OUTPUT_PREFIX_TOKENS as usize;
+        assert!((128..=2048).contains(&user), "user part of {user} tokens");
     }
 
     #[test]
