@@ -564,6 +564,48 @@ fn inflight_load_producer_counts_until_released() {
     rejected("inflight-load-producer", r#"{"outputRatio": -1}"#, "outputRatio");
 }
 
+/// `kvPressureThreshold`: what a worker's in-flight requests commit to its KV cache (uncached
+/// prompt + output estimate, until they end) counts as load past that share of the cache.
+#[test]
+fn inflight_load_producer_counts_kv_commitments_past_the_threshold() {
+    let p = producer::<InflightLoadProducer>("inflight-load-producer", r#"{"kvPressureThreshold": 0.5}"#);
+    // Endpoint 0 holds 100 blocks of 16 tokens (1 600, so 800 before pressure); endpoint 1
+    // reports no cache geometry.
+    let mut endpoints = pool(2);
+    endpoints[0].cache = Some(CacheInfo { block_size: 16, num_gpu_blocks: 100 });
+    p.pool_changed(&endpoints);
+    let m = idle(2);
+    let mut req = request("r", &"x".repeat(1600)); // 400 tokens; output estimate min(600, 300)
+    req.max_tokens = Some(300);
+    let tokens = |cycle: u64| column(&p.produce(cycle, &req, &m, &[]), INFLIGHT_TOKENS);
+    assert_eq!(tokens(1), vec![0.0, 0.0]);
+    p.decided(1, 0);
+    p.first_chunk(1, 0);
+    // 700 committed to endpoint 0: under 800, nothing added; its prompt is prefilled.
+    assert_eq!(tokens(2), vec![0.0, 0.0]);
+    p.decided(2, 0);
+    p.first_chunk(2, 0);
+    assert_eq!(tokens(3), vec![600.0, 0.0]);
+    // 1 400 committed to endpoint 0: 600 past the threshold. Endpoint 1, without a cache
+    // geometry, has only its waiting prompt.
+    p.decided(3, 1);
+    assert_eq!(tokens(4), vec![600.0, 400.0]);
+    p.finished(1, 0);
+    assert_eq!(tokens(5), vec![0.0, 400.0]);
+    // Without the parameter nothing is committed (upstream's behaviour).
+    let q = producer::<InflightLoadProducer>("inflight-load-producer", "{}");
+    q.pool_changed(&endpoints);
+    for cycle in 1..=3 {
+        q.produce(cycle, &req, &m, &[]);
+        q.decided(cycle, 0);
+        q.first_chunk(cycle, 0);
+    }
+    assert_eq!(column(&q.produce(4, &req, &m, &[]), INFLIGHT_TOKENS), vec![0.0, 0.0]);
+    for bad in ["0", "1.5", "-0.2"] {
+        rejected("inflight-load-producer", &format!(r#"{{"kvPressureThreshold": {bad}}}"#), "kvPressureThreshold");
+    }
+}
+
 #[test]
 fn token_load_scorer_table() {
     let s = scorer::<TokenLoadScorer>("token-load-scorer", r#"{"queueThresholdTokens": 1000}"#);

@@ -12,6 +12,16 @@
 //! Semantics and parameters follow upstream's plugin of the same name; upstream computes
 //! `(total − matched) × B + max(0, prompt − total × B)`, which counts the last, partial
 //! block as full — the same but for that overcount.
+//!
+//! `kvPressureThreshold` (not upstream; off by default) makes running decodes count once
+//! they press on a worker's KV cache. Each decided request commits its uncached prompt
+//! tokens plus its output estimate (`max_tokens`, capped at `outputRatio` × the prompt and
+//! `maxEstimatedOutputTokens`) to its endpoint until it finishes; what an endpoint's
+//! commitments exceed past this share of its KV cache (`vllm:cache_config_info`) is added
+//! to its `inflight/tokens`. Chat-sized traffic that sends `max_tokens` rarely commits that
+//! much; long generations pile onto a prompt's holders until their cache is full, and this
+//! keeps them off. Endpoints that report no cache geometry get nothing added. The commitments are
+//! this replica's own (they are not shared through the state store).
 
 use std::collections::HashMap;
 
@@ -38,6 +48,9 @@ pub struct Params {
     pub prefix_match_info_producer_name: String,
     /// Accepted for config compatibility: replicas share load through the state store.
     pub sync_cross_replica_state: Option<bool>,
+    /// Share of a worker's KV cache past which in-flight commitments count as load (off
+    /// when unset; this EPP's, not upstream's).
+    pub kv_pressure_threshold: Option<f64>,
 }
 
 /// One decided request's contribution to its endpoint.
@@ -48,6 +61,8 @@ struct Entry {
     prompt_tokens: i64,
     /// Estimated output tokens (released at the end).
     output_tokens: i64,
+    /// KV tokens committed until the end (uncached prompt + output estimate).
+    kv_tokens: i64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,10 +75,16 @@ pub struct InflightLoadProducer {
     add_output: bool,
     output_ratio: f64,
     max_output: Option<i64>,
+    /// `kvPressureThreshold`: the share of a KV cache past which commitments count.
+    pressure_threshold: Option<f64>,
+    /// KV tokens per endpoint (from its cache geometry), and those committed to it.
+    capacity: HashMap<u32, i64>,
+    committed: HashMap<u32, i64>,
     /// Live load per endpoint.
     load: HashMap<u32, Load>,
-    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate).
-    pending: Pending<(Vec<u32>, Vec<f32>, i64)>,
+    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate held as load,
+    /// output estimate committed to the KV cache).
+    pending: Pending<(Vec<u32>, Vec<f32>, i64, i64)>,
     in_flight: Pending<Entry>,
 }
 
@@ -73,6 +94,9 @@ impl Default for InflightLoadProducer {
             add_output: false,
             output_ratio: 1.5,
             max_output: None,
+            pressure_threshold: None,
+            capacity: HashMap::new(),
+            committed: HashMap::new(),
             load: HashMap::new(),
             pending: Pending::new(PENDING_CYCLES),
             in_flight: Pending::new(MAX_IN_FLIGHT),
@@ -98,10 +122,27 @@ impl InflightLoadProducer {
         l.requests = (l.requests + requests).max(0);
     }
 
+    /// Load added to `endpoint` by KV commitments past `kvPressureThreshold` of its cache.
+    fn pressure(&self, endpoint: u32) -> i64 {
+        match (self.pressure_threshold, self.capacity.get(&endpoint)) {
+            (Some(share), Some(&capacity)) => {
+                let committed = self.committed.get(&endpoint).copied().unwrap_or(0);
+                (committed - (share * capacity as f64) as i64).max(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The output estimate held as load: none unless `addEstimatedOutputTokens`.
     fn output_estimate(&self, prompt_tokens: u32, max_tokens: Option<u32>) -> i64 {
         if !self.add_output {
             return 0;
         }
+        self.estimate_output(prompt_tokens, max_tokens)
+    }
+
+    /// `outputRatio` × the prompt, capped by `max_tokens` and `maxEstimatedOutputTokens`.
+    fn estimate_output(&self, prompt_tokens: u32, max_tokens: Option<u32>) -> i64 {
         let mut estimate = (f64::from(prompt_tokens) * self.output_ratio).round() as i64;
         if let Some(cap) = max_tokens {
             estimate = estimate.min(i64::from(cap));
@@ -135,10 +176,16 @@ impl Plugin for InflightLoadProducer {
         {
             return Err(format!("maxEstimatedOutputTokens must be ≥ 0, got {m}"));
         }
+        if let Some(t) = p.kv_pressure_threshold
+            && !(t > 0.0 && t <= 1.0)
+        {
+            return Err(format!("kvPressureThreshold must be in (0, 1], got {t}"));
+        }
         *self = InflightLoadProducer {
             add_output: p.add_estimated_output_tokens,
             output_ratio: ratio,
             max_output: p.max_estimated_output_tokens,
+            pressure_threshold: p.kv_pressure_threshold,
             ..Default::default()
         };
         let ns = prefix_namespace(&p.prefix_match_info_producer_name);
@@ -157,12 +204,20 @@ impl Plugin for InflightLoadProducer {
         // Counters of endpoints that left are dropped (requests still in flight to them are
         // released against nothing when they end).
         self.load.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        self.committed.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        self.capacity = endpoints
+            .iter()
+            .filter_map(|e| e.cache.filter(|c| c.tokens() > 0).map(|c| (e.id, c.tokens() as i64)))
+            .collect();
     }
 
     fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
-        let Some((ids, uncached, output)) = self.pending.take(cycle) else { return Vec::new() };
+        let Some((ids, uncached, output, committed_output)) = self.pending.take(cycle) else { return Vec::new() };
         let prompt = ids.iter().position(|&id| id == endpoint).and_then(|i| uncached.get(i)).copied().unwrap_or(0.0);
-        let entry = Entry { endpoint, prompt_tokens: prompt.max(0.0) as i64, output_tokens: output };
+        let prompt = prompt.max(0.0) as i64;
+        let kv_tokens = if self.pressure_threshold.is_some() { prompt + committed_output } else { 0 };
+        let entry = Entry { endpoint, prompt_tokens: prompt, output_tokens: output, kv_tokens };
+        *self.committed.entry(endpoint).or_default() += kv_tokens;
         self.add(endpoint, entry.prompt_tokens + entry.output_tokens, 1);
         self.in_flight.insert(cycle, entry);
         Vec::new()
@@ -179,6 +234,9 @@ impl Plugin for InflightLoadProducer {
 
     fn finished(&mut self, cycle: u64, _completion: &Completion) {
         if let Some(e) = self.in_flight.take(cycle) {
+            if let Some(c) = self.committed.get_mut(&e.endpoint) {
+                *c = (*c - e.kv_tokens).max(0);
+            }
             self.add(e.endpoint, -(e.prompt_tokens + e.output_tokens), -1);
         }
     }
@@ -193,10 +251,11 @@ impl Producer for InflightLoadProducer {
             .collect();
         let output = self.output_estimate(r.prompt_tokens, r.max_tokens);
         let mut out = Vec::with_capacity(3 * n);
-        out.extend(cycle.ids.iter().map(|id| self.load(*id).tokens as f32));
+        out.extend(cycle.ids.iter().map(|id| (self.load(*id).tokens + self.pressure(*id)) as f32));
         out.extend(cycle.ids.iter().map(|id| self.load(*id).requests as f32));
         out.extend(uncached.iter().map(|u| u + output as f32));
-        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, output));
+        let committed_output = self.estimate_output(r.prompt_tokens, r.max_tokens);
+        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, output, committed_output));
         out
     }
 }
