@@ -82,9 +82,8 @@ pub struct InflightLoadProducer {
     committed: HashMap<u32, i64>,
     /// Live load per endpoint.
     load: HashMap<u32, Load>,
-    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate held as load,
-    /// output estimate committed to the KV cache).
-    pending: Pending<(Vec<u32>, Vec<f32>, i64, i64)>,
+    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate).
+    pending: Pending<(Vec<u32>, Vec<f32>, i64)>,
     in_flight: Pending<Entry>,
 }
 
@@ -133,12 +132,10 @@ impl InflightLoadProducer {
         }
     }
 
-    /// The output estimate held as load: none unless `addEstimatedOutputTokens`.
-    fn output_estimate(&self, prompt_tokens: u32, max_tokens: Option<u32>) -> i64 {
-        if !self.add_output {
-            return 0;
-        }
-        self.estimate_output(prompt_tokens, max_tokens)
+    /// The share of the output estimate held as load: all of it with
+    /// `addEstimatedOutputTokens`, none otherwise.
+    fn held_output(&self, estimate: i64) -> i64 {
+        if self.add_output { estimate } else { 0 }
     }
 
     /// `outputRatio` × the prompt, capped by `max_tokens` and `maxEstimatedOutputTokens`.
@@ -212,11 +209,11 @@ impl Plugin for InflightLoadProducer {
     }
 
     fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
-        let Some((ids, uncached, output, committed_output)) = self.pending.take(cycle) else { return Vec::new() };
+        let Some((ids, uncached, estimate)) = self.pending.take(cycle) else { return Vec::new() };
         let prompt = ids.iter().position(|&id| id == endpoint).and_then(|i| uncached.get(i)).copied().unwrap_or(0.0);
         let prompt = prompt.max(0.0) as i64;
-        let kv_tokens = if self.pressure_threshold.is_some() { prompt + committed_output } else { 0 };
-        let entry = Entry { endpoint, prompt_tokens: prompt, output_tokens: output, kv_tokens };
+        let kv_tokens = if self.pressure_threshold.is_some() { prompt + estimate } else { 0 };
+        let entry = Entry { endpoint, prompt_tokens: prompt, output_tokens: self.held_output(estimate), kv_tokens };
         *self.committed.entry(endpoint).or_default() += kv_tokens;
         self.add(endpoint, entry.prompt_tokens + entry.output_tokens, 1);
         self.in_flight.insert(cycle, entry);
@@ -249,13 +246,13 @@ impl Producer for InflightLoadProducer {
         let uncached: Vec<f32> = (0..n)
             .map(|i| uncached_tokens(r.prompt_tokens, cycle.value(0, i), cycle.value(1, i), cycle.value(2, i)))
             .collect();
-        let output = self.output_estimate(r.prompt_tokens, r.max_tokens);
+        let estimate = self.estimate_output(r.prompt_tokens, r.max_tokens);
+        let output = self.held_output(estimate);
         let mut out = Vec::with_capacity(3 * n);
         out.extend(cycle.ids.iter().map(|id| (self.load(*id).tokens + self.pressure(*id)) as f32));
         out.extend(cycle.ids.iter().map(|id| self.load(*id).requests as f32));
         out.extend(uncached.iter().map(|u| u + output as f32));
-        let committed_output = self.estimate_output(r.prompt_tokens, r.max_tokens);
-        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, output, committed_output));
+        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, estimate));
         out
     }
 }
