@@ -2,8 +2,8 @@
 //!
 //! Each replica routes on its own plugins' state (prefix index, no-hit LRU, in-flight
 //! load) and never waits on Redis to decide. After a pick it *publishes* the decision — the
-//! request's model, prompt (its first 64 KB: more than any prefix index matches), cache
-//! salt and session token, and the worker chosen — and, when the request ends, its end, as
+//! request's model, prompt (its first 64 KB: more than any prefix index matches), prompt
+//! tokens, `max_tokens`, cache salt and session token, and the worker chosen — and, when the request ends, its end, as
 //! entries of one Redis stream per pool (`epp:<pool>:decisions`, trimmed to about 100 000
 //! entries). Every replica *reads* the stream in the background and applies its peers'
 //! decisions as its own: the plugins decide the request as a shadow does and then learn the
@@ -64,11 +64,8 @@ enum Outgoing {
     Decided {
         cycle: u64,
         target: SocketAddr,
-        model: String,
-        prompt: String,
-        prompt_tokens: u32,
-        cache_salt: Option<String>,
-        session: Option<String>,
+        /// What a peer needs of the request to decide it as this replica did.
+        request: Shared,
     },
     Finished {
         cycle: u64,
@@ -160,19 +157,65 @@ impl StateStore {
 
 impl DecisionSink for StateStore {
     fn decided(&self, cycle: u64, target: SocketAddr, req: &Request) {
-        self.enqueue(|| Outgoing::Decided {
-            cycle,
-            target,
-            model: req.model.clone(),
-            prompt: truncate(&req.prompt, PROMPT_CAP).to_string(),
-            prompt_tokens: req.prompt_tokens,
-            cache_salt: req.cache_salt.clone(),
-            session: req.header(SESSION_HEADER).map(str::to_string),
-        });
+        self.enqueue(|| Outgoing::Decided { cycle, target, request: Shared::of(req) });
     }
 
     fn finished(&self, cycle: u64, completion: &Completion) {
         self.enqueue(|| Outgoing::Finished { cycle, outcome: completion.outcome, status: completion.status });
+    }
+}
+
+/// What a decision entry carries of its request: what the plugins' `decided` and `finished`
+/// hooks read (the prefix index, the no-hit LRU, the in-flight load and its output estimate,
+/// session affinity). A field an older replica does not write reads as absent.
+#[derive(Debug, Clone, PartialEq)]
+struct Shared {
+    model: String,
+    /// The first 64 KB.
+    prompt: String,
+    prompt_tokens: u32,
+    max_tokens: Option<u32>,
+    cache_salt: Option<String>,
+    session: Option<String>,
+}
+
+impl Shared {
+    fn of(req: &Request) -> Shared {
+        Shared {
+            model: req.model.clone(),
+            prompt: truncate(&req.prompt, PROMPT_CAP).to_string(),
+            prompt_tokens: req.prompt_tokens,
+            max_tokens: req.max_tokens,
+            cache_salt: req.cache_salt.clone(),
+            session: req.header(SESSION_HEADER).map(str::to_string),
+        }
+    }
+
+    /// The entry's fields (beside kind, cycle and target).
+    fn fields(self) -> Vec<(&'static str, String)> {
+        let mut f = vec![("m", self.model), ("p", self.prompt), ("n", self.prompt_tokens.to_string())];
+        f.extend(self.max_tokens.map(|n| ("mt", n.to_string())));
+        f.extend(self.cache_salt.map(|s| ("s", s)));
+        f.extend(self.session.map(|s| ("x", s)));
+        f
+    }
+
+    /// The request a peer's decision entry describes.
+    fn request(e: &Entry, id: String) -> Request {
+        let prompt = e.get("p").unwrap_or_default().to_string();
+        Request {
+            id,
+            model: e.get("m").unwrap_or_default().to_string(),
+            prompt_tokens: e
+                .get("n")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| Request::estimate_tokens(prompt.len())),
+            prompt,
+            max_tokens: e.get("mt").and_then(|n| n.parse().ok()),
+            cache_salt: e.get("s").map(str::to_string),
+            headers: e.get("x").map(|s| vec![(SESSION_HEADER.to_string(), s.to_string())]).unwrap_or_default(),
+            ..Default::default()
+        }
     }
 }
 
@@ -252,14 +295,10 @@ async fn publish(
         for o in batch.drain(..) {
             pipe.cmd("XADD").arg(&key).arg("MAXLEN").arg("~").arg(MAX_LEN).arg("*").arg("r").arg(&replica);
             match o {
-                Outgoing::Decided { cycle, target, model, prompt, prompt_tokens, cache_salt, session } => {
+                Outgoing::Decided { cycle, target, request } => {
                     pipe.arg("k").arg("d").arg("c").arg(cycle).arg("t").arg(target.to_string());
-                    pipe.arg("m").arg(model).arg("p").arg(prompt).arg("n").arg(prompt_tokens);
-                    if let Some(s) = cache_salt {
-                        pipe.arg("s").arg(s);
-                    }
-                    if let Some(s) = session {
-                        pipe.arg("x").arg(s);
+                    for (field, value) in request.fields() {
+                        pipe.arg(field).arg(value);
                     }
                 }
                 Outgoing::Finished { cycle, outcome, status } => {
@@ -367,19 +406,7 @@ fn apply(router: &Router, me: &str, mirrors: &mut Mirrors, batch: Vec<Entry>, te
                     skipped += 1;
                     continue;
                 };
-                let prompt = e.get("p").unwrap_or_default().to_string();
-                let req = Request {
-                    id: format!("peer-{replica}-{cycle}"),
-                    model: e.get("m").unwrap_or_default().to_string(),
-                    prompt_tokens: e
-                        .get("n")
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or_else(|| Request::estimate_tokens(prompt.len())),
-                    prompt,
-                    cache_salt: e.get("s").map(str::to_string),
-                    headers: e.get("x").map(|s| vec![(SESSION_HEADER.to_string(), s.to_string())]).unwrap_or_default(),
-                    ..Default::default()
-                };
+                let req = Shared::request(&e, format!("peer-{replica}-{cycle}"));
                 match router.mirror(req, target) {
                     Some(m) => {
                         mirrors.insert((replica.to_string(), cycle), (m, e.millis()));
@@ -552,6 +579,35 @@ mod tests {
         assert_eq!(read_reply(&xread).len(), 2);
         assert!(read_reply(&Value::Nil).is_empty());
         assert!(entries(&Value::Array(vec![Value::Int(3)])).is_empty(), "garbage is skipped, not a panic");
+    }
+
+    #[test]
+    fn a_decision_entry_gives_peers_what_the_plugins_read() {
+        let req = Request {
+            id: "r1".into(),
+            model: "m".into(),
+            prompt: "p".repeat(PROMPT_CAP + 10),
+            prompt_tokens: 9000,
+            max_tokens: Some(700),
+            cache_salt: Some("salt".into()),
+            headers: vec![(SESSION_HEADER.into(), "s1".into()), ("other".into(), "h".into())],
+            ..Default::default()
+        };
+        let shared = Shared::of(&req);
+        let entry = |fields: Vec<(&str, String)>| Entry {
+            id: "1-0".into(),
+            fields: fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        };
+        let peer = Shared::request(&entry(shared.clone().fields()), "peer-a-1".into());
+        assert_eq!(peer.id, "peer-a-1");
+        assert_eq!(peer.prompt.len(), PROMPT_CAP, "the prompt is cut");
+        assert_eq!((peer.model.as_str(), peer.prompt_tokens, peer.max_tokens), ("m", 9000, Some(700)));
+        assert_eq!(peer.cache_salt.as_deref(), Some("salt"));
+        assert_eq!(peer.headers, vec![(SESSION_HEADER.to_string(), "s1".to_string())]);
+        assert_eq!(Shared::of(&peer), shared, "a peer's request shares as the original");
+        // An entry written by an older replica (no max_tokens, no token count): absent, estimated.
+        let old = Shared::request(&entry(vec![("m", "m".into()), ("p", "abcdefgh".into())]), "x".into());
+        assert_eq!((old.max_tokens, old.prompt_tokens), (None, Request::estimate_tokens(8)));
     }
 
     #[test]

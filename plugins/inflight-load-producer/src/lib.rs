@@ -20,8 +20,8 @@
 //! commitments exceed past this share of its KV cache (`vllm:cache_config_info`) is added
 //! to its `inflight/tokens`. Chat-sized traffic that sends `max_tokens` rarely commits that
 //! much; long generations pile onto a prompt's holders until their cache is full, and this
-//! keeps them off. Endpoints that report no cache geometry get nothing added. The commitments are
-//! this replica's own (they are not shared through the state store).
+//! keeps them off. Endpoints that report no cache geometry get nothing added. With replicas
+//! sharing state, peers' requests commit theirs too: their decisions carry `max_tokens`.
 
 use std::collections::HashMap;
 
