@@ -3,13 +3,14 @@
 //! Each replica routes on its own plugins' state (prefix index, no-hit LRU, in-flight
 //! load) and never waits on Redis to decide. After a pick it *publishes* the decision — the
 //! request's model, prompt (its first 64 KB: more than any prefix index matches), prompt
-//! tokens, `max_tokens`, cache salt and session token, and the worker chosen — and, when the request ends, its end, as
-//! entries of one Redis stream per pool (`epp:<pool>:decisions`, trimmed to about 100 000
-//! entries). Every replica *reads* the stream in the background and applies its peers'
-//! decisions as its own: the plugins decide the request as a shadow does and then learn the
-//! real placement (`Router::mirror`), so their prefix index, LRU and in-flight load match
-//! what the pool really got; the end releases the load. Staleness is what it takes an entry
-//! to go through Redis (sub-millisecond on a LAN; `epp_state_store_lag_seconds`).
+//! tokens, `max_tokens`, cache salt and session token, and the worker chosen — and, when
+//! the request ends, its end, as entries of one Redis stream per pool
+//! (`epp:<pool>:decisions`, trimmed to about 100 000 entries). Every replica *reads* the
+//! stream in the background and applies its peers' decisions as its own: the plugins decide
+//! the request as a shadow does and then learn the real placement (`Router::mirror`), so
+//! their prefix index, LRU and in-flight load match what the pool really got; the end
+//! releases the load. Staleness is what it takes an entry to go through Redis
+//! (sub-millisecond on a LAN; `epp_state_store_lag_seconds`).
 //!
 //! A fresh replica first replays the stream's newest 20 000 entries, then reports SERVING.
 //! With Redis down or slow, publishing drops entries (counted) and reading retries with a
