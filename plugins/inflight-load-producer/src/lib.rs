@@ -123,13 +123,10 @@ impl InflightLoadProducer {
 
     /// Load added to `endpoint` by KV commitments past `kvPressureThreshold` of its cache.
     fn pressure(&self, endpoint: u32) -> i64 {
-        match (self.pressure_threshold, self.capacity.get(&endpoint)) {
-            (Some(share), Some(&capacity)) => {
-                let committed = self.committed.get(&endpoint).copied().unwrap_or(0);
-                (committed - (share * capacity as f64) as i64).max(0)
-            }
-            _ => 0,
-        }
+        let Some(share) = self.pressure_threshold else { return 0 };
+        let Some(&capacity) = self.capacity.get(&endpoint) else { return 0 };
+        let committed = self.committed.get(&endpoint).copied().unwrap_or(0);
+        (committed - (share * capacity as f64) as i64).max(0)
     }
 
     /// The share of the output estimate held as load: all of it with
@@ -201,6 +198,10 @@ impl Plugin for InflightLoadProducer {
         // Counters of endpoints that left are dropped (requests still in flight to them are
         // released against nothing when they end).
         self.load.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        // Cache geometry and commitments serve `kvPressureThreshold` only.
+        if self.pressure_threshold.is_none() {
+            return;
+        }
         self.committed.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
         self.capacity = endpoints
             .iter()
