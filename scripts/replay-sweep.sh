@@ -6,13 +6,14 @@
 #   scripts/replay-sweep.sh                      # the default profile (`baseline`)
 #   scripts/replay-sweep.sh --policy guide --policy mine=path/to/config.yaml
 #
-# Shapes: 4 and 8 workers; 512, 1024 and 2048 KV blocks per worker; 2.5, 5 and 10 req/s per
-# worker (the last overloads most shapes); workloads multi-turn, shared-prefix, bursts,
-# lora-mix, unique and one-prompt; 1500 requests each, seed 1 (SEED=… to change). About 4
-# minutes for one policy on 2 cores (NOBUILD=1 sweeps the `epp` built already, without
-# building it first). Prints, per policy and workload, the mean prefix-hit difference
-# with `cache_aware` (points), the geometric mean of the TTFT p90 ratios, and in how many
-# shapes the policy had fewer hits (by more than half a point) or a TTFT p90 over 5 % worse.
+# Shapes: 4 and 8 workers (WORKERS="2 16" for other pools); 512, 1024 and 2048 KV blocks per
+# worker; 2.5, 5 and 10 req/s per worker (the last overloads most shapes); workloads
+# multi-turn, shared-prefix, bursts, lora-mix, unique and one-prompt; 1500 requests each,
+# seed 1 (SEED=… to change). About 4 minutes for one policy on 2 cores (NOBUILD=1 sweeps
+# the `epp` built already, without building it first). Prints, per policy and workload, the
+# mean prefix-hit difference with `cache_aware` (points), the geometric mean of the TTFT p90
+# ratios, and in how many shapes the policy had fewer hits (by more than half a point) or a
+# TTFT p90 over 5 % worse.
 # The per-shape rows are kept in the CSV named at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +23,13 @@ fi
 [ -n "${NOBUILD:-}" ] || cargo build --release --quiet -p epp
 epp=target/release/epp
 seed="${SEED:-1}"
+pools="${WORKERS:-4 8}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 rows="$(mktemp --suffix=.csv /tmp/replay-sweep.XXXXXX)"
 echo "workload,workers,blocks,rate,policy,prefix_hit_rate,ttft_p90_ms,completed" > "$rows"
 for workload in multi-turn shared-prefix bursts lora-mix unique one-prompt; do
-    for workers in 4 8; do
+    for workers in $pools; do
         for blocks in 512 1024 2048; do
             for per_worker in 2.5 5 10; do
                 rate="$(awk -v w="$workers" -v r="$per_worker" 'BEGIN { print w * r }')"

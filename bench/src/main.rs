@@ -69,6 +69,10 @@ struct Flags {
     /// Quality: the workloads' seed (default 1).
     #[arg(long)]
     seed: Option<u64>,
+    /// Quality: simulated workers behind every router (default 4). Each workload's own
+    /// rate scales with it, so every worker sees the same load; `--rate` overrides.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Quality: run this EPP config in the default profile's place (its `path:
     /// endpoints.yaml` is pointed at the bench's workers).
     #[arg(long)]
@@ -125,6 +129,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wants(Part::Quality) {
             let mut opts = if flags.smoke { QualityOptions::smoke() } else { QualityOptions::full() };
+            if let Some(n) = flags.workers {
+                opts.set_workers(n).map_err(anyhow::Error::msg)?;
+            }
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
             opts.seed = flags.seed.unwrap_or(opts.seed);

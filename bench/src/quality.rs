@@ -124,6 +124,19 @@ impl QualityOptions {
         Ok(())
     }
 
+    /// Runs every router in front of `n` workers instead of the full run's four; each
+    /// workload's arrival rate scales with them, so each worker's share stays the same.
+    pub fn set_workers(&mut self, n: usize) -> Result<(), String> {
+        if n == 0 || n > 64 {
+            return Err(format!("--workers must be 1..=64, got {n}"));
+        }
+        for w in &mut self.workloads {
+            w.rate *= n as f64 / self.workers as f64;
+        }
+        self.workers = n;
+        Ok(())
+    }
+
     /// Overrides the shape of every selected workload (to try the comparison on shapes the
     /// full run does not show).
     pub fn reshape(&mut self, requests: Option<usize>, rate: Option<f64>, num_gpu_blocks: Option<usize>) {
@@ -473,7 +486,9 @@ async fn run_one(
         (Some(custom), RouterKind::EppDefault) => format!("EPP, {}", custom.name),
         _ => router.label().into(),
     };
-    let mut run = RouterRun { router: label, ..Default::default() };
+    // Every worker has a row, so one that got no request shows as 0 rather than not at all.
+    let per_worker = workers.handles.iter().map(|h| (h.name().to_string(), 0)).collect();
+    let mut run = RouterRun { router: label, per_worker, ..Default::default() };
     let mut ttfts = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         let Ok((k, outcome)) = joined else { continue };
@@ -598,6 +613,15 @@ mod tests {
             assert_eq!((w.requests, w.num_gpu_blocks), (300, 512));
         }
         assert_eq!(o.workloads[0].rate, 20.0);
+
+        // More workers: the same load on each, and every workload chosen after scales too.
+        let mut o = QualityOptions::full();
+        o.set_workers(8).expect("a pool of 8");
+        o.select(&["multi-turn".into(), "bursts".into()], &[]).expect("known names");
+        assert_eq!(o.workloads[0].rate, 40.0);
+        assert!((o.workloads[1].rate - 0.8 * Generator::Bursts.default_rate_per_worker() * 8.0).abs() < 1e-9);
+        let err = QualityOptions::full().set_workers(0).expect_err("no workers");
+        assert!(err.contains("--workers"), "{err}");
 
         let err = QualityOptions::full().select(&["chat".into()], &[]).expect_err("unknown workload");
         assert!(err.contains("chat") && err.contains("bursts"), "{err}");
