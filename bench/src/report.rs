@@ -505,6 +505,13 @@ fn e2e_tables(e: &E2eResults) -> String {
     out
 }
 
+/// Requests per worker, in pool order (`w2` before `w10`), as `n / n / …`.
+fn per_worker_cell(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut rows: Vec<(&String, &u64)> = counts.iter().collect();
+    rows.sort_by_key(|(name, _)| (name.len(), name.as_str()));
+    rows.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>().join(" / ")
+}
+
 fn quality_table(q: &QualityResults) -> String {
     let o = &q.options;
     let mut out = format!(
@@ -542,7 +549,7 @@ fn quality_table(q: &QualityResults) -> String {
         );
         for r in &w.runs {
             let (t, l) = (r.ttft.summary(), r.latency.summary());
-            let spread: Vec<String> = r.per_worker.values().map(u64::to_string).collect();
+            let spread = per_worker_cell(&r.per_worker);
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
@@ -554,7 +561,7 @@ fn quality_table(q: &QualityResults) -> String {
                 fmt_duration(l.p50),
                 fmt_duration(l.p99),
                 r.throughput(),
-                spread.join(" / "),
+                spread,
                 r.errors
             );
         }
@@ -618,6 +625,13 @@ mod tests {
         assert!(md.contains("| wasm/native ≤ 1.3 (decision p50, 100 endpoints, 16 KB) | 1.50 | **no** |"), "{md}");
         assert!(md.contains("| 100 | 16 KB | 60.0 µs | 90.0 µs | 40.0 µs | 50.0 µs | 1.50 | 1.80 | yes |"), "{md}");
         assert!(md.contains("today") && md.contains("2 cores"));
+    }
+
+    #[test]
+    fn requests_per_worker_print_in_pool_order_idle_ones_included() {
+        let counts: std::collections::BTreeMap<String, u64> =
+            [("w0", 5), ("w10", 1), ("w2", 0), ("w1", 7)].into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+        assert_eq!(per_worker_cell(&counts), "5 / 7 / 0 / 1");
     }
 
     #[test]
