@@ -215,7 +215,9 @@ impl Plugin for InflightLoadProducer {
         let prompt = prompt.max(0.0) as i64;
         let kv_tokens = if self.pressure_threshold.is_some() { prompt + estimate } else { 0 };
         let entry = Entry { endpoint, prompt_tokens: prompt, output_tokens: self.held_output(estimate), kv_tokens };
-        *self.committed.entry(endpoint).or_default() += kv_tokens;
+        if kv_tokens != 0 {
+            *self.committed.entry(endpoint).or_default() += kv_tokens;
+        }
         self.add(endpoint, entry.prompt_tokens + entry.output_tokens, 1);
         self.in_flight.insert(cycle, entry);
         Vec::new()
