@@ -64,6 +64,7 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
             applied = Some(r);
             hub.set_live(id, true);
         }
+        info!(endpoint = %name, events = %source.events, history_through = ?applied, "KV event stream joined");
         let mut monitor = socket.monitor();
         loop {
             let msg = tokio::select! {
