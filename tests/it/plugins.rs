@@ -405,6 +405,51 @@ fn a_full_prefix_index_fits_its_sandbox() {
     }
 }
 
+/// An index larger than its sandbox keeps serving: 20 endpoints at upstream's default
+/// capacity need about 33 MiB; in 16 MiB the sandbox refuses memory, and the index keeps
+/// what fits, shared evenly, with every endpoint's latest prompt. (Before memory was
+/// refused rather than trapped, the first refusal failed the call and the instance was
+/// rebuilt with an empty index, again every time it refilled.)
+#[test]
+fn a_prefix_index_larger_than_its_sandbox_keeps_what_fits() {
+    let sandbox = epp::wasm::Sandbox { memory_bytes: 16 << 20, ..Default::default() };
+    let bytes = epp::wasm::embedded::find("approx-prefix-cache-producer").unwrap();
+    let p = match runtime().load("p", bytes, r#"{"autoTune": false}"#, sandbox, Default::default()).unwrap() {
+        PluginHandle::Producer(p) => p,
+        other => panic!("{other:?}"),
+    };
+    let endpoints = 20u32;
+    p.pool_changed(1, &pool(endpoints)).unwrap();
+    let candidates = idle(endpoints);
+    let n = endpoints as usize;
+    let tail = "x".repeat(16 << 10);
+    let prompt = |k: u64| request(&format!("r{k}"), &format!("[{k:016x}]{tail}"));
+    let mut cycle = 0u64;
+    let mut held = Vec::new();
+    for _ in 0..520 {
+        for e in 0..endpoints {
+            cycle += 1;
+            let input = epp_core::CallInput { cycle, request: &prompt(cycle), ids: &candidates.ids, columns: &[] };
+            let out = p.produce(&input).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
+            held = out[3 * n..].to_vec();
+            p.decided(cycle, e).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
+        }
+    }
+    let total: f32 = held.iter().sum();
+    assert!(total < 20.0 * 31_250.0 * 0.8, "the index should have been refused memory (it holds {total} pairs)");
+    assert!(total > 20.0 * 65.0 * 50.0, "every endpoint keeps 50 prompts or more (the index holds {total} pairs)");
+    let (least, most) = held.iter().fold((f32::MAX, 0.0f32), |(l, m), &h| (l.min(h), m.max(h)));
+    assert!(most - least <= 70.0, "endpoints of equal capacity hold equal shares: {held:?}");
+    for e in 0..endpoints {
+        let last = cycle - u64::from(endpoints - 1 - e);
+        let input =
+            epp_core::CallInput { cycle: cycle + 1, request: &prompt(last), ids: &candidates.ids, columns: &[] };
+        let out = p.produce(&input).unwrap();
+        let want: Vec<f32> = (0..endpoints).map(|i| if i == e { 65.0 } else { 0.0 }).collect();
+        assert_eq!(out[..n].to_vec(), want, "endpoint {e}'s latest prompt");
+    }
+}
+
 #[test]
 fn prefix_producer_auto_tunes_each_endpoint_to_its_cache() {
     let p = prefix_producer("{}");

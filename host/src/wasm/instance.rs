@@ -3,8 +3,9 @@
 //! A stateful plugin (the prefix index) has one instance and its calls are serialised by a
 //! mutex. A plugin whose manifest says `stateless` is served from a small pool of instances
 //! (one per core), so concurrent requests do not queue on one lock. Every call runs under
-//! the sandbox: a memory cap enforced by a resource limiter and a wall-clock deadline counted
-//! in epoch ticks. A trap — including a blown deadline or memory cap — poisons the instance:
+//! the sandbox: a memory cap enforced by a resource limiter (growth past it is refused: the
+//! guest's allocation fails, and a guest that cannot cope aborts) and a wall-clock deadline
+//! counted in epoch ticks. A trap — including a blown deadline or an abort — poisons the instance:
 //! it is dropped, the error is returned as a value, and the next call rebuilds a fresh
 //! instance (configured again and told the last pool), so the host keeps serving.
 //!
@@ -26,7 +27,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
 use super::bindings::{filter, picker, producer, scorer, types as wit};
-use super::sandbox::{HostState, Sandbox, ticks};
+use super::sandbox::{HostState, Sandbox, arm};
 
 enum Exports {
     Producer(producer::ProducerPlugin),
@@ -196,7 +197,7 @@ impl WasmPlugin {
     fn instantiate(&self, pool: Option<&Pool>) -> Result<(Live, Manifest), PluginError> {
         let mut store = self.sandbox.store(&self.engine);
         let setup = self.sandbox.setup_timeout_ms;
-        store.set_epoch_deadline(ticks(setup));
+        arm(&mut store, setup);
         let exports = match &self.pre {
             Pre::Producer(p) => p.instantiate(&mut store).map(Exports::Producer),
             Pre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
@@ -216,7 +217,7 @@ impl WasmPlugin {
         if let Some((generation, endpoints)) = pool
             && manifest.needs.pool
         {
-            live.store.set_epoch_deadline(ticks(setup));
+            arm(&mut live.store, setup);
             let told = pool_changed(&mut live, *generation, endpoints);
             told.map_err(|e| self.sandbox.classify(e, &live.store, setup))?;
         }
@@ -248,7 +249,7 @@ impl WasmPlugin {
             }
         };
         let timeout = self.sandbox.call_timeout_ms;
-        live.store.set_epoch_deadline(ticks(timeout));
+        arm(&mut live.store, timeout);
         match f(&mut live) {
             Ok(r) => {
                 *slot = Some(live);
@@ -386,7 +387,7 @@ impl PluginCore for WasmPlugin {
         for slot in &self.slots {
             let mut guard = lock(slot);
             let Some(mut live) = guard.take() else { continue };
-            live.store.set_epoch_deadline(ticks(self.sandbox.call_timeout_ms));
+            arm(&mut live.store, self.sandbox.call_timeout_ms);
             match pool_changed(&mut live, generation, endpoints) {
                 Ok(()) => *guard = Some(live),
                 Err(e) => {

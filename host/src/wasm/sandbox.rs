@@ -54,9 +54,12 @@ struct MemoryCap {
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Refused, not trapped: the guest's `memory.grow` returns -1 and the guest may cope
+        // (the prefix index then holds less instead of losing everything). A guest that
+        // aborts instead fails its call, reported as over its memory limit.
         if desired > self.max_bytes {
             self.exceeded = true;
-            return Err(wasmtime::Error::msg(format!("memory limit of {} bytes exceeded", self.max_bytes)));
+            return Ok(false);
         }
         Ok(true)
     }
@@ -91,6 +94,13 @@ impl Sandbox {
         let text = format!("{e:#}");
         PluginError::Trap(text.lines().next().unwrap_or("trap").trim_end_matches(':').to_string())
     }
+}
+
+/// Readies `store` for a call of at most `ms` milliseconds: its deadline, and no memory
+/// refusal remembered from an earlier call (the guest may have coped with it).
+pub(super) fn arm(store: &mut Store<HostState>, ms: u64) {
+    store.data_mut().limiter.exceeded = false;
+    store.set_epoch_deadline(ticks(ms));
 }
 
 /// A deadline of `ms` milliseconds, in epoch ticks: never earlier than `ms` (the current

@@ -9,6 +9,13 @@
 //! (measured), where an LRU per endpoint plus a map of holder lists took about 150 in a
 //! wasm guest, so an index of 100 endpoints × 31 250 blocks (upstream's default capacity)
 //! stays well inside a plugin's 256 MiB sandbox.
+//!
+//! A larger index than its sandbox holds does not crash the plugin. The store takes a new
+//! chunk only while `HEADROOM` more could still be allocated; when its sandbox refuses memory it keeps
+//! 7/8 of the pairs it holds at that moment as its budget from then on, and shares that
+//! budget among endpoints in proportion to their capacities (each evicting its own oldest
+//! blocks). Without this, an allocation failure aborted the guest, and the host rebuilt the
+//! instance with an empty index, again and again as it refilled.
 
 use std::collections::HashMap;
 
@@ -26,6 +33,15 @@ const CHUNK: usize = 4096;
 /// a growing index still made one new conversation in fifty wait for a rehash of tens of
 /// thousands of entries (the decision's p99).
 const SHARDS: usize = 1024;
+/// Memory the store leaves free in its sandbox for the plugin's other allocations (a
+/// request's prompt and hashes, the columns it returns): it grows only while this much more
+/// could still be allocated.
+const HEADROOM: usize = 2 << 20;
+
+/// Whether `bytes` more could be allocated now (tried, then given back).
+fn room(bytes: usize) -> bool {
+    Vec::<u8>::new().try_reserve_exact(bytes).is_ok()
+}
 
 fn shard(hash: u64) -> usize {
     ((hash >> 32) as usize) % SHARDS
@@ -85,6 +101,14 @@ pub(crate) struct BlockStore {
     free: u32,
     first_holder: Vec<HashMap<u64, u32, BuildIdentity>>,
     endpoints: HashMap<u32, Recency, BuildId>,
+    /// (block, endpoint) pairs held.
+    pairs: usize,
+    /// The endpoints' capacities, summed.
+    capacity_sum: usize,
+    /// Pairs the store may hold in all: unbounded until its sandbox refuses memory.
+    budget: usize,
+    /// Chunks the store may allocate (a test's stand-in for a full sandbox).
+    chunk_limit: usize,
 }
 
 impl BlockStore {
@@ -95,7 +119,25 @@ impl BlockStore {
             free: NIL,
             first_holder: (0..SHARDS).map(|_| HashMap::default()).collect(),
             endpoints: HashMap::default(),
+            pairs: 0,
+            capacity_sum: 0,
+            budget: usize::MAX,
+            chunk_limit: usize::MAX,
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn limit_chunks(&mut self, chunks: usize) {
+        self.chunk_limit = chunks;
+    }
+
+    /// The blocks an endpoint of `capacity` may hold now: its capacity, or its share of
+    /// the budget when the capacities add up to more.
+    fn limit(&self, capacity: usize) -> usize {
+        if self.capacity_sum <= self.budget {
+            return capacity;
+        }
+        ((capacity as u128 * self.budget as u128 / self.capacity_sum as u128) as usize).max(1)
     }
 
     fn at(&self, i: u32) -> &Entry {
@@ -149,8 +191,16 @@ impl BlockStore {
     /// is moved to the front; a new one evicts the endpoint's oldest when it is at
     /// `capacity` (the capacity its list is created with; `set_capacity` changes it).
     pub(crate) fn touch(&mut self, endpoint: u32, hash: u64, capacity: usize) {
-        let capacity = capacity.max(1);
-        let r = *self.endpoints.entry(endpoint).or_insert(Recency { newest: NIL, oldest: NIL, len: 0, capacity });
+        let r = match self.endpoints.get(&endpoint) {
+            Some(r) => *r,
+            None => {
+                let r = Recency { newest: NIL, oldest: NIL, len: 0, capacity: capacity.max(1) };
+                self.endpoints.insert(endpoint, r);
+                self.capacity_sum += r.capacity;
+                self.enforce();
+                r
+            }
+        };
         if let Some(i) = self.find(hash, endpoint) {
             if r.newest != i {
                 self.unlink_recency(i);
@@ -158,29 +208,74 @@ impl BlockStore {
             }
             return;
         }
-        if r.len >= r.capacity {
-            self.shrink_to(endpoint, r.capacity - 1);
+        for attempt in 0..2 {
+            let limit = self.limit(r.capacity);
+            self.shrink_to(endpoint, limit - 1);
+            if self.insert(endpoint, hash) {
+                return;
+            }
+            if attempt == 0 {
+                self.refused();
+            }
         }
-        let i = self.alloc(Entry { hash, endpoint, ..EMPTY });
+        // Refused twice: this block goes unrecorded (the index holds what it can).
+    }
+
+    /// Links a new entry for (`hash`, `endpoint`) as the endpoint's newest; false when the
+    /// memory it needs is refused.
+    fn insert(&mut self, endpoint: u32, hash: u64) -> bool {
+        // A map grows by a few KiB at a time, and only until the budget is set (then as many
+        // pairs leave as come): no headroom asked, or the first refusal (less than the
+        // headroom left) would refuse every growth after it and shrink the budget each time.
+        let map = &mut self.first_holder[shard(hash)];
+        if map.len() == map.capacity() && !map.contains_key(&hash) && map.try_reserve(1).is_err() {
+            return false;
+        }
+        let Some(i) = self.alloc(Entry { hash, endpoint, ..EMPTY }) else { return false };
         let head = self.first_holder[shard(hash)].entry(hash).or_insert(NIL);
         let next = *head;
         *head = i;
         self.at_mut(i).next_holder = next;
         self.push_newest(endpoint, i);
+        true
+    }
+
+    /// The sandbox refused memory: from now on the store holds at most 7/8 of what it
+    /// holds now (what it frees serves new blocks), shared among endpoints by capacity.
+    fn refused(&mut self) {
+        self.budget = self.budget.min(self.pairs - self.pairs / 8).max(1);
+        self.enforce();
+    }
+
+    /// Evicts every endpoint's oldest blocks beyond its share of the budget.
+    fn enforce(&mut self) {
+        if self.capacity_sum <= self.budget {
+            return;
+        }
+        let endpoints: Vec<(u32, usize)> = self.endpoints.iter().map(|(&id, r)| (id, r.capacity)).collect();
+        for (id, capacity) in endpoints {
+            let limit = self.limit(capacity);
+            self.shrink_to(id, limit);
+        }
     }
 
     /// Sets `endpoint`'s capacity, evicting its oldest blocks beyond it.
     pub(crate) fn set_capacity(&mut self, endpoint: u32, capacity: usize) {
         let capacity = capacity.max(1);
         let Some(r) = self.endpoints.get_mut(&endpoint) else { return };
+        self.capacity_sum = self.capacity_sum - r.capacity + capacity;
         r.capacity = capacity;
-        self.shrink_to(endpoint, capacity);
+        let limit = self.limit(capacity);
+        self.shrink_to(endpoint, limit);
+        self.enforce();
     }
 
     /// Drops every block of `endpoint`.
     pub(crate) fn forget(&mut self, endpoint: u32) {
         self.shrink_to(endpoint, 0);
-        self.endpoints.remove(&endpoint);
+        if let Some(r) = self.endpoints.remove(&endpoint) {
+            self.capacity_sum -= r.capacity;
+        }
     }
 
     /// Evicts `endpoint`'s oldest blocks until it holds at most `keep`.
@@ -193,24 +288,38 @@ impl BlockStore {
         }
     }
 
+    /// Drops every block; the budget stays (the sandbox is the same).
     pub(crate) fn clear(&mut self) {
-        *self = BlockStore::new();
+        let (budget, chunk_limit) = (self.budget, self.chunk_limit);
+        *self = BlockStore { budget, chunk_limit, ..BlockStore::new() };
     }
 
-    fn alloc(&mut self, entry: Entry) -> u32 {
+    /// A free entry holding `entry`; None when a new chunk is needed and refused.
+    fn alloc(&mut self, entry: Entry) -> Option<u32> {
         if self.free != NIL {
             let i = self.free;
             self.free = self.at(i).next_holder;
             *self.at_mut(i) = entry;
-            return i;
+            self.pairs += 1;
+            return Some(i);
         }
         let i = self.used;
         if i as usize == self.chunks.len() * CHUNK {
-            self.chunks.push(vec![EMPTY; CHUNK].into_boxed_slice());
+            let mut chunk = Vec::new();
+            if self.chunks.len() >= self.chunk_limit
+                || !room(HEADROOM + CHUNK * std::mem::size_of::<Entry>())
+                || chunk.try_reserve_exact(CHUNK).is_err()
+                || self.chunks.try_reserve(1).is_err()
+            {
+                return None;
+            }
+            chunk.resize(CHUNK, EMPTY);
+            self.chunks.push(chunk.into_boxed_slice());
         }
         self.used += 1;
         *self.at_mut(i) = entry;
-        i
+        self.pairs += 1;
+        Some(i)
     }
 
     /// Unlinks entry `i` from both its lists and frees it.
@@ -241,6 +350,7 @@ impl BlockStore {
         }
         *self.at_mut(i) = Entry { next_holder: self.free, ..EMPTY };
         self.free = i;
+        self.pairs -= 1;
     }
 
     /// Takes entry `i` out of its endpoint's recency list.
@@ -387,6 +497,61 @@ mod tests {
             }
             assert_eq!(store.distinct_blocks(), model.distinct(), "step {step}");
         }
+    }
+
+    /// Hashes of `endpoint`'s blocks, newest first.
+    fn newest(s: &BlockStore, endpoint: u32, n: usize) -> Vec<u64> {
+        order(s, endpoint).into_iter().take(n).collect()
+    }
+
+    #[test]
+    fn a_store_refused_memory_shares_a_budget_by_capacity() {
+        let mut store = BlockStore::new();
+        store.limit_chunks(2); // room for 8 192 pairs
+        // Every touch records a new hash; `latest` keeps each endpoint's, newest first.
+        let mut latest: HashMap<u32, Vec<u64>> = HashMap::new();
+        let mut next = 0u64;
+        fn touch(store: &mut BlockStore, latest: &mut HashMap<u32, Vec<u64>>, next: &mut u64, e: u32, capacity: usize) {
+            *next += 1;
+            store.touch(e, *next, capacity);
+            latest.entry(e).or_default().insert(0, *next);
+        }
+        // Four endpoints of 10 000 blocks each outgrow the store's two chunks.
+        for _ in 0..5_000 {
+            for e in 0..4 {
+                touch(&mut store, &mut latest, &mut next, e, 10_000);
+            }
+        }
+        let budget = store.budget;
+        assert_eq!(budget, 8_192 - 8_192 / 8, "7/8 of what it held when refused");
+        assert!(store.pairs <= budget && store.used as usize <= 2 * CHUNK);
+        for e in 0..4 {
+            let (len, capacity) = store.endpoint_blocks(e).unwrap();
+            assert_eq!(capacity, 10_000, "the capacity stays as configured");
+            assert_eq!(len, budget / 4, "endpoint {e} holds its share");
+            assert_eq!(order(&store, e), latest[&e][..len], "endpoint {e} keeps its newest blocks");
+        }
+        // A newcomer three times as large gets three shares; the others give up theirs.
+        for _ in 0..6_000 {
+            touch(&mut store, &mut latest, &mut next, 9, 30_000);
+        }
+        let share = |c: usize| c * budget / 70_000;
+        assert_eq!(store.endpoint_blocks(9).unwrap().0, share(30_000));
+        for e in 0..4 {
+            assert_eq!(store.endpoint_blocks(e).unwrap().0, share(10_000), "endpoint {e}");
+            assert_eq!(newest(&store, e, 3), latest[&e][..3]);
+        }
+        assert!(store.pairs <= budget);
+        // An endpoint that leaves gives its share back to the others (it is not refilled by
+        // itself: growing is lazy), and clearing keeps the budget.
+        store.forget(9);
+        for _ in 0..3_000 {
+            touch(&mut store, &mut latest, &mut next, 0, 10_000);
+        }
+        assert_eq!(store.endpoint_blocks(0).unwrap().0, budget / 4);
+        store.clear();
+        assert_eq!(store.budget, budget);
+        assert_eq!(store.endpoint_blocks(0), None);
     }
 
     #[test]
