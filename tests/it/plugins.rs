@@ -363,26 +363,24 @@ fn prefix_producer_limits_blocks_and_evicts() {
     assert_eq!(column(&p.produce(5, &request("r5", &b), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![3.0, 0.0]);
 }
 
-/// A full index fits its sandbox: 20 endpoints at upstream's default capacity (31 250
-/// blocks each, 625 000 pairs) in 64 MiB, filled by 16 KB prompts the way traffic does
-/// and kept full while the oldest blocks are evicted; then every endpoint still matches its
-/// latest prompt. (An index of ~150 bytes a pair ran out of the sandbox — and a map grown in
-/// one call past its deadline — and its instance was rebuilt empty.)
-#[test]
-fn a_full_prefix_index_fits_its_sandbox() {
-    let sandbox = epp::wasm::Sandbox { memory_bytes: 64 << 20, ..Default::default() };
+/// Fills the embedded prefix producer (autoTune off) in a sandbox of `mib` MiB the way
+/// traffic does: 520 rounds of a new 16 KB prompt (65 blocks) routed to each of 20
+/// endpoints, at upstream's default capacity of 31 250 blocks each (481 prompts fill one,
+/// the others evict). Every call must succeed, and every endpoint must still match its
+/// latest prompt in full. Returns the blocks each endpoint holds.
+fn fill_prefix_index(mib: usize) -> Vec<f32> {
+    let sandbox = epp::wasm::Sandbox { memory_bytes: mib << 20, ..Default::default() };
     let bytes = epp::wasm::embedded::find("approx-prefix-cache-producer").unwrap();
     let p = match runtime().load("p", bytes, r#"{"autoTune": false}"#, sandbox, Default::default()).unwrap() {
         PluginHandle::Producer(p) => p,
         other => panic!("{other:?}"),
     };
     let endpoints = 20u32;
+    let n = endpoints as usize;
     p.pool_changed(1, &pool(endpoints)).unwrap();
     let candidates = idle(endpoints);
     let tail = "x".repeat(16 << 10);
     let prompt = |k: u64| request(&format!("r{k}"), &format!("[{k:016x}]{tail}"));
-    // 65 blocks a prompt (the last one partial): 481 prompts per endpoint fill 31 250
-    // blocks, the others evict.
     let mut cycle = 0u64;
     for _ in 0..520 {
         for e in 0..endpoints {
@@ -392,54 +390,7 @@ fn a_full_prefix_index_fits_its_sandbox() {
             p.decided(cycle, e).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
         }
     }
-    for e in 0..endpoints {
-        let last = cycle - u64::from(endpoints - 1 - e);
-        let input =
-            epp_core::CallInput { cycle: cycle + 1, request: &prompt(last), ids: &candidates.ids, columns: &[] };
-        let out = p.produce(&input).unwrap();
-        let n = endpoints as usize;
-        let matched: Vec<f32> = out[..n].to_vec();
-        let want: Vec<f32> = (0..endpoints).map(|i| if i == e { 65.0 } else { 0.0 }).collect();
-        assert_eq!(matched, want, "endpoint {e}'s latest prompt");
-        assert_eq!(out[3 * n + e as usize], 31_250.0, "endpoint {e} holds its capacity");
-    }
-}
-
-/// An index larger than its sandbox keeps serving: 20 endpoints at upstream's default
-/// capacity need about 33 MiB; in 16 MiB the sandbox refuses memory, and the index keeps
-/// what fits, shared evenly, with every endpoint's latest prompt. (Before memory was
-/// refused rather than trapped, the first refusal failed the call and the instance was
-/// rebuilt with an empty index, again every time it refilled.)
-#[test]
-fn a_prefix_index_larger_than_its_sandbox_keeps_what_fits() {
-    let sandbox = epp::wasm::Sandbox { memory_bytes: 16 << 20, ..Default::default() };
-    let bytes = epp::wasm::embedded::find("approx-prefix-cache-producer").unwrap();
-    let p = match runtime().load("p", bytes, r#"{"autoTune": false}"#, sandbox, Default::default()).unwrap() {
-        PluginHandle::Producer(p) => p,
-        other => panic!("{other:?}"),
-    };
-    let endpoints = 20u32;
-    p.pool_changed(1, &pool(endpoints)).unwrap();
-    let candidates = idle(endpoints);
-    let n = endpoints as usize;
-    let tail = "x".repeat(16 << 10);
-    let prompt = |k: u64| request(&format!("r{k}"), &format!("[{k:016x}]{tail}"));
-    let mut cycle = 0u64;
     let mut held = Vec::new();
-    for _ in 0..520 {
-        for e in 0..endpoints {
-            cycle += 1;
-            let input = epp_core::CallInput { cycle, request: &prompt(cycle), ids: &candidates.ids, columns: &[] };
-            let out = p.produce(&input).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
-            held = out[3 * n..].to_vec();
-            p.decided(cycle, e).unwrap_or_else(|err| panic!("cycle {cycle}: {err}"));
-        }
-    }
-    let total: f32 = held.iter().sum();
-    assert!(total < 20.0 * 31_250.0 * 0.8, "the index should have been refused memory (it holds {total} pairs)");
-    assert!(total > 20.0 * 65.0 * 50.0, "every endpoint keeps 50 prompts or more (the index holds {total} pairs)");
-    let (least, most) = held.iter().fold((f32::MAX, 0.0f32), |(l, m), &h| (l.min(h), m.max(h)));
-    assert!(most - least <= 70.0, "endpoints of equal capacity hold equal shares: {held:?}");
     for e in 0..endpoints {
         let last = cycle - u64::from(endpoints - 1 - e);
         let input =
@@ -447,7 +398,33 @@ fn a_prefix_index_larger_than_its_sandbox_keeps_what_fits() {
         let out = p.produce(&input).unwrap();
         let want: Vec<f32> = (0..endpoints).map(|i| if i == e { 65.0 } else { 0.0 }).collect();
         assert_eq!(out[..n].to_vec(), want, "endpoint {e}'s latest prompt");
+        held = out[3 * n..].to_vec();
     }
+    held
+}
+
+/// A full index fits its sandbox: 20 endpoints at upstream's default capacity (625 000
+/// pairs) in 64 MiB, kept full while the oldest blocks are evicted. (An index of ~150
+/// bytes a pair ran out of the sandbox — and a map grown in one call past its deadline —
+/// and its instance was rebuilt empty.)
+#[test]
+fn a_full_prefix_index_fits_its_sandbox() {
+    assert_eq!(fill_prefix_index(64), vec![31_250.0; 20], "every endpoint holds its capacity");
+}
+
+/// An index larger than its sandbox keeps serving: the same index needs about 33 MiB; in
+/// 16 MiB the sandbox refuses memory, and the index keeps what fits, shared evenly, with
+/// every endpoint's latest prompt. (Before memory was refused rather than trapped, the
+/// first refusal failed the call and the instance was rebuilt with an empty index, again
+/// every time it refilled.)
+#[test]
+fn a_prefix_index_larger_than_its_sandbox_keeps_what_fits() {
+    let held = fill_prefix_index(16);
+    let total: f32 = held.iter().sum();
+    assert!(total < 20.0 * 31_250.0 * 0.8, "the index should have been refused memory (it holds {total} pairs)");
+    assert!(total > 20.0 * 65.0 * 50.0, "every endpoint keeps 50 prompts or more (the index holds {total} pairs)");
+    let (least, most) = held.iter().fold((f32::MAX, 0.0f32), |(l, m), &h| (l.min(h), m.max(h)));
+    assert!(most - least <= 70.0, "endpoints of equal capacity hold equal shares: {held:?}");
 }
 
 #[test]

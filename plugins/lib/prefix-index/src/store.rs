@@ -210,7 +210,10 @@ impl BlockStore {
         }
         for attempt in 0..2 {
             let limit = self.limit(r.capacity);
-            self.shrink_to(endpoint, limit - 1);
+            // `r.len` is current until a refusal has evicted.
+            if attempt > 0 || r.len >= limit {
+                self.shrink_to(endpoint, limit - 1);
+            }
             if self.insert(endpoint, hash) {
                 return;
             }
