@@ -6,7 +6,8 @@
 #   scripts/replay-sweep.sh                      # the default profile (`baseline`)
 #   scripts/replay-sweep.sh --policy guide --policy mine=path/to/config.yaml
 #
-# Shapes: 4 and 8 workers (WORKERS="2 16" for other pools); 512, 1024 and 2048 KV blocks per
+# Shapes: 4 and 8 workers (WORKERS="2 16" for other pools; POOL="--worker-speed 1,1,1,0.5"
+# makes every shape a mixed pool, see docs/replay.md); 512, 1024 and 2048 KV blocks per
 # worker; 2.5, 5 and 10 req/s per worker (the last overloads most shapes); workloads
 # multi-turn, shared-prefix, bursts, lora-mix, unique and one-prompt; 1500 requests each,
 # seed 1 (SEED=… to change). About 4 minutes for one policy on 2 cores (NOBUILD=1 sweeps
@@ -24,6 +25,7 @@ fi
 epp=target/release/epp
 seed="${SEED:-1}"
 pools="${WORKERS:-4 8}"
+read -r -a pool_flags <<< "${POOL:-}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 rows="$(mktemp --suffix=.csv /tmp/replay-sweep.XXXXXX)"
@@ -34,7 +36,8 @@ for workload in multi-turn shared-prefix bursts lora-mix unique one-prompt; do
             for per_worker in 2.5 5 10; do
                 rate="$(awk -v w="$workers" -v r="$per_worker" 'BEGIN { print w * r }')"
                 "$epp" replay --workload "$workload" --requests 1500 --workers "$workers" --rate "$rate" \
-                    --num-gpu-blocks "$blocks" --seed "$seed" --no-progress --policy cache-aware "$@" \
+                    --num-gpu-blocks "$blocks" ${pool_flags[@]+"${pool_flags[@]}"} --seed "$seed" --no-progress \
+                    --policy cache-aware "$@" \
                     --csv "$work/run.csv" > /dev/null
                 # CSV columns: policy, …, ttft_p90_ms (5), …, prefix_hit_rate (12); completed (3).
                 awk -F, -v pre="$workload,$workers,$blocks,$rate" 'NR > 1 { print pre "," $1 "," $12 "," $5 "," $3 }' \

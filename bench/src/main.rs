@@ -66,6 +66,14 @@ struct Flags {
     /// Quality: KV blocks per worker (default: each workload's own).
     #[arg(long)]
     num_gpu_blocks: Option<usize>,
+    /// Quality: a mixed pool, each worker's KV blocks in turn (e.g. `2048,512`; overrides
+    /// `--num-gpu-blocks`).
+    #[arg(long, value_delimiter = ',')]
+    worker_blocks: Vec<usize>,
+    /// Quality: a mixed pool, each worker's speed in turn (e.g. `1,1,1,0.5`: every fourth
+    /// worker prefills and decodes at half speed).
+    #[arg(long, value_delimiter = ',')]
+    worker_speed: Vec<f64>,
     /// Quality: the workloads' seed (default 1).
     #[arg(long)]
     seed: Option<u64>,
@@ -135,6 +143,8 @@ fn main() -> anyhow::Result<()> {
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
             opts.seed = flags.seed.unwrap_or(opts.seed);
+            opts.shape = sim::PoolShape { blocks: flags.worker_blocks.clone(), speed: flags.worker_speed.clone() };
+            opts.shape.validate().map_err(anyhow::Error::msg)?;
             if let Some(path) = &flags.epp_config {
                 let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
                 let name = path.file_name().map_or_else(|| "custom".into(), |n| n.to_string_lossy().into_owned());

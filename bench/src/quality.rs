@@ -50,6 +50,8 @@ pub struct QualityOptions {
     /// An EPP config to run in place of the default profile (`path: endpoints.yaml` in its
     /// discovery is pointed at the bench's workers), to compare it with the peers.
     pub default_config: Option<CustomConfig>,
+    /// How the workers differ (KV blocks, speed); empty: every worker alike.
+    pub shape: sim::PoolShape,
 }
 
 /// An operator's EPP config, run in the default profile's row under its own name.
@@ -94,6 +96,7 @@ impl QualityOptions {
             seed: 1,
             warmup: 0.15,
             default_config: None,
+            shape: sim::PoolShape::default(),
         }
     }
 
@@ -345,6 +348,11 @@ pub async fn run(
     Ok(results)
 }
 
+/// Each worker's KV blocks in a run of `spec`: the pool shape's, else the workload's.
+fn worker_blocks(opts: &QualityOptions, spec: &WorkloadSpec) -> Vec<usize> {
+    if opts.shape.blocks.is_empty() { vec![spec.num_gpu_blocks] } else { opts.shape.blocks.clone() }
+}
+
 /// The same workload in `epp replay`, with the policies standing for the routers.
 fn replay_same(
     opts: &QualityOptions,
@@ -366,6 +374,13 @@ fn replay_same(
         opts.seed.to_string(),
         "--no-progress".into(),
     ];
+    let list = |v: Vec<String>| v.join(",");
+    if !opts.shape.blocks.is_empty() {
+        flags.extend(["--worker-blocks".into(), list(opts.shape.blocks.iter().map(|b| b.to_string()).collect())]);
+    }
+    if !opts.shape.speed.is_empty() {
+        flags.extend(["--worker-speed".into(), list(opts.shape.speed.iter().map(|s| s.to_string()).collect())]);
+    }
     let mut policies: Vec<String> = routers.iter().filter_map(|r| r.replay_policy()).map(String::from).collect();
     // An operator's config stands in for the default profile in replay too.
     let _scratch = match &opts.default_config {
@@ -408,7 +423,8 @@ async fn run_one(
         // Every worker publishes its events on ports of its own (named by endpoint labels).
         base.kv_events = Some(sim::KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
     }
-    let workers = Workers::spawn(opts.workers, &base).await?;
+    let shape = sim::PoolShape { blocks: worker_blocks(opts, spec), speed: opts.shape.speed.clone() };
+    let workers = Workers::spawn_shaped(opts.workers, &base, &shape).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
     // Keep every process alive for the whole run.

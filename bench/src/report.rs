@@ -287,7 +287,7 @@ fn micro_tables(m: &MicroResults) -> String {
     let mut out = String::from(
         "## 1. Scheduling cost: one decision, wasm components vs native\n\n\
          One full decision of the default profile (approximate prefix and in-flight load \
-         producers, prefix-affinity filter, prefix, token-load, LoRA and no-hit-LRU scorers, \
+         producers, prefix-affinity filter, prefix, token-load, LoRA, active-request and no-hit-LRU scorers, \
          max-score picker, and the `decided` hooks the plugins ask for) over a pool with \
          spread-out load; three requests in four share 8 system prompts (the prefix index hits and \
          the affinity filter settles the pick: the stateless scorers and the picker are skipped), \
@@ -512,6 +512,21 @@ fn per_worker_cell(counts: &std::collections::BTreeMap<String, u64>) -> String {
     rows.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>().join(" / ")
 }
 
+/// The workers of a quality cell: their KV blocks, and how they differ when they do.
+fn pool_phrase(shape: &sim::PoolShape, workload_blocks: usize) -> String {
+    match (shape.blocks.as_slice(), shape.describe()) {
+        ([_, _, ..], mixed) => format!("a mixed pool: {mixed}"),
+        (blocks, mixed) => {
+            let b = blocks.first().unwrap_or(&workload_blocks);
+            if mixed.is_empty() {
+                format!("{b} KV blocks per worker")
+            } else {
+                format!("{b} KV blocks per worker, a mixed pool: {mixed}")
+            }
+        }
+    }
+}
+
 fn quality_table(q: &QualityResults) -> String {
     let o = &q.options;
     let mut out = format!(
@@ -538,14 +553,14 @@ fn quality_table(q: &QualityResults) -> String {
     for w in &q.workloads {
         let _ = writeln!(
             out,
-            "### {} — {} requests at {} req/s, {} KV blocks per worker\n\n\
+            "### {} — {} requests at {} req/s, {}\n\n\
              | router | prefix-hit rate | TTFT p50 | TTFT p90 | TTFT p99 | latency p50 | latency p99 | req/s | requests per worker | errors |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
             w.spec.generator.name(),
             w.spec.requests,
             // 0.8 × a replay rate can print as 4.800000000000001.
             (w.spec.rate * 100.0).round() / 100.0,
-            w.spec.num_gpu_blocks
+            pool_phrase(&o.shape, w.spec.num_gpu_blocks)
         );
         for r in &w.runs {
             let (t, l) = (r.ttft.summary(), r.latency.summary());
@@ -632,6 +647,21 @@ mod tests {
         let counts: std::collections::BTreeMap<String, u64> =
             [("w0", 5), ("w10", 1), ("w2", 0), ("w1", 7)].into_iter().map(|(k, n)| (k.to_string(), n)).collect();
         assert_eq!(per_worker_cell(&counts), "5 / 7 / 0 / 1");
+    }
+
+    #[test]
+    fn a_mixed_pool_is_named_in_the_cell_header() {
+        let shape = |blocks: &[usize], speed: &[f64]| sim::PoolShape { blocks: blocks.to_vec(), speed: speed.to_vec() };
+        assert_eq!(pool_phrase(&shape(&[], &[]), 1024), "1024 KV blocks per worker");
+        assert_eq!(pool_phrase(&shape(&[512], &[]), 1024), "512 KV blocks per worker");
+        assert_eq!(
+            pool_phrase(&shape(&[], &[1.0, 0.5]), 1024),
+            "1024 KV blocks per worker, a mixed pool: speed 1/0.5 (worker by worker, in turn)"
+        );
+        assert_eq!(
+            pool_phrase(&shape(&[2048, 512], &[]), 1024),
+            "a mixed pool: KV blocks 2048/512 (worker by worker, in turn)"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ fn micro_smoke_runs_both_builds_and_reports() {
         assert!(c.wasm.count > 0 && c.native.count > 0, "{c:?}");
         assert!(c.decisions_agree, "wasm and native builds chose differently: {c:?}");
     }
-    // The default profile's eight plugins plus the hooks-and-glue row, per cell.
-    assert_eq!(results.plugins.len(), 4 * 9);
+    // The default profile's nine plugins plus the hooks-and-glue row, per cell.
+    assert_eq!(results.plugins.len(), 4 * 10);
     assert_eq!(results.parse.len(), 2);
 
     let machine = Machine::detect();

@@ -30,7 +30,7 @@ enum Command {
     #[command(subcommand)]
     Experiment(ExperimentCommand),
     /// Replay a workload on a simulated cluster in virtual time and compare policies.
-    Replay(epp::replay::ReplayArgs),
+    Replay(Box<epp::replay::ReplayArgs>),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -225,7 +225,7 @@ fn run() -> anyhow::Result<()> {
         }
         Some(Command::Replay(args)) => {
             init_logging(flags.verbosity.min(1));
-            let ok = epp::replay::run_cli(args, &mut std::io::stdout())?;
+            let ok = epp::replay::run_cli(*args, &mut std::io::stdout())?;
             std::process::exit(if ok { 0 } else { 1 });
         }
         None => {}

@@ -25,5 +25,5 @@ pub mod server;
 
 pub use config::{Cli, KvEventsConfig, ModelFlags, SimConfig};
 pub use fault::{FaultMode, FaultUpdate};
-pub use model::{Model, ModelParams};
+pub use model::{Model, ModelParams, PoolShape};
 pub use server::{SimHandle, WORKER_HEADER, spawn};

@@ -66,6 +66,61 @@ pub enum ParamsError {
     NotFiniteNonNegative(&'static str),
 }
 
+/// A pool whose workers differ: each worker's KV blocks and speed, taken in turn from
+/// these lists (worker `w` gets entry `w % len`); an empty list leaves that parameter as
+/// the base has it. Speed 0.5 doubles a worker's prefill and decode times.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolShape {
+    pub blocks: Vec<usize>,
+    pub speed: Vec<f64>,
+}
+
+impl PoolShape {
+    /// Worker `w`'s parameters: `base` with its blocks and speed.
+    pub fn worker(&self, base: &ModelParams, w: usize) -> ModelParams {
+        let mut p = base.clone();
+        if !self.blocks.is_empty() {
+            p.num_gpu_blocks = self.blocks[w % self.blocks.len()];
+        }
+        if !self.speed.is_empty() {
+            let s = self.speed[w % self.speed.len()];
+            p.prefill_us_per_token /= s;
+            p.decode_ms_base /= s;
+            p.decode_ms_per_seq /= s;
+        }
+        p
+    }
+
+    pub fn is_uniform(&self) -> bool {
+        self.blocks.windows(2).all(|w| w[0] == w[1]) && self.speed.iter().all(|&s| s == 1.0)
+    }
+
+    /// Rejects zero blocks and speeds that are not positive numbers, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.blocks.contains(&0) {
+            return Err("--worker-blocks: every entry must be at least 1".into());
+        }
+        if let Some(s) = self.speed.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(format!("--worker-speed: every entry must be a positive number, got {s}"));
+        }
+        Ok(())
+    }
+
+    /// How the pool differs, for report headers ("" when uniform): e.g.
+    /// "KV blocks 2048/512, speed 1/0.5 (in turn)".
+    pub fn describe(&self) -> String {
+        let join = |v: Vec<String>| v.join("/");
+        let mut parts = Vec::new();
+        if self.blocks.len() > 1 {
+            parts.push(format!("KV blocks {}", join(self.blocks.iter().map(|b| b.to_string()).collect())));
+        }
+        if self.speed.iter().any(|&s| s != 1.0) {
+            parts.push(format!("speed {}", join(self.speed.iter().map(|s| s.to_string()).collect())));
+        }
+        if parts.is_empty() { String::new() } else { format!("{} (worker by worker, in turn)", parts.join(", ")) }
+    }
+}
+
 impl ModelParams {
     pub fn validate(&self) -> Result<(), ParamsError> {
         for (name, value) in [
@@ -477,6 +532,24 @@ mod tests {
             decode_ms_base: 10.0,
             decode_ms_per_seq: 1.0,
         }
+    }
+
+    #[test]
+    fn a_pool_shape_gives_each_worker_its_blocks_and_speed_in_turn() {
+        let shape = PoolShape { blocks: vec![2048, 512], speed: vec![1.0, 1.0, 0.5] };
+        let w = |i| shape.worker(&params(), i);
+        assert_eq!((w(0).num_gpu_blocks, w(1).num_gpu_blocks, w(2).num_gpu_blocks), (2048, 512, 2048));
+        assert_eq!(w(0).prefill_us_per_token, 100.0);
+        let slow = w(2);
+        assert_eq!((slow.prefill_us_per_token, slow.decode_ms_base, slow.decode_ms_per_seq), (200.0, 20.0, 2.0));
+        let fifth = w(5);
+        assert_eq!((fifth.num_gpu_blocks, fifth.prefill_us_per_token), (512, 200.0), "lists cycle independently");
+        assert_eq!(PoolShape::default().worker(&params(), 3), params(), "an empty shape changes nothing");
+        assert!(PoolShape::default().is_uniform() && !shape.is_uniform());
+        assert_eq!(shape.describe(), "KV blocks 2048/512, speed 1/1/0.5 (worker by worker, in turn)");
+        assert!(PoolShape { blocks: vec![0], speed: vec![] }.validate().unwrap_err().contains("--worker-blocks"));
+        assert!(PoolShape { blocks: vec![], speed: vec![-1.0] }.validate().unwrap_err().contains("--worker-speed"));
+        assert!(shape.validate().is_ok());
     }
 
     fn req(p: &ModelParams, prompt: &str, max_tokens: u32) -> ModelRequest {

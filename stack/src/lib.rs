@@ -170,9 +170,16 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` workers named w0.., each from `base` (its name and port replaced).
     pub async fn spawn(n: usize, base: &SimConfig) -> Result<Workers, StackError> {
+        Workers::spawn_shaped(n, base, &sim::PoolShape::default()).await
+    }
+
+    /// Starts `n` workers named w0.., each from `base` with the KV blocks and speed `shape`
+    /// gives worker `i`.
+    pub async fn spawn_shaped(n: usize, base: &SimConfig, shape: &sim::PoolShape) -> Result<Workers, StackError> {
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
-            let cfg = SimConfig { name: format!("w{i}"), port: 0, ..base.clone() };
+            let model = shape.worker(&base.model, i);
+            let cfg = SimConfig { name: format!("w{i}"), port: 0, model, ..base.clone() };
             let h = sim::spawn(cfg).await.map_err(|e| StackError::Setup(format!("simulated worker w{i}: {e:#}")))?;
             handles.push(h);
         }

@@ -54,6 +54,7 @@ fn the_default_config_is_upstreams_current_baseline() {
             ("prefix-cache-scorer", 1.0),
             ("token-load-scorer", 1.0),
             ("lora-affinity-scorer", 1.0),
+            ("active-request-scorer", 0.02),
             ("no-hit-lru-scorer", 0.0001),
             ("max-score-picker", 1.0)
         ])

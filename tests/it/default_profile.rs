@@ -52,6 +52,7 @@ fn the_default_profile_is_the_sticky_baseline() {
             "prefix-cache-scorer",
             "token-load-scorer",
             "lora-affinity-scorer",
+            "active-request-scorer",
             "no-hit-lru-scorer",
             "max-score-picker"
         ]

@@ -9,7 +9,7 @@
 //! calls no plugin: the engine does that with what this module returns.
 
 use epp_core::{CacheInfo, Candidates, EndpointInfo};
-use sim::model::{AdmitError, EventKind, Model, ModelParams, ModelRequest, ParamsError};
+use sim::model::{AdmitError, EventKind, Model, ModelParams, ModelRequest, ParamsError, PoolShape};
 
 /// Named model parameter sets (`--model-profile`).
 pub const PROFILES: &[(&str, &str)] = &[
@@ -79,13 +79,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(workers: usize, params: ModelParams, scrape_interval: f64) -> Result<Self, ParamsError> {
+    /// `workers` workers of `params`, each changed as `shape` says (KV blocks, speed).
+    pub fn new(
+        workers: usize,
+        params: ModelParams,
+        shape: &PoolShape,
+        scrape_interval: f64,
+    ) -> Result<Self, ParamsError> {
         let max_lora = u32::try_from(params.max_loras).ok();
         let mut list = Vec::with_capacity(workers);
         let mut infos = Vec::with_capacity(workers);
         for w in 0..workers {
+            let own = shape.worker(&params, w);
+            let num_gpu_blocks = u32::try_from(own.num_gpu_blocks).unwrap_or(u32::MAX);
             list.push(Worker {
-                model: Model::new(params.clone())?,
+                model: Model::new(own)?,
                 requests: Vec::new(),
                 phase: scrape_interval * w as f64 / workers.max(1) as f64,
                 // Idle workers are known idle from the start: the first scrape precedes traffic.
@@ -104,7 +112,7 @@ impl Cluster {
                 // The KV geometry the live worker reports in `vllm:cache_config_info`.
                 cache: Some(CacheInfo {
                     block_size: u32::try_from(params.block_size).unwrap_or(u32::MAX),
-                    num_gpu_blocks: u32::try_from(params.num_gpu_blocks).unwrap_or(u32::MAX),
+                    num_gpu_blocks,
                 }),
             });
         }
@@ -282,7 +290,7 @@ mod tests {
 
     #[test]
     fn the_scheduler_sees_the_last_scrape() {
-        let mut c = Cluster::new(2, ModelParams::default(), 0.05).expect("valid");
+        let mut c = Cluster::new(2, ModelParams::default(), &PoolShape::default(), 0.05).expect("valid");
         let mut events = Vec::new();
         c.advance(0.001, &mut events);
         c.admit(0, 0.001, req(&c, &"p".repeat(400), 500), 0).expect("fits");
@@ -298,8 +306,32 @@ mod tests {
     }
 
     #[test]
+    fn a_mixed_pool_reports_each_workers_own_cache() {
+        let shape = PoolShape { blocks: vec![2048, 512], speed: vec![1.0, 0.5] };
+        let mut c = Cluster::new(3, ModelParams::default(), &shape, 0.0).expect("valid");
+        let blocks: Vec<u32> = c.pool().1.iter().map(|e| e.cache.expect("geometry").num_gpu_blocks).collect();
+        assert_eq!(blocks, [2048, 512, 2048], "what each worker reports in cache_config_info");
+        // The same prompt takes twice as long on the half-speed worker.
+        let mut events = Vec::new();
+        let prompt = "p".repeat(4000);
+        for w in 0..2u32 {
+            c.admit(w, 0.0, req(&c, &prompt, 1), w as usize).expect("fits");
+        }
+        c.drain(&mut events);
+        let done = |w: usize| {
+            events
+                .iter()
+                .find(|e| e.worker as usize == w && matches!(e.kind, EventKind::Finished(_)))
+                .map(|e| e.at)
+                .expect("done")
+        };
+        let (fast, slow) = (done(0), done(1));
+        assert!((slow / fast - 2.0).abs() < 1e-6, "fast {fast} s, slow {slow} s");
+    }
+
+    #[test]
     fn zero_interval_means_live_state() {
-        let mut c = Cluster::new(1, ModelParams::default(), 0.0).expect("valid");
+        let mut c = Cluster::new(1, ModelParams::default(), &PoolShape::default(), 0.0).expect("valid");
         let mut events = Vec::new();
         c.admit(0, 0.0, req(&c, "hello", 3), 42).expect("fits");
         c.advance(0.0, &mut events);
@@ -313,7 +345,7 @@ mod tests {
 
     #[test]
     fn lora_changes_reach_the_pool_through_scrapes() {
-        let mut c = Cluster::new(1, ModelParams::default(), 0.05).expect("valid");
+        let mut c = Cluster::new(1, ModelParams::default(), &PoolShape::default(), 0.05).expect("valid");
         let mut events = Vec::new();
         let lora = ModelRequest::from_prompt(c.params(), b"x", &[b"a"], 100, Some("a".into()));
         c.admit(0, 0.01, lora, 0).expect("fits");

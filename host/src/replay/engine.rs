@@ -9,7 +9,7 @@
 //! the run seed. It computes no statistics (that is `report.rs`).
 
 use epp_core::{Completion, Request, Usage};
-use sim::model::{AdmitError, EventKind, ModelParams, ModelRequest, ParamsError};
+use sim::model::{AdmitError, EventKind, ModelParams, ModelRequest, ParamsError, PoolShape};
 
 use std::collections::VecDeque;
 
@@ -26,6 +26,8 @@ use crate::routing::DEFAULT_METRICS_STALENESS_MS;
 pub struct ClusterSetup {
     pub workers: usize,
     pub params: ModelParams,
+    /// How workers differ from `params` (KV blocks, speed); empty for a uniform pool.
+    pub shape: PoolShape,
     /// Seconds between two scrapes of a worker's metrics; 0 shows the scheduler the live state.
     pub scrape_interval: f64,
 }
@@ -93,7 +95,7 @@ pub fn run(
     seed: u64,
     tick: &(dyn Fn(u64) + Sync),
 ) -> Result<RunResult, ParamsError> {
-    let mut cluster = Cluster::new(setup.workers, setup.params.clone(), setup.scrape_interval)?;
+    let mut cluster = Cluster::new(setup.workers, setup.params.clone(), &setup.shape, setup.scrape_interval)?;
     if let Some(hub) = &policy.kv_events {
         cluster.record_kv_events();
         for w in 0..cluster.len() {

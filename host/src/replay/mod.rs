@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sim::model::{ModelParams, ParamsError};
+use sim::model::{ModelParams, ParamsError, PoolShape};
 
 use self::engine::{ClusterSetup, RunResult};
 use self::policy::{Policy, PolicyError, PolicySpec};
@@ -126,6 +126,14 @@ pub struct ReplayArgs {
     /// Override: extra cost of a decode step per running sequence, ms.
     #[arg(long)]
     pub decode_ms_per_seq: Option<f64>,
+    /// A mixed pool: each worker's KV blocks, in turn (e.g. `2048,512`: workers 0, 2, …
+    /// get 2 048 and workers 1, 3, … 512).
+    #[arg(long, value_delimiter = ',')]
+    pub worker_blocks: Vec<usize>,
+    /// A mixed pool: each worker's speed, in turn (e.g. `1,1,1,0.5`: every fourth worker
+    /// takes twice as long to prefill and decode).
+    #[arg(long, value_delimiter = ',')]
+    pub worker_speed: Vec<f64>,
     /// No progress bar (it is drawn on stderr, and only when stderr is a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -207,9 +215,12 @@ impl ReplayArgs {
         if !(self.scrape_delay_ms.is_finite() && self.scrape_delay_ms >= 0.0) {
             return Err(ReplayError::Args(format!("--scrape-delay-ms must be >= 0, got {}", self.scrape_delay_ms)));
         }
+        let shape = PoolShape { blocks: self.worker_blocks.clone(), speed: self.worker_speed.clone() };
+        shape.validate().map_err(ReplayError::Args)?;
         Ok(ClusterSetup {
             workers: self.workers,
             params: self.model_params()?,
+            shape,
             scrape_interval: self.scrape_delay_ms / 1000.0,
         })
     }
@@ -348,6 +359,10 @@ pub fn run_cli(args: ReplayArgs, out: &mut dyn Write) -> Result<bool, ReplayErro
         args.scrape_delay_ms,
         args.seed,
     )?;
+    let mixed = s.shape.describe();
+    if !mixed.is_empty() {
+        writeln!(out, "mixed pool: {mixed}")?;
+    }
     writeln!(out)?;
     write!(out, "{}", report::table(&replay.reports))?;
     if let Some(tenants) = report::tenant_table(&replay.runs) {
@@ -416,6 +431,12 @@ mod tests {
         assert!(parsed(&["--requests", "0"]).workload().is_err());
         let overridden = parsed(&["--model-profile", "8b-1gpu", "--num-gpu-blocks", "100"]).model_params();
         assert_eq!(overridden.expect("valid").num_gpu_blocks, 100);
+        let err = |flags: &[&str]| parsed(flags).cluster_setup().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["--worker-speed", "1,0"]).contains("--worker-speed"));
+        assert!(err(&["--worker-blocks", "512,0"]).contains("--worker-blocks"));
+        let mixed = parsed(&["--worker-blocks", "2048,512", "--worker-speed", "1,1,0.5"]).cluster_setup();
+        let shape = mixed.expect("valid").shape;
+        assert_eq!((shape.blocks, shape.speed), (vec![2048, 512], vec![1.0, 1.0, 0.5]));
     }
 
     #[test]
