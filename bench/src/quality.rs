@@ -348,11 +348,6 @@ pub async fn run(
     Ok(results)
 }
 
-/// Each worker's KV blocks in a run of `spec`: the pool shape's, else the workload's.
-fn worker_blocks(opts: &QualityOptions, spec: &WorkloadSpec) -> Vec<usize> {
-    if opts.shape.blocks.is_empty() { vec![spec.num_gpu_blocks] } else { opts.shape.blocks.clone() }
-}
-
 /// The same workload in `epp replay`, with the policies standing for the routers.
 fn replay_same(
     opts: &QualityOptions,
@@ -423,8 +418,8 @@ async fn run_one(
         // Every worker publishes its events on ports of its own (named by endpoint labels).
         base.kv_events = Some(sim::KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
     }
-    let shape = sim::PoolShape { blocks: worker_blocks(opts, spec), speed: opts.shape.speed.clone() };
-    let workers = Workers::spawn_shaped(opts.workers, &base, &shape).await?;
+    // The base model carries the workload's KV blocks; a shape's list overrides them.
+    let workers = Workers::spawn_shaped(opts.workers, &base, &opts.shape).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
     // Keep every process alive for the whole run.
