@@ -9,7 +9,8 @@
 # Shapes: 4 and 8 workers (WORKERS="2 16" for other pools; POOL="--worker-speed 1,1,1,0.5"
 # makes every shape a mixed pool, see docs/replay.md); 512, 1024 and 2048 KV blocks per
 # worker; 2.5, 5 and 10 req/s per worker (the last overloads most shapes); workloads
-# multi-turn, shared-prefix, bursts, lora-mix, unique and one-prompt; 1500 requests each,
+# multi-turn, shared-prefix, bursts, lora-mix, unique and one-prompt (WORKLOADS="tenants
+# long-output" for others; MODEL=8b-1gpu for the other worker model); 1500 requests each,
 # seed 1 (SEED=… to change). About 4 minutes for one policy on 2 cores (NOBUILD=1 sweeps
 # the `epp` built already, without building it first). Prints, per policy and workload, the
 # mean prefix-hit difference with `cache_aware` (points), the geometric mean of the TTFT p90
@@ -25,18 +26,20 @@ fi
 epp=target/release/epp
 seed="${SEED:-1}"
 pools="${WORKERS:-4 8}"
+workloads="${WORKLOADS:-multi-turn shared-prefix bursts lora-mix unique one-prompt}"
+model="${MODEL:-small}"
 read -r -a pool_flags <<< "${POOL:-}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 rows="$(mktemp --suffix=.csv /tmp/replay-sweep.XXXXXX)"
 echo "workload,workers,blocks,rate,policy,prefix_hit_rate,ttft_p90_ms,completed" > "$rows"
-for workload in multi-turn shared-prefix bursts lora-mix unique one-prompt; do
+for workload in $workloads; do
     for workers in $pools; do
         for blocks in 512 1024 2048; do
             for per_worker in 2.5 5 10; do
                 rate="$(awk -v w="$workers" -v r="$per_worker" 'BEGIN { print w * r }')"
                 "$epp" replay --workload "$workload" --requests 1500 --workers "$workers" --rate "$rate" \
-                    --num-gpu-blocks "$blocks" ${pool_flags[@]+"${pool_flags[@]}"} --seed "$seed" --no-progress \
+                    --num-gpu-blocks "$blocks" --model-profile "$model" ${pool_flags[@]+"${pool_flags[@]}"} --seed "$seed" --no-progress \
                     --policy cache-aware "$@" \
                     --csv "$work/run.csv" > /dev/null
                 # CSV columns: policy, …, ttft_p90_ms (5), …, prefix_hit_rate (12); completed (3).
