@@ -118,7 +118,7 @@ mod tests {
                 "max-score-picker"
             ]
         );
-        assert_eq!(profile.weights(), [1.0, 1.0, 1.0, 0.02, 0.02]);
+        assert_eq!(profile.weights(), [1.0, 1.0, 1.0, 0.02, 0.0001]);
         // The guide's config has a twin too.
         let guide = native_profile(&PickerConfig::guide_config().expect("guide config")).expect("guide twin");
         assert_eq!(guide.weights(), [2.0, 2.0, 3.0, 2.0]);

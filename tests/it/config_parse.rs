@@ -55,7 +55,7 @@ fn the_default_config_is_upstreams_current_baseline() {
             ("token-load-scorer", 1.0),
             ("lora-affinity-scorer", 1.0),
             ("active-request-scorer", 0.02),
-            ("no-hit-lru-scorer", 0.02),
+            ("no-hit-lru-scorer", 0.0001),
             ("max-score-picker", 1.0)
         ])
     );

@@ -231,7 +231,7 @@ fn builds_carry_precise_settings_and_leave_the_hub_alone() {
     assert!(hub.settings().is_none(), "a build must not change the hub");
 
     // Another weight, same precise entry: the same settings.
-    let reweighted = PRECISE_CONFIG.replace("weight: 0.02", "weight: 0.03");
+    let reweighted = PRECISE_CONFIG.replace("weight: 0.0001", "weight: 0.001");
     assert_ne!(reweighted, PRECISE_CONFIG);
     let config = PickerConfig::parse(&reweighted, None).expect("the reweighted config");
     let second = build(runtime, &config, &first.plugins).expect("rebuild");
