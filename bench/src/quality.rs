@@ -369,13 +369,7 @@ fn replay_same(
         opts.seed.to_string(),
         "--no-progress".into(),
     ];
-    let list = |v: Vec<String>| v.join(",");
-    if !opts.shape.blocks.is_empty() {
-        flags.extend(["--worker-blocks".into(), list(opts.shape.blocks.iter().map(|b| b.to_string()).collect())]);
-    }
-    if !opts.shape.speed.is_empty() {
-        flags.extend(["--worker-speed".into(), list(opts.shape.speed.iter().map(|s| s.to_string()).collect())]);
-    }
+    flags.extend(opts.shape.flags());
     let mut policies: Vec<String> = routers.iter().filter_map(|r| r.replay_policy()).map(String::from).collect();
     // An operator's config stands in for the default profile in replay too.
     let _scratch = match &opts.default_config {

@@ -91,8 +91,16 @@ impl PoolShape {
         p
     }
 
-    pub fn is_uniform(&self) -> bool {
-        self.blocks.windows(2).all(|w| w[0] == w[1]) && self.speed.iter().all(|&s| s == 1.0)
+    /// The `--worker-blocks` / `--worker-speed` flags that give this shape (none when empty).
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if !self.blocks.is_empty() {
+            flags.extend(["--worker-blocks".into(), join(&self.blocks, ",")]);
+        }
+        if !self.speed.is_empty() {
+            flags.extend(["--worker-speed".into(), join(&self.speed, ",")]);
+        }
+        flags
     }
 
     /// Rejects zero blocks and speeds that are not positive numbers, naming the flag.
@@ -109,16 +117,19 @@ impl PoolShape {
     /// How the pool differs, for report headers ("" when uniform): e.g.
     /// "KV blocks 2048/512, speed 1/0.5 (in turn)".
     pub fn describe(&self) -> String {
-        let join = |v: Vec<String>| v.join("/");
         let mut parts = Vec::new();
         if self.blocks.len() > 1 {
-            parts.push(format!("KV blocks {}", join(self.blocks.iter().map(|b| b.to_string()).collect())));
+            parts.push(format!("KV blocks {}", join(&self.blocks, "/")));
         }
         if self.speed.iter().any(|&s| s != 1.0) {
-            parts.push(format!("speed {}", join(self.speed.iter().map(|s| s.to_string()).collect())));
+            parts.push(format!("speed {}", join(&self.speed, "/")));
         }
         if parts.is_empty() { String::new() } else { format!("{} (worker by worker, in turn)", parts.join(", ")) }
     }
+}
+
+fn join<T: std::fmt::Display>(values: &[T], sep: &str) -> String {
+    values.iter().map(T::to_string).collect::<Vec<_>>().join(sep)
 }
 
 impl ModelParams {
@@ -545,7 +556,8 @@ mod tests {
         let fifth = w(5);
         assert_eq!((fifth.num_gpu_blocks, fifth.prefill_us_per_token), (512, 200.0), "lists cycle independently");
         assert_eq!(PoolShape::default().worker(&params(), 3), params(), "an empty shape changes nothing");
-        assert!(PoolShape::default().is_uniform() && !shape.is_uniform());
+        assert!(PoolShape::default().flags().is_empty());
+        assert_eq!(shape.flags(), ["--worker-blocks", "2048,512", "--worker-speed", "1,1,0.5"]);
         assert_eq!(shape.describe(), "KV blocks 2048/512, speed 1/1/0.5 (worker by worker, in turn)");
         assert!(PoolShape { blocks: vec![0], speed: vec![] }.validate().unwrap_err().contains("--worker-blocks"));
         assert!(PoolShape { blocks: vec![], speed: vec![-1.0] }.validate().unwrap_err().contains("--worker-speed"));
