@@ -78,7 +78,9 @@ struct Flags {
     #[arg(long)]
     seed: Option<u64>,
     /// Quality: simulated workers behind every router (default 4). Each workload's own
-    /// rate scales with it, so every worker sees the same load; `--rate` overrides.
+    /// rate scales with it, so every worker sees the same load; `--rate` overrides. Like
+    /// the other quality flags that choose workloads or shapes, it leaves out the full run's
+    /// cells on other pools.
     #[arg(long)]
     workers: Option<usize>,
     /// Quality: run this EPP config in the default profile's place (its `path:
@@ -143,8 +145,10 @@ fn main() -> anyhow::Result<()> {
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
             opts.seed = flags.seed.unwrap_or(opts.seed);
-            opts.shape = sim::PoolShape { blocks: flags.worker_blocks.clone(), speed: flags.worker_speed.clone() };
-            opts.shape.validate().map_err(anyhow::Error::msg)?;
+            let shape = sim::PoolShape { blocks: flags.worker_blocks.clone(), speed: flags.worker_speed.clone() };
+            if shape != sim::PoolShape::default() {
+                opts.set_shape(&shape).map_err(anyhow::Error::msg)?;
+            }
             if let Some(path) = &flags.epp_config {
                 let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
                 let name = path.file_name().map_or_else(|| "custom".into(), |n| n.to_string_lossy().into_owned());

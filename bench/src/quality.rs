@@ -26,8 +26,8 @@ use tokio::task::JoinSet;
 
 use crate::latency::Latency;
 
-/// A workload of the comparison: a replay generator, its size and rate.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A cell of the comparison: a replay generator, its size and rate, and the pool it runs on.
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkloadSpec {
     pub generator: Generator,
     pub requests: usize,
@@ -35,11 +35,64 @@ pub struct WorkloadSpec {
     pub rate: f64,
     /// KV blocks per worker (16 tokens each): how much of the working set fits.
     pub num_gpu_blocks: usize,
+    /// Simulated workers behind every router.
+    pub workers: usize,
+    /// How the workers differ (KV blocks, speed); empty: every worker alike.
+    pub shape: sim::PoolShape,
+    /// A cell on another pool than the main four workers: only the default profile, the
+    /// peers and round-robin run there, to keep the bench short.
+    pub other_pool: bool,
+}
+
+/// Workers of the main cells.
+const MAIN_WORKERS: usize = 4;
+
+impl WorkloadSpec {
+    /// A main cell: four workers alike.
+    pub fn new(generator: Generator, requests: usize, rate: f64, num_gpu_blocks: usize) -> WorkloadSpec {
+        WorkloadSpec {
+            generator,
+            requests,
+            rate,
+            num_gpu_blocks,
+            workers: MAIN_WORKERS,
+            shape: sim::PoolShape::default(),
+            other_pool: false,
+        }
+    }
+
+    /// The same cell on `workers` workers shaped as `shape`, the arrival rate scaled so that
+    /// every worker sees the load it sees in the main cell.
+    fn on_pool(self, workers: usize, shape: sim::PoolShape) -> WorkloadSpec {
+        WorkloadSpec {
+            rate: self.rate * workers as f64 / self.workers as f64,
+            workers,
+            shape,
+            other_pool: true,
+            ..self
+        }
+    }
+
+    /// Whether `router` runs on this cell.
+    pub fn runs(&self, router: RouterKind) -> bool {
+        router.runs_on(self.generator)
+            && (!self.other_pool
+                || matches!(router, RouterKind::EppDefault | RouterKind::Peer(_) | RouterKind::RoundRobin))
+    }
+
+    /// The cell's name in the report: the workload's, and the pool's when it is not the main one.
+    pub fn name(&self) -> String {
+        let generator = self.generator.name();
+        match (self.workers, self.shape.describe().is_empty()) {
+            (MAIN_WORKERS, true) => generator.to_string(),
+            (n, true) => format!("{generator}, {n} workers"),
+            (_, false) => format!("{generator}, mixed pool"),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct QualityOptions {
-    pub workers: usize,
     /// Every worker's serving model (the replay's `small` profile).
     pub model: sim::ModelParams,
     pub workloads: Vec<WorkloadSpec>,
@@ -50,8 +103,6 @@ pub struct QualityOptions {
     /// An EPP config to run in place of the default profile (`path: endpoints.yaml` in its
     /// discovery is pointed at the bench's workers), to compare it with the peers.
     pub default_config: Option<CustomConfig>,
-    /// How the workers differ (KV blocks, speed); empty: every worker alike.
-    pub shape: sim::PoolShape,
 }
 
 /// An operator's EPP config, run in the default profile's row under its own name.
@@ -81,36 +132,52 @@ impl CustomConfig {
 
 impl QualityOptions {
     pub fn full() -> QualityOptions {
+        let shared = WorkloadSpec::new(Generator::SharedPrefix, 1200, 32.0, 2048);
+        // About twice the conversations' working set the four caches hold together.
+        let chat = WorkloadSpec::new(Generator::MultiTurn, 1200, 20.0, 1024);
+        let unique = WorkloadSpec::new(Generator::Unique, 700, 14.0, 2048);
+        // One prompt for every request: it must spread as its traffic grows.
+        let one = WorkloadSpec::new(Generator::OnePrompt, 1200, 20.0, 2048);
+        // Other pools, as an operator may run: four times the workers (where a new prompt's
+        // first placement sets a worker's share of the traffic for long after), and one
+        // worker in four at 0.4× speed (another GPU, a throttled one).
+        let large = |s: &WorkloadSpec| s.clone().on_pool(16, sim::PoolShape::default());
+        let slow = sim::PoolShape { blocks: Vec::new(), speed: vec![1.0, 1.0, 1.0, 0.4] };
+        let mixed = |s: &WorkloadSpec| s.clone().on_pool(MAIN_WORKERS, slow.clone());
+        let others = [large(&shared), large(&chat), mixed(&shared), mixed(&unique)];
         QualityOptions {
-            workers: 4,
             model: sim::ModelParams::default(),
-            workloads: vec![
-                WorkloadSpec { generator: Generator::SharedPrefix, requests: 1200, rate: 32.0, num_gpu_blocks: 2048 },
-                // About twice the conversations' working set the four caches hold together.
-                WorkloadSpec { generator: Generator::MultiTurn, requests: 1200, rate: 20.0, num_gpu_blocks: 1024 },
-                WorkloadSpec { generator: Generator::Unique, requests: 700, rate: 14.0, num_gpu_blocks: 2048 },
-                // One prompt for every request: it must spread as its traffic grows.
-                WorkloadSpec { generator: Generator::OnePrompt, requests: 1200, rate: 20.0, num_gpu_blocks: 2048 },
-            ],
+            workloads: [shared, chat, unique, one].into_iter().chain(others).collect(),
             routers: RouterKind::ALL.to_vec(),
             seed: 1,
             warmup: 0.15,
             default_config: None,
-            shape: sim::PoolShape::default(),
         }
     }
 
-    /// Keeps only the named workloads and routers (all when a list is empty). A generator
-    /// of `epp replay` that the full run does not include (bursts, lora-mix, tenants) is
-    /// added at 80 % of its default replay rate with 2 048 KV blocks a worker.
+    /// Keeps the main cells only (a run on the operator's own selection or pool).
+    pub fn main_pool_only(&mut self) {
+        self.workloads.retain(|w| !w.other_pool);
+    }
+
+    /// Keeps only the named workloads (their main cells) and routers (all when a list is
+    /// empty). A generator of `epp replay` that the full run does not include (bursts,
+    /// lora-mix, tenants) is added at 80 % of its default replay rate with 2 048 KV blocks a
+    /// worker.
     pub fn select(&mut self, workloads: &[String], routers: &[String]) -> Result<(), String> {
+        if !workloads.is_empty() {
+            self.main_pool_only();
+        }
         for w in workloads {
             if self.workloads.iter().any(|s| s.generator.name() == w) {
                 continue;
             }
             let generator: Generator = w.parse()?;
-            let rate = 0.8 * generator.default_rate_per_worker() * self.workers as f64;
-            self.workloads.push(WorkloadSpec { generator, requests: 1200, rate, num_gpu_blocks: 2048 });
+            // On the pool of the cells kept (set by `--workers`, `--worker-*`).
+            let pool = self.workloads.first().map(|c| (c.workers, c.shape.clone()));
+            let (workers, shape) = pool.unwrap_or((MAIN_WORKERS, sim::PoolShape::default()));
+            let rate = 0.8 * generator.default_rate_per_worker() * workers as f64;
+            self.workloads.push(WorkloadSpec { workers, shape, ..WorkloadSpec::new(generator, 1200, rate, 2048) });
         }
         for r in routers {
             if !RouterKind::ALL.iter().any(|k| k.key() == r) {
@@ -127,22 +194,38 @@ impl QualityOptions {
         Ok(())
     }
 
-    /// Runs every router in front of `n` workers instead of the full run's four; each
-    /// workload's arrival rate scales with them, so each worker's share stays the same.
+    /// Runs every router of the main cells in front of `n` workers instead of four (the
+    /// cells on other pools are left out); each workload's arrival rate scales with them,
+    /// so each worker's share stays the same.
     pub fn set_workers(&mut self, n: usize) -> Result<(), String> {
         if n == 0 || n > 64 {
             return Err(format!("--workers must be 1..=64, got {n}"));
         }
+        self.main_pool_only();
         for w in &mut self.workloads {
-            w.rate *= n as f64 / self.workers as f64;
+            w.rate *= n as f64 / w.workers as f64;
+            w.workers = n;
         }
-        self.workers = n;
         Ok(())
     }
 
-    /// Overrides the shape of every selected workload (to try the comparison on shapes the
-    /// full run does not show).
+    /// Runs the main cells on a mixed pool (the cells on other pools are left out).
+    pub fn set_shape(&mut self, shape: &sim::PoolShape) -> Result<(), String> {
+        shape.validate()?;
+        self.main_pool_only();
+        for w in &mut self.workloads {
+            w.shape = shape.clone();
+        }
+        Ok(())
+    }
+
+    /// Overrides the size, rate or KV blocks of every main cell (to try the comparison on
+    /// shapes the full run does not show; the cells on other pools are left out).
     pub fn reshape(&mut self, requests: Option<usize>, rate: Option<f64>, num_gpu_blocks: Option<usize>) {
+        if requests.is_none() && rate.is_none() && num_gpu_blocks.is_none() {
+            return;
+        }
+        self.main_pool_only();
         for w in &mut self.workloads {
             w.requests = requests.unwrap_or(w.requests);
             w.rate = rate.unwrap_or(w.rate);
@@ -328,11 +411,11 @@ pub async fn run(
             &GenParams { requests: spec.requests, rate: spec.rate, seed: opts.seed },
         ));
         let mut runs = Vec::new();
-        for &router in routers.iter().filter(|r| r.runs_on(spec.generator)) {
+        for &router in routers.iter().filter(|&&r| spec.runs(r)) {
             let run = run_one(opts, spec, router, &load, setup).await?;
             progress(format!(
                 "quality: {}: {}: prefix hits {:.1} %, TTFT p50 {} p90 {}, {} ok, {} errors",
-                spec.generator.name(),
+                spec.name(),
                 run.router,
                 100.0 * run.hit_rate,
                 crate::latency::fmt_duration(run.ttft.summary().p50),
@@ -342,8 +425,9 @@ pub async fn run(
             ));
             runs.push(run);
         }
-        let replay = replay_same(opts, spec, &routers)?;
-        results.workloads.push(WorkloadRuns { spec: *spec, runs, replay });
+        let on_cell: Vec<RouterKind> = routers.iter().copied().filter(|&r| spec.runs(r)).collect();
+        let replay = replay_same(opts, spec, &on_cell)?;
+        results.workloads.push(WorkloadRuns { spec: spec.clone(), runs, replay });
     }
     Ok(results)
 }
@@ -362,14 +446,14 @@ fn replay_same(
         "--rate".into(),
         spec.rate.to_string(),
         "--workers".into(),
-        opts.workers.to_string(),
+        spec.workers.to_string(),
         "--num-gpu-blocks".into(),
         spec.num_gpu_blocks.to_string(),
         "--seed".into(),
         opts.seed.to_string(),
         "--no-progress".into(),
     ];
-    flags.extend(opts.shape.flags());
+    flags.extend(spec.shape.flags());
     let mut policies: Vec<String> = routers.iter().filter_map(|r| r.replay_policy()).map(String::from).collect();
     // An operator's config stands in for the default profile in replay too.
     let _scratch = match &opts.default_config {
@@ -413,7 +497,7 @@ async fn run_one(
         base.kv_events = Some(sim::KvEventsConfig { port: 0, replay_port: Some(0), topic: String::new() });
     }
     // The base model carries the workload's KV blocks; a shape's list overrides them.
-    let workers = Workers::spawn_shaped(opts.workers, &base, &opts.shape).await?;
+    let workers = Workers::spawn_shaped(spec.workers, &base, &spec.shape).await?;
     let endpoints = scratch.write("endpoints.yaml", &workers.endpoints_yaml())?;
     let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
     // Keep every process alive for the whole run.
@@ -607,8 +691,8 @@ mod tests {
         o.select(&["bursts".into(), "multi-turn".into()], &["default".into(), "sglang".into()]).expect("known names");
         let names: Vec<&str> = o.workloads.iter().map(|w| w.generator.name()).collect();
         assert_eq!(names, ["multi-turn", "bursts"]);
-        let bursts = o.workloads[1];
-        assert_eq!((bursts.requests, bursts.num_gpu_blocks), (1200, 2048));
+        let bursts = o.workloads[1].clone();
+        assert_eq!((bursts.requests, bursts.num_gpu_blocks, bursts.workers), (1200, 2048, 4));
         assert!((bursts.rate - 0.8 * Generator::Bursts.default_rate_per_worker() * 4.0).abs() < 1e-9);
         assert_eq!(o.routers.len(), 2);
         // The multi-turn spec keeps its own shape until reshaped.
@@ -625,13 +709,65 @@ mod tests {
         o.select(&["multi-turn".into(), "bursts".into()], &[]).expect("known names");
         assert_eq!(o.workloads[0].rate, 40.0);
         assert!((o.workloads[1].rate - 0.8 * Generator::Bursts.default_rate_per_worker() * 8.0).abs() < 1e-9);
+        assert!(o.workloads.iter().all(|w| w.workers == 8 && !w.other_pool));
         let err = QualityOptions::full().set_workers(0).expect_err("no workers");
         assert!(err.contains("--workers"), "{err}");
+        let mut o = QualityOptions::full();
+        let slow = sim::PoolShape { blocks: Vec::new(), speed: vec![1.0, 0.0] };
+        let err = o.set_shape(&slow).expect_err("a speed of 0");
+        assert!(err.contains("--worker-speed"), "{err}");
 
         let err = QualityOptions::full().select(&["chat".into()], &[]).expect_err("unknown workload");
         assert!(err.contains("chat") && err.contains("bursts"), "{err}");
         let err = QualityOptions::full().select(&[], &["nginx".into()]).expect_err("unknown router");
         assert!(err.contains("nginx") && err.contains("sglang"), "{err}");
+    }
+
+    #[test]
+    fn the_full_run_adds_other_pools_at_the_same_load_per_worker_with_fewer_routers() {
+        let o = QualityOptions::full();
+        let names: Vec<String> = o.workloads.iter().map(WorkloadSpec::name).collect();
+        assert_eq!(
+            names,
+            [
+                "shared-prefix",
+                "multi-turn",
+                "unique",
+                "one-prompt",
+                "shared-prefix, 16 workers",
+                "multi-turn, 16 workers",
+                "shared-prefix, mixed pool",
+                "unique, mixed pool"
+            ]
+        );
+        for w in o.workloads.iter().filter(|w| w.other_pool) {
+            let main = o.workloads.iter().find(|m| !m.other_pool && m.generator == w.generator).expect("a main cell");
+            assert!((w.rate / w.workers as f64 - main.rate / main.workers as f64).abs() < 1e-9, "{}", w.name());
+            assert_eq!((w.requests, w.num_gpu_blocks), (main.requests, main.num_gpu_blocks));
+            assert!(w.runs(RouterKind::EppDefault) && w.runs(RouterKind::Peer(PeerKind::Sglang)));
+            assert!(w.runs(RouterKind::RoundRobin) && !w.runs(RouterKind::EppGuide));
+            assert!(!w.runs(RouterKind::EppPrecise) && !w.runs(RouterKind::EppReplicas { shared: true }));
+        }
+        let main = &o.workloads[1];
+        assert!(main.runs(RouterKind::EppGuide) && main.runs(RouterKind::EppReplicas { shared: false }));
+        // A run on the operator's own pool or selection keeps the main cells only.
+        for change in [
+            |o: &mut QualityOptions| o.set_workers(8).map(|_| ()),
+            |o: &mut QualityOptions| o.set_shape(&sim::PoolShape { blocks: vec![2048, 512], speed: Vec::new() }),
+            |o: &mut QualityOptions| o.select(&["unique".into()], &[]),
+            |o: &mut QualityOptions| {
+                o.reshape(None, Some(10.0), None);
+                Ok(())
+            },
+        ] {
+            let mut o = QualityOptions::full();
+            change(&mut o).expect("a valid change");
+            assert!(!o.workloads.is_empty() && o.workloads.iter().all(|w| !w.other_pool));
+        }
+        // Choosing routers keeps every cell.
+        let mut o = QualityOptions::full();
+        o.select(&[], &["default".into(), "sglang".into()]).expect("known routers");
+        assert_eq!(o.workloads.len(), 8);
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl Report<'_> {
         }
         if let Some(q) = self.quality {
             for w in &q.workloads {
-                let name = w.spec.generator.name();
+                let name = w.spec.name();
                 let run = |k: RouterKind| w.runs.iter().find(|r| r.router == k.label());
                 let (Some(ours), Some(sglang)) = (run(RouterKind::EppDefault), run(RouterKind::Peer(PeerKind::Sglang)))
                 else {
@@ -512,16 +512,16 @@ fn per_worker_cell(counts: &std::collections::BTreeMap<String, u64>) -> String {
     rows.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>().join(" / ")
 }
 
-/// The workers of a quality cell: their KV blocks, and how they differ when they do.
-fn pool_phrase(shape: &sim::PoolShape, workload_blocks: usize) -> String {
+/// The workers of a quality cell: how many, their KV blocks, and how they differ when they do.
+fn pool_phrase(workers: usize, shape: &sim::PoolShape, workload_blocks: usize) -> String {
     match (shape.blocks.as_slice(), shape.describe()) {
-        ([_, _, ..], mixed) => format!("a mixed pool: {mixed}"),
+        ([_, _, ..], mixed) => format!("{workers} workers, a mixed pool: {mixed}"),
         (blocks, mixed) => {
             let b = blocks.first().unwrap_or(&workload_blocks);
             if mixed.is_empty() {
-                format!("{b} KV blocks per worker")
+                format!("{workers} workers, {b} KV blocks each")
             } else {
-                format!("{b} KV blocks per worker, a mixed pool: {mixed}")
+                format!("{workers} workers, {b} KV blocks each, a mixed pool: {mixed}")
             }
         }
     }
@@ -529,24 +529,30 @@ fn pool_phrase(shape: &sim::PoolShape, workload_blocks: usize) -> String {
 
 fn quality_table(q: &QualityResults) -> String {
     let o = &q.options;
+    let others = if q.workloads.iter().any(|w| w.spec.other_pool) {
+        " The cells whose name adds a pool run workloads of the first cells, at the same load per \
+         worker, on another pool, with the default profile, the peers and round-robin only."
+    } else {
+        ""
+    };
     let mut out = format!(
         "## 3. Routing quality: side by side with the routers an operator could install\n\n\
-         {} simulated workers in model time (time_scale 1; each {} running sequences at most, KV \
-         blocks of {} tokens (how many: per workload), prefill {} µs per uncached prompt token, {} ms decode steps) behind each \
+         Simulated workers in model time (time_scale 1; each {} running sequences at most, KV \
+         blocks of {} tokens (how many: per cell), prefill {} µs per uncached prompt token, {} ms decode steps) behind each \
          router in turn: Envoy + EPP (default profile; precise prefix routing on the workers' \
          KV-cache events; two replicas behind `config/envoy-replicas.yaml`, sharing state through \
          a real redis-server or each on its own; the upstream guide's config with and without \
          autoTune), `sglang-router` and `vllm-router` from PyPI (their default policy, `cache_aware`), \
-         and Envoy round-robin. The replica and autoTune-off rows run on multi-turn chat only. The workloads are `epp replay`'s generators (seed {}), sent open-loop \
+         and Envoy round-robin. The replica and autoTune-off rows run on multi-turn chat only.{} The workloads are `epp replay`'s generators (seed {}), sent open-loop \
          at their arrival times as streamed `/v1/completions`; the first {:.0} % of each warm the \
          caches and are not counted. Hit rate = prefix-cache hits ÷ queried prompt tokens from the \
          **workers' own counters**; TTFT = due time to the first streamed chunk. Fresh workers and \
          router for every run.\n\n",
-        o.workers,
         o.model.max_num_seqs,
         o.model.block_size,
         o.model.prefill_us_per_token,
         o.model.decode_ms_base,
+        others,
         o.seed,
         o.warmup * 100.0,
     );
@@ -556,11 +562,11 @@ fn quality_table(q: &QualityResults) -> String {
             "### {} — {} requests at {} req/s, {}\n\n\
              | router | prefix-hit rate | TTFT p50 | TTFT p90 | TTFT p99 | latency p50 | latency p99 | req/s | requests per worker | errors |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-            w.spec.generator.name(),
+            w.spec.name(),
             w.spec.requests,
             // 0.8 × a replay rate can print as 4.800000000000001.
             (w.spec.rate * 100.0).round() / 100.0,
-            pool_phrase(&o.shape, w.spec.num_gpu_blocks)
+            pool_phrase(w.spec.workers, &w.spec.shape, w.spec.num_gpu_blocks)
         );
         for r in &w.runs {
             let (t, l) = (r.ttft.summary(), r.latency.summary());
@@ -652,15 +658,15 @@ mod tests {
     #[test]
     fn a_mixed_pool_is_named_in_the_cell_header() {
         let shape = |blocks: &[usize], speed: &[f64]| sim::PoolShape { blocks: blocks.to_vec(), speed: speed.to_vec() };
-        assert_eq!(pool_phrase(&shape(&[], &[]), 1024), "1024 KV blocks per worker");
-        assert_eq!(pool_phrase(&shape(&[512], &[]), 1024), "512 KV blocks per worker");
+        assert_eq!(pool_phrase(4, &shape(&[], &[]), 1024), "4 workers, 1024 KV blocks each");
+        assert_eq!(pool_phrase(16, &shape(&[512], &[]), 1024), "16 workers, 512 KV blocks each");
         assert_eq!(
-            pool_phrase(&shape(&[], &[1.0, 0.5]), 1024),
-            "1024 KV blocks per worker, a mixed pool: speed 1/0.5 (worker by worker, in turn)"
+            pool_phrase(4, &shape(&[], &[1.0, 0.5]), 1024),
+            "4 workers, 1024 KV blocks each, a mixed pool: speed 1/0.5 (worker by worker, in turn)"
         );
         assert_eq!(
-            pool_phrase(&shape(&[2048, 512], &[]), 1024),
-            "a mixed pool: KV blocks 2048/512 (worker by worker, in turn)"
+            pool_phrase(4, &shape(&[2048, 512], &[]), 1024),
+            "4 workers, a mixed pool: KV blocks 2048/512 (worker by worker, in turn)"
         );
     }
 
