@@ -6,7 +6,9 @@
 //! events as vLLM does), and Envoy round-robin — on the workloads of `epp replay` (the very same request
 //! lists, sent open-loop at their arrival times): shared system prompts, multi-turn chat with
 //! growing histories and more conversations than the caches hold, and unique prompts of
-//! mixed lengths (pure load balancing).
+//! mixed lengths (pure load balancing) — and then some of them, at the same load per worker,
+//! on other pools (16 workers; one slow worker in four) with the default profile, the peers
+//! and round-robin.
 //!
 //! Per router and workload it reports the prefix-cache hit rate from the workers' own
 //! counters (their ground truth, not what a router believes), TTFT (first streamed chunk)
