@@ -412,8 +412,9 @@ pub async fn run(
             spec.generator,
             &GenParams { requests: spec.requests, rate: spec.rate, seed: opts.seed },
         ));
+        let on_cell: Vec<RouterKind> = routers.iter().copied().filter(|&r| spec.runs(r)).collect();
         let mut runs = Vec::new();
-        for &router in routers.iter().filter(|&&r| spec.runs(r)) {
+        for &router in &on_cell {
             let run = run_one(opts, spec, router, &load, setup).await?;
             progress(format!(
                 "quality: {}: {}: prefix hits {:.1} %, TTFT p50 {} p90 {}, {} ok, {} errors",
@@ -427,7 +428,6 @@ pub async fn run(
             ));
             runs.push(run);
         }
-        let on_cell: Vec<RouterKind> = routers.iter().copied().filter(|&r| spec.runs(r)).collect();
         let replay = replay_same(opts, spec, &on_cell)?;
         results.workloads.push(WorkloadRuns { spec: spec.clone(), runs, replay });
     }

@@ -514,17 +514,18 @@ fn per_worker_cell(counts: &std::collections::BTreeMap<String, u64>) -> String {
 
 /// The workers of a quality cell: how many, their KV blocks, and how they differ when they do.
 fn pool_phrase(workers: usize, shape: &sim::PoolShape, workload_blocks: usize) -> String {
-    match (shape.blocks.as_slice(), shape.describe()) {
-        ([_, _, ..], mixed) => format!("{workers} workers, a mixed pool: {mixed}"),
+    let caches = match (shape.blocks.as_slice(), shape.describe()) {
+        ([_, _, ..], mixed) => format!("a mixed pool: {mixed}"),
         (blocks, mixed) => {
             let b = blocks.first().unwrap_or(&workload_blocks);
             if mixed.is_empty() {
-                format!("{workers} workers, {b} KV blocks each")
+                format!("{b} KV blocks each")
             } else {
-                format!("{workers} workers, {b} KV blocks each, a mixed pool: {mixed}")
+                format!("{b} KV blocks each, a mixed pool: {mixed}")
             }
         }
-    }
+    };
+    format!("{workers} workers, {caches}")
 }
 
 fn quality_table(q: &QualityResults) -> String {
