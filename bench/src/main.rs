@@ -77,6 +77,10 @@ struct Flags {
     /// Quality: the workloads' seed (default 1).
     #[arg(long)]
     seed: Option<u64>,
+    /// Quality: send whole (non-streamed) requests instead of streamed ones; TTFT is then
+    /// the whole response's time.
+    #[arg(long)]
+    no_stream: bool,
     /// Quality: simulated workers behind every router (default 4). Each workload's own
     /// rate scales with it, so every worker sees the same load; `--rate` overrides. Like
     /// the other quality flags that choose workloads or shapes, it leaves out the full run's
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
             opts.seed = flags.seed.unwrap_or(opts.seed);
+            opts.stream = !flags.no_stream;
             let shape = sim::PoolShape { blocks: flags.worker_blocks.clone(), speed: flags.worker_speed.clone() };
             if shape != sim::PoolShape::default() {
                 opts.set_shape(&shape).map_err(anyhow::Error::msg)?;

@@ -100,6 +100,9 @@ pub struct QualityOptions {
     pub workloads: Vec<WorkloadSpec>,
     pub routers: Vec<RouterKind>,
     pub seed: u64,
+    /// Streamed requests (the default), or whole responses (`--no-stream`: TTFT is then the
+    /// whole response's time, and the EPP's in-flight prompt tokens are held until it ends).
+    pub stream: bool,
     /// The first requests (this share) warm the caches and are not recorded.
     pub warmup: f64,
     /// An EPP config to run in place of the default profile (`path: endpoints.yaml` in its
@@ -152,6 +155,7 @@ impl QualityOptions {
             workloads: [shared, chat, unique, one].into_iter().chain(others).collect(),
             routers: RouterKind::ALL.to_vec(),
             seed: 1,
+            stream: true,
             warmup: 0.15,
             default_config: None,
         }
@@ -570,8 +574,10 @@ async fn run_one(
         if k == warmup {
             baseline = Some(counters(&workers));
         }
-        let (client, url, body, headers) = (client.clone(), url.clone(), request_body(item), request_headers(item));
-        tasks.spawn(async move { (k, send(&client, &url, body, &headers, due).await) });
+        let (client, url, body, headers) =
+            (client.clone(), url.clone(), request_body(item, opts.stream), request_headers(item));
+        let stream = opts.stream;
+        tasks.spawn(async move { (k, send(&client, &url, body, &headers, due, stream).await) });
     }
     let label = match (&opts.default_config, router) {
         (Some(custom), RouterKind::EppDefault) => format!("EPP, {}", custom.name),
@@ -614,18 +620,20 @@ async fn run_one(
     Ok(run)
 }
 
-/// A streamed `/v1/completions` body for a work item (the prompt as plain text, so every
-/// router and the replay see the same bytes).
-fn request_body(item: &WorkItem) -> String {
+/// The `/v1/completions` body for a work item (the prompt as plain text, so every router
+/// and the replay see the same bytes), streamed with usage or not streamed.
+fn request_body(item: &WorkItem, stream: bool) -> String {
     let prompt = String::from_utf8_lossy(&item.prompt.to_bytes()).into_owned();
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "model": item.requested_model(),
         "prompt": prompt,
         "max_tokens": item.output_tokens,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    })
-    .to_string()
+        "stream": stream,
+    });
+    if stream {
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body.to_string()
 }
 
 /// The headers a work item's request carries: replay's (session, tenant) and its priority
@@ -646,13 +654,14 @@ struct Outcome {
 }
 
 /// Sends one request due at `due`; TTFT and latency are measured from `due` (so a stalled
-/// client cannot hide queueing).
+/// client cannot hide queueing). Without streaming, the first chunk is the response's.
 async fn send(
     client: &reqwest::Client,
     url: &str,
     body: String,
     headers: &[(&'static str, String)],
     due: Instant,
+    stream: bool,
 ) -> Result<Outcome, String> {
     let mut req = client.post(url).header("content-type", "application/json").body(body);
     for (name, value) in headers {
@@ -677,10 +686,20 @@ async fn send(
         }
     }
     let latency = due.elapsed();
-    if !String::from_utf8_lossy(&tail).contains("[DONE]") {
-        return Err("the stream ended without [DONE]".into());
-    }
+    answered_in_full(&tail, stream)?;
     Ok(Outcome { ttft: ttft.unwrap_or(latency), latency, worker })
+}
+
+/// Whether a response's last bytes end it as it should: a stream with `[DONE]`, a whole
+/// response with its JSON object's closing brace.
+fn answered_in_full(tail: &[u8], stream: bool) -> Result<(), String> {
+    let text = String::from_utf8_lossy(tail);
+    match stream {
+        true if text.contains("[DONE]") => Ok(()),
+        true => Err("the stream ended without [DONE]".into()),
+        false if text.trim_end().ends_with('}') => Ok(()),
+        false => Err("the response ended before its JSON object did".into()),
+    }
 }
 
 #[cfg(test)]
@@ -790,6 +809,24 @@ mod tests {
         let items = workload::generate(Generator::MultiTurn, &GenParams { requests: 20, rate: 4.0, seed: 1 }).items;
         let session = items[0].session.clone().expect("chat turns name their session");
         assert_eq!(request_headers(&items[0]), vec![("x-session-id", session.to_string())]);
+    }
+
+    #[test]
+    fn requests_are_streamed_with_usage_or_whole_and_checked_for_their_end() {
+        let items = workload::generate(Generator::Unique, &GenParams { requests: 1, rate: 1.0, seed: 1 }).items;
+        let streamed: serde_json::Value = serde_json::from_str(&request_body(&items[0], true)).expect("json");
+        assert_eq!((&streamed["stream"], &streamed["stream_options"]["include_usage"]), (&true.into(), &true.into()));
+        assert_eq!(streamed["max_tokens"], items[0].output_tokens);
+        let whole: serde_json::Value = serde_json::from_str(&request_body(&items[0], false)).expect("json");
+        assert_eq!(whole["stream"], false);
+        assert!(whole.get("stream_options").is_none(), "{whole}");
+        assert_eq!(whole["prompt"], streamed["prompt"]);
+
+        assert!(answered_in_full(b"data: {}\n\ndata: [DONE]\n\n", true).is_ok());
+        assert!(answered_in_full(b"data: {}\n\n", true).is_err());
+        assert!(answered_in_full(b"{\"choices\": []}\n", false).is_ok());
+        assert!(answered_in_full(b"{\"choices\": [", false).is_err());
+        assert!(answered_in_full(b"", false).is_err());
     }
 
     #[test]

@@ -545,9 +545,9 @@ fn quality_table(q: &QualityResults) -> String {
          a real redis-server or each on its own; the upstream guide's config with and without \
          autoTune), `sglang-router` and `vllm-router` from PyPI (their default policy, `cache_aware`), \
          and Envoy round-robin. The replica and autoTune-off rows run on multi-turn chat only.{} The workloads are `epp replay`'s generators (seed {}), sent open-loop \
-         at their arrival times as streamed `/v1/completions`; the first {:.0} % of each warm the \
+         at their arrival times as {} `/v1/completions`; the first {:.0} % of each warm the \
          caches and are not counted. Hit rate = prefix-cache hits ÷ queried prompt tokens from the \
-         **workers' own counters**; TTFT = due time to the first streamed chunk. Fresh workers and \
+         **workers' own counters**; TTFT = due time to the first {}. Fresh workers and \
          router for every run.\n\n",
         o.model.max_num_seqs,
         o.model.block_size,
@@ -555,7 +555,9 @@ fn quality_table(q: &QualityResults) -> String {
         o.model.decode_ms_base,
         others,
         o.seed,
+        if o.stream { "streamed" } else { "non-streamed (`--no-stream`)" },
         o.warmup * 100.0,
+        if o.stream { "streamed chunk" } else { "chunk of the whole response (non-streamed: TTFT is the latency)" },
     );
     for w in &q.workloads {
         let _ = writeln!(
@@ -588,7 +590,13 @@ fn quality_table(q: &QualityResults) -> String {
             );
         }
         if !w.replay.is_empty() {
-            out.push_str("\nThe same workload in `epp replay` (virtual time; `cache-aware` models the peers' algorithm):\n\n| replay policy | prefix-hit rate | TTFT p90 |\n|---|---:|---:|\n");
+            out.push_str(
+                "\nThe same workload in `epp replay` (virtual time; `cache-aware` models the peers' algorithm",
+            );
+            if !o.stream {
+                out.push_str("; its TTFT is the first token's, not the whole response's");
+            }
+            out.push_str("):\n\n| replay policy | prefix-hit rate | TTFT p90 |\n|---|---:|---:|\n");
             for (policy, hit, p90) in &w.replay {
                 let _ = writeln!(out, "| {policy} | {} | {p90:.1} ms |", fmt_pct(*hit));
             }
