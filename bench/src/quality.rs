@@ -11,9 +11,10 @@
 //! and round-robin.
 //!
 //! Per router and workload it reports the prefix-cache hit rate from the workers' own
-//! counters (their ground truth, not what a router believes), TTFT (first streamed chunk)
-//! and latency percentiles, throughput, requests per worker and errors. Every run gets fresh
-//! workers and a fresh router, so no router inherits a warm cache. The same workloads are
+//! counters (their ground truth, not what a router believes), TTFT (first streamed chunk;
+//! with `--no-stream`, the whole response) and latency percentiles, throughput, requests
+//! per worker and errors. Every run gets fresh workers and a fresh router, so no router
+//! inherits a warm cache. The same workloads are
 //! then replayed in virtual time (`epp replay`, with the peers' algorithm modelled) so the
 //! two can be compared.
 
