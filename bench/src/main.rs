@@ -77,8 +77,8 @@ struct Flags {
     /// Quality: the workloads' seed (default 1).
     #[arg(long)]
     seed: Option<u64>,
-    /// Quality: send whole (non-streamed) requests instead of streamed ones; TTFT is then
-    /// the whole response's time.
+    /// Quality: send whole (non-streamed) requests in every main cell instead of streamed
+    /// ones (the extra cells are left out); TTFT is then the whole response's time.
     #[arg(long)]
     no_stream: bool,
     /// Quality: simulated workers behind every router (default 4). Each workload's own
@@ -149,7 +149,9 @@ fn main() -> anyhow::Result<()> {
             opts.select(&flags.workloads, &flags.routers).map_err(anyhow::Error::msg)?;
             opts.reshape(flags.requests, flags.rate, flags.num_gpu_blocks);
             opts.seed = flags.seed.unwrap_or(opts.seed);
-            opts.stream = !flags.no_stream;
+            if flags.no_stream {
+                opts.whole_responses();
+            }
             let shape = sim::PoolShape { blocks: flags.worker_blocks.clone(), speed: flags.worker_speed.clone() };
             if shape != sim::PoolShape::default() {
                 opts.set_shape(&shape).map_err(anyhow::Error::msg)?;

@@ -7,12 +7,12 @@
 //! lists, sent open-loop at their arrival times): shared system prompts, multi-turn chat with
 //! growing histories and more conversations than the caches hold, and unique prompts of
 //! mixed lengths (pure load balancing) — and then some of them, at the same load per worker,
-//! on other pools (16 workers; one slow worker in four) with the default profile, the peers
-//! and round-robin.
+//! on other pools (16 workers; one slow worker in four) and with whole (non-streamed)
+//! responses, with the default profile, the peers and round-robin.
 //!
 //! Per router and workload it reports the prefix-cache hit rate from the workers' own
 //! counters (their ground truth, not what a router believes), TTFT (first streamed chunk;
-//! with `--no-stream`, the whole response) and latency percentiles, throughput, requests
+//! in a non-streamed cell, or with `--no-stream`, the whole response) and latency percentiles, throughput, requests
 //! per worker and errors. Every run gets fresh workers and a fresh router, so no router
 //! inherits a warm cache. The same workloads are
 //! then replayed in virtual time (`epp replay`, with the peers' algorithm modelled) so the
@@ -29,7 +29,8 @@ use tokio::task::JoinSet;
 
 use crate::latency::Latency;
 
-/// A cell of the comparison: a replay generator, its size and rate, and the pool it runs on.
+/// A cell of the comparison: a replay generator, its size and rate, the pool it runs on, and
+/// whether its requests are streamed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkloadSpec {
     pub generator: Generator,
@@ -42,9 +43,13 @@ pub struct WorkloadSpec {
     pub workers: usize,
     /// How the workers differ (KV blocks, speed); empty: every worker alike.
     pub shape: sim::PoolShape,
-    /// A cell on another pool than the main four workers: only the default profile, the
-    /// peers and round-robin run there, to keep the bench short.
-    pub other_pool: bool,
+    /// Requests ask for streamed responses (TTFT: the first chunk's); false: whole
+    /// responses (TTFT: the whole response's).
+    pub stream: bool,
+    /// A cell beyond the main ones (on another pool than the main four workers, or with
+    /// whole responses): only the default profile, the peers and round-robin run there, to
+    /// keep the bench short.
+    pub extra: bool,
 }
 
 /// Workers of the main cells.
@@ -60,37 +65,37 @@ impl WorkloadSpec {
             num_gpu_blocks,
             workers: MAIN_WORKERS,
             shape: sim::PoolShape::default(),
-            other_pool: false,
+            stream: true,
+            extra: false,
         }
+    }
+
+    /// The same cell with whole (non-streamed) responses.
+    fn whole_responses(self) -> WorkloadSpec {
+        WorkloadSpec { stream: false, extra: true, ..self }
     }
 
     /// The same cell on `workers` workers shaped as `shape`, the arrival rate scaled so that
     /// every worker sees the load it sees in the main cell.
     fn on_pool(self, workers: usize, shape: sim::PoolShape) -> WorkloadSpec {
-        WorkloadSpec {
-            rate: self.rate * workers as f64 / self.workers as f64,
-            workers,
-            shape,
-            other_pool: true,
-            ..self
-        }
+        WorkloadSpec { rate: self.rate * workers as f64 / self.workers as f64, workers, shape, extra: true, ..self }
     }
 
     /// Whether `router` runs on this cell.
     pub fn runs(&self, router: RouterKind) -> bool {
         router.runs_on(self.generator)
-            && (!self.other_pool
-                || matches!(router, RouterKind::EppDefault | RouterKind::Peer(_) | RouterKind::RoundRobin))
+            && (!self.extra || matches!(router, RouterKind::EppDefault | RouterKind::Peer(_) | RouterKind::RoundRobin))
     }
 
     /// The cell's name in the report: the workload's, and the pool's when it is not the main one.
     pub fn name(&self) -> String {
         let generator = self.generator.name();
-        match (self.workers, self.shape.describe().is_empty()) {
+        let cell = match (self.workers, self.shape.describe().is_empty()) {
             (MAIN_WORKERS, true) => generator.to_string(),
             (n, true) => format!("{generator}, {n} workers"),
             (_, false) => format!("{generator}, mixed pool"),
-        }
+        };
+        if self.stream { cell } else { format!("{cell}, non-streamed") }
     }
 }
 
@@ -101,9 +106,6 @@ pub struct QualityOptions {
     pub workloads: Vec<WorkloadSpec>,
     pub routers: Vec<RouterKind>,
     pub seed: u64,
-    /// Streamed requests (the default), or whole responses (`--no-stream`: TTFT is then the
-    /// whole response's time, and the EPP's in-flight prompt tokens are held until it ends).
-    pub stream: bool,
     /// The first requests (this share) warm the caches and are not recorded.
     pub warmup: f64,
     /// An EPP config to run in place of the default profile (`path: endpoints.yaml` in its
@@ -150,21 +152,37 @@ impl QualityOptions {
         let large = |s: &WorkloadSpec| s.clone().on_pool(16, sim::PoolShape::default());
         let slow = sim::PoolShape { blocks: Vec::new(), speed: vec![1.0, 1.0, 1.0, 0.4] };
         let mixed = |s: &WorkloadSpec| s.clone().on_pool(MAIN_WORKERS, slow.clone());
-        let others = [large(&shared), large(&chat), mixed(&shared), mixed(&unique)];
+        let others = [
+            large(&shared),
+            large(&chat),
+            mixed(&shared),
+            mixed(&unique),
+            // Clients that want the whole answer at once: a first chunk then tells a router
+            // nothing of when the prefill ended.
+            unique.clone().whole_responses(),
+        ];
         QualityOptions {
             model: sim::ModelParams::default(),
             workloads: [shared, chat, unique, one].into_iter().chain(others).collect(),
             routers: RouterKind::ALL.to_vec(),
             seed: 1,
-            stream: true,
             warmup: 0.15,
             default_config: None,
         }
     }
 
     /// Keeps the main cells only (a run on the operator's own selection or pool).
-    pub fn main_pool_only(&mut self) {
-        self.workloads.retain(|w| !w.other_pool);
+    pub fn main_cells_only(&mut self) {
+        self.workloads.retain(|w| !w.extra);
+    }
+
+    /// Sends whole (non-streamed) responses in every main cell (`--no-stream`; the extra
+    /// cells are left out).
+    pub fn whole_responses(&mut self) {
+        self.main_cells_only();
+        for w in &mut self.workloads {
+            w.stream = false;
+        }
     }
 
     /// Keeps only the named workloads (their main cells) and routers (all when a list is
@@ -173,7 +191,7 @@ impl QualityOptions {
     /// worker.
     pub fn select(&mut self, workloads: &[String], routers: &[String]) -> Result<(), String> {
         if !workloads.is_empty() {
-            self.main_pool_only();
+            self.main_cells_only();
         }
         for w in workloads {
             if self.workloads.iter().any(|s| s.generator.name() == w) {
@@ -208,7 +226,7 @@ impl QualityOptions {
         if n == 0 || n > 64 {
             return Err(format!("--workers must be 1..=64, got {n}"));
         }
-        self.main_pool_only();
+        self.main_cells_only();
         for w in &mut self.workloads {
             w.rate *= n as f64 / w.workers as f64;
             w.workers = n;
@@ -219,7 +237,7 @@ impl QualityOptions {
     /// Runs the main cells on a mixed pool (the cells on other pools are left out).
     pub fn set_shape(&mut self, shape: &sim::PoolShape) -> Result<(), String> {
         shape.validate()?;
-        self.main_pool_only();
+        self.main_cells_only();
         for w in &mut self.workloads {
             w.shape = shape.clone();
         }
@@ -232,7 +250,7 @@ impl QualityOptions {
         if requests.is_none() && rate.is_none() && num_gpu_blocks.is_none() {
             return;
         }
-        self.main_pool_only();
+        self.main_cells_only();
         for w in &mut self.workloads {
             w.requests = requests.unwrap_or(w.requests);
             w.rate = rate.unwrap_or(w.rate);
@@ -461,6 +479,9 @@ fn replay_same(
         "--no-progress".into(),
     ];
     flags.extend(spec.shape.flags());
+    if !spec.stream {
+        flags.push("--no-stream".into());
+    }
     let mut policies: Vec<String> = routers.iter().filter_map(|r| r.replay_policy()).map(String::from).collect();
     // An operator's config stands in for the default profile in replay too.
     let _scratch = match &opts.default_config {
@@ -576,8 +597,8 @@ async fn run_one(
             baseline = Some(counters(&workers));
         }
         let (client, url, body, headers) =
-            (client.clone(), url.clone(), request_body(item, opts.stream), request_headers(item));
-        let stream = opts.stream;
+            (client.clone(), url.clone(), request_body(item, spec.stream), request_headers(item));
+        let stream = spec.stream;
         tasks.spawn(async move { (k, send(&client, &url, body, &headers, due, stream).await) });
     }
     let label = match (&opts.default_config, router) {
@@ -731,7 +752,7 @@ mod tests {
         o.select(&["multi-turn".into(), "bursts".into()], &[]).expect("known names");
         assert_eq!(o.workloads[0].rate, 40.0);
         assert!((o.workloads[1].rate - 0.8 * Generator::Bursts.default_rate_per_worker() * 8.0).abs() < 1e-9);
-        assert!(o.workloads.iter().all(|w| w.workers == 8 && !w.other_pool));
+        assert!(o.workloads.iter().all(|w| w.workers == 8 && !w.extra));
         let err = QualityOptions::full().set_workers(0).expect_err("no workers");
         assert!(err.contains("--workers"), "{err}");
         let mut o = QualityOptions::full();
@@ -746,7 +767,7 @@ mod tests {
     }
 
     #[test]
-    fn the_full_run_adds_other_pools_at_the_same_load_per_worker_with_fewer_routers() {
+    fn the_full_run_adds_extras_at_the_same_load_per_worker_with_fewer_routers() {
         let o = QualityOptions::full();
         let names: Vec<String> = o.workloads.iter().map(WorkloadSpec::name).collect();
         assert_eq!(
@@ -759,11 +780,19 @@ mod tests {
                 "shared-prefix, 16 workers",
                 "multi-turn, 16 workers",
                 "shared-prefix, mixed pool",
-                "unique, mixed pool"
+                "unique, mixed pool",
+                "unique, non-streamed"
             ]
         );
-        for w in o.workloads.iter().filter(|w| w.other_pool) {
-            let main = o.workloads.iter().find(|m| !m.other_pool && m.generator == w.generator).expect("a main cell");
+        // Only the non-streamed cell sends whole responses; `--no-stream` turns the main
+        // cells into whole responses and leaves the extra ones out.
+        assert!(o.workloads.iter().all(|w| w.stream != w.name().ends_with("non-streamed")));
+        let mut whole = QualityOptions::full();
+        whole.whole_responses();
+        assert_eq!(whole.workloads.len(), 4);
+        assert!(whole.workloads.iter().all(|w| !w.stream && !w.extra && w.name().ends_with(", non-streamed")));
+        for w in o.workloads.iter().filter(|w| w.extra) {
+            let main = o.workloads.iter().find(|m| !m.extra && m.generator == w.generator).expect("a main cell");
             assert!((w.rate / w.workers as f64 - main.rate / main.workers as f64).abs() < 1e-9, "{}", w.name());
             assert_eq!((w.requests, w.num_gpu_blocks), (main.requests, main.num_gpu_blocks));
             assert!(w.runs(RouterKind::EppDefault) && w.runs(RouterKind::Peer(PeerKind::Sglang)));
@@ -784,12 +813,12 @@ mod tests {
         ] {
             let mut o = QualityOptions::full();
             change(&mut o).expect("a valid change");
-            assert!(!o.workloads.is_empty() && o.workloads.iter().all(|w| !w.other_pool));
+            assert!(!o.workloads.is_empty() && o.workloads.iter().all(|w| !w.extra));
         }
         // Choosing routers keeps every cell.
         let mut o = QualityOptions::full();
         o.select(&[], &["default".into(), "sglang".into()]).expect("known routers");
-        assert_eq!(o.workloads.len(), 8);
+        assert_eq!(o.workloads.len(), 9);
     }
 
     #[test]

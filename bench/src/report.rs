@@ -530,9 +530,10 @@ fn pool_phrase(workers: usize, shape: &sim::PoolShape, workload_blocks: usize) -
 
 fn quality_table(q: &QualityResults) -> String {
     let o = &q.options;
-    let others = if q.workloads.iter().any(|w| w.spec.other_pool) {
-        " The cells whose name adds a pool run workloads of the first cells, at the same load per \
-         worker, on another pool, with the default profile, the peers and round-robin only."
+    let others = if q.workloads.iter().any(|w| w.spec.extra) {
+        " The cells whose name adds a pool, or says non-streamed, run workloads of the first cells, \
+         at the same load per worker, on another pool or with whole responses, with the default \
+         profile, the peers and round-robin only."
     } else {
         ""
     };
@@ -555,9 +556,9 @@ fn quality_table(q: &QualityResults) -> String {
         o.model.decode_ms_base,
         others,
         o.seed,
-        if o.stream { "streamed" } else { "non-streamed (`--no-stream`)" },
+        "streamed (unless the cell's name says non-streamed)",
         o.warmup * 100.0,
-        if o.stream { "streamed chunk" } else { "chunk of the whole response (non-streamed: TTFT is the latency)" },
+        "streamed chunk (non-streamed: the whole response, TTFT is then the latency)",
     );
     for w in &q.workloads {
         let _ = writeln!(
@@ -593,8 +594,8 @@ fn quality_table(q: &QualityResults) -> String {
             out.push_str(
                 "\nThe same workload in `epp replay` (virtual time; `cache-aware` models the peers' algorithm",
             );
-            if !o.stream {
-                out.push_str("; its TTFT is the first token's, not the whole response's");
+            if !w.spec.stream {
+                out.push_str("; non-streamed too, its TTFT the whole response's");
             }
             out.push_str("):\n\n| replay policy | prefix-hit rate | TTFT p90 |\n|---|---:|---:|\n");
             for (policy, hit, p90) in &w.replay {

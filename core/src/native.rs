@@ -50,6 +50,7 @@ pub fn sdk_cycle(manifest: &Manifest, input: &CallInput<'_>) -> Cycle {
             headers: needs.headers.then(|| r.headers.clone()),
             prompt_tokens: r.prompt_tokens,
             max_tokens: r.max_tokens,
+            stream: r.stream,
             priority: r.priority,
             random_seed: r.random_seed,
         },
@@ -71,8 +72,8 @@ impl<T: llmd_plugin_sdk::Plugin + Send> PluginCore for NativePlugin<T> {
     fn decided(&self, cycle: u64, endpoint: u32) -> Result<Vec<(String, String)>, PluginError> {
         self.with(|p| p.decided(cycle, endpoint))
     }
-    fn first_chunk(&self, cycle: u64, endpoint: u32) -> Result<(), PluginError> {
-        self.with(|p| p.first_chunk(cycle, endpoint))
+    fn first_chunk(&self, cycle: u64, endpoint: u32, now_ms: u64) -> Result<(), PluginError> {
+        self.with(|p| p.first_chunk(cycle, endpoint, now_ms))
     }
     fn finished(&self, cycle: u64, completion: &Completion) -> Result<(), PluginError> {
         self.with(|p| p.finished(cycle, completion))

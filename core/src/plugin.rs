@@ -104,7 +104,9 @@ pub trait PluginCore: Send + Sync {
     fn pool_changed(&self, generation: u64, endpoints: &[EndpointInfo]) -> Result<(), PluginError>;
     /// Returns headers to add to the client's response.
     fn decided(&self, cycle: u64, endpoint: u32) -> Result<Vec<(String, String)>, PluginError>;
-    fn first_chunk(&self, cycle: u64, endpoint: u32) -> Result<(), PluginError>;
+    /// The first response bytes of the cycle's request arrived at `now_ms` (the clock of
+    /// `Request::now_ms`).
+    fn first_chunk(&self, cycle: u64, endpoint: u32, now_ms: u64) -> Result<(), PluginError>;
     fn finished(&self, cycle: u64, completion: &Completion) -> Result<(), PluginError>;
 }
 

@@ -286,9 +286,9 @@ impl SchedulerProfile {
         (headers, failures)
     }
 
-    /// The first response bytes of the cycle's request arrived.
-    pub fn first_chunk(&self, cycle: u64, endpoint: u32) -> Vec<HookFailure> {
-        self.fan_out(&self.first_chunk_hook, "first-chunk", |p| p.first_chunk(cycle, endpoint))
+    /// The first response bytes of the cycle's request arrived at `now_ms`.
+    pub fn first_chunk(&self, cycle: u64, endpoint: u32, now_ms: u64) -> Vec<HookFailure> {
+        self.fan_out(&self.first_chunk_hook, "first-chunk", |p| p.first_chunk(cycle, endpoint, now_ms))
     }
 
     /// The cycle's request ended.

@@ -147,8 +147,8 @@ impl Scheduler {
 
     /// The first response bytes of a decided request arrived; `variants` are those whose
     /// plugins were told the decision (the routing variant and its shadows).
-    pub fn first_chunk(&self, variants: &[usize], cycle: u64, endpoint: u32) -> Vec<(usize, HookFailure)> {
-        self.each(variants, |p| p.first_chunk(cycle, endpoint))
+    pub fn first_chunk(&self, variants: &[usize], cycle: u64, endpoint: u32, now_ms: u64) -> Vec<(usize, HookFailure)> {
+        self.each(variants, |p| p.first_chunk(cycle, endpoint, now_ms))
     }
 
     /// A decided request ended; `variants` as for `first_chunk`.

@@ -82,6 +82,7 @@ pub fn synthetic_request(i: usize, prompt_bytes: usize) -> Request {
         priority: 0,
         random_seed: i as u64,
         now_ms: 1_000 + i as u64,
+        stream: true,
         ..Default::default()
     }
 }
@@ -189,7 +190,7 @@ fn check_hooks(plugin: &PluginHandle, cycle: u64, endpoint: u32) -> Result<(), S
     if let Some((name, _)) = headers.iter().find(|(k, v)| !valid_header(k, v)) {
         return Err(format!("decided returned the header `{name}`, which is not a valid HTTP header"));
     }
-    p.first_chunk(cycle, endpoint).map_err(|e| e.to_string())?;
+    p.first_chunk(cycle, endpoint, 1_000 + cycle).map_err(|e| e.to_string())?;
     p.finished(cycle, &Completion { endpoint, status: 200, ..Default::default() }).map_err(|e| e.to_string())
 }
 

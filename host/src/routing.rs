@@ -235,7 +235,8 @@ pub struct Ending {
 struct ShadowLink {
     /// The shadow variants whose plugins were told the placement, once the job ran.
     ran: Option<Vec<usize>>,
-    first_chunk: bool,
+    /// When the first response bytes came (`now-ms`).
+    first_chunk: Option<u64>,
     finished: Option<Completion>,
 }
 
@@ -257,6 +258,8 @@ pub struct Routed {
     built: Arc<Built>,
     telemetry: Arc<Telemetry>,
     started: Instant,
+    /// The router's clock, whose milliseconds plugins see as `now-ms`.
+    clock: Instant,
     first_chunk: Option<Duration>,
     /// Response headers arrived (the breaker was told).
     answered: bool,
@@ -318,16 +321,17 @@ impl Routed {
             return;
         }
         self.first_chunk = Some(self.started.elapsed());
-        let failures = self.built.scheduler.first_chunk(&[self.variant], self.cycle, self.endpoint_id);
+        let now_ms = self.clock.elapsed().as_millis() as u64;
+        let failures = self.built.scheduler.first_chunk(&[self.variant], self.cycle, self.endpoint_id, now_ms);
         self.built.metrics.hook_failures(&failures);
         if let Some(link) = &self.shadows {
             let mut link = lock(link);
             match &link.ran {
                 Some(ran) => {
-                    let failures = self.built.scheduler.first_chunk(ran, self.cycle, self.endpoint_id);
+                    let failures = self.built.scheduler.first_chunk(ran, self.cycle, self.endpoint_id, now_ms);
                     self.built.metrics.hook_failures(&failures);
                 }
-                None => link.first_chunk = true,
+                None => link.first_chunk = Some(now_ms),
             }
         }
     }
@@ -591,6 +595,7 @@ impl Router {
             built: built.clone(),
             telemetry: self.telemetry.clone(),
             started,
+            clock: self.clock,
             first_chunk: None,
             answered: false,
             health: self.health.clone(),
@@ -643,8 +648,8 @@ impl Router {
         }
         let mut link = lock(&link);
         let endpoint = decision.primary();
-        if link.first_chunk {
-            built.metrics.hook_failures(&built.scheduler.first_chunk(&ran, cycle, endpoint));
+        if let Some(now_ms) = link.first_chunk {
+            built.metrics.hook_failures(&built.scheduler.first_chunk(&ran, cycle, endpoint, now_ms));
         }
         if let Some(c) = link.finished.take() {
             built.metrics.hook_failures(&built.scheduler.finished(&ran, cycle, &c));

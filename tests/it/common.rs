@@ -113,6 +113,7 @@ pub fn request(id: &str, prompt: &str) -> Request {
         prompt: prompt.into(),
         prompt_tokens: Request::estimate_tokens(prompt.len()),
         random_seed: 7,
+        stream: true,
         ..Default::default()
     }
 }

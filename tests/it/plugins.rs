@@ -60,9 +60,9 @@ impl<T: ?Sized + PluginCore> Twin<T> {
         assert_eq!(a, b, "native vs wasm decided headers");
         a
     }
-    fn first_chunk(&self, cycle: u64, endpoint: u32) {
-        self.native.first_chunk(cycle, endpoint).unwrap();
-        self.wasm.first_chunk(cycle, endpoint).unwrap();
+    fn first_chunk(&self, cycle: u64, endpoint: u32, now_ms: u64) {
+        self.native.first_chunk(cycle, endpoint, now_ms).unwrap();
+        self.wasm.first_chunk(cycle, endpoint, now_ms).unwrap();
     }
     fn finished(&self, cycle: u64, endpoint: u32) {
         let c = Completion { endpoint, outcome: Outcome::Completed, status: 200, usage: None };
@@ -563,7 +563,7 @@ fn inflight_load_producer_counts_until_released() {
     assert_eq!(column(&cols, INFLIGHT_REQUESTS), vec![1.0, 0.0]);
     p.decided(2, 1);
     // The first chunk releases the prompt tokens; the end releases the request.
-    p.first_chunk(1, 0);
+    p.first_chunk(1, 0, 0);
     let cols = p.produce(3, &req, &m, &[]);
     assert_eq!(column(&cols, INFLIGHT_TOKENS), vec![0.0, 1000.0]);
     assert_eq!(column(&cols, INFLIGHT_REQUESTS), vec![1.0, 1.0]);
@@ -581,9 +581,64 @@ fn inflight_load_producer_counts_until_released() {
     let cols = q.produce(1, &capped, &idle(1), &[]);
     assert_eq!(column(&cols, REQUEST_UNCACHED_TOKENS), vec![120.0]);
     q.decided(1, 0);
-    q.first_chunk(1, 0);
+    q.first_chunk(1, 0, 0);
     assert_eq!(column(&q.produce(2, &capped, &idle(1), &[]), INFLIGHT_TOKENS), vec![20.0]);
     rejected("inflight-load-producer", r#"{"outputRatio": -1}"#, "outputRatio");
+}
+
+/// A request whose first chunk is its end (not streamed, or decided by a peer replica) has
+/// its prompt tokens released when its prefill is estimated done: after the endpoint's
+/// prompt tokens ahead of it and its own, at the pace streamed requests taught (per
+/// endpoint, else the pool's), the default pace before any did.
+#[test]
+fn inflight_load_producer_releases_unstreamed_prompts_by_estimate() {
+    let p = producer::<InflightLoadProducer>("inflight-load-producer", "{}");
+    p.pool_changed(&pool(2));
+    let m = idle(2);
+    let req =
+        |tokens: usize, now_ms: u64, stream: bool| Request { now_ms, stream, ..request("r", &"x".repeat(4 * tokens)) };
+    let mut cycle = 0;
+    let mut send = |tokens: usize, now_ms: u64, stream: bool, endpoint: u32| {
+        cycle += 1;
+        p.produce(cycle, &req(tokens, now_ms, stream), &m, &[]);
+        p.decided(cycle, endpoint);
+        cycle
+    };
+    let load = |now_ms: u64| {
+        let cols = p.produce(1_000_000 + now_ms, &req(1, now_ms, true), &m, &[]);
+        (column(&cols, INFLIGHT_TOKENS), column(&cols, INFLIGHT_REQUESTS))
+    };
+    // Default pace, 0.1 ms a token: 1 000 tokens are done at 1 100; 500 more behind them
+    // at 1 150.
+    let a = send(1000, 1_000, false, 0);
+    let b = send(500, 1_000, false, 0);
+    assert_eq!(load(1_099), (vec![1500.0, 0.0], vec![2.0, 0.0]));
+    assert_eq!(load(1_100), (vec![500.0, 0.0], vec![2.0, 0.0]));
+    assert_eq!(load(1_150), (vec![0.0, 0.0], vec![2.0, 0.0]));
+    // Their first chunk (the whole answer) and end release nothing twice.
+    p.first_chunk(a, 0, 1_900);
+    p.finished(a, 0);
+    p.finished(b, 0);
+    assert_eq!(load(2_000), (vec![0.0, 0.0], vec![0.0, 0.0]));
+    // A streamed request holds its prompt until its first chunk, however long: 2 000 tokens
+    // prefilled in 400 ms teach endpoint 1 a pace of 0.2 ms a token, and the pool too.
+    let c = send(2000, 2_000, true, 1);
+    assert_eq!(load(2_399), (vec![0.0, 2000.0], vec![0.0, 1.0]));
+    p.first_chunk(c, 1, 2_400);
+    assert_eq!(load(2_400), (vec![0.0, 0.0], vec![0.0, 1.0]));
+    p.finished(c, 1);
+    let d = send(1000, 3_000, false, 1);
+    let e = send(100, 3_000, false, 0);
+    assert_eq!(load(3_019), (vec![100.0, 1000.0], vec![1.0, 1.0]));
+    assert_eq!(load(3_020), (vec![0.0, 1000.0], vec![1.0, 1.0]));
+    assert_eq!(load(3_200), (vec![0.0, 0.0], vec![1.0, 1.0]));
+    // An end before the estimate releases everything at once, and the estimate later nothing.
+    let f = send(1000, 4_000, false, 0);
+    p.finished(f, 0);
+    assert_eq!(load(4_001), (vec![0.0, 0.0], vec![1.0, 1.0]));
+    p.finished(d, 1);
+    p.finished(e, 0);
+    assert_eq!(load(5_000), (vec![0.0, 0.0], vec![0.0, 0.0]));
 }
 
 /// `kvPressureThreshold`: what a worker's in-flight requests commit to its KV cache (uncached
@@ -602,11 +657,11 @@ fn inflight_load_producer_counts_kv_commitments_past_the_threshold() {
     let tokens = |cycle: u64| column(&p.produce(cycle, &req, &m, &[]), INFLIGHT_TOKENS);
     assert_eq!(tokens(1), vec![0.0, 0.0]);
     p.decided(1, 0);
-    p.first_chunk(1, 0);
+    p.first_chunk(1, 0, 0);
     // 700 committed to endpoint 0: under 800, nothing added; its prompt is prefilled.
     assert_eq!(tokens(2), vec![0.0, 0.0]);
     p.decided(2, 0);
-    p.first_chunk(2, 0);
+    p.first_chunk(2, 0, 0);
     assert_eq!(tokens(3), vec![600.0, 0.0]);
     // 1 400 committed to endpoint 0: 600 past the threshold. Endpoint 1, without a cache
     // geometry, has only its waiting prompt.
@@ -620,7 +675,7 @@ fn inflight_load_producer_counts_kv_commitments_past_the_threshold() {
     for cycle in 1..=3 {
         q.produce(cycle, &req, &m, &[]);
         q.decided(cycle, 0);
-        q.first_chunk(cycle, 0);
+        q.first_chunk(cycle, 0, 0);
     }
     assert_eq!(column(&q.produce(4, &req, &m, &[]), INFLIGHT_TOKENS), vec![0.0, 0.0]);
     for bad in ["0", "1.5", "-0.2"] {

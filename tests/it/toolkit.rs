@@ -13,12 +13,12 @@ fn temp_dir(name: &str) -> TempDir {
     TempDir::new("toolkit", name)
 }
 
-/// A copy of a component whose contract version reads `version` instead of 0.2.0 (same
+/// A copy of a component whose contract version reads `version` instead of 0.3.0 (same
 /// length, so the binary stays well-formed).
 fn other_wit_version(bytes: &[u8], version: &str) -> Vec<u8> {
     let mut out = bytes.to_vec();
     for iface in ["plugin", "hooks", "types", "scorer"] {
-        let from = format!("llmd:scheduler/{iface}@0.2.0").into_bytes();
+        let from = format!("llmd:scheduler/{iface}@0.3.0").into_bytes();
         let to = format!("llmd:scheduler/{iface}@{version}").into_bytes();
         let mut i = 0;
         while let Some(pos) = out[i..].windows(from.len()).position(|w| w == from.as_slice()) {
@@ -41,13 +41,13 @@ fn check(file: &Path, params: &str) -> (bool, String) {
 
 #[test]
 fn a_component_for_another_wit_version_is_refused_naming_both() {
-    // 0.1.0 is the previous contract; 0.9.0 one from the future.
-    for version in ["0.1.0", "0.9.0"] {
+    // 0.2.0 is the previous contract, 0.1.0 the one before; 0.9.0 one from the future.
+    for version in ["0.2.0", "0.1.0", "0.9.0"] {
         let patched = other_wit_version(&wasm_file_bytes("queue_scorer"), version);
         let err = runtime().load("old", &patched, "{}", Default::default(), Default::default()).expect_err("refused");
         assert!(matches!(err, LoadError::WitVersion { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains(&format!("llmd:scheduler@{version}")) && text.contains("llmd:scheduler@0.2.0"), "{text}");
+        assert!(text.contains(&format!("llmd:scheduler@{version}")) && text.contains("llmd:scheduler@0.3.0"), "{text}");
     }
 }
 
@@ -66,9 +66,9 @@ fn plugin_check_gives_a_verdict_for_every_kind_of_plugin() {
         (write("junk.wasm", b"definitely not wasm"), "{}", Some("not a valid WebAssembly component")),
         (write("core.wasm", b"\0asm\x01\0\0\0"), "{}", Some("not a valid WebAssembly component")),
         (
-            write("old.wasm", &other_wit_version(&wasm_file_bytes("queue_scorer"), "0.1.0")),
+            write("old.wasm", &other_wit_version(&wasm_file_bytes("queue_scorer"), "0.2.0")),
             "{}",
-            Some("llmd:scheduler@0.1.0"),
+            Some("llmd:scheduler@0.2.0"),
         ),
         (dir.join("missing.wasm"), "{}", Some("cannot read the file")),
         (bad.clone(), r#"{"mode":"trap"}"#, Some("plugin trapped")),

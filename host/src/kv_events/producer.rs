@@ -61,7 +61,7 @@ impl PluginCore for KvEventsProducer {
         Ok(Vec::new())
     }
 
-    fn first_chunk(&self, _cycle: u64, _endpoint: u32) -> Result<(), PluginError> {
+    fn first_chunk(&self, _cycle: u64, _endpoint: u32, _now_ms: u64) -> Result<(), PluginError> {
         Ok(())
     }
 

@@ -30,6 +30,9 @@ pub struct ClusterSetup {
     pub shape: PoolShape,
     /// Seconds between two scrapes of a worker's metrics; 0 shows the scheduler the live state.
     pub scrape_interval: f64,
+    /// Requests ask for streamed responses; when false the first response bytes come with
+    /// the whole answer (the `first-chunk` hook then, and the TTFT is the whole response's).
+    pub stream: bool,
 }
 
 /// What became of a request.
@@ -82,6 +85,11 @@ pub fn request_id(index: usize) -> String {
     format!("replay-{index}")
 }
 
+/// Virtual seconds as the milliseconds plugins see (`now-ms`).
+fn ms(seconds: f64) -> u64 {
+    (seconds * 1000.0).max(0.0) as u64
+}
+
 /// Runs `policy` over `workload`; `tick(n)` reports `n` more requests routed (progress).
 ///
 /// With flow control in the policy's config, a request that finds the pool saturated (or
@@ -120,6 +128,7 @@ pub fn run(
     let mut run = Run {
         workload,
         seed,
+        stream: setup.stream,
         in_flight: vec![0; cluster.len()],
         routed_at: vec![VecDeque::new(); cluster.len()],
         cluster,
@@ -176,7 +185,7 @@ pub fn run(
         }
     }
     run.cluster.drain(&mut run.events);
-    deliver(policy, &mut run.events, &mut run.records, &mut run.in_flight);
+    deliver(policy, &mut run.events, &mut run.records, &mut run.in_flight, run.stream);
     run.result.records = run.records;
     run.result.tenants = workload
         .items
@@ -196,6 +205,8 @@ const MAX_DRAIN_S: f64 = 3600.0;
 struct Run<'a> {
     workload: &'a Workload,
     seed: u64,
+    /// `ClusterSetup::stream`.
+    stream: bool,
     cluster: Cluster,
     records: Vec<Record>,
     events: Vec<WorkerEvent>,
@@ -224,7 +235,7 @@ impl Run<'_> {
                 }
             }
         }
-        deliver(policy, &mut self.events, &mut self.records, &mut self.in_flight);
+        deliver(policy, &mut self.events, &mut self.records, &mut self.in_flight, self.stream);
     }
 
     /// The pool's saturation by the flow spec's detector, as the EPP computes it.
@@ -314,9 +325,9 @@ impl Run<'_> {
             headers,
             priority: item.priority,
             // Plugins see virtual time.
-            now_ms: (now * 1000.0).max(0.0) as u64,
+            now_ms: ms(now),
             user: None,
-            stream: true,
+            stream: self.stream,
             messages: None,
         };
         let candidates = self.cluster.metrics(now, DEFAULT_METRICS_STALENESS_MS);
@@ -362,16 +373,23 @@ impl Run<'_> {
 }
 
 /// Hands the events to the records and completions to the plugins, in time order.
-fn deliver(policy: &mut Policy, events: &mut Vec<WorkerEvent>, records: &mut [Record], in_flight: &mut [u32]) {
+/// Without `stream`, a request's first response bytes are its whole answer.
+fn deliver(
+    policy: &mut Policy,
+    events: &mut Vec<WorkerEvent>,
+    records: &mut [Record],
+    in_flight: &mut [u32],
+    stream: bool,
+) {
     // Invariant: a total order, so runs are reproducible whatever order workers reported in.
     events.sort_by(|a, b| a.at.total_cmp(&b.at).then(a.worker.cmp(&b.worker)).then(a.request.cmp(&b.request)));
     for e in events.drain(..) {
         let Some(record) = records.get_mut(e.request) else { continue };
         let cycle = e.request as u64 + 1;
         match e.kind {
-            EventKind::Token { index: 0 } => {
+            EventKind::Token { index: 0 } if stream => {
                 record.first_token = Some(e.at);
-                policy.first_chunk(record.variant, cycle, e.worker);
+                policy.first_chunk(record.variant, cycle, e.worker, ms(e.at));
             }
             EventKind::Token { .. } => {}
             EventKind::Finished(u) => {
@@ -380,11 +398,11 @@ fn deliver(policy: &mut Policy, events: &mut Vec<WorkerEvent>, records: &mut [Re
                     cached_tokens: u.cached_tokens,
                     completion_tokens: u.completion_tokens,
                 };
-                // A prefill-only request's first (and only) answer is its end.
+                // A prefill-only or non-streamed request's first (and only) answer is its end.
                 let first_token = record.first_token.unwrap_or(e.at);
                 record.outcome = Outcome::Completed { first_token, finished: e.at, usage };
                 if record.first_token.is_none() {
-                    policy.first_chunk(record.variant, cycle, e.worker);
+                    policy.first_chunk(record.variant, cycle, e.worker, ms(e.at));
                 }
                 let done = Completion {
                     endpoint: e.worker,

@@ -137,6 +137,10 @@ pub struct ReplayArgs {
     /// No progress bar (it is drawn on stderr, and only when stderr is a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Requests ask for whole (non-streamed) responses: the first response bytes, and so
+    /// the `first-chunk` hook and the TTFT columns, come with the last token.
+    #[arg(long)]
+    pub no_stream: bool,
 }
 
 #[derive(clap::Parser)]
@@ -222,6 +226,7 @@ impl ReplayArgs {
             params: self.model_params()?,
             shape,
             scrape_interval: self.scrape_delay_ms / 1000.0,
+            stream: !self.no_stream,
         })
     }
 }

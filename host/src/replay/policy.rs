@@ -196,9 +196,9 @@ impl Policy {
 
     /// The first output of the request of cycle `cycle`, routed by `variant` to
     /// `endpoint`, came.
-    pub fn first_chunk(&self, variant: usize, cycle: u64, endpoint: u32) {
+    pub fn first_chunk(&self, variant: usize, cycle: u64, endpoint: u32, now_ms: u64) {
         if let Router::Scheduler(s) = &self.router {
-            s.first_chunk(&[variant], cycle, endpoint);
+            s.first_chunk(&[variant], cycle, endpoint, now_ms);
         }
     }
 

@@ -310,6 +310,7 @@ impl WasmPlugin {
                 headers: needs.headers.then_some(headers.as_slice()),
                 prompt_tokens: r.prompt_tokens,
                 max_tokens: r.max_tokens,
+                streamed: r.stream,
                 priority: r.priority,
                 random_seed: r.random_seed,
             },
@@ -409,12 +410,12 @@ impl PluginCore for WasmPlugin {
         )
     }
 
-    fn first_chunk(&self, cycle: u64, endpoint: u32) -> Result<(), PluginError> {
+    fn first_chunk(&self, cycle: u64, endpoint: u32, now_ms: u64) -> Result<(), PluginError> {
         if !self.manifest.needs.first_chunk {
             return Ok(());
         }
         self.call(|live| {
-            on_any!(&live.exports, x => x.llmd_scheduler_hooks().call_first_chunk(&mut live.store, cycle, endpoint))
+            on_any!(&live.exports, x => x.llmd_scheduler_hooks().call_first_chunk(&mut live.store, cycle, endpoint, now_ms))
         })
     }
 

@@ -16,7 +16,7 @@ use super::instance::WasmPlugin;
 use super::sandbox::{HostState, Sandbox, TICK};
 
 /// The WIT package (name and version) this host speaks.
-pub const WIT_PACKAGE: &str = "llmd:scheduler@0.2.0";
+pub const WIT_PACKAGE: &str = "llmd:scheduler@0.3.0";
 const WIT_NAMESPACE: &str = "llmd:scheduler/";
 
 #[derive(Debug, thiserror::Error)]

@@ -67,7 +67,7 @@ class Hooks(exports.Hooks):
     def decided(self, cycle: int, endpoint: int):
         return []
 
-    def first_chunk(self, cycle: int, endpoint: int) -> None:
+    def first_chunk(self, cycle: int, endpoint: int, now_ms: int) -> None:
         pass
 
     def finished(self, cycle: int, completion) -> None:

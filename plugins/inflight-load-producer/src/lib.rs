@@ -5,6 +5,16 @@
 //! until the request finishes). Every decided request is released exactly once, however it
 //! ends (the host calls `finished` for completions, client cancellations and resets alike).
 //!
+//! A request whose first chunk says nothing of its prefill — a non-streamed one, whose
+//! first bytes are the whole answer, or one another replica decided (its chunks are seen
+//! there) — has its prompt tokens released when its prefill is estimated done instead:
+//! after the endpoint's prompt tokens ahead of it and its own, at the endpoint's prefill
+//! pace (not upstream, which holds them until the end: a long answer would then count
+//! as waiting prompt tokens for its whole decode). The pace is learned from streamed
+//! requests, the time from decision to first chunk per prompt token ahead and own (a
+//! moving average per endpoint, and one over the pool for endpoints without a sample
+//! yet); until a streamed request has taught it, `DEFAULT_PREFILL_MS_PER_TOKEN`.
+//!
 //! Columns written: `inflight/tokens` and `inflight/requests` (per candidate, live), and
 //! `inflight/request-tokens` — what *this* request would add to each candidate: its prompt
 //! tokens minus the leading blocks the prefix producer thinks the candidate holds,
@@ -23,7 +33,8 @@
 //! keeps them off. Endpoints that report no cache geometry get nothing added. With replicas
 //! sharing state, peers' requests commit theirs too: their decisions carry `max_tokens`.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use llmd_plugin_sdk::columns::{
     INFLIGHT_REQUESTS, INFLIGHT_TOKENS, REQUEST_UNCACHED_TOKENS, prefix_block_tokens, prefix_matched, prefix_namespace,
@@ -38,6 +49,17 @@ const PENDING_CYCLES: usize = 1024;
 /// Decided requests tracked at most (they are released by `finished`; this only bounds
 /// memory if a host ever failed to report an end).
 const MAX_IN_FLIGHT: usize = 1 << 20;
+/// Prefill pace assumed before any streamed request measured one: 10 000 prompt tokens a
+/// second, a single modern GPU's order for a mid-sized model.
+pub const DEFAULT_PREFILL_MS_PER_TOKEN: f64 = 0.1;
+/// A streamed request teaches the pace only when at least this many prompt tokens (ahead
+/// and its own) were to prefill: below, fixed costs (the network, a decode step the prefill
+/// waits for) dominate its time to first chunk.
+const LEARN_MIN_TOKENS: i64 = 64;
+/// Weight of a new sample in the moving averages of the pace.
+const LEARN_WEIGHT: f64 = 0.2;
+/// Bounds of a pace sample, ms per token (a clock glitch must not stall or zero releases).
+const PACE_BOUNDS: (f64, f64) = (1e-4, 10.0);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -63,6 +85,23 @@ struct Entry {
     output_tokens: i64,
     /// KV tokens committed until the end (uncached prompt + output estimate).
     kv_tokens: i64,
+    /// When it was decided (`now-ms` of its cycle).
+    decided_ms: u64,
+    /// Prompt tokens waiting on its endpoint before it, at the decision.
+    ahead: i64,
+    /// Released by the estimate at this time, not by the first chunk (a request whose
+    /// first chunk is its end, or a peer replica's).
+    release_at: Option<u64>,
+}
+
+/// What `produce` keeps of a cycle until `decided`.
+struct Produced {
+    ids: Vec<u32>,
+    /// Uncached prompt tokens per candidate.
+    uncached: Vec<f32>,
+    output_estimate: i64,
+    now_ms: u64,
+    stream: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,8 +121,14 @@ pub struct InflightLoadProducer {
     committed: HashMap<u32, i64>,
     /// Live load per endpoint.
     load: HashMap<u32, Load>,
-    /// Cycle → (candidate ids, uncached tokens per candidate, output estimate).
-    pending: Pending<(Vec<u32>, Vec<f32>, i64)>,
+    /// Prompt tokens decided and not yet prefilled, per endpoint.
+    prefill: HashMap<u32, i64>,
+    /// Learned prefill pace (ms per token) per endpoint, and over the pool.
+    pace: HashMap<u32, f64>,
+    pool_pace: Option<f64>,
+    /// Estimated releases: (due ms, cycle), soonest first.
+    due: BinaryHeap<Reverse<(u64, u64)>>,
+    pending: Pending<Produced>,
     in_flight: Pending<Entry>,
 }
 
@@ -97,6 +142,10 @@ impl Default for InflightLoadProducer {
             capacity: HashMap::new(),
             committed: HashMap::new(),
             load: HashMap::new(),
+            prefill: HashMap::new(),
+            pace: HashMap::new(),
+            pool_pace: None,
+            due: BinaryHeap::new(),
             pending: Pending::new(PENDING_CYCLES),
             in_flight: Pending::new(MAX_IN_FLIGHT),
         }
@@ -119,6 +168,54 @@ impl InflightLoadProducer {
         // Clamped at 0, as upstream: a release can never make load negative.
         l.tokens = (l.tokens + tokens).max(0);
         l.requests = (l.requests + requests).max(0);
+    }
+
+    /// The prefill pace of `endpoint`, ms per token: learned, else the pool's, else the
+    /// default.
+    pub fn pace(&self, endpoint: u32) -> f64 {
+        self.pace.get(&endpoint).copied().or(self.pool_pace).unwrap_or(DEFAULT_PREFILL_MS_PER_TOKEN)
+    }
+
+    /// Releases the prompt tokens of in-flight request `cycle` (its prefill is done), once.
+    fn release_prompt(&mut self, cycle: u64) -> Option<Entry> {
+        let e = self.in_flight.get_mut(cycle)?;
+        let before = *e;
+        e.prompt_tokens = 0;
+        if before.prompt_tokens != 0 {
+            self.add(before.endpoint, -before.prompt_tokens, 0);
+            if let Some(p) = self.prefill.get_mut(&before.endpoint) {
+                *p = (*p - before.prompt_tokens).max(0);
+            }
+        }
+        Some(before)
+    }
+
+    /// Releases the prompt tokens whose estimated prefill ended by `now_ms`.
+    fn release_due(&mut self, now_ms: u64) {
+        while let Some(&Reverse((at, cycle))) = self.due.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.due.pop();
+            // An entry that ended already, or was released by a chunk, is gone or zero.
+            if self.in_flight.get(cycle).is_some_and(|e| e.release_at == Some(at)) {
+                self.release_prompt(cycle);
+            }
+        }
+    }
+
+    /// A streamed request's first chunk at `now_ms`: its time since the decision per prompt
+    /// token that was to prefill on its endpoint teaches the pace.
+    fn learn(&mut self, e: &Entry, now_ms: u64) {
+        let tokens = e.ahead + e.prompt_tokens;
+        if tokens < LEARN_MIN_TOKENS || now_ms < e.decided_ms {
+            return;
+        }
+        let sample = ((now_ms - e.decided_ms) as f64 / tokens as f64).clamp(PACE_BOUNDS.0, PACE_BOUNDS.1);
+        let blend = |old: Option<f64>| old.map_or(sample, |o| o + LEARN_WEIGHT * (sample - o));
+        let endpoint = blend(self.pace.get(&e.endpoint).copied());
+        self.pace.insert(e.endpoint, endpoint);
+        self.pool_pace = Some(blend(self.pool_pace));
     }
 
     /// Load added to `endpoint` by KV commitments past `kvPressureThreshold` of its cache.
@@ -198,6 +295,8 @@ impl Plugin for InflightLoadProducer {
         // Counters of endpoints that left are dropped (requests still in flight to them are
         // released against nothing when they end).
         self.load.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        self.prefill.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        self.pace.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
         // Cache geometry and commitments serve `kvPressureThreshold` only.
         if self.pressure_threshold.is_none() {
             return;
@@ -210,40 +309,64 @@ impl Plugin for InflightLoadProducer {
     }
 
     fn decided(&mut self, cycle: u64, endpoint: u32) -> Vec<(String, String)> {
-        let Some((ids, uncached, estimate)) = self.pending.take(cycle) else { return Vec::new() };
-        let prompt = ids.iter().position(|&id| id == endpoint).and_then(|i| uncached.get(i)).copied().unwrap_or(0.0);
-        let prompt = prompt.max(0.0) as i64;
+        let Some(p) = self.pending.take(cycle) else { return Vec::new() };
+        let prompt = p.ids.iter().position(|&id| id == endpoint).and_then(|i| p.uncached.get(i)).copied();
+        let prompt = prompt.unwrap_or(0.0).max(0.0) as i64;
+        let estimate = p.output_estimate;
         let kv_tokens = if self.pressure_threshold.is_some() { prompt + estimate } else { 0 };
-        let entry = Entry { endpoint, prompt_tokens: prompt, output_tokens: self.held_output(estimate), kv_tokens };
+        let ahead = self.prefill.get(&endpoint).copied().unwrap_or(0);
+        // Without a first chunk that marks the prefill's end, the estimate does.
+        let release_at =
+            (!p.stream).then(|| p.now_ms.saturating_add(((ahead + prompt) as f64 * self.pace(endpoint)).ceil() as u64));
+        let entry = Entry {
+            endpoint,
+            prompt_tokens: prompt,
+            output_tokens: self.held_output(estimate),
+            kv_tokens,
+            decided_ms: p.now_ms,
+            ahead,
+            release_at,
+        };
         if kv_tokens != 0 {
             *self.committed.entry(endpoint).or_default() += kv_tokens;
         }
         self.add(endpoint, entry.prompt_tokens + entry.output_tokens, 1);
+        *self.prefill.entry(endpoint).or_default() += prompt;
+        if let Some(at) = release_at
+            && prompt > 0
+        {
+            self.due.push(Reverse((at, cycle)));
+        }
         self.in_flight.insert(cycle, entry);
         Vec::new()
     }
 
-    fn first_chunk(&mut self, cycle: u64, _endpoint: u32) {
+    fn first_chunk(&mut self, cycle: u64, _endpoint: u32, now_ms: u64) {
         // The prefill is done: its tokens no longer wait on the endpoint.
-        if let Some(e) = self.in_flight.get_mut(cycle) {
-            let (endpoint, tokens) = (e.endpoint, e.prompt_tokens);
-            e.prompt_tokens = 0;
-            self.add(endpoint, -tokens, 0);
+        if let Some(e) = self.release_prompt(cycle)
+            && e.release_at.is_none()
+            && e.prompt_tokens > 0
+        {
+            self.learn(&e, now_ms);
         }
+        self.release_due(now_ms);
     }
 
     fn finished(&mut self, cycle: u64, _completion: &Completion) {
-        if let Some(e) = self.in_flight.take(cycle) {
+        if self.release_prompt(cycle).is_some()
+            && let Some(e) = self.in_flight.take(cycle)
+        {
             if let Some(c) = self.committed.get_mut(&e.endpoint) {
                 *c = (*c - e.kv_tokens).max(0);
             }
-            self.add(e.endpoint, -(e.prompt_tokens + e.output_tokens), -1);
+            self.add(e.endpoint, -e.output_tokens, -1);
         }
     }
 }
 
 impl Producer for InflightLoadProducer {
     fn produce(&mut self, cycle: &Cycle) -> Vec<f32> {
+        self.release_due(cycle.now_ms);
         let n = cycle.len();
         let r = &cycle.request;
         let uncached: Vec<f32> = (0..n)
@@ -255,7 +378,14 @@ impl Producer for InflightLoadProducer {
         out.extend(cycle.ids.iter().map(|id| (self.load(*id).tokens + self.pressure(*id)) as f32));
         out.extend(cycle.ids.iter().map(|id| self.load(*id).requests as f32));
         out.extend(uncached.iter().map(|u| u + output as f32));
-        self.pending.insert(cycle.id, (cycle.ids.clone(), uncached, estimate));
+        let produced = Produced {
+            ids: cycle.ids.clone(),
+            uncached,
+            output_estimate: estimate,
+            now_ms: cycle.now_ms,
+            stream: r.stream,
+        };
+        self.pending.insert(cycle.id, produced);
         out
     }
 }

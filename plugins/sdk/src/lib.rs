@@ -25,7 +25,7 @@ include!(concat!(env!("OUT_DIR"), "/bindings_macros.rs"));
 pub use types::{CacheInfo, Completion, Cycle, EndpointInfo, Manifest, Needs, Outcome, Request, Usage};
 
 /// The WIT package version this SDK (and every plugin built with it) speaks.
-pub const WIT_VERSION: &str = "0.2.0";
+pub const WIT_VERSION: &str = "0.3.0";
 
 /// The WIT contract this SDK was built from (`wit/scheduler.wit`), for tools that write it
 /// out next to a plugin (`epp plugin new`) or build plugins in other languages.
@@ -46,8 +46,10 @@ pub trait Plugin: Default {
     fn decided(&mut self, _cycle: u64, _endpoint: u32) -> Vec<(String, String)> {
         Vec::new()
     }
-    /// The first response bytes of cycle `cycle` arrived from `endpoint`.
-    fn first_chunk(&mut self, _cycle: u64, _endpoint: u32) {}
+    /// The first response bytes of cycle `cycle` arrived from `endpoint` at `now_ms` (the
+    /// clock of `Cycle::now_ms`). For a request that is not streamed (`Request::stream`)
+    /// that is when the whole answer arrived.
+    fn first_chunk(&mut self, _cycle: u64, _endpoint: u32, _now_ms: u64) {}
     /// The request of cycle `cycle` ended; called exactly once per decided cycle.
     fn finished(&mut self, _cycle: u64, _completion: &Completion) {}
 }
@@ -94,6 +96,7 @@ macro_rules! __export_common {
                     headers: r.headers,
                     prompt_tokens: r.prompt_tokens,
                     max_tokens: r.max_tokens,
+                    stream: r.streamed,
                     priority: r.priority,
                     random_seed: r.random_seed,
                 },
@@ -149,8 +152,8 @@ macro_rules! __export_common {
             fn decided(cycle: u64, endpoint: u32) -> ::std::vec::Vec<(::std::string::String, ::std::string::String)> {
                 $state.with(|s| $crate::Plugin::decided(&mut *s.borrow_mut(), cycle, endpoint))
             }
-            fn first_chunk(cycle: u64, endpoint: u32) {
-                $state.with(|s| $crate::Plugin::first_chunk(&mut *s.borrow_mut(), cycle, endpoint))
+            fn first_chunk(cycle: u64, endpoint: u32, now_ms: u64) {
+                $state.with(|s| $crate::Plugin::first_chunk(&mut *s.borrow_mut(), cycle, endpoint, now_ms))
             }
             fn finished(cycle: u64, c: __wit::Completion) {
                 let completion = $crate::Completion {

@@ -113,6 +113,9 @@ pub struct Request {
     pub prompt_tokens: u32,
     /// The client's cap on generated tokens, when it gave one.
     pub max_tokens: Option<u32>,
+    /// The client asked for a streamed response; when false, `first_chunk` comes with the
+    /// whole answer (also false for a request another replica decided).
+    pub stream: bool,
     /// Negative priority means sheddable.
     pub priority: i32,
     /// Per-request randomness: use `rng::SplitMix64::new(random_seed)`.
