@@ -374,6 +374,7 @@ fn call_costs(runtime: &WasmRuntime, opts: &MicroOptions) -> Result<Vec<CallCost
             model: workload::MODEL.into(),
             prompt_tokens: Request::estimate_tokens(prompt.len()),
             prompt,
+            stream: true,
             ..Default::default()
         }
     };

@@ -89,6 +89,8 @@ pub fn scheduler_requests(count: usize, prompt_bytes: usize, shared: usize) -> V
                 prompt_tokens: Request::estimate_tokens(prompt.len()),
                 prompt,
                 random_seed: k as u64,
+                // Streamed, as the end-to-end and quality runs send them.
+                stream: true,
                 ..Default::default()
             }
         })
@@ -105,6 +107,7 @@ pub fn fresh_request(k: u64, prompt_bytes: usize) -> Request {
         prompt_tokens: Request::estimate_tokens(prompt.len()),
         prompt,
         random_seed: k,
+        stream: true,
         ..Default::default()
     }
 }

@@ -65,9 +65,11 @@ impl<T: ?Sized + PluginCore> Twin<T> {
         self.wasm.first_chunk(cycle, endpoint, now_ms).unwrap();
     }
     fn finished(&self, cycle: u64, endpoint: u32) {
-        let c = Completion { endpoint, outcome: Outcome::Completed, status: 200, usage: None };
-        self.native.finished(cycle, &c).unwrap();
-        self.wasm.finished(cycle, &c).unwrap();
+        self.ended(cycle, &Completion { endpoint, outcome: Outcome::Completed, status: 200, usage: None });
+    }
+    fn ended(&self, cycle: u64, c: &Completion) {
+        self.native.finished(cycle, c).unwrap();
+        self.wasm.finished(cycle, c).unwrap();
     }
     fn columns(&self, m: &Candidates, named: &[(&str, &[f32])]) -> Vec<f32> {
         assert_eq!(self.native.manifest(), self.wasm.manifest(), "native vs wasm manifest");
@@ -588,8 +590,8 @@ fn inflight_load_producer_counts_until_released() {
 
 /// A request whose first chunk is its end (not streamed, or decided by a peer replica) has
 /// its prompt tokens released when its prefill is estimated done: after the endpoint's
-/// prompt tokens ahead of it and its own, at the pace streamed requests taught (per
-/// endpoint, else the pool's), the default pace before any did.
+/// prompt tokens ahead of it and its own, at the pace streamed requests that completed
+/// taught (per endpoint, else the pool's), the default pace before any did.
 #[test]
 fn inflight_load_producer_releases_unstreamed_prompts_by_estimate() {
     let p = producer::<InflightLoadProducer>("inflight-load-producer", "{}");
@@ -627,10 +629,15 @@ fn inflight_load_producer_releases_unstreamed_prompts_by_estimate() {
     p.first_chunk(c, 1, 2_400);
     assert_eq!(load(2_400), (vec![0.0, 0.0], vec![0.0, 1.0]));
     p.finished(c, 1);
+    // A streamed request whose first bytes were an error (503 at once) teaches nothing.
+    let g = send(3000, 2_500, true, 1);
+    p.first_chunk(g, 1, 2_501);
+    p.ended(g, &Completion { endpoint: 1, outcome: Outcome::Completed, status: 503, usage: None });
     let d = send(1000, 3_000, false, 1);
     let e = send(100, 3_000, false, 0);
     assert_eq!(load(3_019), (vec![100.0, 1000.0], vec![1.0, 1.0]));
     assert_eq!(load(3_020), (vec![0.0, 1000.0], vec![1.0, 1.0]));
+    assert_eq!(load(3_199), (vec![0.0, 1000.0], vec![1.0, 1.0]));
     assert_eq!(load(3_200), (vec![0.0, 0.0], vec![1.0, 1.0]));
     // An end before the estimate releases everything at once, and the estimate later nothing.
     let f = send(1000, 4_000, false, 0);

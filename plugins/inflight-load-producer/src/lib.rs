@@ -13,7 +13,9 @@
 //! as waiting prompt tokens for its whole decode). The pace is learned from streamed
 //! requests, the time from decision to first chunk per prompt token ahead and own (a
 //! moving average per endpoint, and one over the pool for endpoints without a sample
-//! yet); until a streamed request has taught it, `DEFAULT_PREFILL_MS_PER_TOKEN`.
+//! yet), counted only once the request completed with a 2xx status (an error's first
+//! bytes come before any prefill); until a streamed request has taught it,
+//! `DEFAULT_PREFILL_MS_PER_TOKEN`.
 //!
 //! Columns written: `inflight/tokens` and `inflight/requests` (per candidate, live), and
 //! `inflight/request-tokens` — what *this* request would add to each candidate: its prompt
@@ -41,7 +43,7 @@ use llmd_plugin_sdk::columns::{
     prefix_total,
 };
 use llmd_plugin_sdk::pending::Pending;
-use llmd_plugin_sdk::{Completion, Cycle, EndpointInfo, Manifest, Needs, Plugin, Producer, params};
+use llmd_plugin_sdk::{Completion, Cycle, EndpointInfo, Manifest, Needs, Outcome, Plugin, Producer, params};
 use serde::Deserialize;
 
 /// Per-candidate costs of cycles produced for but not yet decided.
@@ -55,11 +57,13 @@ pub const DEFAULT_PREFILL_MS_PER_TOKEN: f64 = 0.1;
 /// A streamed request teaches the pace only when at least this many prompt tokens (ahead
 /// and its own) were to prefill: below, fixed costs (the network, a decode step the prefill
 /// waits for) dominate its time to first chunk.
-const LEARN_MIN_TOKENS: i64 = 64;
+const LEARN_MIN_TOKENS: i64 = 256;
 /// Weight of a new sample in the moving averages of the pace.
 const LEARN_WEIGHT: f64 = 0.2;
-/// Bounds of a pace sample, ms per token (a clock glitch must not stall or zero releases).
-const PACE_BOUNDS: (f64, f64) = (1e-4, 10.0);
+/// Bounds of a pace sample, ms per token: 10 million to 500 tokens a second. A clock
+/// glitch, or a first chunk held up by something else than the prefill (a full batch),
+/// must not stall or zero releases.
+const PACE_BOUNDS: (f64, f64) = (1e-4, 2.0);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -92,6 +96,8 @@ struct Entry {
     /// Released by the estimate at this time, not by the first chunk (a request whose
     /// first chunk is its end, or a peer replica's).
     release_at: Option<u64>,
+    /// The pace its first chunk showed, learned if it completes with a 2xx status.
+    sample: Option<f64>,
 }
 
 /// What `produce` keeps of a cycle until `decided`.
@@ -204,17 +210,21 @@ impl InflightLoadProducer {
         }
     }
 
-    /// A streamed request's first chunk at `now_ms`: its time since the decision per prompt
-    /// token that was to prefill on its endpoint teaches the pace.
-    fn learn(&mut self, e: &Entry, now_ms: u64) {
+    /// The pace a streamed request's first chunk at `now_ms` shows: its time since the
+    /// decision per prompt token that was to prefill on its endpoint.
+    fn sample(e: &Entry, now_ms: u64) -> Option<f64> {
         let tokens = e.ahead + e.prompt_tokens;
-        if tokens < LEARN_MIN_TOKENS || now_ms < e.decided_ms {
-            return;
+        if e.release_at.is_some() || tokens < LEARN_MIN_TOKENS || now_ms < e.decided_ms {
+            return None;
         }
-        let sample = ((now_ms - e.decided_ms) as f64 / tokens as f64).clamp(PACE_BOUNDS.0, PACE_BOUNDS.1);
+        Some(((now_ms - e.decided_ms) as f64 / tokens as f64).clamp(PACE_BOUNDS.0, PACE_BOUNDS.1))
+    }
+
+    /// Blends a completed request's sample into the pace of its endpoint and of the pool.
+    fn learn(&mut self, endpoint: u32, sample: f64) {
         let blend = |old: Option<f64>| old.map_or(sample, |o| o + LEARN_WEIGHT * (sample - o));
-        let endpoint = blend(self.pace.get(&e.endpoint).copied());
-        self.pace.insert(e.endpoint, endpoint);
+        let paced = blend(self.pace.get(&endpoint).copied());
+        self.pace.insert(endpoint, paced);
         self.pool_pace = Some(blend(self.pool_pace));
     }
 
@@ -326,6 +336,7 @@ impl Plugin for InflightLoadProducer {
             decided_ms: p.now_ms,
             ahead,
             release_at,
+            sample: None,
         };
         if kv_tokens != 0 {
             *self.committed.entry(endpoint).or_default() += kv_tokens;
@@ -344,18 +355,25 @@ impl Plugin for InflightLoadProducer {
     fn first_chunk(&mut self, cycle: u64, _endpoint: u32, now_ms: u64) {
         // The prefill is done: its tokens no longer wait on the endpoint.
         if let Some(e) = self.release_prompt(cycle)
-            && e.release_at.is_none()
             && e.prompt_tokens > 0
+            && let Some(sample) = Self::sample(&e, now_ms)
+            && let Some(held) = self.in_flight.get_mut(cycle)
         {
-            self.learn(&e, now_ms);
+            held.sample = Some(sample);
         }
         self.release_due(now_ms);
     }
 
-    fn finished(&mut self, cycle: u64, _completion: &Completion) {
+    fn finished(&mut self, cycle: u64, completion: &Completion) {
         if self.release_prompt(cycle).is_some()
             && let Some(e) = self.in_flight.take(cycle)
         {
+            if let Some(sample) = e.sample
+                && completion.outcome == Outcome::Completed
+                && (200..300).contains(&completion.status)
+            {
+                self.learn(e.endpoint, sample);
+            }
             if let Some(c) = self.committed.get_mut(&e.endpoint) {
                 *c = (*c - e.kv_tokens).max(0);
             }
