@@ -304,6 +304,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The `now-ms` plugins see: milliseconds since the router's clock started.
+fn millis_since(clock: Instant) -> u64 {
+    clock.elapsed().as_millis() as u64
+}
+
 impl Routed {
     /// The response headers arrived with `status` (0 when unknown): the breaker learns it.
     pub fn answered(&mut self, status: u16) {
@@ -321,7 +326,7 @@ impl Routed {
             return;
         }
         self.first_chunk = Some(self.started.elapsed());
-        let now_ms = self.clock.elapsed().as_millis() as u64;
+        let now_ms = millis_since(self.clock);
         let failures = self.built.scheduler.first_chunk(&[self.variant], self.cycle, self.endpoint_id, now_ms);
         self.built.metrics.hook_failures(&failures);
         if let Some(link) = &self.shadows {
@@ -511,7 +516,7 @@ impl Router {
 
     /// Milliseconds since the router started (the `now-ms` plugins see).
     pub fn now_ms(&self) -> u64 {
-        self.clock.elapsed().as_millis() as u64
+        millis_since(self.clock)
     }
 
     /// Counts a request in flight, or refuses it when `max_in_flight` are.

@@ -36,7 +36,7 @@
 //! sharing state, peers' requests commit theirs too: their decisions carry `max_tokens`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use llmd_plugin_sdk::columns::{
     INFLIGHT_REQUESTS, INFLIGHT_TOKENS, REQUEST_UNCACHED_TOKENS, prefix_block_tokens, prefix_matched, prefix_namespace,
@@ -304,14 +304,15 @@ impl Plugin for InflightLoadProducer {
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         // Counters of endpoints that left are dropped (requests still in flight to them are
         // released against nothing when they end).
-        self.load.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
-        self.prefill.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
-        self.pace.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        let live: HashSet<u32> = endpoints.iter().map(|e| e.id).collect();
+        self.load.retain(|id, _| live.contains(id));
+        self.prefill.retain(|id, _| live.contains(id));
+        self.pace.retain(|id, _| live.contains(id));
         // Cache geometry and commitments serve `kvPressureThreshold` only.
         if self.pressure_threshold.is_none() {
             return;
         }
-        self.committed.retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        self.committed.retain(|id, _| live.contains(id));
         self.capacity = endpoints
             .iter()
             .filter_map(|e| e.cache.filter(|c| c.tokens() > 0).map(|c| (e.id, c.tokens() as i64)))
