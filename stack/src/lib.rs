@@ -49,8 +49,24 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// A loopback port nothing listens on now, and that this process has not handed out before.
+/// Stacks start in parallel: a port released here could otherwise be found free again by
+/// another stack before its first user binds it, and Envoy binds its listeners with
+/// `SO_REUSEPORT` (its default on Linux), so two Envoys given one port would both start and
+/// share each other's connections.
 pub fn free_port() -> Result<u16, StackError> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(io("free port"))
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..256 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(io("free port"))?;
+        if HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(StackError::Setup("no free loopback port left that this process has not handed out".into()))
 }
 
 /// The `epp` binary: `explicit` if given; else the one in this build's target folder
@@ -834,6 +850,13 @@ mod tests {
         let stat = "4242 (epp (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 123 45 0 0 20 0 9 0 100 0 0";
         assert_eq!(parse_stat_ticks(stat), Some(168));
         assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..2000).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
     }
 
     #[test]

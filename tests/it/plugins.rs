@@ -175,6 +175,25 @@ fn rejected(type_name: &str, params: &str, field: &str) {
     assert!(text.contains("configuration") && text.contains(field), "{type_name} {params}: {text}");
 }
 
+/// A parameter of the wrong type is named in the load error, as an unknown one is.
+#[test]
+fn a_parameter_of_the_wrong_type_is_named_at_load() {
+    for (type_name, params, field) in [
+        ("inflight-load-producer", r#"{"outputRatio": 1.5, "kvPressureThreshold": "half"}"#, "kvPressureThreshold"),
+        ("token-load-scorer", r#"{"queueThresholdTokens": "many"}"#, "queueThresholdTokens"),
+        ("prefix-cache-affinity-filter", r#"{"affinityThreshold": [0.8]}"#, "affinityThreshold"),
+        ("active-request-scorer", r#"{"maxBusyScore": true}"#, "maxBusyScore"),
+        (
+            "session-affinity-scorer",
+            r#"{"sessionIdConfig": {"evictionTtlSeconds": "1h"}}"#,
+            "sessionIdConfig: invalid type",
+        ),
+        ("max-score-picker", r#"{"maxNumOfEndpoints": -2}"#, "maxNumOfEndpoints"),
+    ] {
+        rejected(type_name, params, field);
+    }
+}
+
 #[test]
 fn kv_cache_utilization_scorer_table() {
     let s = scorer::<KvCacheUtilizationScorer>("kv-cache-utilization-scorer", "{}");

@@ -15,7 +15,21 @@ pub fn parse<T: DeserializeOwned + Default>(params_json: &str) -> Result<T, Stri
     if !value.is_object() {
         return Err(format!("invalid parameters: expected an object of named parameters, got {value}"));
     }
-    serde_json::from_value(value).map_err(|e| format!("invalid parameters: {e}"))
+    serde_json::from_value(value.clone()).map_err(|e| match culprit::<T>(&value) {
+        Some(field) if !e.to_string().contains(&format!("`{field}`")) => format!("invalid parameters: {field}: {e}"),
+        _ => format!("invalid parameters: {e}"),
+    })
+}
+
+/// The parameter a failed parse stumbled on, found by parsing each one alone (serde's own
+/// message names an unknown field but not one of the wrong type); `None` when `T` needs
+/// more than one field at once.
+fn culprit<T: DeserializeOwned>(value: &serde_json::Value) -> Option<String> {
+    serde_json::from_value::<T>(serde_json::json!({})).ok()?;
+    value.as_object()?.iter().find_map(|(k, v)| {
+        let alone = serde_json::Value::Object(std::iter::once((k.clone(), v.clone())).collect());
+        serde_json::from_value::<T>(alone).is_err().then(|| k.clone())
+    })
 }
 
 /// A Go duration as upstream writes them (`2s`, `500ms`, `1m30s`, `1.5s`, `0s`, `0`; units
@@ -87,7 +101,27 @@ pub struct NoParams {}
 mod tests {
     use std::time::Duration;
 
-    use super::duration;
+    use super::{duration, parse};
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+    struct Knobs {
+        enabled: bool,
+        limit: u32,
+    }
+
+    #[test]
+    fn a_parameter_of_the_wrong_type_is_named() {
+        let err = parse::<Knobs>(r#"{"limit": 3, "enabled": "yes"}"#).unwrap_err();
+        assert!(err.starts_with("invalid parameters: enabled: invalid type"), "{err}");
+        let err = parse::<Knobs>(r#"{"limit": -1}"#).unwrap_err();
+        assert!(err.starts_with("invalid parameters: limit: "), "{err}");
+        // An unknown one is named by serde already, once.
+        let err = parse::<Knobs>(r#"{"limti": 3}"#).unwrap_err();
+        assert!(err.starts_with("invalid parameters: unknown field `limti`"), "{err}");
+        let ok = parse::<Knobs>(r#"{"enabled": true}"#).unwrap();
+        assert!(ok.enabled && ok.limit == 0);
+    }
 
     #[test]
     fn go_durations() {
