@@ -51,6 +51,8 @@ pub struct InferenceRequest {
 pub enum RequestError {
     #[error("request body is empty")]
     EmptyBody,
+    #[error("request trailers are not supported: end the request with its body")]
+    Trailers,
     #[error("request body is not valid UTF-8")]
     NotUtf8,
     #[error("request body is not valid JSON: {0}")]

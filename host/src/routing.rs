@@ -81,7 +81,8 @@ impl RouteError {
             RouteError::Saturated | RouteError::Overloaded(_) => (429, "ResourceExhausted"),
             RouteError::NoEndpoints | RouteError::SubsetUnavailable(_) => (503, "ServiceUnavailable"),
             RouteError::Scheduling(_) => (503, "ServiceUnavailable"),
-            RouteError::FlowControl(d) if d.status() == 429 => (429, "ResourceExhausted"),
+            // As upstream: a saturated pool or an expired wait is the client's to retry later.
+            RouteError::FlowControl(Dropped::Capacity | Dropped::Ttl) => (429, "ResourceExhausted"),
             RouteError::FlowControl(_) => (503, "ServiceUnavailable"),
             RouteError::Internal(_) => (500, "Internal"),
         };

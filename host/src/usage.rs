@@ -77,7 +77,9 @@ impl UsageTracker {
 }
 
 fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?.as_object()?;
+    // A streamed responses-API body carries it in its `response.completed` event, inside
+    // `response`.
+    let u = v.get("usage").or_else(|| v.get("response")?.get("usage"))?.as_object()?;
     let n = |v: Option<&Value>| v.and_then(Value::as_u64).map(|x| x.min(u32::MAX as u64) as u32);
     // Chat/completions name them prompt/completion; the responses API input/output.
     let prompt = n(u.get("prompt_tokens")).or(n(u.get("input_tokens")))?;
@@ -124,6 +126,15 @@ mod tests {
                 u(5, 0, 1),
             ),
             (Some("text/event-stream"), &["data: {\"usage\":null}\n\ndata: [DONE]"], None),
+            (
+                Some("text/event-stream"),
+                &[
+                    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+                    "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",",
+                    "\"usage\":{\"input_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":4},\"output_tokens\":2}}}\n\n",
+                ],
+                u(7, 4, 2),
+            ),
         ];
         for (ct, chunks, want) in cases {
             assert_eq!(run(*ct, chunks), *want, "{chunks:?}");

@@ -52,6 +52,47 @@ async fn sse_streams_through_with_usage() {
     assert_routed_as_picked(&stack, &r).await;
 }
 
+/// An HTTP/2 client whose request body ends with trailers: with the Envoy configs'
+/// `request_trailer_mode: SEND`, the trailers (not a body chunk) mark the body's end. Envoy
+/// would forward the EPP's body answer twice then, so the request gets a clear 400 at once
+/// rather than a duplicated body or a wait for Envoy's message timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_ended_by_trailers_gets_a_clear_400() {
+    let stack = Stack::start(2).await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.listener)).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake with Envoy");
+    tokio::spawn(conn);
+    let request = http::Request::post(stack.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trailers-1")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(completion("hello with trailers", 3).into(), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    send.send_trailers(trailers).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("no answer within 20 s: the trailers were not seen as the body's end")
+        .unwrap();
+    let status = response.status().as_u16();
+    assert!(response.headers().get("x-sim-worker").is_none(), "no worker may get a trailer-ended body");
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("request trailers are not supported"), "{text}");
+    // The same stack still routes ordinary requests.
+    let r = stack.post("/v1/completions", "after-trailers", &completion("plain", 2)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_prefix_goes_to_the_same_worker() {
     let stack = Stack::start(4).await;

@@ -1,6 +1,7 @@
 //! The ext_proc protocol spoken directly (no Envoy): a gRPC client plays the data plane
 //! against the in-process service, to check the wire details Envoy alone cannot easily
-//! provoke — subset hints, the body cap, body-less requests, re-chunking, buffered mode.
+//! provoke — subset hints, the body cap, body-less requests, re-chunking, buffered mode,
+//! request trailers.
 
 use std::sync::Arc;
 
@@ -210,4 +211,19 @@ async fn buffered_mode_routes_on_the_body_answer() {
     assert!(destination(&out[0]).is_none(), "headers pass untouched in buffered mode");
     assert!(matches!(out[1].response, Some(Resp::RequestBody(_))));
     assert!(destination(&out[1]).is_some(), "the route rides on the body answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_get_a_clear_400_not_a_hang() {
+    let url = server(2, 1 << 20).await;
+    // The last body chunk carries no end of stream: the trailers say the body is complete.
+    let first = with_mode(
+        msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))),
+        BodySendMode::FullDuplexStreamed,
+    );
+    let trailers = msg(Msg::RequestTrailers(Default::default()));
+    let out = exchange(&url, vec![first, body(BODY, false), trailers], 1).await;
+    let (status, text) = immediate_status(&out[0]);
+    assert_eq!(status, 400);
+    assert!(text.contains("request trailers are not supported"), "{text}");
 }

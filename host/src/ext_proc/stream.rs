@@ -1,7 +1,8 @@
 //! The state machine of one ext_proc stream (one HTTP request through Envoy).
 //!
 //! Request path, full-duplex mode (the upstream Envoy config): headers are held until the
-//! body's end of stream; the body is buffered (size cap → 413), parsed, the request routed,
+//! body's end of stream (a request whose body ends with trailers gets 400: see
+//! `request_trailers`); the body is buffered (size cap → 413), parsed, the request routed,
 //! then a headers answer (destination + cleared route cache + `envoy.lb` metadata) and the
 //! body as streamed mutations (moved, not copied, when it fits one message). A request whose
 //! headers end the stream is routed (or rejected) at once, or Envoy would wait for its
@@ -107,7 +108,7 @@ impl StreamState {
                 self.request_headers(h)
             }
             Msg::RequestBody(b) => self.request_body(b),
-            Msg::RequestTrailers(_) => vec![reply::continue_trailers(false)],
+            Msg::RequestTrailers(_) => self.request_trailers(),
             Msg::ResponseHeaders(h) => self.response_headers(h),
             Msg::ResponseBody(b) => self.response_body(b),
             Msg::ResponseTrailers(_) => {
@@ -187,6 +188,18 @@ impl StreamState {
             }
             Err(e) => self.fail(e),
         }
+    }
+
+    /// Request trailers. In full-duplex mode they, not a body chunk, mark the body's end. The
+    /// request is refused then, at once and with a clear error, not left to Envoy's message
+    /// timeout: Envoy (1.40) forwards a body answer twice when the request's trailers come
+    /// after it, so such a request cannot reach the worker intact. In the buffered modes the
+    /// body was already answered.
+    fn request_trailers(&mut self) -> Vec<ProcessingResponse> {
+        if !self.request_full_duplex || self.finished || self.routed.is_some() || self.ticket.is_some() {
+            return vec![reply::continue_trailers(false)];
+        }
+        self.fail(RouteError::BadRequest(request::RequestError::Trailers))
     }
 
     /// A request that waited in flow control's queue: returns the ticket to await, once.

@@ -59,14 +59,6 @@ pub enum Dropped {
 }
 
 impl Dropped {
-    /// HTTP status as upstream maps the outcome.
-    pub fn status(self) -> u16 {
-        match self {
-            Dropped::Capacity | Dropped::Ttl => 429,
-            _ => 503,
-        }
-    }
-
     /// The `x-llm-d-request-dropped-reason` value.
     pub fn reason(self) -> &'static str {
         match self {
@@ -416,7 +408,9 @@ mod tests {
             (Dropped::ShuttingDown, 503, "rejected-shutting-down"),
         ];
         for (d, status, reason) in cases {
-            assert_eq!((d.status(), d.reason()), (status, reason), "{d:?}");
+            // The status comes from the one mapping of errors to replies.
+            let reply = crate::routing::RouteError::FlowControl(d).reply();
+            assert_eq!((reply.status, d.reason(), reply.dropped_reason), (status, reason, Some(reason)), "{d:?}");
         }
     }
 }

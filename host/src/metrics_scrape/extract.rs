@@ -93,7 +93,14 @@ pub enum ExtractError {
     Inconsistent { name: String, label: &'static str },
     #[error("`{name}`: label `{label}` is 0")]
     Zero { name: String, label: &'static str },
+    #[error("`{name}`: label `{label}` is {value}, more than {max}")]
+    TooLarge { name: String, label: &'static str, value: u32, max: u32 },
 }
+
+/// The largest KV block an engine is believed to report, in tokens (vLLM's are 1 to a few
+/// hundred): a larger one would make the prefix index, which hashes prompts in the pool's
+/// largest block, match nothing on any endpoint.
+pub const MAX_BLOCK_SIZE: u32 = 4096;
 
 /// The engine's load from a page's samples.
 ///
@@ -144,7 +151,13 @@ fn fold(samples: &[Sample], name: &str, combine: fn(f64, f64) -> f64) -> Result<
         let value = sample?.value;
         acc = Some(acc.map_or(value, |a| combine(a, value)));
     }
-    Ok(acc)
+    // Each value is finite, but their sum may not be, nor fit the f32 the scorers read.
+    match acc {
+        Some(value) if !(value.is_finite() && value <= f64::from(f32::MAX)) => {
+            Err(ExtractError::BadValue { name: name.to_string(), value })
+        }
+        _ => Ok(acc),
+    }
 }
 
 fn lora(samples: &[Sample], name: &str) -> Result<Option<LoraInfo>, ExtractError> {
@@ -171,7 +184,16 @@ fn cache(samples: &[Sample], name: &str) -> Result<Option<CacheInfo>, ExtractErr
             0 => Err(ExtractError::Zero { name: name.to_string(), label }),
             n => Ok(n),
         };
-        let this = CacheInfo { block_size: positive(BLOCK_SIZE)?, num_gpu_blocks: positive(NUM_GPU_BLOCKS)? };
+        let block_size = positive(BLOCK_SIZE)?;
+        if block_size > MAX_BLOCK_SIZE {
+            return Err(ExtractError::TooLarge {
+                name: name.to_string(),
+                label: BLOCK_SIZE,
+                value: block_size,
+                max: MAX_BLOCK_SIZE,
+            });
+        }
+        let this = CacheInfo { block_size, num_gpu_blocks: positive(NUM_GPU_BLOCKS)? };
         info = Some(match info {
             None => this,
             Some(seen) if seen.block_size != this.block_size => {
@@ -410,6 +432,22 @@ mod tests {
             (
                 format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"0\"}} 1\n"),
                 cache_err(ExtractError::Zero { name: "vllm:cache_config_info".into(), label: NUM_GPU_BLOCKS }),
+            ),
+            (
+                format!("{base}vllm:cache_config_info{{block_size=\"1048576\",num_gpu_blocks=\"100\"}} 1\n"),
+                cache_err(ExtractError::TooLarge {
+                    name: "vllm:cache_config_info".into(),
+                    label: BLOCK_SIZE,
+                    value: 1_048_576,
+                    max: MAX_BLOCK_SIZE,
+                }),
+            ),
+            // Two finite series whose sum is not an f32.
+            (
+                "vllm:num_requests_waiting{engine=\"0\"} 1e38\nvllm:num_requests_waiting{engine=\"1\"} 3e38\n\
+                 vllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n"
+                    .to_string(),
+                bad("vllm:num_requests_waiting", 4e38),
             ),
             (
                 format!(

@@ -19,7 +19,7 @@ use super::workload::Workload;
 use crate::flow::Dropped;
 use crate::flow::detector::{self, EndpointLoad};
 use crate::flow::queue::{Expiry, FlowQueues, Meta, Rejection};
-use crate::routing::DEFAULT_METRICS_STALENESS_MS;
+use crate::routing::{DEFAULT_METRICS_STALENESS_MS, RouteError};
 
 /// The simulated cluster a run uses.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,7 +181,8 @@ pub fn run(
     }
     if let Some(q) = run.queues.as_mut() {
         for (_, _, index) in q.drain() {
-            run.records[index].outcome = Outcome::Rejected(Dropped::ShuttingDown.status());
+            run.records[index].outcome =
+                Outcome::Rejected(RouteError::FlowControl(Dropped::ShuttingDown).reply().status);
         }
     }
     run.cluster.drain(&mut run.events);
@@ -270,7 +271,7 @@ impl Run<'_> {
                 Expiry::Ttl => Dropped::Ttl,
                 Expiry::NoEndpoints => Dropped::TtlNoEndpoints,
             };
-            self.records[index].outcome = Outcome::Rejected(dropped.status());
+            self.records[index].outcome = Outcome::Rejected(RouteError::FlowControl(dropped).reply().status);
         }
         loop {
             let sat = self.saturation(&spec, now);
@@ -301,7 +302,7 @@ impl Run<'_> {
                 Rejection::Capacity => Dropped::Capacity,
                 Rejection::NoEndpoints => Dropped::CapacityNoEndpoints,
             };
-            self.records[index].outcome = Outcome::Rejected(dropped.status());
+            self.records[index].outcome = Outcome::Rejected(RouteError::FlowControl(dropped).reply().status);
         }
     }
 

@@ -314,10 +314,9 @@ impl Plugin for PrefixIndexProducer {
             self.clear();
         }
         for e in endpoints {
-            let capacity = e
-                .cache
-                .filter(|c| c.block_size > 0 && c.num_gpu_blocks > 0)
-                .map(|c| ((c.tokens() * TUNED_SLACK.0 / TUNED_SLACK.1 / block_tokens as u64) as usize).max(1));
+            let capacity = e.cache.filter(|c| c.block_size > 0 && c.num_gpu_blocks > 0).map(|c| {
+                ((c.tokens().saturating_mul(TUNED_SLACK.0) / TUNED_SLACK.1 / block_tokens as u64) as usize).max(1)
+            });
             let before = self.tuned.get(&e.id).copied();
             match capacity {
                 Some(c) => {
