@@ -7,6 +7,13 @@
 //! requests finish on the scheduler they started with. Any failure keeps the old scheduler,
 //! is logged with its reason, and counted in `epp_config_reload_total{result}`.
 //!
+//! What is compared is what was parsed: the file is read once per attempt, and the same bytes
+//! are parsed and fingerprinted, so an edit landing between the two is never taken for the
+//! running config. Right after the watch is installed the file is checked once, so an edit
+//! made while the EPP started is applied too. Sections read only at start (discovery, the
+//! metrics source, the state store) are not applied live; a reload that changes them says
+//! so in the log.
+//!
 //! It owns the config watcher thread and nothing on the request path.
 
 use std::collections::BTreeSet;
@@ -18,7 +25,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tracing::{info, warn};
 
-use crate::config::PickerConfig;
+use crate::config::{PickerConfig, PluginSpec};
 use crate::loader::{self, PluginSet};
 use crate::publisher::Publisher;
 use crate::routing::{Built, Router};
@@ -31,8 +38,9 @@ const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, PartialEq)]
 pub enum ReloadOutcome {
-    /// A new scheduler was published; these plugins were loaded afresh.
-    Applied { loaded: Vec<String> },
+    /// A new scheduler was published; these plugins were loaded afresh. `restart_needed`
+    /// names the sections that changed but apply only at start.
+    Applied { loaded: Vec<String>, restart_needed: Vec<&'static str> },
     /// Config and components are byte-for-byte what is running.
     Unchanged,
 }
@@ -52,10 +60,46 @@ struct State {
     /// bytes change (file events from unrelated writes in the folder must not loop).
     attempted: u64,
     plugins: PluginSet,
+    /// The start-only sections the process runs with.
+    start_only: StartOnly,
+}
+
+/// The parts of a config the EPP reads once, at start.
+#[derive(PartialEq)]
+struct StartOnly {
+    discovery: Option<PluginSpec>,
+    metrics_source: Option<(String, String)>,
+    state_store: Option<String>,
+}
+
+impl StartOnly {
+    fn of(config: &PickerConfig) -> StartOnly {
+        StartOnly {
+            discovery: config.discovery().cloned(),
+            metrics_source: config.metrics_source().ok().flatten(),
+            state_store: config.state_store.clone(),
+        }
+    }
+
+    /// The sections of `new` that differ from these.
+    fn changed(&self, new: &StartOnly) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.discovery != new.discovery {
+            out.push("the discovery plugin");
+        }
+        if self.metrics_source != new.metrics_source {
+            out.push("the metrics source");
+        }
+        if self.state_store != new.state_store {
+            out.push("stateStore");
+        }
+        out
+    }
 }
 
 impl Reloader {
-    /// `plugins` and `config` are what the running scheduler was built from.
+    /// `plugins` and `config` are what the running scheduler was built from. If the file
+    /// no longer parses to `config` (it changed since start-up), the first check rebuilds.
     pub fn new(
         runtime: WasmRuntime,
         path: PathBuf,
@@ -64,21 +108,28 @@ impl Reloader {
         config: &PickerConfig,
         plugins: PluginSet,
     ) -> Arc<Reloader> {
-        let fingerprint = fingerprint(&path, config);
+        let fingerprint = match read(&path) {
+            Ok((now, fp)) if now == *config => fp,
+            _ => 0,
+        };
         Arc::new(Reloader {
             runtime,
             path,
             router,
             publisher,
-            state: Mutex::new(State { fingerprint, attempted: fingerprint, plugins }),
+            state: Mutex::new(State {
+                fingerprint,
+                attempted: fingerprint,
+                plugins,
+                start_only: StartOnly::of(config),
+            }),
         })
     }
 
     /// Re-reads the config and, if anything changed, builds and publishes a new scheduler.
     pub fn reload(&self) -> Result<ReloadOutcome, String> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let config = PickerConfig::from_file(&self.path).map_err(|e| e.to_string())?;
-        let fp = fingerprint(&self.path, &config);
+        let (config, fp) = read(&self.path)?;
         if fp == state.fingerprint || fp == state.attempted {
             return Ok(ReloadOutcome::Unchanged);
         }
@@ -95,16 +146,20 @@ impl Reloader {
         self.publisher.scheduler(scheduler);
         state.plugins = built.plugins;
         state.fingerprint = fp;
-        Ok(ReloadOutcome::Applied { loaded: built.loaded })
+        let restart_needed = state.start_only.changed(&StartOnly::of(&config));
+        Ok(ReloadOutcome::Applied { loaded: built.loaded, restart_needed })
     }
 
     /// Reloads and reports the outcome in the log and the reload counter.
     pub fn reload_and_report(&self) {
         let telemetry = self.router.telemetry();
         match self.reload() {
-            Ok(ReloadOutcome::Applied { loaded }) => {
+            Ok(ReloadOutcome::Applied { loaded, restart_needed }) => {
                 telemetry.config_reload(true);
                 info!(path = %self.path.display(), reloaded_plugins = ?loaded, "config reloaded; new scheduler published");
+                for section in restart_needed {
+                    warn!(path = %self.path.display(), "config: {section} changed, but it is read at start only; restart the EPP to apply it");
+                }
             }
             Ok(ReloadOutcome::Unchanged) => {}
             Err(reason) => {
@@ -118,6 +173,7 @@ impl Reloader {
     /// that stops watching when dropped.
     pub fn watch(self: Arc<Self>) -> Result<ConfigWatch, String> {
         let (tx, rx) = mpsc::channel::<()>();
+        let first_check = tx.clone();
         // Only the config, its components and symlink-swap names (`..data`) matter: the
         // folders may hold busy files (logs) whose writes must not trigger anything.
         let names: Arc<Mutex<BTreeSet<std::ffi::OsString>>> = Arc::default();
@@ -142,6 +198,8 @@ impl Reloader {
         .map_err(|e| e.to_string())?;
         let mut watched = BTreeSet::new();
         self.watch_dirs(&mut watcher, &mut watched, &names);
+        // One check now that the watch is on: an edit made while the EPP started is applied.
+        let _ = first_check.send(());
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("epp-config-watch".into())
@@ -202,9 +260,18 @@ fn parent(p: &Path) -> PathBuf {
     }
 }
 
-/// A hash of the config file's bytes and of every component file it names.
-fn fingerprint(path: &Path, config: &PickerConfig) -> u64 {
-    let mut bytes = std::fs::read(path).unwrap_or_default();
+/// Reads the config once; parses and fingerprints the same bytes.
+fn read(path: &Path) -> Result<(PickerConfig, u64), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let config = PickerConfig::parse(text, path.parent()).map_err(|e| e.to_string())?;
+    let fp = fingerprint(&bytes, &config);
+    Ok((config, fp))
+}
+
+/// A hash of the config's bytes and of every component file it names.
+fn fingerprint(config_bytes: &[u8], config: &PickerConfig) -> u64 {
+    let mut bytes = config_bytes.to_vec();
     for p in config.plugins.iter().filter_map(|p| p.wasm.as_deref()) {
         bytes.extend_from_slice(p.as_os_str().as_encoded_bytes());
         bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default()).to_le_bytes());

@@ -19,6 +19,7 @@ mod plugins;
 mod properties;
 mod publisher;
 mod python_plugin;
+mod reload;
 mod replay;
 mod sandbox;
 mod stack;
