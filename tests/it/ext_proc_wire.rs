@@ -211,6 +211,18 @@ async fn buffered_mode_routes_on_the_body_answer() {
     assert!(destination(&out[0]).is_none(), "headers pass untouched in buffered mode");
     assert!(matches!(out[1].response, Some(Resp::RequestBody(_))));
     assert!(destination(&out[1]).is_some(), "the route rides on the body answer");
+
+    // A buffered body comes as one message: 6 MiB (over gRPC's usual 4 MiB) under a 16 MiB
+    // cap is routed; over the cap it gets 413, not a broken stream.
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(6 << 20));
+    let url = server(2, 16 << 20).await;
+    let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
+    let out = exchange(&url, vec![first, body(big.as_bytes(), true)], 2).await;
+    assert!(destination(&out[1]).is_some(), "{:?}", out[1].response.as_ref().map(|_| "not routed"));
+    let url = server(2, (11 << 20) / 2).await;
+    let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
+    let out = exchange(&url, vec![first, body(big.as_bytes(), true)], 2).await;
+    assert_eq!(immediate_status(&out[1]).0, 413);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,8 +35,12 @@ impl ExtProc {
         ExtProc { router, max_body }
     }
 
+    /// The gRPC service. Its message limit follows the body cap: in the buffered modes Envoy
+    /// sends a whole body as one message, which tonic's default (4 MiB) would refuse before
+    /// the cap could answer 413.
     pub fn into_server(self) -> ExternalProcessorServer<ExtProc> {
-        ExternalProcessorServer::new(self)
+        let limit = self.max_body.saturating_add(1 << 20);
+        ExternalProcessorServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit)
     }
 }
 
