@@ -165,3 +165,17 @@ pub fn columns_for(manifest: &Manifest, candidates: &Candidates, named: &[(&str,
 pub fn input<'a>(cycle: u64, req: &'a Request, candidates: &'a Candidates, columns: &'a [f32]) -> CallInput<'a> {
     CallInput { cycle, request: req, ids: &candidates.ids, columns }
 }
+
+/// The start of a config: its header and a watched file discovery of `endpoints`; the
+/// plugins that follow are appended by the caller.
+pub fn config_head(endpoints: &str) -> String {
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- name: file-discovery
+  type: file-discovery
+  parameters: {{path: {endpoints}, watchFile: true}}
+"
+    )
+}

@@ -6,18 +6,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::wasm_file_bytes;
+use crate::common::{config_head, wasm_file_bytes};
 use crate::stack::{Stack, eventually};
 
 fn config(endpoints: &std::path::Path) -> String {
     format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- name: file-discovery
-  type: file-discovery
-  parameters: {{path: {}, watchFile: true}}
-- type: queue-scorer
+        "{}- type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: no-hit-lru-scorer
@@ -56,7 +50,7 @@ experiment:
   - {{name: random-shadow, profile: random, shadow: true}}
   - {{name: trap-shadow, profile: trapping, shadow: true}}
 ",
-        endpoints.display()
+        config_head(&endpoints.display().to_string())
     )
 }
 

@@ -11,25 +11,20 @@ use epp::routing::Router;
 use epp::telemetry::Telemetry;
 use epp_stack::Scratch;
 
-use crate::common::runtime;
+use crate::common::{config_head, runtime};
 
 /// A config whose queue scorer weighs `queue` and whose endpoints file is `endpoints`.
 fn config(queue: u32, endpoints: &str) -> String {
     format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- name: file-discovery
-  type: file-discovery
-  parameters: {{path: {endpoints}, watchFile: true}}
-- type: queue-scorer
+        "{}- type: queue-scorer
 - type: max-score-picker
 schedulingProfiles:
 - name: default
   plugins:
   - {{pluginRef: queue-scorer, weight: {queue}}}
   - {{pluginRef: max-score-picker}}
-"
+",
+        config_head(endpoints)
     )
 }
 
