@@ -11,8 +11,10 @@
 //! A watch on the file itself would stay on the old inode. Events on the file's own name
 //! always trigger a re-read; events on other names do only while the path is a symlink (the
 //! ConfigMap case). Every re-read compares the bytes with the last ones processed, so
-//! spurious events cost one read and nothing else. Not seen: in-place edits to a symlink's
-//! target when that target lives outside the watched directory.
+//! spurious events cost one read and nothing else. A file written in place (not renamed
+//! over) is read when its writer closes it, where the watcher reports closes (inotify), so a
+//! slow writer's half-written file is not taken for the pool. Not seen: in-place edits to a
+//! symlink's target when that target lives outside the watched directory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tracing::{debug, error, info, warn};
 
@@ -34,6 +36,10 @@ const QUIET: Duration = Duration::from_millis(20);
 /// A steady stream of events must not postpone a reload forever: changes are applied
 /// within this (plus one read and parse), well inside the 100 ms we promise.
 const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
+/// A file written in place is read once its writer closes it (where the watcher reports
+/// closes), or after this long with the writer still at it: a slow writer's half-written
+/// file may parse, and must not be published as the pool.
+const MAX_WRITER_WAIT: Duration = Duration::from_secs(1);
 
 /// Reload counters, a snapshot of the live ones (Prometheus export reads these).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,7 +171,16 @@ impl Watch {
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|e| DiscoveryError::Watch(format!("cannot watch directory {}: {e}", dir.display())))?;
-        let worker = Worker { path: path.to_path_buf(), file_name, rx, seen: Seen::Bytes(initial), shared, on_update };
+        let worker = Worker {
+            path: path.to_path_buf(),
+            file_name,
+            rx,
+            seen: Seen::Bytes(initial),
+            shared,
+            on_update,
+            closes_reported: RecommendedWatcher::kind() == notify::WatcherKind::Inotify,
+            writing: false,
+        };
         let thread = std::thread::Builder::new()
             .name("epp-discovery".into())
             .spawn(move || worker.run())
@@ -200,6 +215,10 @@ struct Worker {
     seen: Seen,
     shared: Arc<Shared>,
     on_update: OnUpdate,
+    /// Whether the watcher reports a writer closing a file (inotify does).
+    closes_reported: bool,
+    /// The file was written in place and its writer has not closed it yet.
+    writing: bool,
 }
 
 impl Worker {
@@ -208,7 +227,7 @@ impl Worker {
         self.check();
         loop {
             match self.rx.recv() {
-                Ok(Msg::Fs(event)) if self.concerns_file(&event) => {}
+                Ok(Msg::Fs(event)) if self.concerns_file(&event) => self.note(&event),
                 Ok(Msg::Fs(_)) => continue,
                 Ok(Msg::Stop) | Err(_) => return,
             }
@@ -219,19 +238,42 @@ impl Worker {
         }
     }
 
-    /// Waits for a burst of events to settle; false when asked to stop.
-    fn debounce(&self) -> bool {
+    /// Waits for a burst of events to settle (and for an in-place writer to close the
+    /// file, at most `MAX_WRITER_WAIT`); false when asked to stop.
+    fn debounce(&mut self) -> bool {
         let start = Instant::now();
         loop {
-            let left = MAX_DEBOUNCE.saturating_sub(start.elapsed());
+            let cap = if self.writing { MAX_WRITER_WAIT } else { MAX_DEBOUNCE };
+            let left = cap.saturating_sub(start.elapsed());
             if left.is_zero() {
+                if self.writing {
+                    debug!(path = %self.path.display(), "the endpoints file's writer is still at it; reading it anyway");
+                    self.writing = false;
+                }
                 return true;
             }
             match self.rx.recv_timeout(QUIET.min(left)) {
-                Ok(Msg::Fs(_)) => continue,
+                Ok(Msg::Fs(event)) => self.note(&event),
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) if self.writing => continue,
                 Err(RecvTimeoutError::Timeout) => return true,
             }
+        }
+    }
+
+    /// Follows whether the file is being written in place: data written to it opens a
+    /// write, a close after writing or a rename over it ends it.
+    fn note(&mut self, event: &notify::Result<notify::Event>) {
+        let Ok(event) = event else { return };
+        if !self.closes_reported || !event.paths.iter().any(|p| p.file_name() == Some(self.file_name.as_os_str())) {
+            return;
+        }
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_)) => self.writing = true,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_) => self.writing = false,
+            _ => {}
         }
     }
 
@@ -536,6 +578,29 @@ mod tests {
         assert_eq!(next_update(&rx, "second swap"), ["b@127.0.0.3:9000{}"]);
         d.stop();
         assert_eq!(d.stats(), DiscoveryStats { reloads_applied: 2, reloads_rejected: 0, last_error: None });
+    }
+
+    /// A slow writer rewriting the file in place: what it has written so far parses (one
+    /// endpoint), but only the finished file (two) may become the pool.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
+        use std::io::Write;
+        let dir = TempDir::new("slow-writer");
+        let path = dir.0.join("endpoints.yaml");
+        std::fs::write(&path, AB).unwrap();
+        let (mut d, rx) = start(&path, true);
+        assert_eq!(next_update(&rx, "initial"), BOTH);
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(b"endpoints:\n- {name: c, address: 127.0.0.5, port: 8000}\n").unwrap();
+        file.flush().unwrap();
+        // Well past the debounce: a reader not waiting for the close would publish `c` alone.
+        std::thread::sleep(Duration::from_millis(300));
+        file.write_all(b"- {name: d, address: 127.0.0.6, port: 8000}\n").unwrap();
+        drop(file);
+        assert_eq!(next_update(&rx, "after the writer closed"), ["c@127.0.0.5:8000{}", "d@127.0.0.6:8000{}"]);
+        d.stop();
+        assert_eq!(d.stats().reloads_applied, 1, "no half-written set was published");
     }
 
     #[test]
