@@ -591,6 +591,10 @@ mod tests {
         std::fs::write(&path, AB).unwrap();
         let (mut d, rx) = start(&path, true);
         assert_eq!(next_update(&rx, "initial"), BOTH);
+        // The watcher's first check (for a change between the initial read and the watch)
+        // runs on its thread; the writer starts after it, as a writer at start-up cannot be
+        // told from a finished file.
+        std::thread::sleep(Duration::from_millis(200));
         let mut file = std::fs::File::create(&path).unwrap();
         file.write_all(b"endpoints:\n- {name: c, address: 127.0.0.5, port: 8000}\n").unwrap();
         file.flush().unwrap();
