@@ -7,6 +7,7 @@ pub mod datastore;
 pub mod discovery;
 pub mod experiment;
 pub mod ext_proc;
+pub mod file_watch;
 pub mod flow;
 pub mod health;
 pub mod kv_events;

@@ -14,27 +14,21 @@
 //! metrics source, the state store) are not applied live; a reload that changes them says
 //! so in the log.
 //!
-//! It owns the config watcher thread and nothing on the request path.
+//! Files are followed by `crate::file_watch`, with the endpoints file's rule: a config or
+//! component written in place is read once its writer closes it, not half-written. The watch
+//! runs on its own thread, nothing on the request path.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
 use tracing::{info, warn};
 
 use crate::config::{PickerConfig, PluginSpec};
+use crate::file_watch::FileWatch;
 use crate::loader::{self, PluginSet};
 use crate::publisher::Publisher;
 use crate::routing::{Built, Router};
 use crate::wasm::WasmRuntime;
-
-/// Quiet time after the last file event before a reload (editors write in bursts).
-const DEBOUNCE: Duration = Duration::from_millis(50);
-/// A change is applied at most this long after it is first seen, even if writes go on.
-const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, PartialEq)]
 pub enum ReloadOutcome {
@@ -169,94 +163,26 @@ impl Reloader {
         }
     }
 
-    /// Watches the config's folder and the folders of its `.wasm` files; returns a handle
-    /// that stops watching when dropped.
-    pub fn watch(self: Arc<Self>) -> Result<ConfigWatch, String> {
-        let (tx, rx) = mpsc::channel::<()>();
-        let first_check = tx.clone();
-        // Only the config, its components and symlink-swap names (`..data`) matter: the
-        // folders may hold busy files (logs) whose writes must not trigger anything.
-        let names: Arc<Mutex<BTreeSet<std::ffi::OsString>>> = Arc::default();
-        let filter = names.clone();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant = match &event {
-                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => false,
-                Ok(e) if e.need_rescan() || e.paths.is_empty() => true,
-                Ok(e) => {
-                    let names = filter.lock().unwrap_or_else(|p| p.into_inner());
-                    e.paths
-                        .iter()
-                        .filter_map(|p| p.file_name())
-                        .any(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
-                }
-                Err(_) => true,
-            };
-            if relevant {
-                let _ = tx.send(());
-            }
-        })
-        .map_err(|e| e.to_string())?;
-        let mut watched = BTreeSet::new();
-        self.watch_dirs(&mut watcher, &mut watched, &names);
-        // One check now that the watch is on: an edit made while the EPP started is applied.
-        let _ = first_check.send(());
+    /// Follows the config and the `.wasm` files it names (`crate::file_watch`: the same
+    /// rule as the endpoints file's), reloading on each change; the watch ends when the
+    /// returned handle is dropped.
+    pub fn watch(self: Arc<Self>) -> Result<FileWatch, String> {
         let me = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("epp-config-watch".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
-                    // Debounce: wait for a quiet moment (at most MAX_DEBOUNCE), then reload once.
-                    let first = std::time::Instant::now();
-                    while first.elapsed() < MAX_DEBOUNCE && rx.recv_timeout(DEBOUNCE).is_ok() {}
-                    me.reload_and_report();
-                    me.watch_dirs(&mut watcher, &mut watched, &names);
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        let watch = FileWatch::start("the config file", "epp-config-watch", self.files(), move || {
+            me.reload_and_report();
+            me.files()
+        })?;
         info!(path = %self.path.display(), "watching the config file and its plugins");
-        Ok(ConfigWatch { _thread: thread })
+        Ok(watch)
     }
 
-    /// Adds watches for the folders of the config and of every component it names now, and
-    /// records the file names that matter.
-    fn watch_dirs(
-        &self,
-        watcher: &mut notify::RecommendedWatcher,
-        watched: &mut BTreeSet<PathBuf>,
-        names: &Mutex<BTreeSet<std::ffi::OsString>>,
-    ) {
-        let mut dirs = vec![parent(&self.path)];
+    /// The config and the components it names now (only the config if it does not parse).
+    fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
         if let Ok(config) = PickerConfig::from_file(&self.path) {
             files.extend(config.plugins.iter().filter_map(|p| p.wasm.clone()));
         }
-        dirs.extend(files.iter().skip(1).map(|f| parent(f)));
-        {
-            let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
-            names.extend(files.iter().filter_map(|f| f.file_name().map(|n| n.to_os_string())));
-        }
-        for dir in dirs {
-            if !watched.contains(&dir) {
-                match watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                    Ok(()) => {
-                        watched.insert(dir);
-                    }
-                    Err(e) => warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
-                }
-            }
-        }
-    }
-}
-
-/// Keeps the watcher thread (which owns the watcher) alive; the process ends it.
-pub struct ConfigWatch {
-    _thread: std::thread::JoinHandle<()>,
-}
-
-fn parent(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        files
     }
 }
 

@@ -1,7 +1,8 @@
-//! The config reloader in process (no watcher, no Envoy): what it compares and what it says.
-//! The live swap under load is `e2e_reload`.
+//! The config reloader in process (no Envoy): what it compares, what it says, and how its
+//! watch reads a file being written. The live swap under load is `e2e_reload`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use epp::config::PickerConfig;
 use epp::datastore::Datastore;
@@ -31,13 +32,17 @@ schedulingProfiles:
 /// A reloader as the server makes it: built from `started` (the text parsed at start-up),
 /// while the file on disk may already hold something newer.
 fn reloader(scratch: &Scratch, started: &str) -> Arc<Reloader> {
+    reloader_and_router(scratch, started).0
+}
+
+fn reloader_and_router(scratch: &Scratch, started: &str) -> (Arc<Reloader>, Arc<Router>) {
     let path = scratch.path.join("conf").join("epp.yaml");
     let config = PickerConfig::parse(started, path.parent()).unwrap();
     let built = epp::loader::build(runtime(), &config, &Default::default()).unwrap();
     let router = Arc::new(Router::new(Arc::new(Datastore::new()), built.scheduler, Telemetry::new("test")));
     let (loaded_tx, _) = tokio::sync::watch::channel(false);
     let publisher = Publisher::start(router.clone(), Box::new(|_| {}), loaded_tx).unwrap();
-    Reloader::new(runtime().clone(), path, router, publisher, &config, built.plugins)
+    (Reloader::new(runtime().clone(), path, router.clone(), publisher, &config, built.plugins), router)
 }
 
 #[test]
@@ -79,4 +84,53 @@ fn start_only_sections_that_change_are_named() {
     scratch.write("epp.yaml", "plugins: [").unwrap();
     let err = r.reload().unwrap_err();
     assert!(!err.is_empty(), "a reason is given");
+}
+
+/// `epp_config_reload_total` by result: (applied, rejected).
+fn reload_counts(router: &Router) -> (u64, u64) {
+    let text = router.telemetry().render();
+    let count = |result: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("epp_config_reload_total") && l.contains(&format!("result=\"{result}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    (count("applied"), count("rejected"))
+}
+
+fn wait_for_applied(router: &Router, n: u64, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reload_counts(router).0 < n {
+        assert!(Instant::now() < deadline, "{context}: reloads never reached {n}: {:?}", reload_counts(router));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A config copied in place by a slow writer: what is written so far does not parse, and it
+/// must not be tried (counted as a rejected reload) before the writer closes the file.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_config_written_in_place_is_read_once_its_writer_closes_it() {
+    use std::io::Write;
+    let scratch = Scratch::new("reload-slow-writer").unwrap();
+    let path = scratch.write("epp.yaml", &config(1, "endpoints.yaml")).unwrap();
+    let (r, router) = reloader_and_router(&scratch, &config(1, "endpoints.yaml"));
+    let _watch = r.watch().unwrap();
+    // A rename the watch acts on: its first check (which a writer starting now could race)
+    // is then behind it.
+    let tmp = scratch.write("epp.yaml.tmp", &config(2, "endpoints.yaml")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    wait_for_applied(&router, 1, "renamed over");
+
+    let text = config(3, "endpoints.yaml");
+    let cut = text.find("queue-scorer").unwrap() + "queue-sc".len();
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&text.as_bytes()[..cut]).unwrap();
+    file.flush().unwrap();
+    // Well past the debounce: a watch not waiting for the close would try the half file.
+    std::thread::sleep(Duration::from_millis(300));
+    file.write_all(&text.as_bytes()[cut..]).unwrap();
+    drop(file);
+    wait_for_applied(&router, 2, "after the writer closed");
+    assert_eq!(reload_counts(&router), (2, 0), "the half-written config was never tried");
 }

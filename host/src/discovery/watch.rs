@@ -1,45 +1,22 @@
 //! `FileDiscovery`: loads the endpoints file once, then (with `watchFile`) keeps following it.
 //!
-//! It owns the `notify` watcher and one std thread that reloads the file, so it works with
-//! or without a tokio runtime and never blocks one. It publishes whole sets through the
-//! caller's callback and the `endpoints()` snapshot, and counts reloads; it does not decide
-//! anything about the endpoints themselves.
-//!
-//! The watch is on the file's *directory*, because the usual ways of replacing a file
-//! swap its inode: `mv endpoints.yaml.tmp endpoints.yaml`, or Kubernetes ConfigMap volumes,
-//! where `endpoints.yaml -> ..data/endpoints.yaml` and the `..data` symlink is renamed over.
-//! A watch on the file itself would stay on the old inode. Events on the file's own name
-//! always trigger a re-read; events on other names do only while the path is a symlink (the
-//! ConfigMap case). Every re-read compares the bytes with the last ones processed, so
-//! spurious events cost one read and nothing else. A file written in place (not renamed
-//! over) is read when its writer closes it, where the watcher reports closes (inotify), so a
-//! slow writer's half-written file is not taken for the pool. Not seen: in-place edits to a
-//! symlink's target when that target lives outside the watched directory.
+//! Following the file is `crate::file_watch`'s job (the same rule as the config's: folder
+//! watch for renames and ConfigMap symlink swaps, debounce, in-place writers waited for until
+//! they close the file). This module reads the file when told, publishes whole sets through
+//! the caller's callback and the `endpoints()` snapshot, and counts reloads; it does not
+//! decide anything about the endpoints themselves. Every re-read compares the bytes with the
+//! last ones processed, so spurious events cost one read and nothing else. Not seen: in-place
+//! edits to a symlink's target when that target lives outside the watched directory.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use notify::event::{AccessKind, AccessMode, ModifyKind};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::file::{parse_bytes, read_file, with_path};
 use super::{DiscoveryError, EndpointSpec, FileDiscoveryParams, Parsed, diff};
-
-/// A burst of events (a write is open, modify×n, close) is over after this much quiet.
-const QUIET: Duration = Duration::from_millis(20);
-/// A steady stream of events must not postpone a reload forever: changes are applied
-/// within this (plus one read and parse), well inside the 100 ms we promise.
-const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
-/// A file written in place is read once its writer closes it (where the watcher reports
-/// closes), or after this long with the writer still at it: a slow writer's half-written
-/// file may parse, and must not be published as the pool.
-const MAX_WRITER_WAIT: Duration = Duration::from_secs(1);
+use crate::file_watch::FileWatch;
 
 /// Reload counters, a snapshot of the live ones (Prometheus export reads these).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,7 +35,7 @@ type OnUpdate = Box<dyn Fn(Arc<Vec<EndpointSpec>>) + Send + Sync>;
 pub struct FileDiscovery {
     path: PathBuf,
     shared: Arc<Shared>,
-    watch: Option<Watch>,
+    watch: Option<FileWatch>,
 }
 
 /// What the handle and the reload thread both see.
@@ -92,7 +69,7 @@ impl FileDiscovery {
         let shared = Arc::new(Shared { current: ArcSwap::new(set.clone()), stats: Mutex::default() });
         on_update(set);
         let watch = match params.watch_file {
-            true => Some(Watch::start(&path, bytes, shared.clone(), Box::new(on_update))?),
+            true => Some(follow(&path, bytes, shared.clone(), Box::new(on_update))?),
             false => None,
         };
         Ok(Self { path, shared, watch })
@@ -125,7 +102,7 @@ impl FileDiscovery {
     /// Stops watching and waits for an in-progress reload to finish, so `on_update` is
     /// not called after this returns (unless called from within `on_update` itself).
     pub fn stop(&mut self) {
-        if let Some(watch) = self.watch.take() {
+        if let Some(mut watch) = self.watch.take() {
             watch.stop();
             info!(path = %self.path.display(), "stopped watching the endpoints file");
         }
@@ -138,68 +115,25 @@ impl Drop for FileDiscovery {
     }
 }
 
-enum Msg {
-    Fs(notify::Result<notify::Event>),
-    Stop,
-}
-
-struct Watch {
-    // Invariant: `Some` until `stop`, which drops it first so no event arrives after `Stop`.
-    watcher: Option<RecommendedWatcher>,
-    tx: mpsc::Sender<Msg>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Watch {
-    fn start(path: &Path, initial: Vec<u8>, shared: Arc<Shared>, on_update: OnUpdate) -> Result<Self, DiscoveryError> {
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| DiscoveryError::Watch(format!("{} does not name a file", path.display())))?
-            .to_os_string();
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let (tx, rx) = mpsc::channel();
-        let events = tx.clone();
-        // notify calls this on its own thread; sending never blocks, and a send after the
-        // worker ended has no one to tell.
-        let mut watcher = notify::recommended_watcher(move |event| {
-            let _ = events.send(Msg::Fs(event));
-        })
-        .map_err(|e| DiscoveryError::Watch(format!("cannot create a file watcher: {e}")))?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|e| DiscoveryError::Watch(format!("cannot watch directory {}: {e}", dir.display())))?;
-        let worker = Worker {
-            path: path.to_path_buf(),
-            file_name,
-            rx,
-            seen: Seen::Bytes(initial),
-            shared,
-            on_update,
-            closes_reported: RecommendedWatcher::kind() == notify::WatcherKind::Inotify,
-            writing: false,
-        };
-        let thread = std::thread::Builder::new()
-            .name("epp-discovery".into())
-            .spawn(move || worker.run())
-            .map_err(|e| DiscoveryError::Watch(format!("cannot start the reload thread: {e}")))?;
-        info!(path = %path.display(), dir = %dir.display(), "watching the endpoints file");
-        Ok(Self { watcher: Some(watcher), tx, thread: Some(thread) })
+/// Starts following `path` (its content at start is `initial`).
+fn follow(
+    path: &Path,
+    initial: Vec<u8>,
+    shared: Arc<Shared>,
+    on_update: OnUpdate,
+) -> Result<FileWatch, DiscoveryError> {
+    if path.file_name().is_none() {
+        return Err(DiscoveryError::Watch(format!("{} does not name a file", path.display())));
     }
-
-    fn stop(mut self) {
-        drop(self.watcher.take());
-        // The worker may already have ended (it panicked in `on_update`); nothing to tell.
-        let _ = self.tx.send(Msg::Stop);
-        if let Some(thread) = self.thread.take() {
-            // Joining ourselves would deadlock: `on_update` dropped the handle.
-            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
-                error!("the endpoints reload thread panicked");
-            }
-        }
-    }
+    let mut worker = Worker { path: path.to_path_buf(), seen: Seen::Bytes(initial), shared, on_update };
+    let files = vec![path.to_path_buf()];
+    let watch = FileWatch::start("the endpoints file", "epp-discovery", files.clone(), move || {
+        worker.check();
+        files.clone()
+    })
+    .map_err(DiscoveryError::Watch)?;
+    info!(path = %path.display(), "watching the endpoints file");
+    Ok(watch)
 }
 
 /// The last file state the worker acted on, to tell a real change from a repeated event.
@@ -210,99 +144,12 @@ enum Seen {
 
 struct Worker {
     path: PathBuf,
-    file_name: OsString,
-    rx: mpsc::Receiver<Msg>,
     seen: Seen,
     shared: Arc<Shared>,
     on_update: OnUpdate,
-    /// Whether the watcher reports a writer closing a file (inotify does).
-    closes_reported: bool,
-    /// The file was written in place and its writer has not closed it yet.
-    writing: bool,
 }
 
 impl Worker {
-    fn run(mut self) {
-        // The file may have changed between the initial read and the watch starting.
-        self.check();
-        loop {
-            match self.rx.recv() {
-                Ok(Msg::Fs(event)) if self.concerns_file(&event) => self.note(&event),
-                Ok(Msg::Fs(_)) => continue,
-                Ok(Msg::Stop) | Err(_) => return,
-            }
-            if !self.debounce() {
-                return;
-            }
-            self.check();
-        }
-    }
-
-    /// Waits for a burst of events to settle (and for an in-place writer to close the
-    /// file, at most `MAX_WRITER_WAIT`); false when asked to stop.
-    fn debounce(&mut self) -> bool {
-        let start = Instant::now();
-        loop {
-            let cap = if self.writing { MAX_WRITER_WAIT } else { MAX_DEBOUNCE };
-            let left = cap.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                if self.writing {
-                    debug!(path = %self.path.display(), "the endpoints file's writer is still at it; reading it anyway");
-                    self.writing = false;
-                }
-                return true;
-            }
-            match self.rx.recv_timeout(QUIET.min(left)) {
-                Ok(Msg::Fs(event)) => self.note(&event),
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
-                Err(RecvTimeoutError::Timeout) if self.writing => continue,
-                Err(RecvTimeoutError::Timeout) => return true,
-            }
-        }
-    }
-
-    /// Follows whether the file is being written in place: data written to it opens a
-    /// write, a close after writing or a rename over it ends it.
-    fn note(&mut self, event: &notify::Result<notify::Event>) {
-        let Ok(event) = event else { return };
-        if !self.closes_reported || !event.paths.iter().any(|p| p.file_name() == Some(self.file_name.as_os_str())) {
-            return;
-        }
-        match event.kind {
-            EventKind::Modify(ModifyKind::Data(_)) => self.writing = true,
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(_))
-            | EventKind::Remove(_) => self.writing = false,
-            _ => {}
-        }
-    }
-
-    fn concerns_file(&self, event: &notify::Result<notify::Event>) -> bool {
-        let event = match event {
-            Ok(event) => event,
-            // Lost events (queue overflow) or a backend error: the file may have changed.
-            Err(e) => {
-                warn!(path = %self.path.display(), error = %e, "file watcher error; re-reading the endpoints file");
-                return true;
-            }
-        };
-        match event.kind {
-            // Opens and reads, ours included, change nothing; a close after writing does.
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
-            EventKind::Access(_) => return false,
-            _ => {}
-        }
-        if event.paths.is_empty() || event.need_rescan() {
-            return true;
-        }
-        if event.paths.iter().any(|p| p.file_name() == Some(self.file_name.as_os_str())) {
-            return true;
-        }
-        // A symlinked file changes when any link on the way to it is swapped, and those
-        // links have other names (`..data`).
-        std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_symlink())
-    }
-
     /// Re-reads the file and acts on it if it differs from what was last seen.
     fn check(&mut self) {
         match read_file(&self.path) {
@@ -370,6 +217,8 @@ fn log_entry_problems(path: &Path, parsed: &Parsed) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
 
     const DEADLINE: Duration = Duration::from_secs(5);
 
