@@ -21,7 +21,9 @@
 //! The caller's `on_change` runs on the watch's own thread, never concurrently with
 //! itself: once right after the watch is installed (a change between the caller's own read
 //! and the watch starting is not missed), then after each settled burst. It returns the
-//! files to follow from then on (a config may name other components after a reload).
+//! files to follow from then on (a config may name other components after a reload), and
+//! may ask to be called again after a while without any event (a retry after a failure
+//! that may pass, such as a deadline missed on a busy machine).
 //! Comparing contents is the caller's job: a spurious call must cost one read and nothing
 //! else. It works with or without a tokio runtime and never blocks one.
 
@@ -46,6 +48,20 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
 /// The longest wait for an in-place writer to close the file.
 pub const MAX_WRITER_WAIT: Duration = Duration::from_secs(1);
 
+/// What `on_change` asks for next.
+pub struct Follow {
+    /// The files to follow from now on.
+    pub files: Vec<PathBuf>,
+    /// Call `on_change` again after this long if no event comes first.
+    pub again_in: Option<Duration>,
+}
+
+impl Follow {
+    pub fn files(files: Vec<PathBuf>) -> Follow {
+        Follow { files, again_in: None }
+    }
+}
+
 enum Msg {
     Fs(notify::Result<notify::Event>),
     Stop,
@@ -69,7 +85,7 @@ impl FileWatch {
         what: &'static str,
         thread: &str,
         files: Vec<PathBuf>,
-        on_change: impl FnMut() -> Vec<PathBuf> + Send + 'static,
+        on_change: impl FnMut() -> Follow + Send + 'static,
     ) -> Result<FileWatch, String> {
         let (tx, rx) = mpsc::channel();
         let events = tx.clone();
@@ -89,6 +105,7 @@ impl FileWatch {
             names: BTreeSet::new(),
             rx,
             on_change: Box::new(on_change),
+            again_in: None,
             closes_reported,
             writing: BTreeSet::new(),
         };
@@ -139,7 +156,9 @@ struct Worker {
     files: Vec<PathBuf>,
     names: BTreeSet<OsString>,
     rx: mpsc::Receiver<Msg>,
-    on_change: Box<dyn FnMut() -> Vec<PathBuf> + Send>,
+    on_change: Box<dyn FnMut() -> Follow + Send>,
+    /// When `on_change` asked to be called again without an event.
+    again_in: Option<Duration>,
     /// Whether the watcher reports a writer closing a file (inotify does).
     closes_reported: bool,
     /// Followed names written in place whose writer has not closed them yet.
@@ -150,10 +169,15 @@ impl Worker {
     fn run(mut self) {
         self.changed();
         loop {
-            match self.rx.recv() {
-                Ok(Msg::Fs(event)) if self.counts(&event) => self.note(&event),
-                Ok(Msg::Fs(_)) => continue,
-                Ok(Msg::Stop) | Err(_) => return,
+            let event = self.next();
+            match event {
+                Ok(Msg::Fs(event)) => self.note(&event),
+                // Asked to be called again, and nothing came first.
+                Err(RecvTimeoutError::Timeout) => {
+                    self.changed();
+                    continue;
+                }
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
             if !self.debounce() {
                 return;
@@ -162,8 +186,25 @@ impl Worker {
         }
     }
 
+    /// The next counted event or `Stop`; `Timeout` when `on_change` asked to be called
+    /// again and its time came first.
+    fn next(&mut self) -> Result<Msg, RecvTimeoutError> {
+        let until = self.again_in.map(|wait| Instant::now() + wait);
+        loop {
+            let msg = match until {
+                Some(until) => self.rx.recv_timeout(until.saturating_duration_since(Instant::now()))?,
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)?,
+            };
+            match msg {
+                Msg::Fs(event) if !self.counts(&event) => continue,
+                msg => return Ok(msg),
+            }
+        }
+    }
+
     fn changed(&mut self) {
-        let files = (self.on_change)();
+        let Follow { files, again_in } = (self.on_change)();
+        self.again_in = again_in;
         if let Err((dir, e)) = self.follow(files) {
             warn!(dir = %dir.display(), error = %e, "cannot watch folder; changes to {} there are not seen", self.what);
         }
@@ -283,10 +324,7 @@ mod tests {
     }
 
     /// A watch whose `on_change` reports each call (with the file's text) on a channel.
-    fn watch(
-        files: Vec<PathBuf>,
-        next: impl Fn() -> Vec<PathBuf> + Send + 'static,
-    ) -> (FileWatch, mpsc::Receiver<String>) {
+    fn watch(files: Vec<PathBuf>, next: impl Fn() -> Follow + Send + 'static) -> (FileWatch, mpsc::Receiver<String>) {
         let (tx, rx) = mpsc::channel();
         let first = files[0].clone();
         let w = FileWatch::start("the test file", "test-watch", files, move || {
@@ -316,7 +354,7 @@ mod tests {
         std::fs::write(&b, "x").unwrap();
         // After the first call, `b` is followed too (as a config naming a component).
         let follow_b = vec![a.clone(), b.clone()];
-        let (mut w, rx) = watch(vec![a.clone()], move || follow_b.clone());
+        let (mut w, rx) = watch(vec![a.clone()], move || Follow::files(follow_b.clone()));
         assert_eq!(next(&rx, "first check"), "1");
         std::fs::write(&log, "busy").unwrap();
         none(&rx, "a log written beside it");
@@ -339,7 +377,7 @@ mod tests {
         let a = dir.join("a.yaml");
         std::fs::write(&a, "start").unwrap();
         let path = a.clone();
-        let (_w, rx) = watch(vec![a.clone()], move || vec![path.clone()]);
+        let (_w, rx) = watch(vec![a.clone()], move || Follow::files(vec![path.clone()]));
         assert_eq!(next(&rx, "first check"), "start");
         let mut file = std::fs::File::create(&a).unwrap();
         file.write_all(b"half").unwrap();
@@ -352,9 +390,33 @@ mod tests {
     }
 
     #[test]
+    fn on_change_can_ask_to_be_called_again_without_an_event() {
+        let dir = temp_dir("again");
+        let a = dir.join("a.yaml");
+        std::fs::write(&a, "same").unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let path = a.clone();
+        // Twice asks to be called again shortly, then waits for events.
+        let (_w, rx) = watch(vec![a.clone()], move || {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            Follow { files: vec![path.clone()], again_in: (n < 2).then_some(Duration::from_millis(30)) }
+        });
+        for context in ["first check", "first retry", "second retry"] {
+            next(&rx, context);
+        }
+        none(&rx, "no third retry");
+        std::fs::write(dir.join("unrelated.log"), "x").unwrap();
+        none(&rx, "an unrelated write");
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn a_folder_that_cannot_be_watched_is_named() {
         let missing = std::env::temp_dir().join(format!("epp-file-watch-missing-{}", std::process::id()));
-        let err = match FileWatch::start("the test file", "test-watch", vec![missing.join("x.yaml")], Vec::new) {
+        let err = match FileWatch::start("the test file", "test-watch", vec![missing.join("x.yaml")], || {
+            Follow::files(Vec::new())
+        }) {
             Ok(_) => panic!("a missing folder was watched"),
             Err(e) => e,
         };

@@ -44,6 +44,19 @@ pub enum BuildError {
     Configure { plugin: String, error: String },
 }
 
+impl BuildError {
+    /// A failure that may pass without any change to the files: a component that could not
+    /// be read (being replaced) or a call past its time limit (a busy machine).
+    pub fn transient(&self) -> bool {
+        match self {
+            BuildError::ReadWasm { .. } => true,
+            BuildError::Probe { error, .. } => error.timed_out,
+            BuildError::Load { error: LoadError::Plugin(epp_core::PluginError::Timeout(_)), .. } => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<ProfileError> for BuildError {
     fn from(e: ProfileError) -> Self {
         BuildError::Profile(Box::new(e))

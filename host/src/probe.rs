@@ -25,10 +25,22 @@ pub struct ProbeCall {
 pub struct ProbeError {
     pub case: String,
     pub reason: String,
+    /// The call ran past the plugin's time limit: on a busy machine a retry may pass.
+    pub timed_out: bool,
 }
 
-fn fail(case: &str, reason: impl Into<String>) -> ProbeError {
-    ProbeError { case: case.to_string(), reason: reason.into() }
+fn fail(case: &str, e: CallError) -> ProbeError {
+    let timed_out = matches!(e, CallError::Plugin(PluginError::Timeout(_)));
+    ProbeError { case: case.to_string(), reason: e.to_string(), timed_out }
+}
+
+/// Why one probed call failed: the plugin failed it, or its answer is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A synthetic pool of `n` endpoints with labels, LoRA data and cache geometry.
@@ -95,7 +107,7 @@ pub fn probe(plugin: &PluginHandle) -> Result<Vec<ProbeCall>, ProbeError> {
         let pool = synthetic_pool(n);
         let case = format!("pool-changed/{n}");
         let started = Instant::now();
-        plugin.core().pool_changed(u64::from(n) + 1, &pool).map_err(|e| fail(&case, e.to_string()))?;
+        plugin.core().pool_changed(u64::from(n) + 1, &pool).map_err(|e| fail(&case, e.into()))?;
         calls.push(ProbeCall { case, elapsed: started.elapsed() });
         for kind in ["fresh", "unknown", "stale"] {
             i += 1;
@@ -141,42 +153,44 @@ pub fn check_call(
     req: &Request,
     candidates: &Candidates,
     unknown: bool,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let n = candidates.len();
     let columns = probe_columns(plugin, candidates, unknown);
     let input = CallInput { cycle, request: req, ids: &candidates.ids, columns: &columns };
-    let err = |e: PluginError| e.to_string();
     match plugin {
         PluginHandle::Producer(p) => {
             let writes = p.manifest().writes.len();
-            let values = p.produce(&input).map_err(err)?;
+            let values = p.produce(&input)?;
             if values.len() != n * writes {
-                return Err(format!("returned {} values for {writes} columns of {n} endpoints", values.len()));
+                return Err(CallError::Invalid(format!(
+                    "returned {} values for {writes} columns of {n} endpoints",
+                    values.len()
+                )));
             }
         }
         PluginHandle::Filter(f) => {
-            let kept = f.filter(&input).map_err(err)?;
+            let kept = f.filter(&input)?;
             if let Some(bad) = kept.iter().find(|id| !candidates.ids.contains(id)) {
-                return Err(format!("kept endpoint id {bad}, which was not a candidate"));
+                return Err(CallError::Invalid(format!("kept endpoint id {bad}, which was not a candidate")));
             }
         }
         PluginHandle::Scorer(s) => {
-            let scores = s.score(&input).map_err(err)?;
+            let scores = s.score(&input)?;
             if scores.len() != n {
-                return Err(format!("returned {} scores for {n} endpoints", scores.len()));
+                return Err(CallError::Invalid(format!("returned {} scores for {n} endpoints", scores.len())));
             }
             if let Some(bad) = scores.iter().find(|s| !(s.is_finite() && (0.0..=1.0).contains(*s))) {
-                return Err(format!("returned score {bad}; scores must be finite and in [0, 1]"));
+                return Err(CallError::Invalid(format!("returned score {bad}; scores must be finite and in [0, 1]")));
             }
         }
         PluginHandle::Picker(p) => {
             let scores: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
-            let picked = p.pick(&input, &scores).map_err(err)?;
+            let picked = p.pick(&input, &scores)?;
             if n > 0 && picked.is_empty() {
-                return Err(format!("picked nothing out of {n} endpoints"));
+                return Err(CallError::Invalid(format!("picked nothing out of {n} endpoints")));
             }
             if let Some(bad) = picked.iter().find(|id| !candidates.ids.contains(id)) {
-                return Err(format!("picked endpoint id {bad}, which was not a candidate"));
+                return Err(CallError::Invalid(format!("picked endpoint id {bad}, which was not a candidate")));
             }
         }
     }
@@ -184,14 +198,16 @@ pub fn check_call(
 }
 
 /// The hooks the manifest declares, for a request of cycle `cycle` sent to `endpoint`.
-fn check_hooks(plugin: &PluginHandle, cycle: u64, endpoint: u32) -> Result<(), String> {
+fn check_hooks(plugin: &PluginHandle, cycle: u64, endpoint: u32) -> Result<(), CallError> {
     let p = plugin.core();
-    let headers = p.decided(cycle, endpoint).map_err(|e| e.to_string())?;
+    let headers = p.decided(cycle, endpoint)?;
     if let Some((name, _)) = headers.iter().find(|(k, v)| !valid_header(k, v)) {
-        return Err(format!("decided returned the header `{name}`, which is not a valid HTTP header"));
+        return Err(CallError::Invalid(format!(
+            "decided returned the header `{name}`, which is not a valid HTTP header"
+        )));
     }
-    p.first_chunk(cycle, endpoint, 1_000 + cycle).map_err(|e| e.to_string())?;
-    p.finished(cycle, &Completion { endpoint, status: 200, ..Default::default() }).map_err(|e| e.to_string())
+    p.first_chunk(cycle, endpoint, 1_000 + cycle)?;
+    Ok(p.finished(cycle, &Completion { endpoint, status: 200, ..Default::default() })?)
 }
 
 /// A header a plugin may add to a response: a token name (lower case, not a pseudo-header

@@ -20,11 +20,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::config::{PickerConfig, PluginSpec};
-use crate::file_watch::FileWatch;
+use crate::file_watch::{FileWatch, Follow};
 use crate::loader::{self, PluginSet};
 use crate::publisher::Publisher;
 use crate::routing::{Built, Router};
@@ -38,6 +39,27 @@ pub enum ReloadOutcome {
     /// Config and components are byte-for-byte what is running.
     Unchanged,
 }
+
+/// A reload that was not applied: the running scheduler stays.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejected {
+    pub reason: String,
+    /// The same files are tried again after this long: the failure may pass without a change
+    /// (a component being replaced, a deadline missed on a busy machine). `None`: only a
+    /// change of the files is tried.
+    pub retry_in: Option<Duration>,
+}
+
+impl From<String> for Rejected {
+    fn from(reason: String) -> Rejected {
+        Rejected { reason, retry_in: None }
+    }
+}
+
+/// How long a reload that failed in a way that may pass waits before each new try; after
+/// the last, only a change of the files is tried.
+pub const RETRY_DELAYS: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
 
 pub struct Reloader {
     runtime: WasmRuntime,
@@ -53,6 +75,8 @@ struct State {
     /// The last files tried, applied or not: a rejected config is not retried until its
     /// bytes change (file events from unrelated writes in the folder must not loop).
     attempted: u64,
+    /// The files being retried after a failure that may pass, and the tries made so far.
+    retrying: Option<(u64, usize)>,
     plugins: PluginSet,
     /// The start-only sections the process runs with.
     start_only: StartOnly,
@@ -114,6 +138,7 @@ impl Reloader {
             state: Mutex::new(State {
                 fingerprint,
                 attempted: fingerprint,
+                retrying: None,
                 plugins,
                 start_only: StartOnly::of(config),
             }),
@@ -121,17 +146,39 @@ impl Reloader {
     }
 
     /// Re-reads the config and, if anything changed, builds and publishes a new scheduler.
-    pub fn reload(&self) -> Result<ReloadOutcome, String> {
+    /// A failure that may pass is tried again, at most `RETRY_DELAYS.len()` times, when
+    /// called after the `retry_in` it returns.
+    pub fn reload(&self) -> Result<ReloadOutcome, Rejected> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (config, fp) = read(&self.path)?;
         if fp == state.fingerprint || fp == state.attempted {
             return Ok(ReloadOutcome::Unchanged);
         }
         state.attempted = fp;
-        for w in &config.warnings {
-            warn!("config: {w}");
+        let tries = match state.retrying.take() {
+            Some((retried, tries)) if retried == fp => tries,
+            _ => 0,
+        };
+        if tries == 0 {
+            for w in &config.warnings {
+                warn!("config: {w}");
+            }
         }
-        let built = loader::build(&self.runtime, &config, &state.plugins).map_err(|e| e.to_string())?;
+        let built = match loader::build(&self.runtime, &config, &state.plugins) {
+            Ok(built) => built,
+            Err(e) if e.transient() && tries < RETRY_DELAYS.len() => {
+                // Not marked as tried: the next call builds the same files again.
+                state.attempted = state.fingerprint;
+                state.retrying = Some((fp, tries + 1));
+                return Err(Rejected { reason: e.to_string(), retry_in: Some(RETRY_DELAYS[tries]) });
+            }
+            Err(e) if e.transient() => {
+                return Err(
+                    format!("{e} (the same after {tries} more tries; a change of the files is tried next)").into()
+                );
+            }
+            Err(e) => return Err(e.to_string().into()),
+        };
         let scheduler = Arc::new(
             Built::new(built.scheduler, self.router.telemetry())
                 .with_flow(config.flow.clone())
@@ -144,8 +191,9 @@ impl Reloader {
         Ok(ReloadOutcome::Applied { loaded: built.loaded, restart_needed })
     }
 
-    /// Reloads and reports the outcome in the log and the reload counter.
-    pub fn reload_and_report(&self) {
+    /// Reloads and reports the outcome in the log and the reload counter; returns when to
+    /// try again, if the failure may pass.
+    pub fn reload_and_report(&self) -> Option<Duration> {
         let telemetry = self.router.telemetry();
         match self.reload() {
             Ok(ReloadOutcome::Applied { loaded, restart_needed }) => {
@@ -156,11 +204,17 @@ impl Reloader {
                 }
             }
             Ok(ReloadOutcome::Unchanged) => {}
-            Err(reason) => {
+            Err(Rejected { reason, retry_in: None }) => {
                 telemetry.config_reload(false);
                 warn!(path = %self.path.display(), %reason, "config reload rejected; the running scheduler stays");
             }
+            Err(Rejected { reason, retry_in: Some(wait) }) => {
+                telemetry.config_reload(false);
+                warn!(path = %self.path.display(), %reason, "config reload rejected; the running scheduler stays; the failure may pass, trying again in {wait:?}");
+                return Some(wait);
+            }
         }
+        None
     }
 
     /// Follows the config and the `.wasm` files it names (`crate::file_watch`: the same
@@ -169,8 +223,8 @@ impl Reloader {
     pub fn watch(self: Arc<Self>) -> Result<FileWatch, String> {
         let me = self.clone();
         let watch = FileWatch::start("the config file", "epp-config-watch", self.files(), move || {
-            me.reload_and_report();
-            me.files()
+            let again_in = me.reload_and_report();
+            Follow { files: me.files(), again_in }
         })?;
         info!(path = %self.path.display(), "watching the config file and its plugins");
         Ok(watch)

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use epp::config::PickerConfig;
 use epp::datastore::Datastore;
 use epp::publisher::Publisher;
-use epp::reload::{ReloadOutcome, Reloader};
+use epp::reload::{RETRY_DELAYS, Rejected, ReloadOutcome, Reloader};
 use epp::routing::Router;
 use epp::telemetry::Telemetry;
 use epp_stack::Scratch;
 
-use crate::common::{config_head, runtime};
+use crate::common::{config_head, runtime, wasm_file_bytes};
 
 /// A config whose queue scorer weighs `queue` and whose endpoints file is `endpoints`.
 fn config(queue: u32, endpoints: &str) -> String {
@@ -83,7 +83,7 @@ fn start_only_sections_that_change_are_named() {
     // A file that no longer parses is rejected with its reason.
     scratch.write("epp.yaml", "plugins: [").unwrap();
     let err = r.reload().unwrap_err();
-    assert!(!err.is_empty(), "a reason is given");
+    assert!(!err.reason.is_empty() && err.retry_in.is_none(), "a reason is given: {err:?}");
 }
 
 /// `epp_config_reload_total` by result: (applied, rejected).
@@ -133,4 +133,63 @@ fn a_config_written_in_place_is_read_once_its_writer_closes_it() {
     drop(file);
     wait_for_applied(&router, 2, "after the writer closed");
     assert_eq!(reload_counts(&router), (2, 0), "the half-written config was never tried");
+}
+
+/// A component that cannot be read (being replaced) is tried again after each of
+/// `RETRY_DELAYS` with the same files, then only after a change; a config that cannot
+/// pass whatever the wait is not retried.
+#[test]
+fn a_failure_that_may_pass_is_retried_a_bounded_number_of_times() {
+    let scratch = Scratch::new("reload-retry").unwrap();
+    let started = config(1, "endpoints.yaml");
+    scratch.write("epp.yaml", &started).unwrap();
+    let r = reloader(&scratch, &started);
+    let with_scorer = started.replace(
+        "- type: max-score-picker\n",
+        "- name: prefer-gpu\n  type: label-affinity-scorer\n  wasm: prefer.wasm\n  parameters: {label: gpu, scores: {H100: 1.0}}\n- type: max-score-picker\n",
+    ) + "  - {pluginRef: prefer-gpu, weight: 5}\n";
+    scratch.write("epp.yaml", &with_scorer).unwrap();
+    for wait in RETRY_DELAYS {
+        match r.reload() {
+            Err(Rejected { reason, retry_in }) => {
+                assert!(reason.contains("prefer.wasm"), "{reason}");
+                assert_eq!(retry_in, Some(wait));
+            }
+            other => panic!("expected a rejection to retry in {wait:?}: {other:?}"),
+        }
+    }
+    match r.reload() {
+        Err(Rejected { reason, retry_in: None }) => assert!(reason.contains("tries"), "{reason}"),
+        other => panic!("expected a final rejection: {other:?}"),
+    }
+    assert_eq!(r.reload(), Ok(ReloadOutcome::Unchanged), "given up until the files change");
+    // The component arrives: applied.
+    std::fs::write(scratch.path.join("conf").join("prefer.wasm"), wasm_file_bytes("label_affinity_scorer")).unwrap();
+    assert!(matches!(r.reload(), Ok(ReloadOutcome::Applied { .. })));
+
+    // A config that does not validate is not worth a retry.
+    scratch.write("epp.yaml", &started.replace("queue-scorer, weight", "no-such-scorer, weight")).unwrap();
+    match r.reload() {
+        Err(Rejected { retry_in: None, .. }) => {}
+        other => panic!("expected a rejection without retry: {other:?}"),
+    }
+
+    // A probe call past its time limit may pass on a less busy machine; a trap will not.
+    std::fs::write(scratch.path.join("conf").join("bad.wasm"), wasm_file_bytes("misbehaving_scorer")).unwrap();
+    let misbehaving = |mode: &str| {
+        started.replace(
+            "- type: max-score-picker\n",
+            &format!("- name: bad\n  type: misbehaving-scorer\n  wasm: bad.wasm\n  parameters: {{mode: {mode}}}\n- type: max-score-picker\n"),
+        ) + "  - {pluginRef: bad, weight: 1}\n"
+    };
+    for (mode, want) in [("loop", Some(RETRY_DELAYS[0])), ("trap", None)] {
+        scratch.write("epp.yaml", &misbehaving(mode)).unwrap();
+        match r.reload() {
+            Err(Rejected { reason, retry_in }) => {
+                assert!(reason.contains("failed its probe"), "{mode}: {reason}");
+                assert_eq!(retry_in, want, "{mode}: {reason}");
+            }
+            other => panic!("{mode}: expected a rejection: {other:?}"),
+        }
+    }
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::file::{parse_bytes, read_file, with_path};
 use super::{DiscoveryError, EndpointSpec, FileDiscoveryParams, Parsed, diff};
-use crate::file_watch::FileWatch;
+use crate::file_watch::{FileWatch, Follow};
 
 /// Reload counters, a snapshot of the live ones (Prometheus export reads these).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -129,7 +129,7 @@ fn follow(
     let files = vec![path.to_path_buf()];
     let watch = FileWatch::start("the endpoints file", "epp-discovery", files.clone(), move || {
         worker.check();
-        files.clone()
+        Follow::files(files.clone())
     })
     .map_err(DiscoveryError::Watch)?;
     info!(path = %path.display(), "watching the endpoints file");
