@@ -77,6 +77,9 @@ struct State {
     attempted: u64,
     /// The files being retried after a failure that may pass, and the tries made so far.
     retrying: Option<(u64, usize)>,
+    /// The config and the components named by the last config that parsed: what the watch
+    /// follows.
+    files: Vec<PathBuf>,
     plugins: PluginSet,
     /// The start-only sections the process runs with.
     start_only: StartOnly,
@@ -130,6 +133,7 @@ impl Reloader {
             Ok((now, fp)) if now == *config => fp,
             _ => 0,
         };
+        let files = files_of(&path, config);
         Arc::new(Reloader {
             runtime,
             path,
@@ -139,6 +143,7 @@ impl Reloader {
                 fingerprint,
                 attempted: fingerprint,
                 retrying: None,
+                files,
                 plugins,
                 start_only: StartOnly::of(config),
             }),
@@ -151,6 +156,7 @@ impl Reloader {
     pub fn reload(&self) -> Result<ReloadOutcome, Rejected> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (config, fp) = read(&self.path)?;
+        state.files = files_of(&self.path, &config);
         if fp == state.fingerprint || fp == state.attempted {
             return Ok(ReloadOutcome::Unchanged);
         }
@@ -230,14 +236,15 @@ impl Reloader {
         Ok(watch)
     }
 
-    /// The config and the components it names now (only the config if it does not parse).
+    /// What the watch follows: the config and the components its last parsed version names.
     fn files(&self) -> Vec<PathBuf> {
-        let mut files = vec![self.path.clone()];
-        if let Ok(config) = PickerConfig::from_file(&self.path) {
-            files.extend(config.plugins.iter().filter_map(|p| p.wasm.clone()));
-        }
-        files
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).files.clone()
     }
+}
+
+/// The config file and the components `config` names.
+fn files_of(path: &Path, config: &PickerConfig) -> Vec<PathBuf> {
+    std::iter::once(path.to_path_buf()).chain(config.plugins.iter().filter_map(|p| p.wasm.clone())).collect()
 }
 
 /// Reads the config once; parses and fingerprints the same bytes.
