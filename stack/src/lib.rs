@@ -546,12 +546,18 @@ impl Envoy {
         bootstrap: Bootstrap,
     ) -> Result<Envoy, StackError> {
         let template = match bootstrap {
-            Bootstrap::Ours | Bootstrap::OursPlaintext => EXT_PROC_ENVOY,
+            Bootstrap::Ours | Bootstrap::OursPlaintext | Bootstrap::Buffered => EXT_PROC_ENVOY,
             Bootstrap::Guide => GUIDE_ENVOY,
         };
         Envoy::start_on_free_ports(envoy, scratch, "envoy-ext-proc", |listener, admin| {
             let text = with_ports(template, listener, admin, epp_port);
-            if bootstrap == Bootstrap::OursPlaintext { without_tls(&text) } else { text }
+            match bootstrap {
+                Bootstrap::OursPlaintext => without_tls(&text),
+                Bootstrap::Buffered => text
+                    .replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+                    .replace("response_body_mode: FULL_DUPLEX_STREAMED", "response_body_mode: STREAMED"),
+                _ => text,
+            }
         })
         .await
     }
@@ -662,6 +668,9 @@ pub enum Bootstrap {
     OursPlaintext,
     /// The upstream guide's `config/guide/envoy.yaml` (plaintext, full duplex both ways).
     Guide,
+    /// `config/envoy.yaml` in the buffered modes an operator may choose instead (request
+    /// body `BUFFERED`, response body `STREAMED`), TLS to the EPP as shipped.
+    Buffered,
 }
 
 /// config/envoy.yaml with its listener, admin and EPP ports replaced, listening on loopback.

@@ -52,23 +52,25 @@ async fn sse_streams_through_with_usage() {
     assert_routed_as_picked(&stack, &r).await;
 }
 
-/// An HTTP/2 client whose request body ends with trailers: with the Envoy configs'
-/// `request_trailer_mode: SEND`, the trailers (not a body chunk) mark the body's end. Envoy
-/// would forward the EPP's body answer twice then, so the request gets a clear 400 at once
-/// rather than a duplicated body or a wait for Envoy's message timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_ended_by_trailers_gets_a_clear_400() {
-    let stack = Stack::start(2).await;
+/// Sends `body` to `path` over HTTP/2 with request id `id`, ending the body with trailers;
+/// returns the status, the worker that answered (if one did), the request id the EPP
+/// answered with, and the response body.
+async fn post_with_trailers(
+    stack: &Stack,
+    path: &str,
+    id: &str,
+    body: String,
+) -> (u16, Option<String>, String, String) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.listener)).await.unwrap();
     let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake with Envoy");
     tokio::spawn(conn);
-    let request = http::Request::post(stack.url("/v1/completions"))
+    let request = http::Request::post(stack.url(path))
         .header("content-type", "application/json")
-        .header("x-request-id", "trailers-1")
+        .header("x-request-id", id)
         .body(())
         .unwrap();
     let (response, mut send) = client.send_request(request, false).unwrap();
-    send.send_data(completion("hello with trailers", 3).into(), false).unwrap();
+    send.send_data(body.into(), false).unwrap();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "abc".parse().unwrap());
     send.send_trailers(trailers).unwrap();
@@ -77,7 +79,9 @@ async fn a_request_ended_by_trailers_gets_a_clear_400() {
         .expect("no answer within 20 s: the trailers were not seen as the body's end")
         .unwrap();
     let status = response.status().as_u16();
-    assert!(response.headers().get("x-sim-worker").is_none(), "no worker may get a trailer-ended body");
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let worker = header("x-sim-worker");
+    let request_id = header("x-request-id").unwrap_or_default();
     let mut body = response.into_body();
     let mut text = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -85,12 +89,46 @@ async fn a_request_ended_by_trailers_gets_a_clear_400() {
         let _ = body.flow_control().release_capacity(chunk.len());
         text.extend_from_slice(&chunk);
     }
-    let text = String::from_utf8_lossy(&text);
+    (status, worker, request_id, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// An HTTP/2 client whose request body ends with trailers: with the Envoy configs'
+/// `request_trailer_mode: SEND`, the trailers (not a body chunk) mark the body's end. Envoy
+/// would forward the EPP's body answer twice then, so the request gets a clear 400 at once
+/// rather than a duplicated body or a wait for Envoy's message timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_ended_by_trailers_gets_a_clear_400() {
+    let stack = Stack::start(2).await;
+    let (status, worker, _, text) =
+        post_with_trailers(&stack, "/v1/completions", "trailers-1", completion("hello with trailers", 3)).await;
+    assert!(worker.is_none(), "no worker may get a trailer-ended body");
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("request trailers are not supported"), "{text}");
     // The same stack still routes ordinary requests.
     let r = stack.post("/v1/completions", "after-trailers", &completion("plain", 2)).await;
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// In the buffered modes (request body `BUFFERED`, response body `STREAMED`) Envoy sends
+/// the whole body in one message and holds the headers until it is answered: requests are
+/// routed, SSE streams through, and a body that ends with trailers is routed as well (its
+/// one body message is the whole body) and reaches the worker intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_modes_route_every_request_including_trailer_ended_ones() {
+    let stack = Stack::start_with(2, EnvoyConfig::Buffered, |_| {}).await;
+    let r = stack.post("/v1/completions", "buffered-1", &completion("hello buffered", 4)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_routed_as_picked(&stack, &r).await;
+    let body = r#"{"model":"m","prompt":"stream buffered","max_tokens":4,"stream":true}"#;
+    let r = stack.post("/v1/completions", "buffered-2", body).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{r:?}");
+    let (status, worker, id, text) =
+        post_with_trailers(&stack, "/v1/completions", "buffered-3", completion("hello with trailers", 3)).await;
+    assert_eq!(status, 200, "{text}");
+    let worker = worker.expect("a worker answered");
+    let picked = stack.routed_to(&id).await;
+    assert_eq!(picked, stack.worker_by_name(&worker).addr().to_string(), "the request went to {worker}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

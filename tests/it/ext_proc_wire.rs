@@ -223,6 +223,23 @@ async fn buffered_mode_routes_on_the_body_answer() {
     let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
     let out = exchange(&url, vec![first, body(big.as_bytes(), true)], 2).await;
     assert_eq!(immediate_status(&out[1]).0, 413);
+
+    // When trailers follow, Envoy's one `BUFFERED` body message has no end of stream; it is
+    // still the whole body, and routed. The trailers are then let through.
+    let url = server(2, 1 << 20).await;
+    let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
+    let trailers = msg(Msg::RequestTrailers(Default::default()));
+    let out = exchange(&url, vec![first, body(BODY, false), trailers], 3).await;
+    assert!(destination(&out[1]).is_some(), "the whole body is routed before its trailers");
+    assert!(matches!(out[2].response, Some(Resp::RequestTrailers(_))), "{:?}", out[2].response);
+    // Trailers with no body before them: nothing can be routed on a trailers answer, so the
+    // request gets a clear 400 at once.
+    let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), BodySendMode::Buffered);
+    let trailers = msg(Msg::RequestTrailers(Default::default()));
+    let out = exchange(&url, vec![first, trailers], 2).await;
+    let (status, text) = immediate_status(&out[1]);
+    assert_eq!(status, 400);
+    assert!(text.contains("body is empty"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

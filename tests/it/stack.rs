@@ -56,6 +56,8 @@ impl Worker {
 pub enum EnvoyConfig {
     Ours,
     Guide,
+    /// Ours in the buffered modes (request body `BUFFERED`, response body `STREAMED`).
+    Buffered,
 }
 
 pub struct Stack {
@@ -249,6 +251,7 @@ impl Stack {
         let bootstrap = match which {
             EnvoyConfig::Ours => Bootstrap::Ours,
             EnvoyConfig::Guide => Bootstrap::Guide,
+            EnvoyConfig::Buffered => Bootstrap::Buffered,
         };
         let envoy = Envoy::ext_proc_with(&envoy_bin(), &self.scratch, self.epp_port, bootstrap)
             .await

@@ -7,7 +7,8 @@
 //! body as streamed mutations (moved, not copied, when it fits one message). A request whose
 //! headers end the stream is routed (or rejected) at once, or Envoy would wait for its
 //! message timeout. Buffered modes are served too: headers are let through and the route
-//! rides on the body answer.
+//! rides on the body answer. In `BUFFERED` mode the one body message is the whole body even
+//! when trailers follow it (no end of stream then), so it is routed at once.
 //!
 //! Response path: headers are answered at once (with the request id, the variant and any
 //! header the plugins add); body chunks are echoed in full-duplex mode and acknowledged in
@@ -39,6 +40,8 @@ pub struct StreamState {
     max_body: usize,
     /// Body modes Envoy announced (full duplex unless told otherwise, as upstream runs).
     request_full_duplex: bool,
+    /// `BUFFERED` request bodies: one message holds the whole body, trailers or not.
+    request_whole_body: bool,
     response_full_duplex: bool,
     request_id: String,
     generated_id: bool,
@@ -65,6 +68,7 @@ impl StreamState {
             router,
             max_body,
             request_full_duplex: true,
+            request_whole_body: false,
             response_full_duplex: true,
             request_id: String::new(),
             generated_id: false,
@@ -88,7 +92,8 @@ impl StreamState {
     pub fn heavy(&self, msg: &ProcessingRequest) -> bool {
         match &msg.request {
             Some(Msg::RequestBody(b)) => {
-                b.end_of_stream && self.body.len() + b.body.len() > self.router.heavy_body_bytes()
+                (b.end_of_stream || self.request_whole_body)
+                    && self.body.len() + b.body.len() > self.router.heavy_body_bytes()
             }
             _ => false,
         }
@@ -98,6 +103,7 @@ impl StreamState {
     pub fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
         if let Some(pc) = &msg.protocol_config {
             self.request_full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
+            self.request_whole_body = pc.request_body_mode == BodySendMode::Buffered as i32;
             self.response_full_duplex = pc.response_body_mode == BodySendMode::FullDuplexStreamed as i32;
         }
         let Some(request) = msg.request else { return Vec::new() };
@@ -156,8 +162,8 @@ impl StreamState {
         } else {
             self.body.extend_from_slice(&b.body);
         }
-        if !b.end_of_stream {
-            // Buffered modes answer every message; full duplex answers once at the end.
+        if !b.end_of_stream && !self.request_whole_body {
+            // Streamed modes answer every message; full duplex answers once at the end.
             return if self.request_full_duplex { Vec::new() } else { vec![reply::continue_body(false)] };
         }
         let parsed = match ApiKind::from_path(&self.path) {
@@ -193,11 +199,15 @@ impl StreamState {
     /// Request trailers. In full-duplex mode they, not a body chunk, mark the body's end. The
     /// request is refused then, at once and with a clear error, not left to Envoy's message
     /// timeout: Envoy (1.40) forwards a body answer twice when the request's trailers come
-    /// after it, so such a request cannot reach the worker intact. In the buffered modes the
-    /// body was already answered.
+    /// after it, so such a request cannot reach the worker intact. In `BUFFERED` mode the body
+    /// was already routed. A request with nothing routed by its trailers (no body, or the
+    /// partial body modes) is refused likewise: a trailers answer cannot carry a route.
     fn request_trailers(&mut self) -> Vec<ProcessingResponse> {
-        if !self.request_full_duplex || self.finished || self.routed.is_some() || self.ticket.is_some() {
+        if self.finished || self.routed.is_some() || self.ticket.is_some() {
             return vec![reply::continue_trailers(false)];
+        }
+        if self.body.is_empty() && ApiKind::from_path(&self.path).is_some() {
+            return self.fail(RouteError::BadRequest(request::RequestError::EmptyBody));
         }
         self.fail(RouteError::BadRequest(request::RequestError::Trailers))
     }
