@@ -151,7 +151,8 @@ fn parent(p: &Path) -> PathBuf {
 struct Worker {
     what: &'static str,
     watcher: Arc<Mutex<Option<RecommendedWatcher>>>,
-    /// Folders watched so far (never unwatched: events there are filtered by name).
+    /// Folders watched now: those of the files followed (a folder no longer needed is
+    /// unwatched, so a file of the same name there is not taken for a followed one).
     folders: BTreeSet<PathBuf>,
     files: Vec<PathBuf>,
     names: BTreeSet<OsString>,
@@ -210,20 +211,26 @@ impl Worker {
         }
     }
 
-    /// Follows `files` from now on, watching their folders; stops at the first folder that
-    /// cannot be watched (the files are followed all the same).
+    /// Follows `files` from now on, watching their folders and unwatching the folders no
+    /// longer needed; stops at the first folder that cannot be watched (the files are
+    /// followed all the same, and no folder is unwatched then).
     fn follow(&mut self, files: Vec<PathBuf>) -> Result<(), (PathBuf, notify::Error)> {
         self.names = files.iter().filter_map(|f| f.file_name().map(OsString::from)).collect();
         self.writing.retain(|n| self.names.contains(n));
-        let folders: BTreeSet<PathBuf> = files.iter().map(|f| parent(f)).collect();
+        let wanted: BTreeSet<PathBuf> = files.iter().map(|f| parent(f)).collect();
         self.files = files;
         let mut watcher = lock(&self.watcher);
         let Some(watcher) = watcher.as_mut() else { return Ok(()) };
-        for dir in folders {
-            if !self.folders.contains(&dir) {
-                watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| (dir.clone(), e))?;
-                self.folders.insert(dir);
+        for dir in wanted.difference(&self.folders).cloned().collect::<Vec<_>>() {
+            watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| (dir.clone(), e))?;
+            self.folders.insert(dir);
+        }
+        for dir in self.folders.difference(&wanted).cloned().collect::<Vec<_>>() {
+            // A folder removed meanwhile is no longer watched anyway.
+            if let Err(e) = watcher.unwatch(&dir) {
+                debug!(dir = %dir.display(), error = %e, "folder no longer followed could not be unwatched");
             }
+            self.folders.remove(&dir);
         }
         Ok(())
     }
@@ -409,6 +416,30 @@ mod tests {
         std::fs::write(dir.join("unrelated.log"), "x").unwrap();
         none(&rx, "an unrelated write");
         assert_eq!(calls.load(Ordering::Relaxed), 3);
+    }
+
+    /// Once no followed file is left in a folder, a file there with a followed name (a
+    /// config's old folder, say) no longer counts.
+    #[test]
+    fn a_folder_no_longer_followed_is_unwatched() {
+        let (old, new) = (temp_dir("old"), temp_dir("new"));
+        let (a_old, a_new) = (old.join("a.yaml"), new.join("a.yaml"));
+        std::fs::write(&a_old, "old").unwrap();
+        std::fs::write(&a_new, "new").unwrap();
+        // After the first call the watch follows `new/a.yaml` only; the second call (asked
+        // for without an event) shows that answer has been applied.
+        let moved = vec![a_new.clone()];
+        let calls = AtomicUsize::new(0);
+        let (_w, rx) = watch(vec![a_old.clone()], move || Follow {
+            files: moved.clone(),
+            again_in: (calls.fetch_add(1, Ordering::Relaxed) == 0).then_some(Duration::from_millis(10)),
+        });
+        next(&rx, "first check");
+        next(&rx, "the call asked for");
+        std::fs::write(&a_old, "old 2").unwrap();
+        none(&rx, "a write in the folder no longer followed");
+        std::fs::write(&a_new, "new 2").unwrap();
+        next(&rx, "another write to the followed file");
     }
 
     #[test]
