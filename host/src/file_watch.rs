@@ -317,18 +317,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const DEADLINE: Duration = Duration::from_secs(5);
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("epp-file-watch-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     /// A watch whose `on_change` reports each call (with the file's text) on a channel.
     fn watch(files: Vec<PathBuf>, next: impl Fn() -> Follow + Send + 'static) -> (FileWatch, mpsc::Receiver<String>) {
@@ -355,7 +347,7 @@ mod tests {
 
     #[test]
     fn other_files_in_the_folder_are_ignored_and_followed_files_can_change() {
-        let dir = temp_dir("follow");
+        let dir = TempDir::new("file-watch-follow");
         let (a, b, log) = (dir.join("a.yaml"), dir.join("b.wasm"), dir.join("epp.log"));
         std::fs::write(&a, "1").unwrap();
         std::fs::write(&b, "x").unwrap();
@@ -380,7 +372,7 @@ mod tests {
     #[test]
     fn an_in_place_writer_is_waited_for_until_it_closes_the_file() {
         use std::io::Write;
-        let dir = temp_dir("writer");
+        let dir = TempDir::new("file-watch-writer");
         let a = dir.join("a.yaml");
         std::fs::write(&a, "start").unwrap();
         let path = a.clone();
@@ -398,7 +390,7 @@ mod tests {
 
     #[test]
     fn on_change_can_ask_to_be_called_again_without_an_event() {
-        let dir = temp_dir("again");
+        let dir = TempDir::new("file-watch-again");
         let a = dir.join("a.yaml");
         std::fs::write(&a, "same").unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
@@ -422,7 +414,7 @@ mod tests {
     /// config's old folder, say) no longer counts.
     #[test]
     fn a_folder_no_longer_followed_is_unwatched() {
-        let (old, new) = (temp_dir("old"), temp_dir("new"));
+        let (old, new) = (TempDir::new("file-watch-old"), TempDir::new("file-watch-new"));
         let (a_old, a_new) = (old.join("a.yaml"), new.join("a.yaml"));
         std::fs::write(&a_old, "old").unwrap();
         std::fs::write(&a_new, "new").unwrap();

@@ -22,6 +22,8 @@ pub mod routing;
 pub mod server;
 pub mod state_store;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod toolkit;
 pub mod usage;
 pub mod wasm;

@@ -216,31 +216,12 @@ fn log_entry_problems(path: &Path, parsed: &Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     const DEADLINE: Duration = Duration::from_secs(5);
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!("epp-discovery-{}-{tag}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn write_atomic(path: &Path, text: &str) {
         let tmp = path.with_file_name(format!("{}.tmp", path.file_name().unwrap().to_string_lossy()));
@@ -362,8 +343,8 @@ mod tests {
             ),
         ];
         for (case, steps, want_stats) in cases {
-            let dir = TempDir::new("scenario");
-            let path = dir.0.join("endpoints.yaml");
+            let dir = TempDir::new("discovery-scenario");
+            let path = dir.join("endpoints.yaml");
             std::fs::write(&path, A).unwrap();
             let (mut d, rx) = start(&path, true);
             assert!(d.is_watching(), "{case}");
@@ -407,8 +388,8 @@ mod tests {
     #[test]
     fn symlink_swap_is_seen() {
         use std::os::unix::fs::symlink;
-        let dir = TempDir::new("symlink");
-        let root = &dir.0;
+        let dir = TempDir::new("discovery-symlink");
+        let root = dir.path();
         let publish = |version: &str, text: &str| {
             std::fs::create_dir(root.join(version)).unwrap();
             std::fs::write(root.join(version).join("endpoints.yaml"), text).unwrap();
@@ -435,8 +416,8 @@ mod tests {
     #[test]
     fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
         use std::io::Write;
-        let dir = TempDir::new("slow-writer");
-        let path = dir.0.join("endpoints.yaml");
+        let dir = TempDir::new("discovery-slow-writer");
+        let path = dir.join("endpoints.yaml");
         std::fs::write(&path, AB).unwrap();
         let (mut d, rx) = start(&path, true);
         assert_eq!(next_update(&rx, "initial"), BOTH);
@@ -460,8 +441,8 @@ mod tests {
 
     #[test]
     fn without_watch_file_loads_once() {
-        let dir = TempDir::new("nowatch");
-        let path = dir.0.join("endpoints.yaml");
+        let dir = TempDir::new("discovery-nowatch");
+        let path = dir.join("endpoints.yaml");
         std::fs::write(&path, AB).unwrap();
         let (d, rx) = start(&path, false);
         assert!(!d.is_watching());
@@ -475,9 +456,9 @@ mod tests {
 
     #[test]
     fn start_fails_with_path_and_reason() {
-        let dir = TempDir::new("startfail");
-        std::fs::write(dir.0.join("empty.yaml"), "").unwrap();
-        std::fs::write(dir.0.join("bad.yaml"), "endpoints: {").unwrap();
+        let dir = TempDir::new("discovery-startfail");
+        std::fs::write(dir.join("empty.yaml"), "").unwrap();
+        std::fs::write(dir.join("bad.yaml"), "endpoints: {").unwrap();
         // (file, watchFile, fragment of the error)
         let cases = [
             ("missing.yaml", false, "cannot read endpoints file"),
@@ -486,7 +467,7 @@ mod tests {
             ("bad.yaml", false, "not valid YAML"),
         ];
         for (file, watch_file, want) in cases {
-            let params = FileDiscoveryParams { path: dir.0.join(file), watch_file };
+            let params = FileDiscoveryParams { path: dir.join(file), watch_file };
             let called = Arc::new(AtomicUsize::new(0));
             let counter = called.clone();
             let err = match FileDiscovery::start(params, move |_| {
@@ -503,8 +484,8 @@ mod tests {
     #[test]
     fn works_inside_a_tokio_runtime() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let dir = TempDir::new("tokio");
-        let path = dir.0.join("endpoints.yaml");
+        let dir = TempDir::new("discovery-tokio");
+        let path = dir.join("endpoints.yaml");
         std::fs::write(&path, A).unwrap();
         // A current-thread runtime has no spare worker: were reloads run on it, this test
         // would see no update while the runtime's only thread waits below.
