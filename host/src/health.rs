@@ -12,11 +12,15 @@
 //!   completion is done, so they never count as stalled.
 //! - **failures**: `failure_threshold` consecutive failures — 5xx statuses (Envoy's own
 //!   502/503/504 for a reset, refused or timed-out upstream included) or requests that
-//!   ended without any answer after waiting `stall_timeout` → ejected.
+//!   ended without any answer after waiting `stall_timeout` → ejected. A non-streamed
+//!   request that ends so counts only if the endpoint answered nothing since it was sent
+//!   while another endpoint answered a request sent after it: its client may simply have
+//!   stopped waiting for a long generation.
 //!
 //! An ejected endpoint is left out of the candidates for a cool-down (`cooldown`, doubled
 //! on each repeated ejection up to `max_cooldown`), then half-open: it may take one probe
-//! request at a time; a good answer closes the breaker, a failure ejects it again. When
+//! request at a time; a good answer closes the breaker, a failure ejects it again (a
+//! streamed probe fails by stalling too; a non-streamed one is judged by how it ends). When
 //! every candidate is ejected, all are kept: routing to a doubtful endpoint beats refusing
 //! every request.
 //!
@@ -238,9 +242,14 @@ impl Health {
             return;
         }
         let mut trackers = self.lock();
+        let others_newest = trackers.iter().filter(|(a, _)| **a != addr).filter_map(|(_, t)| t.newest_answered).max();
         let Some(t) = trackers.get_mut(&addr) else { return };
         let Some(a) = t.awaiting.remove(&cycle) else { return };
-        let changed = if now.duration_since(a.sent) >= self.config.stall_timeout {
+        let waited = now.duration_since(a.sent) >= self.config.stall_timeout;
+        // A non-streamed answer comes at the end of the generation: a client that stopped
+        // waiting blames the endpoint only if it was silent while others answered.
+        let silent = t.last_answer.is_none_or(|l| l < a.sent) && others_newest.is_some_and(|n| n > a.sent);
+        let changed = if waited && (a.streamed || silent) {
             self.failed(addr, t, now)
         } else {
             // Gone before the endpoint could be blamed: a probe frees its slot.
@@ -334,9 +343,12 @@ impl Health {
                     changed = true;
                 }
                 State::HalfOpen { probe: Some(p) } => {
-                    // A probe that stalls is a failed probe.
-                    let stalled =
-                        t.awaiting.get(&p).is_some_and(|a| now.duration_since(a.sent) >= self.config.stall_timeout);
+                    // A streamed probe that stalls is a failed probe; a non-streamed one
+                    // answers when its generation ends and is judged then.
+                    let stalled = t
+                        .awaiting
+                        .get(&p)
+                        .is_some_and(|a| a.streamed && now.duration_since(a.sent) >= self.config.stall_timeout);
                     if stalled {
                         t.awaiting.remove(&p);
                         self.eject(*addr, t, Reason::ProbeFailed, now);
@@ -358,20 +370,23 @@ impl Health {
         }
     }
 
-    /// Enough streamed requests waited too long, nothing was answered since the oldest of
-    /// them, and another endpoint answered a request sent after it (`others_newest`).
+    /// Enough streamed requests sent since the endpoint's last answer waited too long, and
+    /// another endpoint answered a request sent after the oldest of them (`others_newest`).
+    /// Requests sent before the last answer do not count: one old hung stream must not hide
+    /// an endpoint that went silent later.
     fn stalled(&self, t: &Tracker, now: Instant, others_newest: Option<Instant>) -> bool {
         let limit = self.config.stall_timeout;
         let mut count = 0;
         let mut oldest: Option<Instant> = None;
-        for a in t.awaiting.values().filter(|a| a.streamed && now.duration_since(a.sent) >= limit) {
+        let unanswered_since = |a: &&Awaiting| t.last_answer.is_none_or(|l| l < a.sent);
+        for a in
+            t.awaiting.values().filter(|a| a.streamed && now.duration_since(a.sent) >= limit).filter(unanswered_since)
+        {
             count += 1;
             oldest = Some(oldest.map_or(a.sent, |o| o.min(a.sent)));
         }
         match oldest {
-            Some(oldest) if count >= self.config.stall_min.max(1) => {
-                t.last_answer.is_none_or(|l| l < oldest) && others_newest.is_some_and(|n| n > oldest)
-            }
+            Some(oldest) if count >= self.config.stall_min.max(1) => others_newest.is_some_and(|n| n > oldest),
             _ => false,
         }
     }
@@ -493,14 +508,88 @@ mod tests {
         let h = health();
         let t0 = Instant::now();
         for c in 0..5 {
-            h.sent_at(addr(1), c, false, t0);
+            h.sent_at(addr(1), c, true, t0);
             h.unanswered_at(addr(1), c, t0 + S);
         }
         assert!(h.excluded().is_empty(), "clients that leave early do not blame the endpoint");
         for c in 5..10 {
-            h.sent_at(addr(1), c, false, t0);
+            h.sent_at(addr(1), c, true, t0);
             h.unanswered_at(addr(1), c, t0 + 5 * S);
         }
+        assert_eq!(*h.excluded(), vec![addr(1)]);
+    }
+
+    /// A non-streamed request answers when its generation ends: a client that stops
+    /// waiting says nothing about the endpoint unless it was silent while others answered.
+    #[test]
+    fn non_streamed_requests_left_unanswered_count_only_against_a_silent_endpoint() {
+        let h = health();
+        let t0 = Instant::now();
+        // Endpoint 1 keeps answering other requests: clients giving up on long generations.
+        for c in 0..10u64 {
+            let sent = t0 + S * c as u32;
+            h.sent_at(addr(1), c, false, sent);
+            h.sent_at(addr(1), 100 + c, false, sent);
+            h.answered_at(addr(1), 100 + c, 200, sent + 2 * S);
+            h.unanswered_at(addr(1), c, sent + 5 * S);
+        }
+        assert!(h.excluded().is_empty(), "{:?}", h.excluded());
+        // Endpoint 2 answers nothing while endpoint 3 answers newer requests: a gray failure.
+        let t1 = t0 + 20 * S;
+        for c in 200..205u64 {
+            h.sent_at(addr(2), c, false, t1);
+            h.sent_at(addr(3), c + 100, false, t1 + S);
+            h.answered_at(addr(3), c + 100, 200, t1 + 2 * S);
+            h.unanswered_at(addr(2), c, t1 + 10 * S);
+        }
+        assert_eq!(*h.excluded(), vec![addr(2)]);
+    }
+
+    #[test]
+    fn a_non_streamed_probe_is_judged_by_its_answer_not_by_the_stall_timeout() {
+        let h = health();
+        let t0 = Instant::now();
+        for c in 0..5 {
+            h.sent_at(addr(1), c, false, t0);
+            h.answered_at(addr(1), c, 503, t0);
+        }
+        assert_eq!(*h.excluded(), vec![addr(1)]);
+        h.tick_at(t0 + 30 * S);
+        assert!(h.excluded().is_empty(), "half-open after the cool-down");
+        h.sent_at(addr(1), 10, false, t0 + 30 * S);
+        // A long generation: well past the stall timeout, the probe is still out.
+        h.tick_at(t0 + 45 * S);
+        assert_eq!(*h.excluded(), vec![addr(1)], "excluded while its probe is out, not ejected");
+        h.answered_at(addr(1), 10, 200, t0 + 50 * S);
+        assert!(h.excluded().is_empty(), "the probe's answer closes the breaker");
+        // A streamed probe that stalls still fails.
+        for c in 20..25 {
+            h.sent_at(addr(1), c, false, t0 + 51 * S);
+            h.answered_at(addr(1), c, 500, t0 + 51 * S);
+        }
+        h.tick_at(t0 + 81 * S);
+        h.sent_at(addr(1), 30, true, t0 + 81 * S);
+        h.tick_at(t0 + 85 * S);
+        h.tick_at(t0 + 110 * S);
+        assert_eq!(*h.excluded(), vec![addr(1)], "stalled probe: ejected again for 60 s");
+    }
+
+    #[test]
+    fn an_old_hung_stream_does_not_hide_a_later_stall() {
+        let h = health();
+        let t0 = Instant::now();
+        // One stream hangs; the endpoint keeps answering others for a while.
+        h.sent_at(addr(1), 1, true, t0);
+        h.sent_at(addr(1), 2, true, t0 + S);
+        h.answered_at(addr(1), 2, 200, t0 + S);
+        h.tick_at(t0 + 5 * S);
+        assert!(h.excluded().is_empty(), "answers after the hung stream: slow, not stalled");
+        // Then it goes silent while endpoint 2 answers newer requests.
+        h.sent_at(addr(1), 3, true, t0 + 10 * S);
+        h.sent_at(addr(1), 4, true, t0 + 10 * S);
+        h.sent_at(addr(2), 5, true, t0 + 11 * S);
+        h.answered_at(addr(2), 5, 200, t0 + 11 * S);
+        h.tick_at(t0 + 14 * S);
         assert_eq!(*h.excluded(), vec![addr(1)]);
     }
 

@@ -12,7 +12,7 @@
 //! An empty pool is saturated.
 
 use crate::config::flow::{ConcurrencyMode, DetectorSpec};
-use crate::datastore::{Datastore, PoolSnapshot};
+use crate::datastore::{Datastore, PoolEndpoint};
 
 /// One endpoint's inputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -27,11 +27,10 @@ pub struct EndpointLoad {
     pub in_flight_tokens: u64,
 }
 
-/// The loads of every endpoint of `pool`.
-pub fn loads(ds: &Datastore, pool: &PoolSnapshot) -> Vec<EndpointLoad> {
-    let all: Vec<&crate::datastore::PoolEndpoint> = pool.endpoints.iter().collect();
-    let m = ds.candidates(&all, u32::MAX);
-    pool.endpoints
+/// The loads of `endpoints`, in their order.
+pub fn loads(ds: &Datastore, endpoints: &[&PoolEndpoint]) -> Vec<EndpointLoad> {
+    let m = ds.candidates(endpoints, u32::MAX);
+    endpoints
         .iter()
         .enumerate()
         .map(|(i, e)| {

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::flow::FlowSpec;
+use crate::datastore::PoolEndpoint;
 use crate::routing::{RouteError, Routed, Router, ShadowJob};
 use queue::{Expiry, FlowQueues, ItemId, Meta, Rejection};
 
@@ -369,11 +370,14 @@ async fn dispatcher(fc: Arc<FlowControl>) {
     }
 }
 
-/// The pool's saturation by the configured detector.
+/// The pool's saturation by the configured detector, over the endpoints routing may use:
+/// an endpoint the breaker took out is no spare capacity (unless every one is out, when
+/// routing keeps them all too).
 fn saturation(router: &Router, spec: &FlowSpec) -> f64 {
     let ds = router.datastore();
     let pool = ds.snapshot();
-    detector::saturation(&spec.detector, &detector::loads(ds, &pool))
+    let serving = router.health().filter(pool.endpoints.iter().collect(), PoolEndpoint::target);
+    detector::saturation(&spec.detector, &detector::loads(ds, &serving))
 }
 
 /// The request's fairness id: upstream's header, its older name, or `default-flow`.
