@@ -1,6 +1,8 @@
 //! Finds the token `usage` in an OpenAI response as it streams past: a JSON body, or an SSE
 //! stream whose final `data:` event carries usage. Bounded memory: a JSON body is kept only
-//! up to a cap, and of an SSE stream only the current line.
+//! up to a cap, and of an SSE stream only the current line; past the cap only the last
+//! `TAIL` bytes are kept, where `usage` is found (it comes last or nearly so: a long
+//! `logprobs` body, a Responses API `response.completed` event echoing a long output).
 //!
 //! Pure; fed chunk by chunk by the wire code, it never blocks or fails the response.
 
@@ -9,14 +11,18 @@ use serde_json::Value;
 
 /// JSON bodies larger than this are not inspected for usage.
 const MAX_JSON_BODY: usize = 4 << 20;
-/// An SSE line longer than this is skipped (usage chunks are small).
+/// An SSE line longer than this is only searched in its tail.
 const MAX_SSE_LINE: usize = 256 << 10;
+/// What is kept of a body or line past its cap.
+const TAIL: usize = 64 << 10;
 
 #[derive(Debug, Default)]
 pub struct UsageTracker {
     sse: bool,
     buf: Vec<u8>,
     overflow: bool,
+    /// Past the cap: the last bytes seen (at most `2 * TAIL`).
+    tail: Vec<u8>,
     usage: Option<Usage>,
 }
 
@@ -29,28 +35,62 @@ impl UsageTracker {
 
     pub fn feed(&mut self, chunk: &[u8]) {
         if !self.sse {
-            if self.buf.len() + chunk.len() > MAX_JSON_BODY {
+            if !self.overflow && self.buf.len() + chunk.len() > MAX_JSON_BODY {
                 self.overflow = true;
-                self.buf.clear();
+                let kept = std::mem::take(&mut self.buf);
+                self.keep_tail(&kept);
             }
-            if !self.overflow {
+            if self.overflow {
+                self.keep_tail(chunk);
+            } else {
                 self.buf.extend_from_slice(chunk);
             }
             return;
         }
-        for &b in chunk {
-            if b == b'\n' {
-                if !self.overflow {
-                    self.sse_line();
-                }
-                self.buf.clear();
-                self.overflow = false;
-            } else if self.buf.len() < MAX_SSE_LINE {
-                self.buf.push(b);
-            } else {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let (part, newline) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            rest = if newline { &rest[part.len() + 1..] } else { &[] };
+            if !self.overflow && self.buf.len() + part.len() > MAX_SSE_LINE {
                 self.overflow = true;
+                let kept = std::mem::take(&mut self.buf);
+                self.keep_tail(&kept);
+            }
+            if self.overflow {
+                self.keep_tail(part);
+            } else {
+                self.buf.extend_from_slice(part);
+            }
+            if newline {
+                self.end_line();
             }
         }
+    }
+
+    /// Appends to the kept tail, trimming it to its last `TAIL` bytes now and then.
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(TAIL)..];
+        if self.tail.len() + bytes.len() > 2 * TAIL {
+            let drop = self.tail.len() + bytes.len() - TAIL;
+            self.tail.drain(..drop.min(self.tail.len()));
+        }
+        self.tail.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self) {
+        if self.overflow {
+            if let Some(u) = usage_in_tail(&self.tail) {
+                self.usage = Some(u);
+            }
+        } else {
+            self.sse_line();
+        }
+        self.buf.clear();
+        self.tail.clear();
+        self.overflow = false;
     }
 
     fn sse_line(&mut self) {
@@ -64,16 +104,37 @@ impl UsageTracker {
     /// The usage found, once the body is complete.
     pub fn finish(mut self) -> Option<Usage> {
         if self.sse {
-            if !self.buf.is_empty() && !self.overflow {
-                self.sse_line();
+            if !self.buf.is_empty() || self.overflow {
+                self.end_line();
             }
             return self.usage;
         }
         if self.overflow {
-            return None;
+            return usage_in_tail(&self.tail);
         }
         serde_json::from_slice::<Value>(&self.buf).ok().as_ref().and_then(usage_of)
     }
+}
+
+/// The last `"usage": {…}` object in `tail` (the end of a body too large to keep whole).
+/// A `"usage"` inside a JSON string has its quotes escaped, so it is not taken for the key.
+fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        let after = &tail[at + KEY.len()..];
+        let after = after.trim_ascii_start();
+        let Some(after) = after.strip_prefix(b":") else { continue };
+        let mut values = serde_json::Deserializer::from_slice(after.trim_ascii_start()).into_iter::<Value>();
+        if let Some(Ok(object @ Value::Object(_))) = values.next() {
+            let wrapped = Value::Object([("usage".to_string(), object)].into_iter().collect());
+            if let Some(u) = usage_of(&wrapped) {
+                return Some(u);
+            }
+        }
+    }
+    None
 }
 
 fn usage_of(v: &Value) -> Option<Usage> {
@@ -139,5 +200,32 @@ mod tests {
         for (ct, chunks, want) in cases {
             assert_eq!(run(*ct, chunks), *want, "{chunks:?}");
         }
+    }
+
+    /// Bodies and lines past their caps: the usage at their end is still found, in pieces
+    /// of any size, and a `"usage"` quoted inside a string is not taken for it.
+    #[test]
+    fn usage_at_the_end_of_a_body_or_line_past_its_cap_is_found() {
+        let u = Some(Usage { prompt_tokens: 9, cached_tokens: 4, completion_tokens: 5000 });
+        let logprobs = "{\"token\":\"x\",\"logprob\":-0.1},".repeat(MAX_JSON_BODY / 20);
+        let body = format!(
+            r#"{{"choices":[{{"logprobs":[{logprobs}{{}}],"text":"the \"usage\": {{\"prompt_tokens\": 1}}"}}],"usage":{{"prompt_tokens":9,"completion_tokens":5000,"prompt_tokens_details":{{"cached_tokens":4}}}}}}"#
+        );
+        assert!(body.len() > MAX_JSON_BODY);
+        let output = "word ".repeat(MAX_SSE_LINE / 4);
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"text\":\"{output}\"}}],\"usage\":{{\"input_tokens\":9,\"input_tokens_details\":{{\"cached_tokens\":4}},\"output_tokens\":5000}},\"user\":null}}}}\n\n"
+        );
+        assert!(completed.len() > MAX_SSE_LINE);
+        for piece in [1 << 10, 16 << 10, 1 << 20] {
+            let chunks: Vec<&str> = body.as_bytes().chunks(piece).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            assert_eq!(run(Some("application/json"), &chunks), u, "JSON in {piece}-byte pieces");
+            let stream = format!("data: {{\"choices\":[]}}\n\n{completed}");
+            let chunks: Vec<&str> = stream.as_bytes().chunks(piece).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            assert_eq!(run(Some("text/event-stream"), &chunks), u, "SSE in {piece}-byte pieces");
+        }
+        // The same event without its usage: nothing is made up from the quoted text.
+        let no_usage = body.replace(r#","usage":{"prompt_tokens":9"#, r#","other":{"prompt_tokens":9"#);
+        assert_eq!(run(None, &[no_usage.as_str()]), None);
     }
 }
