@@ -320,7 +320,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     });
 
     let ext_proc = ExtProc::new(router.clone(), opts.max_body_bytes).into_server();
-    let mut main_builder = tonic::transport::Server::builder();
+    let mut main_builder = crate::ext_proc::Keepalive::default().apply(tonic::transport::Server::builder());
     if opts.secure_serving {
         main_builder = main_builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(tls_identity(opts.cert_path.as_deref())?))
@@ -424,8 +424,11 @@ impl ScrapeSink for PoolSink {
     }
 }
 
-/// Accepted connections with TCP_NODELAY: without it, Nagle's algorithm meets Envoy's
-/// delayed ACKs and every ext_proc exchange stalls for ~40 ms.
+/// Accepted connections with TCP_NODELAY (without it, Nagle's algorithm meets Envoy's
+/// delayed ACKs and every ext_proc exchange stalls for ~40 ms) and TCP keepalive (a peer
+/// host gone without a FIN is found even on a connection with no HTTP/2 traffic).
 fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }

@@ -24,6 +24,11 @@ use tokio_stream::StreamExt;
 use crate::common::runtime;
 
 async fn server(endpoints: usize, max_body: usize) -> String {
+    server_with(endpoints, max_body, epp::ext_proc::Keepalive::default()).await.0
+}
+
+/// An ext_proc server with the given keepalive; its URL and router.
+async fn server_with(endpoints: usize, max_body: usize, keepalive: epp::ext_proc::Keepalive) -> (String, Arc<Router>) {
     let config = PickerConfig::default_config().unwrap();
     let scheduler = epp::loader::build(runtime(), &config, &Default::default()).unwrap().scheduler;
     let ds = Arc::new(Datastore::new());
@@ -42,13 +47,14 @@ async fn server(endpoints: usize, max_body: usize) -> String {
     let router = Arc::new(Router::new(ds, scheduler, epp::telemetry::Telemetry::new("test")));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = ExtProc::new(router, max_body).into_server();
+    let svc = ExtProc::new(router.clone(), max_body).into_server();
     tokio::spawn(
-        tonic::transport::Server::builder()
+        keepalive
+            .apply(tonic::transport::Server::builder())
             .add_service(svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    format!("http://{addr}")
+    (format!("http://{addr}"), router)
 }
 
 fn headers(method: &str, path: &str, end_of_stream: bool) -> HttpHeaders {
@@ -255,4 +261,70 @@ async fn request_trailers_get_a_clear_400_not_a_hang() {
     let (status, text) = immediate_status(&out[0]);
     assert_eq!(status, 400);
     assert!(text.contains("request trailers are not supported"), "{text}");
+}
+
+/// A data plane that goes away without closing its connection (host crashed, network cut):
+/// the keepalive PING goes unanswered, the connection is closed, and the routed request's
+/// load is released instead of being counted forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_data_plane_is_dropped_and_its_requests_released() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let keepalive =
+        epp::ext_proc::Keepalive { interval: Duration::from_millis(200), timeout: Duration::from_millis(300) };
+    let (url, router) = server_with(2, 1 << 20, keepalive).await;
+    let upstream: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    // A proxy that forwards until told to go silent: then it neither forwards nor closes.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let silent = Arc::new(AtomicBool::new(false));
+    let gate = silent.clone();
+    tokio::spawn(async move {
+        let (client, _) = proxy.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        tokio::join!(pipe(cr, sw, gate.clone()), pipe(sr, cw, gate));
+    });
+    let mut client = ExternalProcessorClient::connect(proxy_url).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false)))).await.unwrap();
+    tx.send(body(BODY, true)).await.unwrap();
+    let mut answers = client.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = answers.next().await.unwrap().unwrap();
+    assert!(destination(&first).is_some(), "routed");
+    assert_eq!(router.in_flight(), 1, "the routed request is in flight");
+    // The data plane goes silent mid-request, with the response never coming.
+    silent.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while router.in_flight() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request is still counted 10 s after its data plane went silent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(tx);
+}
+
+/// Copies `r` to `w` until `silent` is set; then drops what it reads and never closes `w`.
+async fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !silent.load(std::sync::atomic::Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Silence, not a close: the write half stays open.
+    std::future::pending::<()>().await;
+    drop(w);
 }

@@ -44,6 +44,29 @@ impl ExtProc {
     }
 }
 
+/// How the ext_proc server notices a data plane gone without closing its connection (a
+/// crashed or partitioned Envoy host sends no FIN or RST): an HTTP/2 PING after `interval`
+/// of quiet, and the connection closed when one is not acknowledged within `timeout`. Its
+/// streams then end as cancelled, so their requests' load is released.
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive { interval: std::time::Duration::from_secs(30), timeout: std::time::Duration::from_secs(20) }
+    }
+}
+
+impl Keepalive {
+    /// `builder` with these HTTP/2 keepalive settings.
+    pub fn apply(self, builder: tonic::transport::Server) -> tonic::transport::Server {
+        builder.http2_keepalive_interval(Some(self.interval)).http2_keepalive_timeout(Some(self.timeout))
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
