@@ -184,3 +184,30 @@ async fn the_upstream_guide_envoy_config_works_unchanged() {
     assert_eq!(r.status, 200);
     assert!(r.body.trim_end().ends_with("data: [DONE]"), "{r:?}");
 }
+
+/// A WebSocket upgrade through Envoy (the shipped configs enable upgrades): the client
+/// sends nothing after its headers until it is answered, so the EPP routes at the headers.
+/// Before, full-duplex mode waited for a body that never came, and the client hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_is_routed_not_left_waiting() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(2).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.listener)).await.unwrap();
+    let request = "GET /v1/realtime HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before a response: {:?}", String::from_utf8_lossy(&head));
+            head.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no response within 10 s: the upgrade was left waiting for a body");
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    // The simulated worker speaks no WebSocket: it answers, and that answer comes back.
+    assert!(head.contains("x-sim-worker"), "the request did not reach a worker: {head}");
+}

@@ -208,6 +208,41 @@ async fn bodyless_requests_are_answered_at_the_headers() {
     assert_eq!(immediate_status(&out[0]).0, 404);
 }
 
+/// A request whose client waits for the answer before sending any body (a WebSocket
+/// upgrade, a `GET` that leaves its stream open) is routed at its headers, in full duplex
+/// as in the buffered modes, and whatever body follows passes through as it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answered_before_their_body_are_routed_at_the_headers() {
+    let url = server(2, 1 << 20).await;
+    let mut upgrade = headers("GET", "/v1/realtime", false);
+    if let Some(map) = upgrade.headers.as_mut() {
+        map.headers.push(HeaderValue { key: "upgrade".into(), raw_value: b"websocket".to_vec(), ..Default::default() });
+    }
+    for mode in [BodySendMode::FullDuplexStreamed, BodySendMode::Buffered] {
+        let first = with_mode(msg(Msg::RequestHeaders(upgrade.clone())), mode);
+        // Only the headers: the client waits for the answer.
+        let out = exchange(&url, vec![first.clone()], 1).await;
+        assert!(destination(&out[0]).is_some(), "{mode:?}: {:?}", out[0]);
+        // Frames after the upgrade pass through, each as it comes.
+        let out = exchange(&url, vec![first, body(b"frame-1", false), body(b"frame-2", true)], 3).await;
+        for (r, want) in out[1..].iter().zip([&b"frame-1"[..], b"frame-2"]) {
+            let Some(Resp::RequestBody(b)) = &r.response else { panic!("{mode:?}: body answer expected: {r:?}") };
+            let mutation = b.response.as_ref().and_then(|c| c.body_mutation.as_ref()).and_then(|m| m.mutation.as_ref());
+            match (mode, mutation) {
+                (BodySendMode::FullDuplexStreamed, Some(body_mutation::Mutation::StreamedResponse(s))) => {
+                    assert_eq!(s.body, want)
+                }
+                (BodySendMode::Buffered, None) => {}
+                other => panic!("unexpected body answer {other:?}"),
+            }
+        }
+    }
+    // A plain GET whose stream stays open is routed at once too.
+    let first = msg(Msg::RequestHeaders(headers("GET", "/v2/whatever", false)));
+    let out = exchange(&url, vec![first], 1).await;
+    assert!(destination(&out[0]).is_some(), "a GET with an open stream is routed at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_mode_routes_on_the_body_answer() {
     let url = server(2, 1 << 20).await;

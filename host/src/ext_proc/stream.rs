@@ -6,7 +6,10 @@
 //! then a headers answer (destination + cleared route cache + `envoy.lb` metadata) and the
 //! body as streamed mutations (moved, not copied, when it fits one message). A request whose
 //! headers end the stream is routed (or rejected) at once, or Envoy would wait for its
-//! message timeout. Buffered modes are served too: headers are let through and the route
+//! message timeout. So is a request that is no inference call and will not end its body
+//! before it is answered (a `GET` or `HEAD` whose headers leave the stream open, a
+//! WebSocket upgrade, a `CONNECT`): its body, if any, then passes through as it comes.
+//! Buffered modes are served too: headers are let through and the route
 //! rides on the body answer. In `BUFFERED` mode the one body message is the whole body even
 //! when trailers follow it (no end of stream then), so it is routed at once.
 //!
@@ -51,6 +54,9 @@ pub struct StreamState {
     subset: Option<Vec<String>>,
     body: Vec<u8>,
     routed: Option<Routed>,
+    /// Routed at its headers while its body (if any) was still to come: the body passes
+    /// through unbuffered.
+    passthrough: bool,
     /// Set while the request waits in flow control's queue.
     ticket: Option<Ticket>,
     usage: Option<UsageTracker>,
@@ -78,6 +84,7 @@ impl StreamState {
             subset: None,
             body: Vec::new(),
             routed: None,
+            passthrough: false,
             ticket: None,
             usage: None,
             status: 0,
@@ -136,15 +143,18 @@ impl StreamState {
                 self.generated_id = true;
             }
         }
-        if h.end_of_stream {
-            // No body will come: decide now.
-            if ApiKind::from_path(&self.path).is_some() {
-                return self.fail(RouteError::BadRequest(request::RequestError::EmptyBody));
-            }
+        let inference = ApiKind::from_path(&self.path).is_some();
+        if h.end_of_stream && inference {
+            return self.fail(RouteError::BadRequest(request::RequestError::EmptyBody));
+        }
+        // No body will come, or none before the answer: decide now.
+        let passthrough = !h.end_of_stream && !inference && self.answered_before_body();
+        if h.end_of_stream || passthrough {
             let req = request::for_scheduling(&self.request_id, &self.headers, None);
             return match self.router.route(req, self.subset.as_deref()) {
                 Ok((routed, job)) => {
                     let dest = self.accept(routed, job);
+                    self.passthrough = passthrough;
                     vec![reply::route_request_headers(&dest, self.id_header())]
                 }
                 Err(e) => self.fail(e),
@@ -153,7 +163,21 @@ impl StreamState {
         if self.request_full_duplex { Vec::new() } else { vec![reply::continue_headers(false, self.id_header())] }
     }
 
+    /// Whether the client waits for the answer before sending a body: a method without a
+    /// request body, an upgrade (WebSocket) or a tunnel.
+    fn answered_before_body(&self) -> bool {
+        let method = |m: &str| self.method.eq_ignore_ascii_case(m);
+        method("GET") || method("HEAD") || method("CONNECT") || self.headers.iter().any(|(k, _)| k == "upgrade")
+    }
+
     fn request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        if self.passthrough {
+            return if self.request_full_duplex {
+                vec![reply::streamed_body(false, b.body, b.end_of_stream)]
+            } else {
+                vec![reply::continue_body(false)]
+            };
+        }
         if self.body.len() + b.body.len() > self.max_body {
             return self.fail(RouteError::PayloadTooLarge(self.max_body));
         }
