@@ -57,6 +57,10 @@ pub enum RouteError {
     Scheduling(ScheduleError),
     #[error("{}", .0.message())]
     FlowControl(Dropped),
+    #[error(
+        "Envoy sent the request body in pieces in ext_proc request_body_mode {0}, where a route can no longer be set; configure FULL_DUPLEX_STREAMED (as config/envoy.yaml and the upstream guide do) or BUFFERED"
+    )]
+    BodyMode(&'static str),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -84,7 +88,7 @@ impl RouteError {
             // As upstream: a saturated pool or an expired wait is the client's to retry later.
             RouteError::FlowControl(Dropped::Capacity | Dropped::Ttl) => (429, "ResourceExhausted"),
             RouteError::FlowControl(_) => (503, "ServiceUnavailable"),
-            RouteError::Internal(_) => (500, "Internal"),
+            RouteError::Internal(_) | RouteError::BodyMode(_) => (500, "Internal"),
         };
         let dropped_reason = match self {
             RouteError::FlowControl(d) => Some(d.reason()),

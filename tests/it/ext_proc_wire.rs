@@ -283,6 +283,25 @@ async fn buffered_mode_routes_on_the_body_answer() {
     assert!(text.contains("body is empty"), "{text}");
 }
 
+/// `STREAMED` and `BUFFERED_PARTIAL` request body modes: a body in one message is routed,
+/// but a body in pieces cannot be (Envoy has moved on by its end), so it gets a clear 500
+/// naming the modes that work, not an unrouted request (Envoy's "no healthy upstream").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_pieces_in_the_partial_modes_gets_a_clear_error() {
+    let url = server(2, 1 << 20).await;
+    for mode in [BodySendMode::Streamed, BodySendMode::BufferedPartial] {
+        let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), mode);
+        let out = exchange(&url, vec![first, body(BODY, true)], 2).await;
+        assert!(destination(&out[1]).is_some(), "{mode:?}: one whole body message is routed");
+        let (a, b) = BODY.split_at(BODY.len() / 2);
+        let first = with_mode(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false))), mode);
+        let out = exchange(&url, vec![first, body(a, false), body(b, true)], 2).await;
+        let (status, text) = immediate_status(&out[1]);
+        assert_eq!(status, 500, "{mode:?}");
+        assert!(text.contains("FULL_DUPLEX_STREAMED") && text.contains(mode.as_str_name()), "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_get_a_clear_400_not_a_hang() {
     let url = server(2, 1 << 20).await;

@@ -11,7 +11,9 @@
 //! WebSocket upgrade, a `CONNECT`): its body, if any, then passes through as it comes.
 //! Buffered modes are served too: headers are let through and the route
 //! rides on the body answer. In `BUFFERED` mode the one body message is the whole body even
-//! when trailers follow it (no end of stream then), so it is routed at once.
+//! when trailers follow it (no end of stream then), so it is routed at once. In `STREAMED`
+//! and `BUFFERED_PARTIAL` modes a body that comes in pieces cannot be routed (Envoy has sent
+//! the headers on, or lets the rest by): it gets a clear 500 naming the modes that work.
 //!
 //! Response path: headers are answered at once (with the request id, the variant and any
 //! header the plugins add); body chunks are echoed in full-duplex mode and acknowledged in
@@ -45,6 +47,10 @@ pub struct StreamState {
     request_full_duplex: bool,
     /// `BUFFERED` request bodies: one message holds the whole body, trailers or not.
     request_whole_body: bool,
+    /// The announced body mode, when it is one where a body in pieces cannot be routed
+    /// (`STREAMED`: Envoy has sent the headers on; `BUFFERED_PARTIAL`: the rest of the body
+    /// goes by without the EPP).
+    request_pieces_unroutable: Option<&'static str>,
     response_full_duplex: bool,
     request_id: String,
     generated_id: bool,
@@ -75,6 +81,7 @@ impl StreamState {
             max_body,
             request_full_duplex: true,
             request_whole_body: false,
+            request_pieces_unroutable: None,
             response_full_duplex: true,
             request_id: String::new(),
             generated_id: false,
@@ -111,6 +118,11 @@ impl StreamState {
         if let Some(pc) = &msg.protocol_config {
             self.request_full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
             self.request_whole_body = pc.request_body_mode == BodySendMode::Buffered as i32;
+            self.request_pieces_unroutable = match BodySendMode::try_from(pc.request_body_mode) {
+                Ok(BodySendMode::Streamed) => Some("STREAMED"),
+                Ok(BodySendMode::BufferedPartial) => Some("BUFFERED_PARTIAL"),
+                _ => None,
+            };
             self.response_full_duplex = pc.response_body_mode == BodySendMode::FullDuplexStreamed as i32;
         }
         let Some(request) = msg.request else { return Vec::new() };
@@ -187,6 +199,10 @@ impl StreamState {
             self.body.extend_from_slice(&b.body);
         }
         if !b.end_of_stream && !self.request_whole_body {
+            if let Some(mode) = self.request_pieces_unroutable {
+                // The route would come too late: refused clearly, not sent on unrouted.
+                return self.fail(RouteError::BodyMode(mode));
+            }
             // Streamed modes answer every message; full duplex answers once at the end.
             return if self.request_full_duplex { Vec::new() } else { vec![reply::continue_body(false)] };
         }
