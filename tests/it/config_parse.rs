@@ -268,6 +268,14 @@ fn flow_control_mistakes_name_the_field_and_a_disabled_section_is_warned() {
         let e = PickerConfig::parse(&text, None).err().unwrap_or_else(|| panic!("accepted: {text}")).to_string();
         assert!(e.contains(want), "{text}\n→ {e}\n(wanted {want})");
     }
+    // A usage limit of 0 would dispatch nothing, whether the policy is referenced or not.
+    for reference in ["", "  usageLimitPolicyPluginRef: limit\n"] {
+        let text = format!(
+            "{head}- name: limit\n  type: static-usage-limit-policy\n  parameters: {{threshold: 0}}\nfeatureGates: [flowControl]\nflowControl:\n  maxRequests: 10\n{reference}"
+        );
+        let e = PickerConfig::parse(&text, None).err().unwrap_or_else(|| panic!("accepted: {text}")).to_string();
+        assert!(e.contains("`plugins[limit].parameters.threshold`: must be > 0"), "{text}\n→ {e}");
+    }
     let off = PickerConfig::parse(&format!("{head}flowControl: {{maxRequests: 10}}\n"), None).unwrap();
     assert!(!off.flow.enabled);
     assert!(off.warnings.iter().any(|w| w.contains("feature gate is disabled")), "{:?}", off.warnings);

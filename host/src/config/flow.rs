@@ -317,17 +317,19 @@ pub(super) fn flow_spec(
         spec.bands.push(spec.default_band.clone());
     }
     spec.bands.sort_by_key(|b| std::cmp::Reverse(b.priority));
-    if let Some(name) = &raw.usage_limit_policy_plugin_ref {
-        let p = resolve(plugins, name, USAGE_LIMIT_TYPES, "flowControl.usageLimitPolicyPluginRef")?;
+    let usage_policy = match &raw.usage_limit_policy_plugin_ref {
+        Some(name) => Some(resolve(plugins, name, USAGE_LIMIT_TYPES, "flowControl.usageLimitPolicyPluginRef")?),
+        None => plugins.iter().find(|p| USAGE_LIMIT_TYPES.contains(&p.type_name.as_str())).cloned(),
+    };
+    if let Some(p) = usage_policy {
         spec.usage_limit = number(&p, "threshold", 1.0)?;
+        // At 0 nothing would ever be dispatched: every request would wait out its TTL.
         if !(spec.usage_limit > 0.0 && spec.usage_limit.is_finite()) {
             return Err(invalid(
                 format!("plugins[{}].parameters.threshold", p.name),
                 format!("must be > 0, got {}", spec.usage_limit),
             ));
         }
-    } else if let Some(p) = plugins.iter().find(|p| USAGE_LIMIT_TYPES.contains(&p.type_name.as_str())) {
-        spec.usage_limit = number(p, "threshold", 1.0)?;
     }
     Ok(spec)
 }
