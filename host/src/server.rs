@@ -236,8 +236,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     if let Some(url) = &state_url {
         crate::state_store::check_url(url).map_err(ServerError::StateStore)?;
     }
+    // Set once shutdown begins; held while a health status is set, so SERVING (after a slow
+    // start or state-store warm-up) can never land after the drain's NOT_SERVING.
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
     {
         let health = health.clone();
+        let stopping = stopping.clone();
         let (router, telemetry, pool) =
             (router.clone(), telemetry.clone(), format!("{}/{}", opts.pool_namespace, opts.pool_name));
         tokio::spawn(async move {
@@ -253,6 +257,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                         }
                         Err(e) => warn!(error = %e, "state store not started; routing on local state"),
                     }
+                }
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    return;
                 }
                 for service in ["", ext_proc::SERVICE_NAME] {
                     health.set_service_status(service, ServingStatus::Serving).await;
@@ -281,9 +289,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     tokio::spawn(async move {
         shutdown.await;
         // Health checkers (Envoy's, a replacement's operator) see the drain at once.
+        let mut stopping = stopping.lock().await;
+        *stopping = true;
         for service in ["", ext_proc::SERVICE_NAME] {
             health.set_service_status(service, ServingStatus::NotServing).await;
         }
+        drop(stopping);
         stop_tx.send_replace(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
