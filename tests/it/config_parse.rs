@@ -281,6 +281,30 @@ fn flow_control_mistakes_name_the_field_and_a_disabled_section_is_warned() {
     assert!(off.warnings.iter().any(|w| w.contains("feature gate is disabled")), "{:?}", off.warnings);
 }
 
+/// Upstream's top-level `saturationDetector: {pluginRef: …}` (deprecated there for
+/// flowControl's, which wins when both are set) names the detector of admission and flow
+/// control alike.
+#[test]
+fn the_top_level_saturation_detector_reference_is_understood() {
+    use epp::config::flow::DetectorSpec;
+    let head = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: max-score-picker\n\
+                - type: concurrency-detector\n  parameters: {maxConcurrency: 7}\n- type: utilization-detector\n";
+    let c = PickerConfig::parse(&format!("{head}saturationDetector: {{pluginRef: concurrency-detector}}\n"), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(c.flow.detector, DetectorSpec::Concurrency { max_requests: 7, .. }), "{:?}", c.flow.detector);
+    let both = format!(
+        "{head}saturationDetector: {{pluginRef: concurrency-detector}}\nfeatureGates: [flowControl]\n\
+         flowControl: {{saturationDetector: {{pluginRef: utilization-detector}}}}\n"
+    );
+    let c = PickerConfig::parse(&both, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(c.flow.detector, DetectorSpec::Utilization(_)), "{:?}", c.flow.detector);
+    let e = PickerConfig::parse(&format!("{head}saturationDetector: {{pluginRef: max-score-picker}}\n"), None)
+        .err()
+        .expect("a picker is no detector")
+        .to_string();
+    assert!(e.contains("`saturationDetector.pluginRef`"), "{e}");
+}
+
 #[test]
 fn the_shipped_flow_control_example_loads() {
     let text = include_str!("../../config/flow-control.yaml");

@@ -242,7 +242,7 @@ pub(super) fn flow_spec(
     enabled: bool,
     raw: Option<RawFlowControl>,
     plugins: &[PluginSpec],
-    legacy_saturation: SaturationConfig,
+    (legacy_saturation, top_detector_ref): (SaturationConfig, Option<String>),
     warnings: &mut Vec<String>,
 ) -> Result<FlowSpec, ConfigError> {
     let raw = raw.unwrap_or_default();
@@ -253,10 +253,15 @@ pub(super) fn flow_spec(
                 .into(),
         );
     }
-    // The saturation detector: the one named, else the only one configured, else the
-    // (deprecated) top-level saturationDetector's thresholds.
-    let detector_plugin = match raw.saturation_detector.as_ref().and_then(|d| d.plugin_ref.clone()) {
-        Some(name) => Some(resolve(plugins, &name, DETECTOR_TYPES, "flowControl.saturationDetector.pluginRef")?),
+    // The saturation detector: the one named (flowControl's reference winning over the
+    // deprecated top-level one, as upstream), else the only one configured, else the
+    // top-level saturationDetector's thresholds.
+    let named = match raw.saturation_detector.as_ref().and_then(|d| d.plugin_ref.clone()) {
+        Some(name) => Some((name, "flowControl.saturationDetector.pluginRef")),
+        None => top_detector_ref.map(|name| (name, "saturationDetector.pluginRef")),
+    };
+    let detector_plugin = match named {
+        Some((name, field)) => Some(resolve(plugins, &name, DETECTOR_TYPES, field)?),
         None => plugins.iter().find(|p| DETECTOR_TYPES.contains(&p.type_name.as_str())).cloned(),
     };
     let detector = match detector_plugin {

@@ -316,10 +316,12 @@ impl PickerConfig {
             None => None,
         };
         let data_layer = data_layer_spec(raw.data_layer, &plugins)?;
+        let top_detector_ref = raw.saturation_detector.as_ref().and_then(|s| s.plugin_ref.clone());
         let legacy_saturation = saturation_spec(raw.saturation_detector)?;
         let gates = flow::feature_gates(raw.feature_gates)?;
         let enabled = gates.get(flow::FLOW_CONTROL_GATE).copied().unwrap_or(false);
-        let flow = flow::flow_spec(enabled, raw.flow_control, &plugins, legacy_saturation, &mut warnings)?;
+        let flow =
+            flow::flow_spec(enabled, raw.flow_control, &plugins, (legacy_saturation, top_detector_ref), &mut warnings)?;
         let saturation = flow.utilization().copied().unwrap_or(legacy_saturation);
         if let Some(url) = &raw.state_store {
             crate::state_store::check_url(url).map_err(|e| invalid("stateStore", e))?;
@@ -636,6 +638,9 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawSaturation {
+    /// Upstream's current form (deprecated there in favour of flowControl's): a detector
+    /// plugin by name.
+    plugin_ref: Option<String>,
     queue_depth_threshold: Option<f64>,
     kv_cache_util_threshold: Option<f64>,
     metrics_staleness_threshold: Option<String>,
