@@ -273,6 +273,9 @@ fn run() -> anyhow::Result<()> {
             max_cooldown: flags.endpoint_ejection_cooldown * 10,
         },
     };
+    if let Err(e) = opts.metric_names.check() {
+        bail!("{e}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async { epp::server::run(opts, shutdown_signal()).await.context("epp failed") })
 }

@@ -122,6 +122,11 @@ fn unknown_keys_are_warned_not_dropped_silently() {
     assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     assert!(c.warnings.iter().any(|w| w.contains("`surprise`")));
     assert!(c.warnings.iter().any(|w| w.contains("`colour`")));
+    // An extractor's parameters (upstream's engine settings) are not read: said, not dropped.
+    let text =
+        "apiVersion: llm-d.ai/v1\nplugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: sglang}\n";
+    let c = PickerConfig::parse(text, None).unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("--kv-cache-usage-percentage-metric")), "{:?}", c.warnings);
 }
 
 #[test]

@@ -474,6 +474,14 @@ fn plugin_spec(
             return Err(invalid(field("parameters"), "must be a mapping of parameter names to values"));
         }
     };
+    if kind == PluginKind::Extractor && parameters.as_object().is_some_and(|m| !m.is_empty()) {
+        warnings.push(format!(
+            "plugin `{name}`: the parameters of {type_name} are not read by this EPP; the metrics it reads are named \
+             by the --total-queued-requests-metric, --total-running-requests-metric, \
+             --kv-cache-usage-percentage-metric, --lora-info-metric and --cache-info-metric flags (vLLM's names \
+             by default; `name{{label=value}}` selects series)"
+        ));
+    }
     let wasm = p.wasm.map(|w| match base_dir {
         Some(dir) if w.is_relative() => dir.join(w),
         _ => w,

@@ -15,7 +15,9 @@ const WAITING_LORA_ADAPTERS: &str = "waiting_lora_adapters";
 const BLOCK_SIZE: &str = "block_size";
 const NUM_GPU_BLOCKS: &str = "num_gpu_blocks";
 
-/// The metric names read from a page.
+/// The metric names read from a page. Each is a name, or upstream's `name{label=value,…}`
+/// form (values quoted or not), which reads only the series whose labels match: e.g.
+/// `vllm:kv_cache_usage_perc{engine="0"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricNames {
     /// Requests queued (gauge).
@@ -30,6 +32,60 @@ pub struct MetricNames {
     pub lora: String,
     /// The engine's KV-cache configuration, in labels.
     pub cache: String,
+}
+
+impl MetricNames {
+    /// Checks every name's form; the error names the offending one.
+    pub fn check(&self) -> Result<(), String> {
+        let all = [&self.waiting, &self.running, &self.kv_usage, &self.lora, &self.cache];
+        for spec in all.into_iter().chain(&self.kv_usage_fallback) {
+            Selector::parse(spec)?;
+        }
+        Ok(())
+    }
+}
+
+/// A metric as named: its name and the labels its series must have.
+struct Selector<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Selector<'a> {
+    fn parse(spec: &'a str) -> Result<Selector<'a>, String> {
+        let bad = |why: &str| format!("metric `{spec}`: {why}; expected `name` or `name{{label=\"value\",…}}`");
+        let Some((name, rest)) = spec.split_once('{') else {
+            return if spec.trim().is_empty() || spec.contains('}') {
+                Err(bad("not a metric name"))
+            } else {
+                Ok(Selector { name: spec.trim(), labels: Vec::new() })
+            };
+        };
+        let inner = rest.trim_end().strip_suffix('}').ok_or_else(|| bad("no closing `}`"))?;
+        if name.trim().is_empty() {
+            return Err(bad("no metric name before `{`"));
+        }
+        let mut labels = Vec::new();
+        for pair in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| bad(&format!("`{pair}` is not label=value")))?;
+            let v = v.trim();
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+            if k.trim().is_empty() {
+                return Err(bad(&format!("`{pair}` has no label name")));
+            }
+            labels.push((k.trim(), v));
+        }
+        Ok(Selector { name: name.trim(), labels })
+    }
+
+    /// A spec that does not parse (checked at start) matches nothing.
+    fn of(spec: &'a str) -> Option<Selector<'a>> {
+        Selector::parse(spec).ok()
+    }
+
+    fn matches(&self, s: &Sample) -> bool {
+        s.name == self.name && self.labels.iter().all(|(k, v)| s.label(k) == Some(*v))
+    }
 }
 
 impl Default for MetricNames {
@@ -133,9 +189,15 @@ pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics,
     Ok(EngineMetrics { waiting, running, kv_usage, lora: lora(samples, &names.lora)?, cache, cache_error })
 }
 
-/// All samples named `name`, each with a checked value.
+/// The samples of `name` (a name or selector), those not matching it left out.
+fn matching<'a>(samples: &'a [Sample], name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
+    let selector = Selector::of(name);
+    samples.iter().filter(move |s| selector.as_ref().is_some_and(|sel| sel.matches(s)))
+}
+
+/// All samples of `name`, each with a checked value.
 fn series<'a>(samples: &'a [Sample], name: &'a str) -> impl Iterator<Item = Result<&'a Sample, ExtractError>> + 'a {
-    samples.iter().filter(move |s| s.name == name).map(move |s| {
+    matching(samples, name).map(move |s| {
         if s.value.is_finite() && s.value >= 0.0 {
             Ok(s)
         } else {
@@ -179,7 +241,7 @@ fn lora(samples: &[Sample], name: &str) -> Result<Option<LoraInfo>, ExtractError
 fn cache(samples: &[Sample], name: &str) -> Result<Option<CacheInfo>, ExtractError> {
     let mut info: Option<CacheInfo> = None;
     // The value of an info metric is a constant 1, so it is not checked.
-    for sample in samples.iter().filter(|s| s.name == name) {
+    for sample in matching(samples, name) {
         let positive = |label: &'static str| match whole_label(sample, name, label)? {
             0 => Err(ExtractError::Zero { name: name.to_string(), label }),
             n => Ok(n),
@@ -484,5 +546,33 @@ mod tests {
         let samples = parse("sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\n").unwrap_or_else(|e| panic!("{e}"));
         let missing = ExtractError::Missing { names: strings(&["sglang:token_usage"]) };
         assert_eq!(extract(&samples, &names), Err(missing));
+    }
+
+    /// Upstream's `name{label=value}` form reads only the matching series.
+    #[test]
+    fn names_with_label_selectors_read_only_matching_series() {
+        let names = MetricNames {
+            waiting: "vllm:num_requests_waiting{engine=\"0\"}".into(),
+            running: "vllm:num_requests_running{engine=0, model_name=\"m\"}".into(),
+            kv_usage: "vllm:kv_cache_usage_perc{engine=\"1\"}".into(),
+            ..MetricNames::default()
+        };
+        assert_eq!(names.check(), Ok(()));
+        let page = "vllm:num_requests_waiting{engine=\"0\"} 3\nvllm:num_requests_waiting{engine=\"1\"} 40\n\
+                    vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2\n\
+                    vllm:num_requests_running{engine=\"0\",model_name=\"other\"} 9\n\
+                    vllm:kv_cache_usage_perc{engine=\"0\"} 0.9\nvllm:kv_cache_usage_perc{engine=\"1\"} 0.25\n";
+        let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
+        let got = extract(&samples, &names).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((got.waiting, got.running, got.kv_usage), (3.0, 2.0, 0.25));
+        // No series with the label: missing, named as configured.
+        let names = MetricNames { waiting: "vllm:num_requests_waiting{engine=\"7\"}".into(), ..MetricNames::default() };
+        let missing = ExtractError::Missing { names: strings(&["vllm:num_requests_waiting{engine=\"7\"}"]) };
+        assert_eq!(extract(&samples, &names), Err(missing));
+        for bad in ["vllm:x{engine=\"0\"", "{engine=0}", "vllm:x{engine}", "vllm:x{=0}", "", "vllm:x}"] {
+            let names = MetricNames { running: bad.into(), ..MetricNames::default() };
+            let e = names.check().expect_err(bad);
+            assert!(e.contains(&format!("`{bad}`")), "{e}");
+        }
     }
 }
