@@ -53,6 +53,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a read may block waiting for new entries.
 const READ_BLOCK_MS: u64 = 1000;
+/// How long the follower waits for any reply: a blocking read's time and a margin.
+const FOLLOW_RESPONSE_TIMEOUT: Duration = Duration::from_millis(READ_BLOCK_MS + 4000);
 
 /// One replica's link to the store.
 pub struct StateStore {
@@ -107,7 +109,12 @@ pub fn check_url(url: &str) -> Result<redis::Client, String> {
     if !url.starts_with("redis://") {
         return Err(format!("state store `{url}`: expected redis://host:port[/db]"));
     }
-    redis::Client::open(url).map_err(|e| format!("state store `{url}`: {e}"))
+    let client = redis::Client::open(url).map_err(|e| format!("state store `{url}`: {e}"))?;
+    // RESP3 changes the shape of stream replies, which are read as RESP2 lays them out.
+    if client.get_connection_info().redis_settings().protocol() != redis::ProtocolVersion::RESP2 {
+        return Err(format!("state store `{url}`: only RESP2 is supported; drop the `protocol` parameter"));
+    }
+    Ok(client)
 }
 
 fn replica_id() -> String {
@@ -479,7 +486,9 @@ async fn follow(
         })
     };
     loop {
-        let mut con = match connect(&client, None).await {
+        // Every read answers within its block time: past it (and a margin), the store is
+        // taken for gone (a crashed host or a cut network sends no reset) and reconnected.
+        let mut con = match connect(&client, Some(FOLLOW_RESPONSE_TIMEOUT)).await {
             Ok(c) => c,
             Err(e) => {
                 link.down(&e);
@@ -490,7 +499,6 @@ async fn follow(
                 continue;
             }
         };
-        backoff = RETRY_MIN;
         if last_id.is_none() {
             let history: redis::RedisResult<Value> = redis::cmd("XREVRANGE")
                 .arg(&key)
@@ -503,6 +511,7 @@ async fn follow(
             match history {
                 Ok(v) => {
                     link.up();
+                    backoff = RETRY_MIN;
                     let mut batch = entries(&v);
                     batch.reverse();
                     let n = batch.len();
@@ -517,8 +526,11 @@ async fn follow(
                     warmed.send_replace(true);
                 }
                 Err(e) => {
+                    // Loading, refused (NOAUTH, NOPERM) or timed out: try again later, not at once.
                     link.down(&e);
                     warmed.send_replace(true);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
                     continue;
                 }
             }
@@ -538,6 +550,7 @@ async fn follow(
             let batch = match read {
                 Ok(v) => {
                     link.up();
+                    backoff = RETRY_MIN;
                     read_reply(&v)
                 }
                 Err(e) => {
@@ -616,6 +629,7 @@ mod tests {
         assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
         assert!(check_url("rediss://h:1").unwrap_err().contains("TLS"));
         assert!(check_url("http://h:1").unwrap_err().contains("redis://"));
+        assert!(check_url("redis://h:1/?protocol=resp3").unwrap_err().contains("RESP2"));
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
     }

@@ -217,6 +217,45 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     drop(again);
 }
 
+/// Redis stops answering without closing anything (`SIGSTOP`: as a hung host or a cut
+/// network looks): each replica's reader, blocked on the stream, gives up after its reply
+/// deadline and says the store is gone; once Redis answers again, sharing resumes. Before,
+/// the blocked read waited forever and the store still read as connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_is_noticed_and_sharing_resumes() {
+    let r = Replicas::start(2, true).await;
+    let pid = r.set.redis.as_ref().expect("redis").process.pid();
+    for i in 0..2 {
+        eventually(Duration::from_secs(10), "the replicas to connect", || async {
+            (sample(&r.metrics(i).await, "epp_state_store_connected", &[]) == Some(1.0)).then_some(())
+        })
+        .await;
+    }
+    signal(pid, "-STOP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut noticed = false;
+    while !noticed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        noticed = sample(&r.metrics(0).await, "epp_state_store_connected", &[]) == Some(0.0);
+    }
+    signal(pid, "-CONT");
+    assert!(noticed, "20 s after Redis went silent, the store still reads as connected");
+    eventually(Duration::from_secs(20), "both replicas to reconnect", || async {
+        let mut up = true;
+        for i in 0..2 {
+            up &= sample(&r.metrics(i).await, "epp_state_store_connected", &[]) == Some(1.0);
+        }
+        up.then_some(())
+    })
+    .await;
+    let fraction = r.follow_ups("after-silence", 6, 3).await;
+    assert!(fraction >= 0.95, "after Redis answered again only {:.0} % of follow-ups stayed", 100.0 * fraction);
+}
+
+fn signal(pid: u32, which: &str) {
+    let _ = std::process::Command::new("kill").args([which, &pid.to_string()]).status();
+}
+
 fn kill_pid(pid: u32) {
     let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
 }
