@@ -9,6 +9,7 @@
 //! 8 bytes, big-endian. Anything else is an error naming what was wrong; events of kinds not
 //! known here are skipped and named.
 
+use crate::metrics_scrape::MAX_BLOCK_SIZE;
 use rmpv::Value;
 
 /// One decoded batch.
@@ -130,8 +131,8 @@ fn event(v: &Value) -> Result<Result<Event, String>, DecodeError> {
             let block_size = get(3, "block_size")
                 .and_then(Value::as_u64)
                 .and_then(|b| u32::try_from(b).ok())
-                .filter(|&b| b > 0)
-                .ok_or_else(|| shape("`block_size` is missing or not a positive integer"))?;
+                .filter(|&b| (1..=MAX_BLOCK_SIZE).contains(&b))
+                .ok_or_else(|| shape(format!("`block_size` is missing or not an integer in 1..={MAX_BLOCK_SIZE}")))?;
             let lora_id = text(4, "lora_id")?;
             let medium = text(5, "medium")?;
             let lora_name = text(6, "lora_name")?;
@@ -331,6 +332,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("event 0") && e.contains("block_size"), "{e}");
+        // A block size no engine has (it would size every request's hashing buffer).
+        let huge = Value::Array(vec![
+            Value::from("BlockStored"),
+            Value::Array(vec![]),
+            Value::Nil,
+            Value::Array(vec![]),
+            Value::from(u64::from(u32::MAX)),
+        ]);
+        let e =
+            decode_batch(&enc(Value::Array(vec![Value::F64(1.0), Value::Array(vec![huge])]))).unwrap_err().to_string();
+        assert!(e.contains("1..=4096"), "{e}");
         let future = Value::Array(vec![Value::from("BlockMoved"), Value::Array(vec![])]);
         let b = decode_batch(&enc(Value::Array(vec![Value::F64(1.0), Value::Array(vec![future])])))
             .unwrap_or_else(|e| panic!("{e}"));

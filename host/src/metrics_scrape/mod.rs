@@ -23,7 +23,7 @@ mod test_server;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use extract::{CacheInfo, EngineMetrics, ExtractError, LoraInfo, MetricNames, extract};
+pub use extract::{CacheInfo, EngineMetrics, ExtractError, LoraInfo, MAX_BLOCK_SIZE, MetricNames, extract};
 pub use fetch::MAX_PAGE_BYTES;
 pub use parse::{LineError, ParseError, Sample, parse, parse_bytes};
 pub use poller::Scraper;
