@@ -48,6 +48,8 @@ struct Params {
     token_processor_config: Option<TokenProcessor>,
     kv_events_config: Option<EventsConfig>,
     max_blocks_per_endpoint: Option<usize>,
+    #[serde(flatten)]
+    extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +64,11 @@ struct TokenProcessor {
 struct EventsConfig {
     topic_filter: Option<String>,
     pod_discovery_config: Option<PodDiscovery>,
+    /// Upstream's centralised mode: every engine publishes to this one socket.
+    zmq_endpoint: Option<String>,
+    discover_pods: Option<bool>,
+    #[serde(flatten)]
+    extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +76,28 @@ struct EventsConfig {
 struct PodDiscovery {
     socket_port: Option<u16>,
     replay_socket_port: Option<u16>,
+}
+
+/// What of an upstream config is not used here, one sentence each.
+fn unused(p: &Params) -> Vec<String> {
+    let mut out: Vec<String> = p
+        .extra
+        .keys()
+        .filter(|k| k.as_str() != "indexerConfig")
+        .map(|k| format!("parameter `{k}` is not known here and is ignored"))
+        .collect();
+    if let Some(events) = &p.kv_events_config {
+        if events.discover_pods == Some(false) || events.zmq_endpoint.as_deref().is_some_and(|e| !e.is_empty()) {
+            out.push(
+                "a central event socket (`discoverPods: false`, `zmqEndpoint`) is not supported: each endpoint's \
+                 events are read from its own address at podDiscoveryConfig.socketPort (or its `kv-events-endpoint` \
+                 label); point vLLM's --kv-events-config endpoint there"
+                    .into(),
+            );
+        }
+        out.extend(events.extra.keys().map(|k| format!("kvEventsConfig.{k} is not known here and is ignored")));
+    }
+    out
 }
 
 /// The settings of a configured precise producer, made when a scheduler is built and
@@ -98,6 +127,9 @@ impl Settings {
                 "precise-prefix-cache-producer: `indexerConfig` is accepted and not used: the index is in memory, \
                  bounded by `maxBlocksPerEndpoint`, and the tokenizer is set by `tokenizer`"
             );
+        }
+        for warning in unused(&p) {
+            warn!("precise-prefix-cache-producer: {warning}");
         }
         let tokenizer = Tokenizer::load(&p.tokenizer.unwrap_or_default(), base)?;
         let tp = p.token_processor_config.unwrap_or_default();
@@ -306,4 +338,30 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Upstream settings this EPP does not use are named, not silently dropped.
+    #[test]
+    fn unused_upstream_settings_are_named() {
+        let params = serde_json::json!({
+            "indexerConfig": {"tokenizersPoolConfig": {}},
+            "kvEventsConfig": {"zmqEndpoint": "tcp://indexer:5557", "discoverPods": false, "engineType": "vllm",
+                               "topicFilter": "kv@"},
+            "tokenProcessorConfig": {"blockSize": 16},
+            "speculativeIndexing": true,
+        });
+        let p: Params = serde_json::from_value(params).unwrap_or_else(|e| panic!("{e}"));
+        let said = unused(&p).join("\n");
+        assert!(said.contains("`speculativeIndexing`"), "{said}");
+        assert!(said.contains("kvEventsConfig.engineType"), "{said}");
+        assert!(said.contains("central event socket"), "{said}");
+        assert!(!said.contains("indexerConfig") && !said.contains("topicFilter"), "{said}");
+        let plain: Params = serde_json::from_value(serde_json::json!({"kvEventsConfig": {"topicFilter": "kv@"}}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(unused(&plain).is_empty());
+    }
 }
