@@ -153,6 +153,51 @@ async fn routes_on_what_each_worker_stores_and_heals_after_a_restart() {
 
 /// Starts worker w1 again on the ports its previous process used, retrying while the old
 /// listeners are still being released.
+/// Workers that publish events but run no replay socket (vLLM's default: no
+/// `replay_endpoint`), while the endpoints name one: the first failed replay marks it
+/// unreachable and later gaps do not wait on it again; the live stream still feeds routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_replay_socket_is_tried_once_not_at_every_gap() {
+    let no_replay = |cfg: &mut SimConfig| {
+        cfg.kv_events = Some(KvEventsConfig { port: 0, replay_port: None, topic: String::new() });
+    };
+    let stack = Stack::start_config(2, EnvoyConfig::Ours, no_replay, &[], precise_config_with).await;
+    // Blocks stored before the EPP subscribes: their events are gone, so its first live
+    // message comes after a gap in the sequence, which asks for a replay.
+    direct(&stack, 0, &prompt("before", 4)).await;
+    let p = prompt("noreplay", 30);
+    let closed = epp_stack::free_port().expect("a free port");
+    let labels: Vec<Vec<(String, String)>> = stack
+        .workers
+        .iter()
+        .map(|w| {
+            let (events, _) = w.handle.kv_events_ports().expect("the worker publishes KV events");
+            vec![
+                ("kv-events-endpoint".to_string(), format!("tcp://127.0.0.1:{events}")),
+                ("kv-events-replay-endpoint".to_string(), format!("tcp://127.0.0.1:{closed}")),
+            ]
+        })
+        .collect();
+    let borrowed: Vec<Vec<(&str, &str)>> =
+        labels.iter().map(|l| l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
+    let entries: Vec<(usize, &[(&str, &str)])> = borrowed.iter().enumerate().map(|(i, l)| (i, l.as_slice())).collect();
+    stack.write_endpoints_labelled(&entries);
+    eventually(Duration::from_secs(20), "both KV event streams to be joined", || async {
+        (stack.epp_log().matches("KV event stream joined").count() >= 2).then_some(())
+    })
+    .await;
+    // Each stored prompt is a live message; the first comes after the gap.
+    for round in 0..3 {
+        direct(&stack, 0, &format!("{p} {round}")).await;
+    }
+    index_holds(&stack, "w0", 30.0).await;
+    let page = stack.epp_metrics().await;
+    let failed = sample(&page, "llm_d_epp_kv_cache_events_replays_total", &["endpoint=\"w0\"", "outcome=\"failed\""]);
+    assert_eq!(failed, Some(1.0), "replays of w0 tried and failed:\n{page}");
+    let r = stack.post("/v1/completions", "noreplay-follow", &completion(&format!("{p} and then?"), 2)).await;
+    assert_eq!(r.worker.as_deref(), Some("w0"), "{r:?}");
+}
+
 async fn respawn(http: u16, events: u16, replay: Option<u16>) -> sim::SimHandle {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -28,6 +28,18 @@ const RETRY: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A replay that says nothing for this long has failed.
 const REPLAY_IDLE: Duration = Duration::from_secs(2);
+/// How long connecting to a replay socket may take. A refused connection is retried by the
+/// socket until this runs out, and the live stream waits meanwhile: kept short.
+const REPLAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a replay socket could not be reached, replays are not tried for this long (vLLM
+/// runs without one unless `replay_endpoint` is set).
+const REPLAY_DOWN_FOR: Duration = Duration::from_secs(60);
+
+/// Whether the replay socket is worth trying.
+#[derive(Default)]
+struct ReplayGate {
+    down_until: Option<std::time::Instant>,
+}
 
 pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topic: String) {
     // The last sequence seen on the live stream, and the highest applied (live or replayed).
@@ -35,6 +47,7 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
     let mut applied: Option<u64> = None;
     let mut failing = false;
     let mut rejoining = false;
+    let mut gate = ReplayGate::default();
     loop {
         let mut socket = SubSocket::new();
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(&source.events)).await;
@@ -60,7 +73,7 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
         }
         // Join with the publisher's history, so blocks stored before (and events sent
         // while the socket was connecting) are known without waiting for new traffic.
-        if let Some(r) = replay(&hub, id, &name, &source, 0).await {
+        if let Some(r) = replay(&hub, id, &name, &source, 0, &mut gate).await {
             applied = Some(r);
             hub.set_live(id, true);
         }
@@ -109,7 +122,7 @@ pub async fn run(hub: Arc<KvEvents>, id: u32, name: String, source: Source, topi
                     t.kv_events_gap(&name);
                 }
                 debug!(endpoint = %name, missing_from = expected, seq, "asking for a KV event replay");
-                if let Some(r) = replay(&hub, id, &name, &source, expected).await {
+                if let Some(r) = replay(&hub, id, &name, &source, expected, &mut gate).await {
                     applied = Some(applied.map_or(r, |a| a.max(r)));
                 }
             }
@@ -160,28 +173,60 @@ fn apply(hub: &KvEvents, id: u32, name: &str, payload: &[u8]) {
 }
 
 /// Asks `source`'s replay socket for every batch from `from`, applies them in order and
-/// returns the last sequence applied (None when nothing was).
-async fn replay(hub: &KvEvents, id: u32, name: &str, source: &Source, from: u64) -> Option<u64> {
+/// returns the last sequence applied (None when nothing was). A socket that could not be
+/// reached is left alone for `REPLAY_DOWN_FOR` (`gate`).
+async fn replay(hub: &KvEvents, id: u32, name: &str, source: &Source, from: u64, gate: &mut ReplayGate) -> Option<u64> {
     let endpoint = source.replay.as_deref()?;
+    if gate.down_until.is_some_and(|until| std::time::Instant::now() < until) {
+        return None;
+    }
     let outcome = replay_inner(hub, id, name, endpoint, from).await;
     if let Some(t) = hub.telemetry() {
         t.kv_events_replay(name, if outcome.is_ok() { "ok" } else { "failed" });
     }
     match outcome {
-        Ok(last) => last,
-        Err(e) => {
+        Ok(last) => {
+            gate.down_until = None;
+            last
+        }
+        Err(ReplayError::Unreachable(e)) => {
+            if gate.down_until.is_none() {
+                info!(endpoint = %name, replay = endpoint, error = %e, retry_s = REPLAY_DOWN_FOR.as_secs(), "KV event replay socket unreachable; replays skipped for a while");
+            }
+            gate.down_until = Some(std::time::Instant::now() + REPLAY_DOWN_FOR);
+            None
+        }
+        Err(ReplayError::Failed(e)) => {
             debug!(endpoint = %name, replay = endpoint, error = %e, "KV event replay failed");
             None
         }
     }
 }
 
-async fn replay_inner(hub: &KvEvents, id: u32, name: &str, endpoint: &str, from: u64) -> Result<Option<u64>, String> {
+enum ReplayError {
+    /// The socket could not be connected to.
+    Unreachable(String),
+    Failed(String),
+}
+
+impl From<String> for ReplayError {
+    fn from(e: String) -> Self {
+        ReplayError::Failed(e)
+    }
+}
+
+async fn replay_inner(
+    hub: &KvEvents,
+    id: u32,
+    name: &str,
+    endpoint: &str,
+    from: u64,
+) -> Result<Option<u64>, ReplayError> {
     let mut dealer = DealerSocket::new();
-    tokio::time::timeout(CONNECT_TIMEOUT, dealer.connect(endpoint))
+    tokio::time::timeout(REPLAY_CONNECT_TIMEOUT, dealer.connect(endpoint))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ReplayError::Unreachable("connect timed out".to_string()))?
+        .map_err(|e| ReplayError::Unreachable(e.to_string()))?;
     let request = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())])
         .map_err(|e| e.to_string())?;
     dealer.send(request).await.map_err(|e| e.to_string())?;
@@ -199,7 +244,9 @@ async fn replay_inner(hub: &KvEvents, id: u32, name: &str, endpoint: &str, from:
         if frames.last().is_none_or(|p| p.is_empty()) {
             return Ok(last);
         }
-        let Some((seq, payload)) = split(&frames) else { return Err("a malformed replay message".into()) };
+        let Some((seq, payload)) = split(&frames) else {
+            return Err(ReplayError::Failed("a malformed replay message".into()));
+        };
         if seq >= from && last.is_none_or(|l| seq > l) {
             apply(hub, id, name, payload);
             last = Some(seq);
