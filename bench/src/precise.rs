@@ -71,6 +71,7 @@ fn stored(hashes: Vec<u64>, tokens: Vec<u32>) -> Stored {
         medium: None,
         first_block_strings: Vec::new(),
         kind: None,
+        group: None,
     }
 }
 

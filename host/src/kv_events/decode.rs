@@ -25,7 +25,12 @@ pub struct Batch {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     Stored(Stored),
-    Removed { hashes: Vec<u64>, medium: Option<String> },
+    /// `group`: the KV cache group (`group_idx`) the blocks were evicted from, when given.
+    Removed {
+        hashes: Vec<u64>,
+        medium: Option<String>,
+        group: Option<u32>,
+    },
     Cleared,
 }
 
@@ -45,6 +50,8 @@ pub struct Stored {
     pub first_block_strings: Vec<String>,
     /// `kv_cache_spec_kind` (`full_attention`, `sliding_window`, …) when given.
     pub kind: Option<String>,
+    /// `group_idx`: the KV cache group (hybrid models have several), when given.
+    pub group: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -143,6 +150,7 @@ fn event(v: &Value) -> Result<Result<Event, String>, DecodeError> {
                 },
                 _ => Vec::new(),
             };
+            let group = group_idx(get(8, "group_idx"))?;
             let kind = text(9, "kv_cache_spec_kind")?;
             Event::Stored(Stored {
                 hashes,
@@ -153,14 +161,29 @@ fn event(v: &Value) -> Result<Result<Event, String>, DecodeError> {
                 medium,
                 first_block_strings,
                 kind,
+                group,
             })
         }
-        "BlockRemoved" => {
-            Event::Removed { hashes: hash_list(get(0, "block_hashes"), "block_hashes")?, medium: text(1, "medium")? }
-        }
+        "BlockRemoved" => Event::Removed {
+            hashes: hash_list(get(0, "block_hashes"), "block_hashes")?,
+            medium: text(1, "medium")?,
+            group: group_idx(get(2, "group_idx"))?,
+        },
         "AllBlocksCleared" => Event::Cleared,
         other => return Ok(Err(other.to_string())),
     }))
+}
+
+/// `group_idx`: absent or nil, or a small whole number.
+fn group_idx(v: Option<&Value>) -> Result<Option<u32>, DecodeError> {
+    match v {
+        None | Some(Value::Nil) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|g| u32::try_from(g).ok())
+            .map(Some)
+            .ok_or_else(|| shape("`group_idx` is not a whole number")),
+    }
 }
 
 fn field<'a>(map: &'a Value, name: &str) -> Option<&'a Value> {
@@ -257,8 +280,9 @@ mod tests {
                     medium: Some("GPU".into()),
                     first_block_strings: vec![],
                     kind: None,
+                    group: None,
                 }),
-                Event::Removed { hashes: vec![7], medium: Some("GPU".into()) },
+                Event::Removed { hashes: vec![7], medium: Some("GPU".into()), group: None },
                 Event::Cleared,
             ]
         );
@@ -343,6 +367,16 @@ mod tests {
         let e =
             decode_batch(&enc(Value::Array(vec![Value::F64(1.0), Value::Array(vec![huge])]))).unwrap_err().to_string();
         assert!(e.contains("1..=4096"), "{e}");
+        // vLLM's current layout: BlockRemoved carries the group after the medium.
+        let removed = Value::Array(vec![
+            Value::from("BlockRemoved"),
+            Value::Array(vec![Value::from(5)]),
+            Value::from("GPU"),
+            Value::from(1),
+        ]);
+        let b = decode_batch(&enc(Value::Array(vec![Value::F64(1.0), Value::Array(vec![removed])])))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.events, vec![Event::Removed { hashes: vec![5], medium: Some("GPU".into()), group: Some(1) }]);
         let future = Value::Array(vec![Value::from("BlockMoved"), Value::Array(vec![])]);
         let b = decode_batch(&enc(Value::Array(vec![Value::F64(1.0), Value::Array(vec![future])])))
             .unwrap_or_else(|e| panic!("{e}"));

@@ -94,6 +94,10 @@ struct EndpointBlocks {
     block_size: u32,
     keys: HashSet<u64, Fold>,
     by_engine: HashMap<u64, u64, Fold>,
+    /// KV cache groups whose stores are not indexed (sliding-window or mamba groups of a
+    /// hybrid model). They share the per-request block hashes with the full-attention
+    /// group, so their evictions must not remove its blocks.
+    other_groups: HashSet<u32>,
 }
 
 /// Every endpoint's blocks.
@@ -122,8 +126,11 @@ impl PreciseIndex {
                     }
                     out.stored += n;
                 }
-                Event::Removed { hashes, medium } => {
+                Event::Removed { hashes, medium, group } => {
                     if medium.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case("gpu")) {
+                        continue;
+                    }
+                    if group.is_some_and(|g| e.other_groups.contains(&g)) {
                         continue;
                     }
                     for h in hashes {
@@ -183,6 +190,9 @@ fn store(e: &mut EndpointBlocks, s: &Stored, max: usize) -> u64 {
         return 0;
     }
     if s.kind.as_deref().is_some_and(|k| !PREFIX_KINDS.contains(&k)) {
+        if let Some(g) = s.group {
+            e.other_groups.insert(g);
+        }
         return 0;
     }
     let bs = s.block_size as usize;
@@ -239,7 +249,28 @@ mod tests {
             medium: Some("GPU".into()),
             first_block_strings: vec![],
             kind: None,
+            group: None,
         })
+    }
+
+    /// A hybrid model stores the same block hashes in several KV cache groups; only the
+    /// full-attention group is indexed, and evictions from the others leave it alone.
+    #[test]
+    fn evictions_from_groups_that_are_not_indexed_leave_the_index_alone() {
+        let in_group = |group: u32, kind: &str| {
+            let Event::Stored(mut s) = stored(&[901, 902], None, &[1, 2, 3, 4]) else { unreachable!() };
+            (s.group, s.kind) = (Some(group), Some(kind.to_string()));
+            Event::Stored(s)
+        };
+        let mut ix = PreciseIndex::new(100);
+        let a = ix.apply(0, &[in_group(0, "full_attention"), in_group(1, "sliding_window")]);
+        assert_eq!((a.stored, ix.blocks(0)), (2, 2));
+        let keys = chain(root(None, None), &[1, 2, 3, 4], 2);
+        let removed = |group| Event::Removed { hashes: vec![902], medium: None, group: Some(group) };
+        assert_eq!(ix.apply(0, &[removed(1)]).removed, 0, "the sliding-window group's eviction");
+        assert_eq!(ix.matched(0, &keys), 2);
+        assert_eq!(ix.apply(0, &[removed(0)]).removed, 1, "the full-attention group's eviction");
+        assert_eq!(ix.matched(0, &keys), 1);
     }
 
     #[test]
@@ -254,7 +285,7 @@ mod tests {
         assert_eq!(ix.matched(0, &chain(root(Some("lora"), None), &[1, 2], 2)), 0, "adapters apart");
         assert_eq!(ix.matched(1, &keys), 0);
         // Evicting the middle block breaks the chain there.
-        assert_eq!(ix.apply(0, &[Event::Removed { hashes: vec![902], medium: None }]).removed, 1);
+        assert_eq!(ix.apply(0, &[Event::Removed { hashes: vec![902], medium: None, group: None }]).removed, 1);
         assert_eq!(ix.matched(0, &keys), 1);
         assert_eq!(ix.block_size(0), Some(2));
         ix.apply(0, &[Event::Cleared]);

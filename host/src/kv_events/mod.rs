@@ -325,8 +325,9 @@ pub fn from_sim(events: Vec<sim::kv_cache::KvEvent>, block_size: u32) -> Vec<dec
                 medium: None,
                 first_block_strings: Vec::new(),
                 kind: None,
+                group: None,
             }),
-            sim::kv_cache::KvEvent::Removed { hashes } => decode::Event::Removed { hashes, medium: None },
+            sim::kv_cache::KvEvent::Removed { hashes } => decode::Event::Removed { hashes, medium: None, group: None },
             sim::kv_cache::KvEvent::Cleared => decode::Event::Cleared,
         })
         .collect()
