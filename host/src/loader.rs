@@ -3,9 +3,10 @@
 //! file), load it through the wasm runtime with its parameters, sandbox and failure policy,
 //! and slot it into the profile by the role the component exports.
 //!
-//! Every newly loaded plugin must pass the probe (`probe.rs`) before it is used. A plugin
-//! whose entry and component bytes are unchanged since the previous build is reused, state
-//! and all (the prefix index survives a reload that did not touch it).
+//! Every newly loaded plugin must pass the probe (`probe.rs`), run on an instance of its
+//! own, before a fresh instance is used. A plugin whose entry and component bytes are
+//! unchanged since the previous build is reused, state and all (the prefix index survives
+//! a reload that did not touch it).
 //!
 //! It reads plugin files and nothing else; it never touches a running scheduler (publishing
 //! a new one is the caller's business), so a failed load changes nothing.
@@ -104,8 +105,9 @@ pub struct Built {
     pub loaded: Vec<String>,
 }
 
-/// Identity of a loaded plugin: the variant it serves (variants never share instances, so
-/// their state stays apart), its entry, and its component bytes.
+/// Identity of a loaded plugin: its owner (a profile, or a variant when several variants
+/// run one profile: variants never share instances, so their state stays apart), its
+/// entry, and its component bytes.
 fn plugin_key(owner: &str, spec: &PluginSpec, bytes: &[u8]) -> u64 {
     let identity = format!(
         "{owner}\0{}\0{}\0{}\0{:?}\0{:?}\0{:x}",
@@ -148,8 +150,12 @@ fn load_or_reuse(
         next.by_key.insert(key, h.clone());
         return Ok(h);
     }
+    // The probe runs on an instance of its own: its made-up requests must leave nothing in
+    // the state of the one that serves (a learned pace, indexed prompts, counts).
+    let probed = load_plugin(runtime, spec)?;
+    crate::probe::probe(&probed).map_err(|error| BuildError::Probe { plugin: spec.name.clone(), error })?;
+    drop(probed);
     let handle = load_plugin(runtime, spec)?;
-    crate::probe::probe(&handle).map_err(|error| BuildError::Probe { plugin: spec.name.clone(), error })?;
     loaded.push(spec.name.clone());
     next.by_key.insert(key, handle.clone());
     Ok(handle)
@@ -172,14 +178,24 @@ pub fn build(runtime: &WasmRuntime, config: &PickerConfig, previous: &PluginSet)
     let scheduler = match &config.experiment {
         None => {
             let primary = config.profile();
-            Scheduler::single(build_one(runtime, config, primary, &primary.name, previous, &mut next, &mut loaded)?)
+            let owner = format!("profile:{}", primary.name);
+            Scheduler::single(build_one(runtime, config, primary, &owner, previous, &mut next, &mut loaded)?)
         }
         Some(experiment) => {
             let mut variants = Vec::new();
+            let mut owned = std::collections::HashSet::new();
             for v in &experiment.variants {
                 // Invariant: config validation checked that every variant names a profile.
                 let Some(profile) = config.profile_named(&v.profile) else { continue };
-                let built = build_one(runtime, config, profile, &v.name, previous, &mut next, &mut loaded)?;
+                // The first variant of a profile owns its plugins as the profile alone would,
+                // so starting, ending or renaming an experiment keeps their state (the prefix
+                // index, the load in flight); another variant of the same profile gets its own.
+                let owner = if owned.insert(profile.name.as_str()) {
+                    format!("profile:{}", profile.name)
+                } else {
+                    format!("variant:{}", v.name)
+                };
+                let built = build_one(runtime, config, profile, &owner, previous, &mut next, &mut loaded)?;
                 variants.push(Variant { name: v.name.clone(), profile: built, shadow: v.shadow });
             }
             Scheduler {

@@ -165,3 +165,30 @@ fn a_settled_pick_skips_the_stateless_scorers_and_picker() {
         vec!["queue-scorer", "lora-affinity-scorer", "session-affinity-scorer", "max-score-picker"]
     );
 }
+
+/// A non-streamed request shows no first chunk: its prompt tokens are held as load for as
+/// long as a prefill at the default pace takes (10 000 tokens a second until streamed
+/// requests teach another). Nothing made up at load may teach one: the probe's requests,
+/// first chunk in the same millisecond as the decision, once set a pace of 0.1 µs a token,
+/// which released such a request's load at once.
+#[test]
+fn a_non_streamed_requests_prompt_load_is_held_at_the_default_pace() {
+    let d = Default::new(2);
+    let m = idle(2);
+    let mut long = request("long", &blocks_prompt('l', 64));
+    (long.stream, long.now_ms) = (false, 1_000);
+    let busy = d.route(&long, &m, true).primary();
+    // The other worker runs two streamed requests whose prompts are done (first chunk
+    // seen): more requests in flight there, but no prompt work.
+    for (i, tag) in ['s', 't'].into_iter().enumerate() {
+        let mut short = request(&format!("short-{i}"), &blocks_prompt(tag, 2));
+        short.now_ms = 1_001;
+        let dec = d.route(&short, &m, true);
+        assert_ne!(dec.primary(), busy, "a cold request joined the long prefill");
+        d.scheduler.first_chunk(&[dec.variant], d.cycle.get(), dec.primary(), 1_003);
+    }
+    // 50 ms after the long one was sent its 4 096 prompt tokens are still being prefilled.
+    let mut cold = request("cold", &blocks_prompt('c', 2));
+    cold.now_ms = 1_050;
+    assert_ne!(d.route(&cold, &m, false).primary(), busy, "the long prefill's load was released early");
+}

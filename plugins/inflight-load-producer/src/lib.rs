@@ -214,7 +214,9 @@ impl InflightLoadProducer {
     /// decision per prompt token that was to prefill on its endpoint.
     fn sample(e: &Entry, now_ms: u64) -> Option<f64> {
         let tokens = e.ahead + e.prompt_tokens;
-        if e.release_at.is_some() || tokens < LEARN_MIN_TOKENS || now_ms < e.decided_ms {
+        // No time between decision and chunk says nothing of a pace (a clock that did not
+        // move), and would teach the smallest one.
+        if e.release_at.is_some() || tokens < LEARN_MIN_TOKENS || now_ms <= e.decided_ms {
             return None;
         }
         Some(((now_ms - e.decided_ms) as f64 / tokens as f64).clamp(PACE_BOUNDS.0, PACE_BOUNDS.1))
@@ -269,8 +271,9 @@ impl Plugin for InflightLoadProducer {
     fn configure(&mut self, params_json: &str) -> Result<Manifest, String> {
         let p: Params = params::parse(params_json)?;
         let ratio = p.output_ratio.unwrap_or(1.5);
-        if !(ratio.is_finite() && ratio >= 0.0) {
-            return Err(format!("outputRatio must be a number ≥ 0, got {ratio}"));
+        // Bounded so that an estimate (a prompt of up to u32::MAX tokens × the ratio) fits.
+        if !(0.0..=1000.0).contains(&ratio) {
+            return Err(format!("outputRatio must be a number in [0, 1000], got {ratio}"));
         }
         if let Some(m) = p.max_estimated_output_tokens
             && m < 0
