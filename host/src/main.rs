@@ -270,7 +270,7 @@ fn run() -> anyhow::Result<()> {
             stall_min: flags.endpoint_stall_requests.max(1),
             failure_threshold: flags.endpoint_failure_threshold.max(1),
             cooldown: flags.endpoint_ejection_cooldown,
-            max_cooldown: flags.endpoint_ejection_cooldown * 10,
+            max_cooldown: flags.endpoint_ejection_cooldown.saturating_mul(10),
         },
     };
     if let Err(e) = opts.metric_names.check() {
@@ -334,8 +334,14 @@ async fn shutdown_signal() {
 
 /// A duration like `50ms`, `2s`, `1.5s` or `1m` (a bare number means seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let parsed = epp::config::parse_duration(s)
-        .or_else(|| s.trim().parse::<f64>().ok().and_then(|v| Duration::try_from_secs_f64(v).ok()));
+    // A bare number of seconds is held to the same bound as `1m` and the like.
+    let parsed = epp::config::parse_duration(s).or_else(|| {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|v| Duration::try_from_secs_f64(v).ok())
+            .filter(|d| d.as_millis() <= u128::from(u32::MAX))
+    });
     match parsed {
         Some(d) if !d.is_zero() => Ok(d),
         Some(_) => Err(format!("`{s}` must be positive")),

@@ -69,6 +69,8 @@ pub enum RouteError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
     pub status: u16,
+    /// Upstream's canonical code (`BadRequest`, `ResourceExhausted`, …).
+    pub code: &'static str,
     /// The body: `inference error: <Code> - <message>`.
     pub body: String,
     /// `x-llm-d-request-dropped-reason`, when flow control answered.
@@ -94,7 +96,7 @@ impl RouteError {
             RouteError::FlowControl(d) => Some(d.reason()),
             _ => None,
         };
-        ErrorReply { status, body: format!("inference error: {code} - {self}"), dropped_reason }
+        ErrorReply { status, code, body: format!("inference error: {code} - {self}"), dropped_reason }
     }
 
     /// The plugin (and the kind of its failure) that caused this error, if one did.
@@ -562,6 +564,9 @@ impl Router {
         let built = self.built.load_full();
         let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
         req.now_ms = self.now_ms();
+        // The request id comes from the client and may repeat: the cycle makes each
+        // decision's tie-breaks and exploration draws its own.
+        req.random_seed ^= cycle.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let started = Instant::now();
         let decision = match built.scheduler.decide(cycle, &req, candidates) {
             Ok(d) => d,
@@ -701,7 +706,7 @@ impl Router {
 
     /// Counts a request the EPP answered with an error (the one place errors are counted).
     pub fn record_error(&self, model: &str, error: &RouteError) {
-        self.telemetry.rejected(model, error.reply().status, error.plugin());
+        self.telemetry.rejected(model, error.reply().code, error.plugin());
     }
 
     /// Requests routed and not yet completed.

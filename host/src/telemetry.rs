@@ -85,7 +85,16 @@ pub struct Telemetry {
     state_connected: IntGauge,
     state_events: IntCounterVec,
     state_lag: Gauge,
+    /// The model names used as labels so far (the model comes from the client).
+    models: std::sync::RwLock<std::collections::HashSet<String>>,
 }
+
+/// Distinct model names labelled before the rest are counted as `other`: the name comes
+/// from the request body, and each one makes some 90 series that live as long as the
+/// process.
+const MAX_MODEL_LABELS: usize = 256;
+/// Model names are cut to this many bytes in labels.
+const MAX_MODEL_LABEL_BYTES: usize = 128;
 
 /// Flow-control queue-wait buckets (seconds), upstream's.
 const QUEUE_BUCKETS: &[f64] =
@@ -373,6 +382,7 @@ impl Telemetry {
                 "Age of the newest peer event applied when it was applied.",
             )),
             registry,
+            models: Default::default(),
         };
         for c in t.collectors() {
             if let Err(e) = t.registry.register(c) {
@@ -448,19 +458,42 @@ impl Telemetry {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// The label of a client-given model name: itself (cut to `MAX_MODEL_LABEL_BYTES`) for
+    /// the first `MAX_MODEL_LABELS` names seen, `other` after.
+    pub fn model_label<'a>(&self, model: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut end = model.len().min(MAX_MODEL_LABEL_BYTES);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        let model = &model[..end];
+        let known = |m: &std::collections::HashSet<String>| m.contains(model);
+        if self.models.read().map(|m| known(&m)).unwrap_or(false) {
+            return model.into();
+        }
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        if known(&models) || models.len() < MAX_MODEL_LABELS {
+            models.insert(model.to_string());
+            return model.into();
+        }
+        "other".into()
+    }
+
     /// Counts a routed request of `model`; the guard counts it as running until dropped.
     pub fn routed(&self, model: &str) -> InFlight {
+        let model = &*self.model_label(model);
         self.request_total.with_label_values(&[model, model]).inc();
         let gauge = self.running_requests.with_label_values(&[model]);
         gauge.inc();
         InFlight(gauge)
     }
 
-    /// Counts a request the EPP answered with error `status`; `plugin` names the plugin
-    /// (and the kind of its failure) when one caused it.
-    pub fn rejected(&self, model: &str, status: u16, plugin: Option<(&str, &str)>) {
+    /// Counts a request the EPP answered with error `code` (upstream's canonical code, e.g.
+    /// `ResourceExhausted`); `plugin` names the plugin (and the kind of its failure) when
+    /// one caused it.
+    pub fn rejected(&self, model: &str, code: &str, plugin: Option<(&str, &str)>) {
+        let model = &*self.model_label(model);
         self.request_total.with_label_values(&[model, model]).inc();
-        self.request_error_total.with_label_values(&[model, model, &status.to_string()]).inc();
+        self.request_error_total.with_label_values(&[model, model, code]).inc();
         if let Some((plugin, kind)) = plugin {
             self.plugin_errors.with_label_values(&[plugin, kind]).inc();
         }
@@ -476,6 +509,7 @@ impl Telemetry {
         ttft: Option<Duration>,
         usage: Option<Usage>,
     ) {
+        let model = &*self.model_label(model);
         self.request_duration.with_label_values(&[model, model]).observe(elapsed.as_secs_f64());
         variant.duration.observe(elapsed.as_secs_f64());
         if let Some(ttft) = ttft {
@@ -497,6 +531,7 @@ impl Telemetry {
 
     /// A request entered (`delta` 1) or left (-1) flow control's queue.
     pub fn flow_queued(&self, fairness_id: &str, priority: i32, model: &str, bytes: u64, delta: i64) {
+        let model = &*self.model_label(model);
         let p = priority.to_string();
         let labels = [fairness_id, p.as_str(), self.pool.as_str(), model, model];
         self.flow_queue_size.with_label_values(&labels).add(delta);
@@ -505,6 +540,7 @@ impl Telemetry {
 
     /// A request's flow-control outcome, with its time in the queue when it was queued.
     pub fn flow_finished(&self, fairness_id: &str, priority: i32, model: &str, outcome: &str, waited_s: Option<f64>) {
+        let model = &*self.model_label(model);
         let p = priority.to_string();
         self.flow_requests.with_label_values(&[outcome, p.as_str(), self.pool.as_str()]).inc();
         if let Some(w) = waited_s {
@@ -828,4 +864,31 @@ pub async fn serve(
     );
     info!(addr = ?addr, "metrics endpoint listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Model names come from clients: a bounded number become labels, the rest `other`,
+    /// and long ones are cut on a character boundary.
+    #[test]
+    fn client_model_names_make_a_bounded_set_of_labels() {
+        let t = Telemetry::new("pool");
+        for i in 0..MAX_MODEL_LABELS {
+            assert_eq!(t.model_label(&format!("m-{i}")), format!("m-{i}"));
+        }
+        assert_eq!(t.model_label("one-too-many"), "other");
+        assert_eq!(t.model_label("m-7"), "m-7", "names already labelled stay");
+        for i in 0..1000 {
+            t.rejected(&format!("spam-{i}"), "BadRequest", None);
+        }
+        let page = t.render();
+        assert!(!page.contains("spam-"), "client names past the bound became labels");
+        assert!(page.contains("error_code=\"BadRequest\""));
+        let t = Telemetry::new("pool");
+        let long = "é".repeat(100);
+        let label = t.model_label(&long);
+        assert!(label.len() <= MAX_MODEL_LABEL_BYTES && long.starts_with(&*label), "{label}");
+    }
 }

@@ -163,9 +163,24 @@ pub enum SdkSource {
 /// `epp plugin new`: writes a plugin crate for `role` at `dir`, with the SDK from `sdk`.
 /// Refuses to overwrite an existing folder. Returns the files written.
 pub fn scaffold(name: &str, role: Role, dir: &Path, sdk: &SdkSource) -> Result<Vec<PathBuf>, String> {
-    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !valid || name.starts_with('-') || name == "llmd-plugin-sdk" {
-        return Err(format!("`{name}` is not a valid crate name: use lower-case letters, digits and dashes"));
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if !valid || name == "llmd-plugin-sdk" {
+        return Err(format!(
+            "`{name}` is not a valid plugin name: start with a lower-case letter, then lower-case letters, digits \
+             and single dashes"
+        ));
+    }
+    // The name is also the crate's and (in CamelCase) its type's: no Rust keyword.
+    const KEYWORDS: &[&str] = &[
+        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern", "false", "fn",
+        "for", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "self",
+        "static", "struct", "super", "trait", "true", "type", "unsafe", "use", "where", "while", "gen", "yield",
+    ];
+    if KEYWORDS.contains(&name) {
+        return Err(format!("`{name}` is a Rust keyword; choose another plugin name"));
     }
     if dir.exists() {
         return Err(format!("{} already exists; choose another --dir", dir.display()));

@@ -129,7 +129,7 @@ async fn the_epp_reports_its_metrics() {
     type Expectation<'a> = (&'a str, &'a [&'a str], fn(f64) -> bool);
     let expect: &[Expectation] = &[
         ("inference_objective_request_total", &["model_name=\"m\""], |v| v >= 5.0),
-        ("inference_objective_request_error_total", &["error_code=\"400\""], |v| v >= 1.0),
+        ("inference_objective_request_error_total", &["error_code=\"BadRequest\""], |v| v >= 1.0),
         ("inference_objective_request_duration_seconds_count", &["model_name=\"m\""], |v| v >= 5.0),
         ("inference_objective_input_tokens_count", &["model_name=\"m\""], |v| v >= 5.0),
         ("inference_objective_output_tokens_sum", &["model_name=\"m\""], |v| v >= 15.0),

@@ -39,6 +39,24 @@ fn check(file: &Path, params: &str) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Names that would make a crate Cargo refuses, or a type that is a keyword, are refused
+/// before anything is written.
+#[test]
+fn plugin_names_that_cannot_make_a_crate_are_refused() {
+    let dir = temp_dir("names");
+    for bad in ["8b-filter", "self", "fn", "-x", "x-", "a--b", "Upper", "under_score", ""] {
+        let target = dir.join(format!("p{}", bad.len()));
+        let e = epp::toolkit::scaffold(bad, epp_core::Role::Scorer, &target, &epp::toolkit::SdkSource::Vendored)
+            .expect_err(bad);
+        assert!(e.contains(&format!("`{bad}`")), "{e}");
+        assert!(!target.exists(), "{bad}: files written");
+    }
+    let ok = dir.join("ok");
+    epp::toolkit::scaffold("b8-filter", epp_core::Role::Filter, &ok, &epp::toolkit::SdkSource::Vendored)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ok.join("Cargo.toml").exists());
+}
+
 #[test]
 fn a_component_for_another_wit_version_is_refused_naming_both() {
     // 0.2.0 is the previous contract, 0.1.0 the one before; 0.9.0 one from the future.

@@ -384,7 +384,10 @@ impl PluginCore for WasmPlugin {
         if !self.manifest.needs.pool {
             return Ok(());
         }
-        // Every live instance learns the pool; instances built later get it replayed.
+        // Every live instance learns the pool; instances built later get it replayed. One
+        // that fails is dropped (rebuilt with the pool on its next call) and the others are
+        // still told: the first error is returned once all were.
+        let mut first_error = None;
         for slot in &self.slots {
             let mut guard = lock(slot);
             let Some(mut live) = guard.take() else { continue };
@@ -394,9 +397,12 @@ impl PluginCore for WasmPlugin {
                 Err(e) => {
                     let err = self.sandbox.classify(e, &live.store, self.sandbox.call_timeout_ms);
                     self.trip();
-                    return Err(err);
+                    first_error.get_or_insert(err);
                 }
             }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
         Ok(())
     }

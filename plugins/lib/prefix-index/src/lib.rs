@@ -155,9 +155,14 @@ pub fn block_hashes(
     if block_bytes == 0 || prompt.is_empty() || max_blocks == 0 {
         return Vec::new();
     }
+    // Each field is length-prefixed, and the salt flagged: model `a-b` without a salt and
+    // model `a` with salt `-b` must not chain from one seed.
     let mut seed = Xxh64::new(0);
+    seed.update(&(model.len() as u64).to_le_bytes());
     seed.update(model.as_bytes());
     if let Some(salt) = cache_salt {
+        seed.update(&[1]);
+        seed.update(&(salt.len() as u64).to_le_bytes());
         seed.update(salt.as_bytes());
     }
     let mut prev = seed.digest();
@@ -384,5 +389,20 @@ impl Producer for PrefixIndexProducer {
         self.scratch = holders;
         self.pending.insert(cycle.id, hashes);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_hashes;
+
+    /// Model and salt are kept apart: no pair of them chains from another pair's seed.
+    #[test]
+    fn model_and_salt_never_run_together() {
+        let h = |model, salt| block_hashes(model, salt, b"the same prompt", 4, 8);
+        assert_ne!(h("sql-v2", None), h("sql", Some("-v2")));
+        assert_ne!(h("sql", None), h("sql", Some("")));
+        assert_ne!(h("sql", Some("a")), h("sqla", None));
+        assert_eq!(h("sql", Some("a")), h("sql", Some("a")));
     }
 }
