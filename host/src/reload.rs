@@ -244,7 +244,7 @@ impl Reloader {
 
 /// The config file and the components `config` names.
 fn files_of(path: &Path, config: &PickerConfig) -> Vec<PathBuf> {
-    std::iter::once(path.to_path_buf()).chain(config.plugins.iter().filter_map(|p| p.wasm.clone())).collect()
+    std::iter::once(path.to_path_buf()).chain(config.files_read()).collect()
 }
 
 /// Reads the config once; parses and fingerprints the same bytes.
@@ -256,10 +256,11 @@ fn read(path: &Path) -> Result<(PickerConfig, u64), String> {
     Ok((config, fp))
 }
 
-/// A hash of the config's bytes and of every component file it names.
+/// A hash of the config's bytes and of every file it makes the EPP read (components, a
+/// tokenizer): a file that appears or changes is a change of the config.
 fn fingerprint(config_bytes: &[u8], config: &PickerConfig) -> u64 {
     let mut bytes = config_bytes.to_vec();
-    for p in config.plugins.iter().filter_map(|p| p.wasm.as_deref()) {
+    for p in config.files_read() {
         bytes.extend_from_slice(p.as_os_str().as_encoded_bytes());
         bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default()).to_le_bytes());
     }

@@ -193,3 +193,23 @@ fn a_failure_that_may_pass_is_retried_a_bounded_number_of_times() {
         }
     }
 }
+
+/// A config whose precise producer names a tokenizer that is not there yet is refused;
+/// once the file arrives, the same config applies, without an edit (the files a config
+/// reads are part of what a reload compares, and are followed by the watch).
+#[test]
+fn a_tokenizer_file_that_arrives_after_its_config_is_picked_up() {
+    let scratch = Scratch::new("reload-tokenizer").unwrap();
+    let conf = scratch.path.join("conf");
+    let precise = epp::config::PRECISE_CONFIG
+        .replace("path: endpoints.yaml", &format!("path: {}", conf.join("endpoints.yaml").display()))
+        .replace("type: sim", "path: tokenizer.json");
+    scratch.write("epp.yaml", &config(1, "endpoints.yaml")).unwrap();
+    let r = reloader(&scratch, &config(1, "endpoints.yaml"));
+    scratch.write("epp.yaml", &precise).unwrap();
+    let refused = r.reload().expect_err("no tokenizer yet");
+    assert!(refused.reason.contains("tokenizer"), "{}", refused.reason);
+    std::fs::write(conf.join("tokenizer.json"), epp_stack::text::trained_bpe_json().unwrap()).unwrap();
+    assert!(matches!(r.reload(), Ok(ReloadOutcome::Applied { .. })), "the arrived tokenizer was not picked up");
+    assert_eq!(r.reload(), Ok(ReloadOutcome::Unchanged));
+}

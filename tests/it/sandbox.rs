@@ -21,7 +21,7 @@ fn sandbox(mode: &str) -> Sandbox {
     // trapping one gets it too: it traps at once, and a busy CI machine that deschedules a
     // call for 50 ms must not turn an expected trap into a timeout.
     let call_timeout_ms = if matches!(mode, "alloc" | "trap") { 3_000 } else { 50 };
-    Sandbox { memory_bytes: 64 << 20, call_timeout_ms, setup_timeout_ms: 2_000 }
+    Sandbox { memory_bytes: 64 << 20, call_timeout_ms, setup_timeout_ms: 2_000, breaker: true }
 }
 
 fn misbehaving(mode: &str, policy: FailurePolicy) -> Result<Arc<dyn ScorerPlugin>, LoadError> {
@@ -138,4 +138,15 @@ fn a_plugin_that_keeps_failing_is_taken_out_by_its_breaker() {
     // With fail-open the request is still scheduled around it.
     let profile = profile_with(bad);
     assert_eq!(profile.schedule(9, &request("x", ""), &busy_metrics()).unwrap().targets, vec![1]);
+    // Without the breaker (as `epp replay` runs plugins) every call runs, however many fail.
+    let bytes = wasm_file_bytes("misbehaving_scorer");
+    let unbroken = Sandbox { breaker: false, ..sandbox("trap") };
+    let PluginHandle::Scorer(bad) = runtime()
+        .load("misbehaving-unbroken", &bytes, r#"{"mode": "trap"}"#, unbroken, FailurePolicy::FailOpen)
+        .unwrap()
+    else {
+        panic!("a scorer")
+    };
+    let kinds: Vec<&str> = (0..8).map(|_| score(bad.as_ref(), &idle(2)).expect_err("fails").kind()).collect();
+    assert_eq!(kinds, ["trap"; 8]);
 }

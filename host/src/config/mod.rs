@@ -177,6 +177,17 @@ pub struct PickerConfig {
 }
 
 impl PickerConfig {
+    /// Every file the config makes the EPP read besides itself: plugin components and the
+    /// precise producer's tokenizer files. A reload follows them and fingerprints them.
+    pub fn files_read(&self) -> Vec<PathBuf> {
+        let base = self.base_dir.as_deref();
+        let mut files: Vec<PathBuf> = self.plugins.iter().filter_map(|p| p.wasm.clone()).collect();
+        for p in self.plugins.iter().filter(|p| p.type_name == crate::kv_events::PRECISE_TYPE) {
+            files.extend(crate::kv_events::files_read(&p.parameters, base));
+        }
+        files
+    }
+
     /// The primary scheduling profile.
     pub fn profile(&self) -> &ProfileSpec {
         // Invariant: `profiles` is never empty (parse adds the default profile).

@@ -111,8 +111,9 @@ pub struct Settings {
     pub topic: String,
     /// The index bound per endpoint (`maxBlocksPerEndpoint`).
     pub max_blocks: usize,
-    /// What these settings were made from, so an unchanged entry reuses them.
-    source: (serde_json::Value, Option<PathBuf>),
+    /// What these settings were made from (parameters, folder, a hash of the files they
+    /// read), so an unchanged entry reuses them and a replaced tokenizer is loaded again.
+    source: (serde_json::Value, Option<PathBuf>, u64),
 }
 
 impl Settings {
@@ -150,14 +151,36 @@ impl Settings {
             replay_port: discovery.replay_socket_port.unwrap_or(5558),
             topic: events.topic_filter.unwrap_or_default(),
             max_blocks,
-            source: (params.clone(), base.map(Path::to_path_buf)),
+            source: (params.clone(), base.map(Path::to_path_buf), files_hash(params, base)),
         })
     }
 
     /// Whether these settings were made from `params` and `base`.
     pub fn made_from(&self, params: &serde_json::Value, base: Option<&Path>) -> bool {
-        self.source.0 == *params && self.source.1.as_deref() == base
+        self.source.0 == *params && self.source.1.as_deref() == base && self.source.2 == files_hash(params, base)
     }
+}
+
+/// The files a precise producer's `parameters` make it read (the tokenizer and its chat
+/// template), resolved against `base`.
+pub fn files_read(params: &serde_json::Value, base: Option<&Path>) -> Vec<PathBuf> {
+    let Ok(p) = serde_json::from_value::<Params>(params.clone()) else { return Vec::new() };
+    let Some(t) = p.tokenizer else { return Vec::new() };
+    let resolve = |p: &Path| match base {
+        Some(b) if p.is_relative() => b.join(p),
+        _ => p.to_path_buf(),
+    };
+    t.path.iter().chain(&t.chat_template).map(|p| resolve(p)).collect()
+}
+
+/// A hash of the contents of `files_read` (a missing file hashes as empty).
+fn files_hash(params: &serde_json::Value, base: Option<&Path>) -> u64 {
+    let mut h = 0u64;
+    for f in files_read(params, base) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, h);
+    }
+    h
 }
 
 /// One endpoint's event source.

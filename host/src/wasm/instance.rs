@@ -280,6 +280,9 @@ impl WasmPlugin {
     }
 
     fn trip(&self) {
+        if !self.sandbox.breaker {
+            return;
+        }
         let mut breaker = lock(&self.breaker);
         if breaker.failed(Instant::now()) {
             self.breaker_open.store(true, Ordering::Release);

@@ -25,11 +25,14 @@ pub struct Sandbox {
     pub call_timeout_ms: u64,
     /// Limit for instantiation plus `configure`, in milliseconds.
     pub setup_timeout_ms: u64,
+    /// Whether a plugin that keeps failing is taken out for a while (a wall-clock
+    /// breaker). `epp replay` turns it off: its runs must not depend on the machine's speed.
+    pub breaker: bool,
 }
 
 impl Default for Sandbox {
     fn default() -> Self {
-        Sandbox { memory_bytes: 256 << 20, call_timeout_ms: 50, setup_timeout_ms: 2_000 }
+        Sandbox { memory_bytes: 256 << 20, call_timeout_ms: 50, setup_timeout_ms: 2_000, breaker: true }
     }
 }
 
