@@ -35,16 +35,7 @@ impl UsageTracker {
 
     pub fn feed(&mut self, chunk: &[u8]) {
         if !self.sse {
-            if !self.overflow && self.buf.len() + chunk.len() > MAX_JSON_BODY {
-                self.overflow = true;
-                let kept = std::mem::take(&mut self.buf);
-                self.keep_tail(&kept);
-            }
-            if self.overflow {
-                self.keep_tail(chunk);
-            } else {
-                self.buf.extend_from_slice(chunk);
-            }
+            self.push(chunk, MAX_JSON_BODY);
             return;
         }
         let mut rest = chunk;
@@ -54,19 +45,24 @@ impl UsageTracker {
                 None => (rest, false),
             };
             rest = if newline { &rest[part.len() + 1..] } else { &[] };
-            if !self.overflow && self.buf.len() + part.len() > MAX_SSE_LINE {
-                self.overflow = true;
-                let kept = std::mem::take(&mut self.buf);
-                self.keep_tail(&kept);
-            }
-            if self.overflow {
-                self.keep_tail(part);
-            } else {
-                self.buf.extend_from_slice(part);
-            }
+            self.push(part, MAX_SSE_LINE);
             if newline {
                 self.end_line();
             }
+        }
+    }
+
+    /// Appends `bytes` to the body or line kept whole, up to `cap`; past it, to the tail.
+    fn push(&mut self, bytes: &[u8], cap: usize) {
+        if !self.overflow && self.buf.len() + bytes.len() > cap {
+            self.overflow = true;
+            let kept = std::mem::take(&mut self.buf);
+            self.keep_tail(&kept);
+        }
+        if self.overflow {
+            self.keep_tail(bytes);
+        } else {
+            self.buf.extend_from_slice(bytes);
         }
     }
 
