@@ -26,6 +26,16 @@ impl Role {
             Role::Picker => "picker",
         }
     }
+
+    /// The extension point's name as upstream's metrics label it (`extension_point`).
+    pub fn extension_point(self) -> &'static str {
+        match self {
+            Role::Producer => "DataProducer",
+            Role::Filter => "Filter",
+            Role::Scorer => "Scorer",
+            Role::Picker => "Picker",
+        }
+    }
 }
 
 impl std::fmt::Display for Role {
@@ -96,6 +106,10 @@ pub struct CallInput<'a> {
 pub trait PluginCore: Send + Sync {
     /// The configured name (unique within a config).
     fn name(&self) -> &str;
+    /// The plugin's type (`type:` in the config); the name when it has none of its own.
+    fn type_name(&self) -> &str {
+        self.name()
+    }
     /// What `configure` declared.
     fn manifest(&self) -> &Manifest;
     fn failure_policy(&self) -> FailurePolicy {

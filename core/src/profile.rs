@@ -29,12 +29,15 @@ pub struct Weight(f32);
 
 impl Weight {
     pub const ONE: Weight = Weight(1.0);
+    /// The largest weight accepted: far above any useful ratio, and small enough that the
+    /// weighted sum of many scorers stays finite and keeps the small terms' precision.
+    pub const MAX: f64 = 1_000_000.0;
 
     pub fn new(value: f64) -> Result<Weight, String> {
-        if value.is_finite() && value >= 0.0 && value <= f32::MAX as f64 {
+        if value.is_finite() && (0.0..=Self::MAX).contains(&value) {
             Ok(Weight(value as f32))
         } else {
-            Err(format!("weight must be a finite number ≥ 0, got {value}"))
+            Err(format!("weight must be a number from 0 to {}, got {value}", Self::MAX))
         }
     }
 

@@ -19,7 +19,9 @@
 //!
 //! An ejected endpoint is left out of the candidates for a cool-down (`cooldown`, doubled
 //! on each repeated ejection up to `max_cooldown`), then half-open: it may take one probe
-//! request at a time; a good answer closes the breaker, a failure ejects it again (a
+//! request at a time. The decision that may probe it claims it when it filters its
+//! candidates, so concurrent decisions do not all pick it; the claim becomes the probe if
+//! that decision picks it and is released otherwise. A good answer closes the breaker, a failure ejects it again (a
 //! streamed probe fails by stalling too; a non-streamed one is judged by how it ends). When
 //! every candidate is ejected, all are kept: routing to a doubtful endpoint beats refusing
 //! every request.
@@ -29,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -91,6 +94,10 @@ impl Reason {
 
 /// An idle endpoint's record is dropped after this long without an answer.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// A claim whose decision never said where it went is dropped after this long. Every way
+/// out of a decision settles its claims (`sent` or `release`); this is a safety net, longer
+/// than any decision lasts (a plugin call is stopped after at most 10 s).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum State {
@@ -119,6 +126,8 @@ struct Tracker {
     state: State,
     /// The cool-down the next ejection gets.
     next_cooldown: Duration,
+    /// Half-open only: the decision (cycle) that may send its probe, and since when.
+    claim: Option<(u64, Instant)>,
 }
 
 impl Tracker {
@@ -130,16 +139,22 @@ impl Tracker {
             failures: 0,
             state: State::Closed,
             next_cooldown: config.cooldown,
+            claim: None,
         }
     }
 
-    /// Left out of the candidates right now.
+    /// Left out of the candidates right now (a claimed one, of all but its claimant's).
     fn excluded(&self) -> bool {
         match self.state {
             State::Closed => false,
             State::Open { .. } => true,
-            State::HalfOpen { probe } => probe.is_some(),
+            State::HalfOpen { probe } => probe.is_some() || self.claim.is_some(),
         }
+    }
+
+    /// Half-open, with neither a probe out nor a claim on it.
+    fn probe_ready(&self) -> bool {
+        self.state == (State::HalfOpen { probe: None }) && self.claim.is_none()
     }
 }
 
@@ -149,12 +164,23 @@ pub struct Health {
     trackers: Mutex<HashMap<SocketAddr, Tracker>>,
     /// Endpoints to leave out, republished on every change of state.
     excluded: ArcSwap<Vec<SocketAddr>>,
+    /// Half-open endpoints a decision may claim for its probe, republished with `excluded`.
+    ready: ArcSwap<Vec<SocketAddr>>,
+    /// Whether some decision holds a claim (so `sent` looks for claims to settle).
+    claimed: AtomicBool,
     telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Health {
     pub fn new(config: HealthConfig, telemetry: Option<Arc<Telemetry>>) -> Self {
-        Health { config, trackers: Mutex::default(), excluded: ArcSwap::from_pointee(Vec::new()), telemetry }
+        Health {
+            config,
+            trackers: Mutex::default(),
+            excluded: ArcSwap::from_pointee(Vec::new()),
+            ready: ArcSwap::from_pointee(Vec::new()),
+            claimed: AtomicBool::new(false),
+            telemetry,
+        }
     }
 
     pub fn config(&self) -> &HealthConfig {
@@ -170,7 +196,9 @@ impl Health {
         self.excluded.load_full()
     }
 
-    /// Keeps the candidates that are not ejected; all of them when every one is.
+    /// Keeps the candidates that are not ejected; all of them when every one is. Half-open
+    /// endpoints nobody claimed are kept (for the pool's capacity, say); a decision uses
+    /// `filter_for`.
     pub fn filter<'a, T>(&self, candidates: Vec<&'a T>, addr: impl Fn(&T) -> SocketAddr) -> Vec<&'a T> {
         let out = self.excluded.load();
         if out.is_empty() {
@@ -178,6 +206,56 @@ impl Health {
         }
         let kept: Vec<&T> = candidates.iter().copied().filter(|c| !out.contains(&addr(c))).collect();
         if kept.is_empty() { candidates } else { kept }
+    }
+
+    /// `filter` for decision `cycle`: it also claims the half-open endpoints among the
+    /// candidates that nobody probes or claims, so that no concurrent decision picks them
+    /// too. `sent` turns the claim on the picked endpoint into its probe and releases the
+    /// others; `release` drops them all (the decision failed).
+    pub fn filter_for<'a, T>(&self, cycle: u64, candidates: Vec<&'a T>, addr: impl Fn(&T) -> SocketAddr) -> Vec<&'a T> {
+        self.filter_for_at(cycle, candidates, addr, Instant::now())
+    }
+
+    fn filter_for_at<'a, T>(
+        &self,
+        cycle: u64,
+        candidates: Vec<&'a T>,
+        addr: impl Fn(&T) -> SocketAddr,
+        now: Instant,
+    ) -> Vec<&'a T> {
+        let ready = self.ready.load();
+        if ready.is_empty() || !candidates.iter().any(|c| ready.contains(&addr(c))) {
+            return self.filter(candidates, addr);
+        }
+        let mut mine = Vec::new();
+        {
+            let mut trackers = self.lock();
+            for c in &candidates {
+                let a = addr(c);
+                if let Some(t) = trackers.get_mut(&a).filter(|t| t.probe_ready()) {
+                    t.claim = Some((cycle, now));
+                    mine.push(a);
+                }
+            }
+            if !mine.is_empty() {
+                self.publish(&trackers);
+            }
+        }
+        let out = self.excluded.load();
+        let kept: Vec<&T> =
+            candidates.iter().copied().filter(|c| mine.contains(&addr(c)) || !out.contains(&addr(c))).collect();
+        if kept.is_empty() { candidates } else { kept }
+    }
+
+    /// Decision `cycle` failed: the endpoints it claimed may be claimed again.
+    pub fn release(&self, cycle: u64) {
+        if !self.claimed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut trackers = self.lock();
+        if settle_claims(&mut trackers, cycle, None) {
+            self.publish(&trackers);
+        }
     }
 
     /// A request (cycle `cycle`) was routed to `addr`.
@@ -190,10 +268,15 @@ impl Health {
             return;
         }
         let mut trackers = self.lock();
+        let mut changed = self.claimed.load(Ordering::Acquire) && settle_claims(&mut trackers, cycle, Some(addr));
         let t = trackers.entry(addr).or_insert_with(|| Tracker::new(&self.config));
         t.awaiting.insert(cycle, Awaiting { sent: now, streamed });
         if let State::HalfOpen { probe: None } = t.state {
             t.state = State::HalfOpen { probe: Some(cycle) };
+            t.claim = None;
+            changed = true;
+        }
+        if changed {
             self.publish(&trackers);
         }
     }
@@ -219,6 +302,7 @@ impl Health {
             t.failures = 0;
             if matches!(t.state, State::HalfOpen { .. }) {
                 t.state = State::Closed;
+                t.claim = None;
                 t.next_cooldown = self.config.cooldown;
                 info!(endpoint = %addr, "endpoint answered its probe; back in rotation");
                 self.gauge(addr, false);
@@ -284,6 +368,7 @@ impl Health {
     fn eject(&self, addr: SocketAddr, t: &mut Tracker, reason: Reason, now: Instant) {
         let cooldown = t.next_cooldown;
         t.state = State::Open { until: now + cooldown };
+        t.claim = None;
         t.next_cooldown = (cooldown * 2).min(self.config.max_cooldown);
         t.failures = 0;
         warn!(
@@ -342,6 +427,12 @@ impl Health {
                     self.eject(*addr, t, Reason::Stalled, now);
                     changed = true;
                 }
+                State::HalfOpen { probe: None }
+                    if t.claim.is_some_and(|(_, at)| now.duration_since(at) >= CLAIM_TIMEOUT) =>
+                {
+                    t.claim = None;
+                    changed = true;
+                }
                 State::HalfOpen { probe: Some(p) } => {
                     // A streamed probe that stalls is a failed probe; a non-streamed one
                     // answers when its generation ends and is judged then.
@@ -393,6 +484,9 @@ impl Health {
 
     fn publish(&self, trackers: &HashMap<SocketAddr, Tracker>) {
         let out: Vec<SocketAddr> = trackers.iter().filter(|(_, t)| t.excluded()).map(|(a, _)| *a).collect();
+        let ready: Vec<SocketAddr> = trackers.iter().filter(|(_, t)| t.probe_ready()).map(|(a, _)| *a).collect();
+        self.claimed.store(trackers.values().any(|t| t.claim.is_some()), Ordering::Release);
+        self.ready.store(Arc::new(ready));
         let before = self.excluded.load();
         for a in &out {
             if !before.contains(a) {
@@ -406,6 +500,19 @@ impl Health {
         }
         self.excluded.store(Arc::new(out));
     }
+}
+
+/// Settles decision `cycle`'s claims: the one on `picked` becomes its probe (by the
+/// caller), every other is released. Returns whether a claim changed.
+fn settle_claims(trackers: &mut HashMap<SocketAddr, Tracker>, cycle: u64, picked: Option<SocketAddr>) -> bool {
+    let mut changed = false;
+    for (a, t) in trackers.iter_mut() {
+        if t.claim.is_some_and(|(c, _)| c == cycle) && Some(*a) != picked {
+            t.claim = None;
+            changed = true;
+        }
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -442,6 +549,49 @@ mod tests {
         assert_eq!(*h.excluded(), vec![addr(1)], "excluded while its probe is out");
         h.answered_at(addr(1), 10, 200, t0 + 36 * S);
         assert!(h.excluded().is_empty());
+    }
+
+    /// Concurrent decisions do not all pick a half-open endpoint: the first to filter claims
+    /// it; the claim becomes the probe if picked and is released if not (or if the decision
+    /// fails, or after a second with no word).
+    #[test]
+    fn a_half_open_endpoint_is_claimed_by_one_decision_at_a_time() {
+        let h = Health::new(HealthConfig { failure_threshold: 1, ..Default::default() }, None);
+        let t0 = Instant::now();
+        h.sent_at(addr(1), 1, true, t0);
+        h.answered_at(addr(1), 1, 503, t0);
+        assert_eq!(*h.excluded(), vec![addr(1)]);
+        h.tick_at(t0 + 31 * S);
+        let all = [addr(1), addr(2)];
+        let refs: Vec<&SocketAddr> = all.iter().collect();
+        let half_open = vec![&all[0], &all[1]];
+        assert_eq!(h.filter(refs.clone(), |a| *a), half_open, "half-open: a candidate");
+        // Decision 10 claims it; decision 11, concurrent, does not see it.
+        assert_eq!(h.filter_for(10, refs.clone(), |a| *a), half_open);
+        assert_eq!(h.filter_for(11, refs.clone(), |a| *a), vec![&addr(2)], "claimed by another decision");
+        // 10 went elsewhere: released, and 12 may claim it.
+        h.sent_at(addr(2), 10, true, t0 + 31 * S);
+        h.answered_at(addr(2), 10, 200, t0 + 31 * S);
+        assert_eq!(h.filter_for(12, refs.clone(), |a| *a), half_open);
+        // 12 failed to decide: released; 13 claims it and picks it: its request is the probe.
+        h.release(12);
+        assert_eq!(h.filter_for(13, refs.clone(), |a| *a), half_open);
+        h.sent_at(addr(1), 13, true, t0 + 31 * S);
+        assert_eq!(h.filter_for(14, refs.clone(), |a| *a), vec![&addr(2)], "its probe is out");
+        h.answered_at(addr(1), 13, 200, t0 + 32 * S);
+        assert!(h.excluded().is_empty(), "the probe answered");
+        assert_eq!(h.filter_for(15, refs.clone(), |a| *a), half_open);
+
+        // A claim nobody settles (it cannot happen through routing) lapses in time.
+        h.sent_at(addr(1), 20, true, t0 + 40 * S);
+        h.answered_at(addr(1), 20, 503, t0 + 40 * S);
+        let t1 = t0 + 100 * S;
+        h.tick_at(t1);
+        assert_eq!(h.filter_for_at(21, refs.clone(), |a| *a, t1), half_open);
+        h.tick_at(t1 + CLAIM_TIMEOUT - Duration::from_millis(1));
+        assert_eq!(h.filter_for_at(22, refs.clone(), |a| *a, t1), vec![&addr(2)], "still claimed");
+        h.tick_at(t1 + CLAIM_TIMEOUT);
+        assert_eq!(h.filter_for_at(23, refs, |a| *a, t1), half_open, "the lapsed claim is free again");
     }
 
     #[test]

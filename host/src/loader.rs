@@ -166,7 +166,7 @@ pub fn load_plugin(runtime: &WasmRuntime, spec: &PluginSpec) -> Result<PluginHan
     let bytes = component_bytes(spec)?;
     let params = spec.parameters.to_string();
     runtime
-        .load(&spec.name, &bytes, &params, spec.sandbox, spec.failure_policy)
+        .load_as(&spec.name, &spec.type_name, &bytes, &params, spec.sandbox, spec.failure_policy)
         .map_err(|error| BuildError::Load { plugin: spec.name.clone(), error })
 }
 

@@ -276,6 +276,15 @@ fn run() -> anyhow::Result<()> {
     if let Err(e) = opts.metric_names.check() {
         bail!("{e}");
     }
+    // An engine config may leave a metric out; vLLM always has these two.
+    for (flag, name) in [
+        ("--total-queued-requests-metric", &opts.metric_names.waiting),
+        ("--total-running-requests-metric", &opts.metric_names.running),
+    ] {
+        if name.trim().is_empty() {
+            bail!("{flag} must name a metric");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async { epp::server::run(opts, shutdown_signal()).await.context("epp failed") })
 }

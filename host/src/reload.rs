@@ -90,6 +90,8 @@ struct State {
 struct StartOnly {
     discovery: Option<PluginSpec>,
     metrics_source: Option<(String, String)>,
+    /// The extractor's engine configs.
+    metrics_extractor: Option<serde_json::Value>,
     state_store: Option<String>,
 }
 
@@ -98,6 +100,7 @@ impl StartOnly {
         StartOnly {
             discovery: config.discovery().cloned(),
             metrics_source: config.metrics_source().ok().flatten(),
+            metrics_extractor: config.metrics_extractor().map(|p| p.parameters.clone()),
             state_store: config.state_store.clone(),
         }
     }
@@ -110,6 +113,9 @@ impl StartOnly {
         }
         if self.metrics_source != new.metrics_source {
             out.push("the metrics source");
+        }
+        if self.metrics_extractor != new.metrics_extractor {
+            out.push("the metrics extractor (engine configs)");
         }
         if self.state_store != new.state_store {
             out.push("stateStore");

@@ -559,10 +559,10 @@ impl Router {
             }
             _ => pool.endpoints.iter().collect(),
         };
-        let candidates = self.health.filter(candidates, PoolEndpoint::target);
+        let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
+        let candidates = self.health.filter_for(cycle, candidates, PoolEndpoint::target);
         let candidates = self.datastore.candidates(&candidates, self.metrics_staleness_ms);
         let built = self.built.load_full();
-        let cycle = self.cycles.fetch_add(1, Ordering::Relaxed) + 1;
         req.now_ms = self.now_ms();
         // The request id comes from the client and may repeat: the cycle makes each
         // decision's tie-breaks and exploration draws its own.
@@ -574,6 +574,7 @@ impl Router {
                 if let DecideError::Schedule { variant, .. } = &e {
                     built.metrics.failed(*variant);
                 }
+                self.health.release(cycle);
                 return Err(e.into());
             }
         };
@@ -582,6 +583,7 @@ impl Router {
             decision.result.targets.iter().filter_map(|id| pool.by_id(*id)).map(PoolEndpoint::target).collect();
         let primary = decision.primary();
         let Some(endpoint) = pool.by_id(primary).filter(|_| !targets.is_empty()) else {
+            self.health.release(cycle);
             return Err(RouteError::Internal("the picked endpoint is not in the pool snapshot".into()));
         };
         built.metrics.decided(&decision, elapsed, &endpoint.spec.name);

@@ -174,7 +174,6 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 path,
                 interval: opts.refresh_metrics_interval,
                 timeout: std::time::Duration::from_secs(1),
-                names: opts.metric_names.clone(),
             };
             info!(path = %scrape.path, interval_ms = scrape.interval.as_millis() as u64, "scraping worker metrics");
             Some(scrape)
@@ -190,6 +189,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     // tells the scrapers which endpoints exist. The cell breaks that cycle at start-up.
     let scraper_cell: Arc<std::sync::OnceLock<Arc<Scraper>>> = Arc::default();
     let (loaded_tx, mut loaded_rx) = watch::channel(false);
+    // Each endpoint's page is read with its engine's names (the engine label), vLLM's by
+    // default.
+    let engines = config.engines(opts.metric_names.clone())?;
     let on_pool = {
         let cell = scraper_cell.clone();
         Box::new(move |snapshot: &crate::datastore::PoolSnapshot| {
@@ -197,7 +199,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
                 let targets: Vec<ScrapeTarget> = snapshot
                     .endpoints
                     .iter()
-                    .map(|e| ScrapeTarget { id: e.id, key: e.spec.key(), addr: e.spec.metrics_target() })
+                    .map(|e| ScrapeTarget {
+                        id: e.id,
+                        key: e.spec.key(),
+                        addr: e.spec.metrics_target(),
+                        names: engines.resolve(&e.spec.labels),
+                    })
                     .collect();
                 scraper.sync(&targets);
             }

@@ -651,10 +651,14 @@ impl Telemetry {
                     .plugins()
                     .iter()
                     .map(|p| {
-                        let role = p.role().as_str();
+                        let role = p.role().extension_point();
                         PluginMetrics {
                             name: p.core().name().to_string(),
-                            duration: self.plugin_duration.with_label_values(&[role, role, p.core().name()]),
+                            duration: self.plugin_duration.with_label_values(&[
+                                role,
+                                p.core().type_name(),
+                                p.core().name(),
+                            ]),
                         }
                     })
                     .collect();

@@ -122,11 +122,17 @@ fn unknown_keys_are_warned_not_dropped_silently() {
     assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     assert!(c.warnings.iter().any(|w| w.contains("`surprise`")));
     assert!(c.warnings.iter().any(|w| w.contains("`colour`")));
-    // An extractor's parameters (upstream's engine settings) are not read: said, not dropped.
-    let text =
-        "apiVersion: llm-d.ai/v1\nplugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: sglang}\n";
+    // An extractor's engine settings are read; what is accepted and not read is said.
+    let text = "apiVersion: llm-d.ai/v1\nplugins:\n- type: core-metrics-extractor\n  parameters:\n    \
+                defaultEngine: sglang\n    engineConfigs:\n    - {name: mine, queuedRequestsSpec: q, customMetrics: []}\n";
     let c = PickerConfig::parse(text, None).unwrap();
-    assert!(c.warnings.iter().any(|w| w.contains("--kv-cache-usage-percentage-metric")), "{:?}", c.warnings);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("engineConfigs[0].customMetrics` is accepted and not read"), "{:?}", c.warnings);
+    let engines = c.engines(Default::default()).unwrap();
+    let unlabelled = engines.resolve(&Default::default()).unwrap();
+    assert_eq!(unlabelled.waiting, "sglang:num_queue_reqs", "defaultEngine: sglang");
+    let mine = [("llm-d.ai/engine-type".to_string(), "mine".to_string())].into();
+    assert_eq!(engines.resolve(&mine).unwrap().waiting, "q");
 }
 
 #[test]
@@ -149,6 +155,10 @@ fn mistakes_are_errors_naming_the_field() {
             "`schedulingProfiles[0].plugins[0].weight`",
         ),
         (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 3.0e38\n",
+            "`schedulingProfiles[0].plugins[0].weight`: weight must be a number from 0 to 1000000",
+        ),
+        (
             "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: heavy\n",
             "`schedulingProfiles[0].plugins[0].weight`: weight must be a number",
         ),
@@ -169,6 +179,14 @@ fn mistakes_are_errors_naming_the_field() {
             "`dataLayer.discovery.pluginRef`",
         ),
         ("dataLayer:\n  sources:\n  - pluginRef: ghost\n", "`dataLayer.sources[0].pluginRef`: no plugin named `ghost`"),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: tgi}\n",
+            "`plugins[0].parameters.defaultEngine`: `tgi` is not an engine (known: atom, sglang,",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {engineConfigs: [{name: x, runningRequestsSpec: \"r{\"}]}\n",
+            "`plugins[0].parameters.engineConfigs[0]`: metric `r{`",
+        ),
     ];
     for (body, expected) in cases {
         let text =

@@ -140,10 +140,26 @@ async fn the_epp_reports_its_metrics() {
         ("inference_pool_per_pod_queue_size", &["model_server_pod=\"w0\""], |v| v >= 0.0),
         ("inference_extension_scheduler_e2e_duration_seconds_count", &[], |v| v >= 5.0),
         // Filters run in every cycle; a stateless scorer only when the pick is not settled.
-        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"prefix-cache-affinity-filter\""], |v| {
-            v >= 5.0
-        }),
-        ("inference_extension_plugin_duration_seconds_count", &["plugin_name=\"token-load-scorer\""], |v| v >= 1.0),
+        // Labelled as upstream: the extension point, the plugin's type, its configured name.
+        (
+            "inference_extension_plugin_duration_seconds_count",
+            &[
+                "extension_point=\"Filter\"",
+                "plugin_type=\"prefix-cache-affinity-filter\"",
+                "plugin_name=\"prefix-cache-affinity-filter\"",
+            ],
+            |v| v >= 5.0,
+        ),
+        (
+            "inference_extension_plugin_duration_seconds_count",
+            &["extension_point=\"DataProducer\"", "plugin_type=\"inflight-load-producer\""],
+            |v| v >= 5.0,
+        ),
+        (
+            "inference_extension_plugin_duration_seconds_count",
+            &["extension_point=\"Scorer\"", "plugin_name=\"token-load-scorer\""],
+            |v| v >= 1.0,
+        ),
         ("inference_extension_prefix_indexer_size", &[], |v| v >= 1.0),
         ("inference_extension_prefix_indexer_hit_ratio_count", &[], |v| v >= 1.0),
         ("epp_discovery_reloads_total", &["result=\"applied\""], |v| v >= 0.0),
@@ -153,4 +169,28 @@ async fn the_epp_reports_its_metrics() {
         let v = sample(&page, metric, labels).unwrap_or_else(|| panic!("{metric}{labels:?} missing:\n{page}"));
         assert!(ok(v), "{metric}{labels:?} = {v}");
     }
+}
+
+/// Each worker's page is read with its engine's names (the `llm-d.ai/engine-type` label):
+/// one labelled with an engine no config names is not misread with vLLM's names; its
+/// scrapes fail saying why, and it is read again once its label is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_read_with_its_engines_metric_names() {
+    let stack = Stack::start(2).await;
+    let scrape_errors = |page: &str| sample(page, "epp_scrape_errors_total", &["default/w1"]).unwrap_or(0.0);
+    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "sglng")])]);
+    eventually(Duration::from_secs(10), "w1's scrapes to fail", || async {
+        let page = stack.epp_metrics().await;
+        (scrape_errors(&page) >= 2.0).then_some(())
+    })
+    .await;
+    let log = stack.epp_log();
+    assert!(log.contains("names no engine config (known: atom, sglang"), "the reason is not logged:\n{log}");
+    // An explicit `vllm` label reads it with vLLM's names again: it is used again.
+    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "vllm")])]);
+    eventually(Duration::from_secs(15), "w1 to be used again", || async {
+        let w = spread(&stack, "engine", 6).await;
+        w.iter().any(|x| x == "w1").then_some(())
+    })
+    .await;
 }

@@ -1,7 +1,7 @@
 //! The ext_proc protocol spoken directly (no Envoy): a gRPC client plays the data plane
 //! against the in-process service, to check the wire details Envoy alone cannot easily
 //! provoke — subset hints, the body cap, body-less requests, re-chunking, buffered mode,
-//! request trailers.
+//! request and response trailers.
 
 use std::sync::Arc;
 
@@ -315,6 +315,45 @@ async fn request_trailers_get_a_clear_400_not_a_hang() {
     let (status, text) = immediate_status(&out[0]);
     assert_eq!(status, 400);
     assert!(text.contains("request trailers are not supported"), "{text}");
+}
+
+/// A response that ends with trailers (gRPC-style upstreams, HTTP/2 workers) is complete at
+/// its trailers: they are answered and the request's load is released while the stream is
+/// still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_end_the_request_and_release_its_load() {
+    use std::time::Duration;
+    let (url, router) = server_with(2, 1 << 20, epp::ext_proc::Keepalive::default()).await;
+    let mut client = ExternalProcessorClient::connect(url).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // Full duplex both ways (the default, as the guide's Envoy config): the headers are
+    // answered with the body.
+    tx.send(msg(Msg::RequestHeaders(headers("POST", "/v1/completions", false)))).await.unwrap();
+    tx.send(body(BODY, true)).await.unwrap();
+    let mut answers = client.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Reads answers until one satisfies `done`.
+    let mut until = async |what: &str, done: fn(&ProcessingResponse) -> bool| loop {
+        match tokio::time::timeout(Duration::from_secs(10), answers.next()).await {
+            Ok(Some(Ok(r))) if done(&r) => return r,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no {what}: {other:?}"),
+        }
+    };
+    until("routing answer", |r| destination(r).is_some()).await;
+    assert_eq!(router.in_flight(), 1);
+    let status = HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() };
+    let response_headers =
+        HttpHeaders { headers: Some(HeaderMap { headers: vec![status] }), end_of_stream: false, ..Default::default() };
+    tx.send(msg(Msg::ResponseHeaders(response_headers))).await.unwrap();
+    let answer = br#"{"choices":[{"text":"hi"}],"usage":{"prompt_tokens":2,"completion_tokens":1}}"#;
+    let chunk = HttpBody { body: answer.to_vec(), end_of_stream: false, ..Default::default() };
+    tx.send(msg(Msg::ResponseBody(chunk))).await.unwrap();
+    until("response body answer", |r| matches!(r.response, Some(Resp::ResponseBody(_)))).await;
+    assert_eq!(router.in_flight(), 1, "no end of stream yet");
+    tx.send(msg(Msg::ResponseTrailers(Default::default()))).await.unwrap();
+    until("trailers answer", |r| matches!(r.response, Some(Resp::ResponseTrailers(_)))).await;
+    assert_eq!(router.in_flight(), 0, "the trailers completed the request; the stream is still open");
+    drop(tx);
 }
 
 /// A data plane that goes away without closing its connection (host crashed, network cut):

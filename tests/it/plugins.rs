@@ -822,6 +822,31 @@ fn session_affinity_scorer_binds_session_ids() {
     // Unused for longer than the TTL (300 s): forgotten.
     assert_eq!(s.score(4, &at("d", "alice", 400_000), &m, &[]), vec![0.0, 0.0, 0.0]);
     rejected("session-affinity-scorer", r#"{"strategy": "cookie"}"#, "strategy");
+    rejected(
+        "session-affinity-scorer",
+        r#"{"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": -1}}"#,
+        "evictionTtlSeconds must be from 0",
+    );
+
+    // A blank session header is no session: it passes to the next source, and requests
+    // without any do not share one session "". Fractional TTLs are seconds; 0 is the default.
+    let params = r#"{"strategy": "session_id", "sessionIdConfig": {"sources": [{"header": "x-a"}, {"header": "x-b"}],
+        "evictionTtlSeconds": 0.5, "evictionSweepSeconds": 0}}"#;
+    let s = scorer::<SessionAffinityScorer>("session-affinity-scorer", params);
+    s.pool_changed(&pool(3));
+    let with = |headers: &[(&str, &str)], now_ms: u64| {
+        let mut r = request("r", "");
+        r.headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        r.now_ms = now_ms;
+        r
+    };
+    s.score(10, &with(&[("x-a", "  "), ("x-b", "bob")], 0), &m, &[]);
+    s.decided(10, 2);
+    assert_eq!(s.score(11, &with(&[("x-b", "bob")], 100), &m, &[]), vec![0.0, 0.0, 1.0], "bound through x-b");
+    s.score(12, &with(&[("x-a", "")], 200), &m, &[]);
+    s.decided(12, 0);
+    assert_eq!(s.score(13, &with(&[("x-a", "")], 300), &m, &[]), vec![0.0, 0.0, 0.0], "no shared blank session");
+    assert_eq!(s.score(14, &with(&[("x-b", "bob")], 1_000), &m, &[]), vec![0.0, 0.0, 0.0], "0.5 s TTL passed");
 }
 
 #[test]

@@ -213,3 +213,39 @@ fn a_tokenizer_file_that_arrives_after_its_config_is_picked_up() {
     assert!(matches!(r.reload(), Ok(ReloadOutcome::Applied { .. })), "the arrived tokenizer was not picked up");
     assert_eq!(r.reload(), Ok(ReloadOutcome::Unchanged));
 }
+
+/// Plugin timings carry upstream's labels: the extension point, the plugin's type and its
+/// configured name, which differ here.
+#[test]
+fn plugin_timings_are_labelled_by_extension_point_type_and_name() {
+    let text = format!(
+        "{}- name: tokens
+  type: token-load-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: tokens, weight: 2}}
+  - {{pluginRef: max-score-picker}}
+",
+        config_head("endpoints.yaml")
+    );
+    let config = PickerConfig::parse(&text, None).unwrap();
+    let built = epp::loader::build(runtime(), &config, &Default::default()).unwrap();
+    let telemetry = Telemetry::new("test");
+    let _handles = telemetry.scheduler_metrics(&built.scheduler);
+    let page = telemetry.render();
+    let series = |labels: &[&str]| {
+        page.lines().any(|l| {
+            l.starts_with("inference_extension_plugin_duration_seconds_count") && labels.iter().all(|x| l.contains(x))
+        })
+    };
+    assert!(
+        series(&["extension_point=\"Scorer\"", "plugin_type=\"token-load-scorer\"", "plugin_name=\"tokens\""]),
+        "{page}"
+    );
+    assert!(
+        series(&["extension_point=\"Picker\"", "plugin_type=\"max-score-picker\"", "plugin_name=\"max-score-picker\""]),
+        "{page}"
+    );
+}

@@ -242,6 +242,28 @@ impl PickerConfig {
         Ok(Some((scheme, path)))
     }
 
+    /// The metrics extractor: the first one the data layer's first source names, or else
+    /// the first extractor plugin.
+    pub fn metrics_extractor(&self) -> Option<&PluginSpec> {
+        let named = self.data_layer.sources.first().and_then(|s| s.extractors.first()).and_then(|n| self.plugin(n));
+        named.or_else(|| self.plugins.iter().find(|p| p.kind == PluginKind::Extractor))
+    }
+
+    /// Which metric names read which endpoint: the built-in engines (`vllm` with `vllm`'s
+    /// names: the metric flags) and the extractor's `engineConfigs`.
+    pub fn engines(
+        &self,
+        vllm: crate::metrics_scrape::MetricNames,
+    ) -> Result<crate::metrics_scrape::Engines, ConfigError> {
+        let Some(extractor) = self.metrics_extractor() else {
+            return Ok(crate::metrics_scrape::Engines::builtin(vllm));
+        };
+        let i = self.plugins.iter().position(|p| p.name == extractor.name).unwrap_or_default();
+        crate::metrics_scrape::Engines::from_params(&extractor.parameters, &format!("plugins[{i}].parameters"), vllm)
+            .map(|(engines, _)| engines)
+            .map_err(|e| invalid(e.field, e.message))
+    }
+
     /// The default config: the optimized baseline.
     pub fn default_config() -> Result<PickerConfig, ConfigError> {
         PickerConfig::parse(DEFAULT_CONFIG, None)
@@ -485,13 +507,16 @@ fn plugin_spec(
             return Err(invalid(field("parameters"), "must be a mapping of parameter names to values"));
         }
     };
-    if kind == PluginKind::Extractor && parameters.as_object().is_some_and(|m| !m.is_empty()) {
-        warnings.push(format!(
-            "plugin `{name}`: the parameters of {type_name} are not read by this EPP; the metrics it reads are named \
-             by the --total-queued-requests-metric, --total-running-requests-metric, \
-             --kv-cache-usage-percentage-metric, --lora-info-metric and --cache-info-metric flags (vLLM's names \
-             by default; `name{{label=value}}` selects series)"
-        ));
+    if kind == PluginKind::Extractor {
+        // Checked here so a bad engine config stops the load naming its field; the server
+        // builds the engines again with the metric flags' vLLM names.
+        let (_, notes) = crate::metrics_scrape::Engines::from_params(
+            &parameters,
+            &field("parameters"),
+            crate::metrics_scrape::MetricNames::default(),
+        )
+        .map_err(|e| invalid(e.field, e.message))?;
+        warnings.extend(notes.into_iter().map(|n| format!("plugin `{name}`: {n}")));
     }
     let wasm = p.wasm.map(|w| match base_dir {
         Some(dir) if w.is_relative() => dir.join(w),

@@ -15,8 +15,10 @@ const WAITING_LORA_ADAPTERS: &str = "waiting_lora_adapters";
 const BLOCK_SIZE: &str = "block_size";
 const NUM_GPU_BLOCKS: &str = "num_gpu_blocks";
 
-/// The metric names read from a page. Each is a name, or upstream's `name{label=value,…}`
-/// form (values quoted or not), which reads only the series whose labels match: e.g.
+/// The metric names one engine's page is read with. Each is a name, or upstream's
+/// `name{label=value,…}` form (values quoted or not), which reads only the series whose
+/// labels match; an empty one is not read (its value is 0, or unknown for LoRA and the
+/// cache configuration), as upstream's engine configs leave out what an engine lacks: e.g.
 /// `vllm:kv_cache_usage_perc{engine="0"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricNames {
@@ -30,16 +32,41 @@ pub struct MetricNames {
     pub kv_usage_fallback: Option<String>,
     /// LoRA adapters in use; the value is the report's Unix time.
     pub lora: String,
-    /// The engine's KV-cache configuration, in labels.
+    /// The engine's KV-cache configuration, in labels (vLLM's `cache_config_info`).
     pub cache: String,
+    /// The labels of `cache` that hold the block size and the block count.
+    pub cache_block_size_label: String,
+    pub cache_num_blocks_label: String,
+    /// The KV-cache configuration as two gauges instead (SGLang's `page_size` and
+    /// `num_pages`), read when `cache` is empty.
+    pub cache_block_size: String,
+    pub cache_num_blocks: String,
 }
 
 impl MetricNames {
     /// Checks every name's form; the error names the offending one.
     pub fn check(&self) -> Result<(), String> {
-        let all = [&self.waiting, &self.running, &self.kv_usage, &self.lora, &self.cache];
-        for spec in all.into_iter().chain(&self.kv_usage_fallback) {
+        let all = [
+            &self.waiting,
+            &self.running,
+            &self.kv_usage,
+            &self.lora,
+            &self.cache,
+            &self.cache_block_size,
+            &self.cache_num_blocks,
+        ];
+        for spec in all.into_iter().chain(&self.kv_usage_fallback).filter(|s| !s.trim().is_empty()) {
             Selector::parse(spec)?;
+        }
+        if self.cache.trim().is_empty()
+            && self.cache_block_size.trim().is_empty() != self.cache_num_blocks.trim().is_empty()
+        {
+            return Err("the cache block size and block count gauges are given together or not at all".into());
+        }
+        for label in [&self.cache_block_size_label, &self.cache_num_blocks_label] {
+            if label.trim().is_empty() || label.contains(['{', '}', '=', ',', '"']) {
+                return Err(format!("`{label}` is not a label name"));
+            }
         }
         Ok(())
     }
@@ -97,6 +124,10 @@ impl Default for MetricNames {
             kv_usage_fallback: Some("vllm:gpu_cache_usage_perc".to_string()),
             lora: "vllm:lora_requests_info".to_string(),
             cache: "vllm:cache_config_info".to_string(),
+            cache_block_size_label: BLOCK_SIZE.to_string(),
+            cache_num_blocks_label: NUM_GPU_BLOCKS.to_string(),
+            cache_block_size: String::new(),
+            cache_num_blocks: String::new(),
         }
     }
 }
@@ -142,15 +173,19 @@ pub enum ExtractError {
     #[error("`{name}` has the value {value}, not a finite number ≥ 0")]
     BadValue { name: String, value: f64 },
     #[error("`{name}` has no label `{label}`")]
-    MissingLabel { name: String, label: &'static str },
+    MissingLabel { name: String, label: String },
     #[error("`{name}`: label `{label}` is {value:?}, not a whole number")]
-    BadLabel { name: String, label: &'static str, value: String },
+    BadLabel { name: String, label: String, value: String },
     #[error("`{name}`: samples disagree on label `{label}`")]
-    Inconsistent { name: String, label: &'static str },
+    Inconsistent { name: String, label: String },
     #[error("`{name}`: label `{label}` is 0")]
-    Zero { name: String, label: &'static str },
+    Zero { name: String, label: String },
     #[error("`{name}`: label `{label}` is {value}, more than {max}")]
-    TooLarge { name: String, label: &'static str, value: u32, max: u32 },
+    TooLarge { name: String, label: String, value: u32, max: u32 },
+    #[error("`{name}` is {value}, not a whole number from 1 to {max}")]
+    BadGauge { name: String, value: f64, max: u32 },
+    #[error("`{name}`: its series disagree")]
+    Disagree { name: String },
 }
 
 /// The largest KV block an engine is believed to report, in tokens (vLLM's are 1 to a few
@@ -173,20 +208,42 @@ pub const MAX_BLOCK_SIZE: u32 = 4096;
 /// to its configured capacity.
 pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics, ExtractError> {
     let missing = |names: &[&String]| ExtractError::Missing { names: names.iter().map(|n| n.to_string()).collect() };
-    let waiting = fold(samples, &names.waiting, |a, b| a + b)?.ok_or_else(|| missing(&[&names.waiting]))?;
-    let running = fold(samples, &names.running, |a, b| a + b)?.ok_or_else(|| missing(&[&names.running]))?;
-    let kv_usage = match (fold(samples, &names.kv_usage, f64::max)?, &names.kv_usage_fallback) {
-        (Some(kv), _) => kv,
-        (None, Some(fallback)) => {
-            fold(samples, fallback, f64::max)?.ok_or_else(|| missing(&[&names.kv_usage, fallback]))?
+    let read = |name: &String, combine: fn(f64, f64) -> f64| -> Result<f64, ExtractError> {
+        if name.trim().is_empty() {
+            return Ok(0.0);
         }
-        (None, None) => return Err(missing(&[&names.kv_usage])),
+        fold(samples, name, combine)?.ok_or_else(|| missing(&[name]))
     };
-    let (cache, cache_error) = match cache(samples, &names.cache) {
+    let waiting = read(&names.waiting, |a, b| a + b)?;
+    let running = read(&names.running, |a, b| a + b)?;
+    let fallback = names.kv_usage_fallback.as_ref().filter(|f| !f.trim().is_empty());
+    let kv_usage = match (names.kv_usage.trim().is_empty(), fallback) {
+        (true, None) => 0.0,
+        (true, Some(fallback)) => read(fallback, f64::max)?,
+        (false, None) => read(&names.kv_usage, f64::max)?,
+        (false, Some(fallback)) => match fold(samples, &names.kv_usage, f64::max)? {
+            Some(kv) => kv,
+            None => fold(samples, fallback, f64::max)?.ok_or_else(|| missing(&[&names.kv_usage, fallback]))?,
+        },
+    };
+    // The info metric's labels, else (not on the page, or not configured) the two gauges.
+    let info = if names.cache.trim().is_empty() {
+        Ok(None)
+    } else {
+        cache(samples, &names.cache, &names.cache_block_size_label, &names.cache_num_blocks_label)
+    };
+    let cached = match info {
+        Ok(None) if !names.cache_block_size.trim().is_empty() => {
+            cache_gauges(samples, &names.cache_block_size, &names.cache_num_blocks)
+        }
+        other => other,
+    };
+    let (cache, cache_error) = match cached {
         Ok(c) => (c, None),
         Err(e) => (None, Some(e)),
     };
-    Ok(EngineMetrics { waiting, running, kv_usage, lora: lora(samples, &names.lora)?, cache, cache_error })
+    let lora = if names.lora.trim().is_empty() { None } else { lora(samples, &names.lora)? };
+    Ok(EngineMetrics { waiting, running, kv_usage, lora, cache, cache_error })
 }
 
 /// The samples of `name` (a name or selector), those not matching it left out.
@@ -238,42 +295,92 @@ fn lora(samples: &[Sample], name: &str) -> Result<Option<LoraInfo>, ExtractError
     }))
 }
 
-fn cache(samples: &[Sample], name: &str) -> Result<Option<CacheInfo>, ExtractError> {
+/// The cache configuration from an info metric's labels (`block_label`, `blocks_label`).
+fn cache(
+    samples: &[Sample],
+    name: &str,
+    block_label: &str,
+    blocks_label: &str,
+) -> Result<Option<CacheInfo>, ExtractError> {
     let mut info: Option<CacheInfo> = None;
     // The value of an info metric is a constant 1, so it is not checked.
     for sample in matching(samples, name) {
-        let positive = |label: &'static str| match whole_label(sample, name, label)? {
-            0 => Err(ExtractError::Zero { name: name.to_string(), label }),
+        let positive = |label: &str| match whole_label(sample, name, label)? {
+            0 => Err(ExtractError::Zero { name: name.to_string(), label: label.to_string() }),
             n => Ok(n),
         };
-        let block_size = positive(BLOCK_SIZE)?;
+        let block_size = positive(block_label)?;
         if block_size > MAX_BLOCK_SIZE {
             return Err(ExtractError::TooLarge {
                 name: name.to_string(),
-                label: BLOCK_SIZE,
+                label: block_label.to_string(),
                 value: block_size,
                 max: MAX_BLOCK_SIZE,
             });
         }
-        let this = CacheInfo { block_size, num_gpu_blocks: positive(NUM_GPU_BLOCKS)? };
-        info = Some(match info {
-            None => this,
-            Some(seen) if seen.block_size != this.block_size => {
-                return Err(ExtractError::Inconsistent { name: name.to_string(), label: BLOCK_SIZE });
-            }
-            Some(seen) => CacheInfo { num_gpu_blocks: seen.num_gpu_blocks.min(this.num_gpu_blocks), ..seen },
-        });
+        let this = CacheInfo { block_size, num_gpu_blocks: positive(blocks_label)? };
+        info = merge_cache(info, this, || ExtractError::Inconsistent {
+            name: name.to_string(),
+            label: block_label.to_string(),
+        })?;
     }
     Ok(info)
 }
 
-fn label<'a>(sample: &'a Sample, name: &str, label: &'static str) -> Result<&'a str, ExtractError> {
-    sample.label(label).ok_or_else(|| ExtractError::MissingLabel { name: name.to_string(), label })
+/// The cache configuration from two gauges: the block size (tokens) and the block count.
+/// Several series (data-parallel ranks) must agree on the size; the smallest count is kept.
+fn cache_gauges(samples: &[Sample], size_name: &str, count_name: &str) -> Result<Option<CacheInfo>, ExtractError> {
+    let whole = |name: &str, max: u32| -> Result<Vec<u32>, ExtractError> {
+        series(samples, name)
+            .map(|s| {
+                let value = s?.value;
+                if value >= 1.0 && value <= f64::from(max) && value.fract() == 0.0 {
+                    Ok(value as u32)
+                } else {
+                    Err(ExtractError::BadGauge { name: name.to_string(), value, max })
+                }
+            })
+            .collect()
+    };
+    let sizes = whole(size_name, MAX_BLOCK_SIZE)?;
+    let counts = whole(count_name, u32::MAX)?;
+    let (block_size, num_gpu_blocks) = match (sizes.first(), counts.iter().min()) {
+        (Some(&size), Some(&count)) => (size, count),
+        (None, None) => return Ok(None),
+        (None, Some(_)) => return Err(ExtractError::Missing { names: vec![size_name.to_string()] }),
+        (Some(_), None) => return Err(ExtractError::Missing { names: vec![count_name.to_string()] }),
+    };
+    if sizes.iter().any(|s| *s != block_size) {
+        return Err(ExtractError::Disagree { name: size_name.to_string() });
+    }
+    Ok(Some(CacheInfo { block_size, num_gpu_blocks }))
 }
 
-fn whole_label(sample: &Sample, name: &str, label_name: &'static str) -> Result<u32, ExtractError> {
+/// Adds one series' configuration to those seen: the block sizes must agree, and the
+/// smallest block count is kept, as the capacity every engine behind the endpoint has.
+fn merge_cache(
+    seen: Option<CacheInfo>,
+    this: CacheInfo,
+    inconsistent: impl FnOnce() -> ExtractError,
+) -> Result<Option<CacheInfo>, ExtractError> {
+    Ok(Some(match seen {
+        None => this,
+        Some(seen) if seen.block_size != this.block_size => return Err(inconsistent()),
+        Some(seen) => CacheInfo { num_gpu_blocks: seen.num_gpu_blocks.min(this.num_gpu_blocks), ..seen },
+    }))
+}
+
+fn label<'a>(sample: &'a Sample, name: &str, label: &str) -> Result<&'a str, ExtractError> {
+    sample.label(label).ok_or_else(|| ExtractError::MissingLabel { name: name.to_string(), label: label.to_string() })
+}
+
+fn whole_label(sample: &Sample, name: &str, label_name: &str) -> Result<u32, ExtractError> {
     let value = label(sample, name, label_name)?;
-    value.parse().map_err(|_| ExtractError::BadLabel { name: name.to_string(), label: label_name, value: value.into() })
+    value.parse().map_err(|_| ExtractError::BadLabel {
+        name: name.to_string(),
+        label: label_name.to_string(),
+        value: value.into(),
+    })
 }
 
 /// `"a,b"` → `[a, b]`; blanks around names and empty entries are dropped (`""` → none).
@@ -450,13 +557,13 @@ mod tests {
             ),
             (
                 format!("{base}vllm:lora_requests_info{{running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} 10\n"),
-                Err(ExtractError::MissingLabel { name: "vllm:lora_requests_info".into(), label: MAX_LORA }),
+                Err(ExtractError::MissingLabel { name: "vllm:lora_requests_info".into(), label: MAX_LORA.into() }),
             ),
             (
                 format!("{base}vllm:lora_requests_info{{max_lora=\"1\",waiting_lora_adapters=\"\"}} 10\n"),
                 Err(ExtractError::MissingLabel {
                     name: "vllm:lora_requests_info".into(),
-                    label: RUNNING_LORA_ADAPTERS,
+                    label: RUNNING_LORA_ADAPTERS.into(),
                 }),
             ),
             (
@@ -465,7 +572,7 @@ mod tests {
                 ),
                 Err(ExtractError::BadLabel {
                     name: "vllm:lora_requests_info".into(),
-                    label: MAX_LORA,
+                    label: MAX_LORA.into(),
                     value: "-1".into(),
                 }),
             ),
@@ -483,23 +590,26 @@ mod tests {
                 format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"None\"}} 1\n"),
                 cache_err(ExtractError::BadLabel {
                     name: "vllm:cache_config_info".into(),
-                    label: NUM_GPU_BLOCKS,
+                    label: NUM_GPU_BLOCKS.into(),
                     value: "None".into(),
                 }),
             ),
             (
                 format!("{base}vllm:cache_config_info{{num_gpu_blocks=\"100\"}} 1\n"),
-                cache_err(ExtractError::MissingLabel { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+                cache_err(ExtractError::MissingLabel {
+                    name: "vllm:cache_config_info".into(),
+                    label: BLOCK_SIZE.into(),
+                }),
             ),
             (
                 format!("{base}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"0\"}} 1\n"),
-                cache_err(ExtractError::Zero { name: "vllm:cache_config_info".into(), label: NUM_GPU_BLOCKS }),
+                cache_err(ExtractError::Zero { name: "vllm:cache_config_info".into(), label: NUM_GPU_BLOCKS.into() }),
             ),
             (
                 format!("{base}vllm:cache_config_info{{block_size=\"1048576\",num_gpu_blocks=\"100\"}} 1\n"),
                 cache_err(ExtractError::TooLarge {
                     name: "vllm:cache_config_info".into(),
-                    label: BLOCK_SIZE,
+                    label: BLOCK_SIZE.into(),
                     value: 1_048_576,
                     max: MAX_BLOCK_SIZE,
                 }),
@@ -516,7 +626,10 @@ mod tests {
                     "{base}vllm:cache_config_info{{engine=\"0\",block_size=\"16\",num_gpu_blocks=\"100\"}} 1\n\
                      vllm:cache_config_info{{engine=\"1\",block_size=\"32\",num_gpu_blocks=\"100\"}} 1\n"
                 ),
-                cache_err(ExtractError::Inconsistent { name: "vllm:cache_config_info".into(), label: BLOCK_SIZE }),
+                cache_err(ExtractError::Inconsistent {
+                    name: "vllm:cache_config_info".into(),
+                    label: BLOCK_SIZE.into(),
+                }),
             ),
         ];
         for (page, expected) in &cases {
@@ -535,8 +648,9 @@ mod tests {
             running: "sglang:num_running_reqs".into(),
             kv_usage: "sglang:token_usage".into(),
             kv_usage_fallback: None,
-            lora: "none".into(),
-            cache: "none".into(),
+            lora: String::new(),
+            cache: String::new(),
+            ..MetricNames::default()
         };
         let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\nsglang:token_usage 0.75\n";
         let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
@@ -569,10 +683,76 @@ mod tests {
         let names = MetricNames { waiting: "vllm:num_requests_waiting{engine=\"7\"}".into(), ..MetricNames::default() };
         let missing = ExtractError::Missing { names: strings(&["vllm:num_requests_waiting{engine=\"7\"}"]) };
         assert_eq!(extract(&samples, &names), Err(missing));
-        for bad in ["vllm:x{engine=\"0\"", "{engine=0}", "vllm:x{engine}", "vllm:x{=0}", "", "vllm:x}"] {
+        for bad in ["vllm:x{engine=\"0\"", "{engine=0}", "vllm:x{engine}", "vllm:x{=0}", "vllm:x}"] {
             let names = MetricNames { running: bad.into(), ..MetricNames::default() };
             let e = names.check().expect_err(bad);
             assert!(e.contains(&format!("`{bad}`")), "{e}");
         }
+    }
+
+    /// Engines that lack a metric leave it empty: it is not read. SGLang states its cache
+    /// configuration as two gauges; another engine may name the info metric's labels.
+    #[test]
+    fn empty_names_are_not_read_and_the_cache_may_come_from_gauges_or_other_labels() {
+        let names = MetricNames {
+            waiting: "sglang:num_queue_reqs".into(),
+            running: "sglang:num_running_reqs".into(),
+            kv_usage: "sglang:token_usage".into(),
+            kv_usage_fallback: None,
+            lora: String::new(),
+            cache: String::new(),
+            cache_block_size: "sglang:page_size".into(),
+            cache_num_blocks: "sglang:num_pages".into(),
+            ..MetricNames::default()
+        };
+        assert_eq!(names.check(), Ok(()));
+        let page = "sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n\
+                    sglang:page_size{tp_rank=\"0\"} 16\nsglang:page_size{tp_rank=\"1\"} 16\n\
+                    sglang:num_pages{tp_rank=\"0\"} 900\nsglang:num_pages{tp_rank=\"1\"} 800\n";
+        let got = extract(&parse(page).unwrap(), &names).unwrap();
+        assert_eq!(got.cache, Some(CacheInfo { block_size: 16, num_gpu_blocks: 800 }));
+        assert_eq!((got.waiting, got.running, got.kv_usage, got.lora), (1.0, 2.0, 0.5, None));
+        // Garbage or disagreeing gauges leave the cache out, with the reason; the load counts.
+        for (bad, why) in [
+            ("sglang:page_size 0\nsglang:num_pages 10\n", "`sglang:page_size` is 0"),
+            ("sglang:page_size 16.5\nsglang:num_pages 10\n", "not a whole number"),
+            ("sglang:page_size{r=\"0\"} 16\nsglang:page_size{r=\"1\"} 32\nsglang:num_pages 10\n", "disagree"),
+            ("sglang:page_size 16\n", "no sample of `sglang:num_pages`"),
+        ] {
+            let page = format!("sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n{bad}");
+            let got = extract(&parse(&page).unwrap(), &names).unwrap();
+            assert_eq!(got.cache, None, "{bad}");
+            let error = got.cache_error.map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+        // Only the two load gauges: no KV usage, no cache, no LoRA.
+        let names = MetricNames {
+            waiting: "nv_inference_pending_request_count".into(),
+            running: "nv_inference_exec_count".into(),
+            kv_usage: String::new(),
+            kv_usage_fallback: None,
+            lora: String::new(),
+            cache: String::new(),
+            ..MetricNames::default()
+        };
+        let page = "nv_inference_pending_request_count 3\nnv_inference_exec_count 4\n";
+        let got = extract(&parse(page).unwrap(), &names).unwrap();
+        assert_eq!((got.waiting, got.running, got.kv_usage, got.cache), (3.0, 4.0, 0.0, None));
+        // The info metric's labels, renamed.
+        let names = MetricNames {
+            cache: "atom:cache_config_info".into(),
+            cache_block_size_label: "page_size".into(),
+            cache_num_blocks_label: "num_pages".into(),
+            ..MetricNames::default()
+        };
+        let page = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n\
+                    atom:cache_config_info{page_size=\"32\",num_pages=\"64\"} 1\n";
+        let got = extract(&parse(page).unwrap(), &names).unwrap();
+        assert_eq!(got.cache, Some(CacheInfo { block_size: 32, num_gpu_blocks: 64 }));
+        // Gauges given alone, or a label that is no name, are refused at the start.
+        let half = MetricNames { cache: String::new(), cache_block_size: "x".into(), ..MetricNames::default() };
+        assert!(half.check().is_err());
+        let label = MetricNames { cache_num_blocks_label: "a=b".into(), ..MetricNames::default() };
+        assert!(label.check().unwrap_err().contains("`a=b`"));
     }
 }

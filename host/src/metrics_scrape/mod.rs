@@ -8,10 +8,12 @@
 //! so the endpoint goes stale instead of looking idle.
 //!
 //! - `parse`: the Prometheus text exposition format → `Sample`s (pure).
-//! - `extract`: samples → `EngineMetrics` with configurable vLLM metric names (pure).
+//! - `extract`: samples → `EngineMetrics` with configurable metric names (pure).
+//! - `engines`: which names read which endpoint (upstream's engine configs, by label).
 //! - `fetch`: one HTTP GET with a size cap and a deadline.
 //! - `poller`: `Scraper`, the per-endpoint tasks, state-change logging and error counters.
 
+mod engines;
 mod extract;
 mod fetch;
 mod parse;
@@ -21,8 +23,10 @@ mod poller;
 mod test_server;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+pub use engines::{DEFAULT_ENGINE, ENGINE_LABEL_KEY, EngineConfigError, Engines};
 pub use extract::{CacheInfo, EngineMetrics, ExtractError, LoraInfo, MAX_BLOCK_SIZE, MetricNames, extract};
 pub use fetch::MAX_PAGE_BYTES;
 pub use parse::{LineError, ParseError, Sample, parse, parse_bytes};
@@ -40,7 +44,6 @@ pub struct ScrapeConfig {
     pub interval: Duration,
     /// Deadline of one scrape: connecting, the response and the whole body.
     pub timeout: Duration,
-    pub names: MetricNames,
 }
 
 impl Default for ScrapeConfig {
@@ -50,7 +53,6 @@ impl Default for ScrapeConfig {
             path: "/metrics".to_string(),
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
-            names: MetricNames::default(),
         }
     }
 }
@@ -75,6 +77,9 @@ pub struct ScrapeTarget {
     /// `namespace/name`, for logs and error counters.
     pub key: String,
     pub addr: SocketAddr,
+    /// The names its page is read with (its engine's), or why it has none: its engine
+    /// label names no known engine.
+    pub names: Result<Arc<MetricNames>, String>,
 }
 
 /// Why one scrape failed.
@@ -95,4 +100,6 @@ pub enum ScrapeError {
     Parse(#[from] ParseError),
     #[error("unusable metrics: {0}")]
     Extract(#[from] ExtractError),
+    #[error("not read: {0}")]
+    Engine(String),
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use super::extract::{EngineMetrics, extract};
+use super::extract::{EngineMetrics, MetricNames, extract};
 use super::fetch::{self, MAX_PAGE_BYTES};
 use super::parse::parse_bytes;
 use super::{ScrapeConfig, ScrapeError, ScrapeSink, ScrapeTarget};
@@ -51,6 +51,7 @@ struct State {
 struct Poller {
     key: String,
     addr: std::net::SocketAddr,
+    names: Result<Arc<MetricNames>, String>,
     gate: Arc<Gate>,
     task: JoinHandle<()>,
 }
@@ -81,7 +82,7 @@ impl Scraper {
     }
 
     /// Makes the pollers match `targets`: starts new ids, stops removed ones, restarts an id
-    /// whose address or key changed. When it returns, no removed or replaced poller makes
+    /// whose address, key or metric names changed. When it returns, no removed or replaced poller makes
     /// another sink call. Of duplicate ids the last one counts. Does nothing after `stop`.
     pub fn sync(&self, targets: &[ScrapeTarget]) {
         let mut state = self.lock();
@@ -93,7 +94,7 @@ impl Scraper {
         let stale: Vec<u32> = state
             .pollers
             .iter()
-            .filter(|(id, p)| wanted.get(id).is_none_or(|t| t.addr != p.addr || t.key != p.key))
+            .filter(|(id, p)| wanted.get(id).is_none_or(|t| t.addr != p.addr || t.key != p.key || t.names != p.names))
             .map(|(id, _)| *id)
             .collect();
         // Invariant: a replaced poller is stopped before its successor starts, so the sink
@@ -141,13 +142,14 @@ impl Scraper {
             id: target.id,
             key: target.key.clone(),
             url,
+            names: target.names.clone(),
             config: self.config.clone(),
             sink: self.sink.clone(),
             gate: gate.clone(),
             errors,
         };
         let task = self.runtime.spawn(poll.run());
-        Poller { key: target.key.clone(), addr: target.addr, gate, task }
+        Poller { key: target.key.clone(), addr: target.addr, names: target.names.clone(), gate, task }
     }
 
     /// The state stays consistent across a panic elsewhere (every change is one
@@ -198,6 +200,7 @@ struct Poll {
     id: u32,
     key: String,
     url: String,
+    names: Result<Arc<MetricNames>, String>,
     config: Arc<ScrapeConfig>,
     sink: Arc<dyn ScrapeSink>,
     gate: Arc<Gate>,
@@ -239,13 +242,15 @@ impl Poll {
     async fn scrape(&self, client: &mut Option<reqwest::Client>) -> Result<EngineMetrics, ScrapeError> {
         // Built on first use and kept, so the endpoint's connection is reused; a failure to
         // build is reported like any failed scrape and retried on the next tick.
+        // An endpoint of no known engine is not read at all.
+        let names = self.names.as_ref().map_err(|e| ScrapeError::Engine(e.clone()))?;
         let http = match client {
             Some(http) => http.clone(),
             None => client.insert(fetch::client(self.config.timeout)?).clone(),
         };
         let page = fetch::fetch(&http, &self.url, self.config.timeout, MAX_PAGE_BYTES).await?;
         let samples = parse_bytes(&page)?;
-        Ok(extract(&samples, &self.config.names)?)
+        Ok(extract(&samples, names)?)
     }
 
     /// Hands one outcome to the sink and logs a change of state; false once stopped.
@@ -354,6 +359,7 @@ mod tests {
             ScrapeError::TooLarge { .. } => "too large".into(),
             ScrapeError::Parse(_) => "parse".into(),
             ScrapeError::Extract(_) => "extract".into(),
+            ScrapeError::Engine(_) => "engine".into(),
         }
     }
 
@@ -415,7 +421,7 @@ mod tests {
     }
 
     fn target(id: u32, key: &str, addr: SocketAddr) -> ScrapeTarget {
-        ScrapeTarget { id, key: key.to_string(), addr }
+        ScrapeTarget { id, key: key.to_string(), addr, names: Ok(Arc::new(MetricNames::default())) }
     }
 
     fn page(waiting: f64) -> String {
@@ -478,6 +484,31 @@ mod tests {
         scraper.stop();
         let failed = sink.events().iter().filter(|e| matches!(e, Event::Failed { .. })).count() as u64;
         assert_eq!(scraper.error_counts(), vec![("default/a".to_string(), failed)]);
+    }
+
+    /// An endpoint relabelled to another engine is read with that engine's names from the
+    /// next sync on; one whose label names no engine fails with the reason, not misread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relabelled_endpoint_is_read_with_its_new_engines_names() {
+        let both = format!("{}sglang:num_queue_reqs 9\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\n", page(4.0));
+        let server = TestServer::start(Reply::page(&both)).await;
+        let sink = Recorder::new();
+        let scraper = Arc::new(Scraper::new(config(), sink.clone()));
+        let engines = super::super::Engines::builtin(MetricNames::default());
+        let labelled = |engine: &str| {
+            let labels = [(super::super::ENGINE_LABEL_KEY.to_string(), engine.to_string())].into();
+            ScrapeTarget { names: engines.resolve(&labels), ..target(1, "ns/a", server.addr()) }
+        };
+        sync_from_thread(&scraper, vec![labelled("vllm")]);
+        sink.wait_after(0, "a scrape with vLLM's names", scraped(1, 4.0)).await;
+        sync_from_thread(&scraper, vec![labelled("sglang")]);
+        let mark = sink.len();
+        sink.wait_after(mark, "a scrape with SGLang's names", scraped(1, 9.0)).await;
+        assert!(!sink.events()[mark..].contains(&Event::Scraped { id: 1, waiting: 4.0 }), "old names after sync");
+        sync_from_thread(&scraper, vec![labelled("sglng")]);
+        let mark = sink.len();
+        let failed = Event::Failed { id: 1, target: "ns/a".into(), kind: "engine".into() };
+        sink.wait_after(mark, "a failure naming the engine", |events| events.contains(&failed)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,6 +104,7 @@ impl Breaker {
 
 pub struct WasmPlugin {
     name: String,
+    type_name: String,
     role: Role,
     engine: Engine,
     pre: Pre,
@@ -136,7 +137,7 @@ impl WasmPlugin {
     /// plugin is rejected at load rather than on the first request.
     #[allow(clippy::too_many_arguments)] // reason: one call site, each argument distinct
     pub(super) fn new(
-        name: String,
+        (name, type_name): (String, String),
         role: Role,
         engine: &Engine,
         linker: &Linker<HostState>,
@@ -155,6 +156,7 @@ impl WasmPlugin {
         };
         let mut plugin = WasmPlugin {
             name,
+            type_name,
             role,
             engine: engine.clone(),
             pre,
@@ -372,6 +374,10 @@ fn pool_changed(live: &mut Live, generation: u64, endpoints: &[EndpointInfo]) ->
 impl PluginCore for WasmPlugin {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn type_name(&self) -> &str {
+        &self.type_name
     }
 
     fn manifest(&self) -> &Manifest {

@@ -157,9 +157,23 @@ impl WasmRuntime {
         sandbox: Sandbox,
         policy: FailurePolicy,
     ) -> Result<PluginHandle, LoadError> {
+        self.load_as(name, name, bytes, params_json, sandbox, policy)
+    }
+
+    /// [`load`](Self::load) for a config entry: `name` is its configured name, `type_name`
+    /// its type (both label the plugin's metrics).
+    pub fn load_as(
+        &self,
+        name: &str,
+        type_name: &str,
+        bytes: &[u8],
+        params_json: &str,
+        sandbox: Sandbox,
+        policy: FailurePolicy,
+    ) -> Result<PluginHandle, LoadError> {
         let (component, role) = self.compile(bytes)?;
         let plugin = WasmPlugin::new(
-            name.to_string(),
+            (name.to_string(), type_name.to_string()),
             role,
             &self.inner.engine,
             &self.inner.linker,

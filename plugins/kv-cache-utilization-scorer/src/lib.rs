@@ -1,6 +1,6 @@
 //! `kv-cache-utilization-scorer`: score = 1 − KV-cache usage, so endpoints with free cache
-//! win. Unknown (NaN) usage scores 0: an endpoint we know nothing about is not preferred
-//! (upstream's newer behaviour: an endpoint without the metric is left unscored).
+//! win. Unknown (NaN: missing or stale) usage scores 0: an endpoint we know nothing about is
+//! not preferred (upstream reads a missing metric as 0 usage, which scores best).
 
 use llmd_plugin_sdk::columns::KV_USAGE;
 use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params};

@@ -5,7 +5,8 @@
 //!   is the serving endpoint's `namespace/name`, base64-encoded; a request that sends it back
 //!   scores 1.0 on that endpoint and 0 elsewhere. No state: the client carries it.
 //! - `strategy: session_id`: the session id is read from the first present header of
-//!   `sessionIdConfig.sources` (default `x-session-id`); the plugin binds each session to
+//!   `sessionIdConfig.sources` (default `x-session-id`) that has a value (trimmed; a blank
+//!   one passes to the next source); the plugin binds each session to
 //!   the endpoint its first request went to (rebinding only when the bound endpoint was not
 //!   a candidate) and forgets bindings unused for `evictionTtlSeconds`.
 //!
@@ -41,8 +42,8 @@ pub struct HeaderConfig {
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionIdConfig {
     pub sources: Option<Vec<Source>>,
-    pub eviction_ttl_seconds: Option<i64>,
-    pub eviction_sweep_seconds: Option<i64>,
+    pub eviction_ttl_seconds: Option<f64>,
+    pub eviction_sweep_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,14 +151,16 @@ impl Plugin for SessionAffinityScorer {
                 if headers.is_empty() {
                     headers.push(DEFAULT_SESSION_HEADER.into());
                 }
-                let ttl = c.eviction_ttl_seconds.unwrap_or(300);
-                let sweep = c.eviction_sweep_seconds.unwrap_or(10);
-                if ttl <= 0 || sweep <= 0 {
-                    return Err(format!(
-                        "sessionIdConfig.evictionTtlSeconds and evictionSweepSeconds must be > 0, got {ttl} and {sweep}"
-                    ));
-                }
-                Strategy::SessionId { headers, ttl_ms: ttl as u64 * 1000, sweep_ms: sweep as u64 * 1000 }
+                // Seconds, fractions allowed; 0 (or left out) means the default, as upstream.
+                let seconds = |value: Option<f64>, default: f64, key: &str| match value {
+                    None | Some(0.0) => Ok(default),
+                    Some(v) if v.is_finite() && v > 0.0 && v <= 31_536_000.0 => Ok(v),
+                    Some(v) => Err(format!("sessionIdConfig.{key} must be from 0 to 31536000 seconds, got {v}")),
+                };
+                let ttl = seconds(c.eviction_ttl_seconds, 300.0, "evictionTtlSeconds")?;
+                let sweep = seconds(c.eviction_sweep_seconds, 10.0, "evictionSweepSeconds")?;
+                let ms = |s: f64| ((s * 1000.0).round() as u64).max(1);
+                Strategy::SessionId { headers, ttl_ms: ms(ttl), sweep_ms: ms(sweep) }
             }
             other => return Err(format!("strategy `{other}`; expected encoded_endpoint_header or session_id")),
         };
@@ -204,13 +207,26 @@ impl Scorer for SessionAffinityScorer {
                 cycle.request.header(header).and_then(decode_token).and_then(|key| self.by_key.get(&key).copied())
             }
             Strategy::SessionId { headers, .. } => {
-                let session = headers.iter().find_map(|h| cycle.request.header(h)).map(str::to_string);
+                // The first source with a value: a blank one is no session id.
+                let session = headers
+                    .iter()
+                    .find_map(|h| cycle.request.header(h).map(str::trim).filter(|v| !v.is_empty()))
+                    .map(str::to_string);
                 let now = cycle.now_ms;
                 self.last_seen_now = now;
                 self.sweep(now);
                 match session {
                     Some(session) => {
-                        let bound = self.bindings.get(&session).map(|b| b.endpoint);
+                        // Past its TTL a binding is gone, swept yet or not.
+                        let ttl = match self.strategy {
+                            Strategy::SessionId { ttl_ms, .. } => ttl_ms,
+                            Strategy::Encoded { .. } => u64::MAX,
+                        };
+                        let bound = self
+                            .bindings
+                            .get(&session)
+                            .filter(|b| now.saturating_sub(b.last_seen_ms) <= ttl)
+                            .map(|b| b.endpoint);
                         let present = bound.is_some_and(|b| cycle.ids.contains(&b));
                         self.pending.insert(cycle.id, Seen { session, bound_present: present });
                         bound

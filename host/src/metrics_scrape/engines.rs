@@ -1,0 +1,322 @@
+//! Which metric names read which endpoint's page: one `MetricNames` per inference engine,
+//! chosen by an endpoint label, as upstream's `core-metrics-extractor` does (`engineLabelKey`,
+//! `defaultEngine`, `engineConfigs`). A pool may mix engines: vLLM workers beside SGLang
+//! ones, each read with its own names.
+//!
+//! Built in, as upstream: `vllm` (the metric flags' names), `sglang`, `atom`,
+//! `trtllm-serve`, `triton-tensorrt-llm` and `triton`. An engine config named after a
+//! built-in one replaces it. An endpoint without the label is read as `defaultEngine`
+//! (`vllm`); one whose label names no engine is not read at all, and its scrapes fail with
+//! the known names listed, rather than reading it with the wrong names.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::extract::MetricNames;
+
+/// The endpoint label naming an endpoint's engine, upstream's default.
+pub const ENGINE_LABEL_KEY: &str = "llm-d.ai/engine-type";
+/// Read when an endpoint lacks `engineLabelKey`: the Gateway API inference extension's key.
+pub const LEGACY_ENGINE_LABEL_KEY: &str = "inference.networking.k8s.io/engine-type";
+/// The engine of endpoints without the label, upstream's default.
+pub const DEFAULT_ENGINE: &str = "vllm";
+
+/// The metric names of every known engine, and how an endpoint's is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Engines {
+    label_key: String,
+    default: String,
+    by_name: BTreeMap<String, Arc<MetricNames>>,
+}
+
+/// A bad `core-metrics-extractor` parameter: its path and what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`{field}`: {message}")]
+pub struct EngineConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> EngineConfigError {
+    EngineConfigError { field: field.into(), message: message.into() }
+}
+
+/// One engine config's keys (upstream's names) and the `MetricNames` field each sets.
+const SPEC_KEYS: &[&str] = &[
+    "queuedRequestsSpec",
+    "runningRequestsSpec",
+    "kvUsageSpec",
+    "loraSpec",
+    "cacheInfoSpec",
+    "cacheBlockSizeLabelName",
+    "cacheNumBlocksLabelName",
+    "cacheBlockSizeSpec",
+    "cacheNumBlocksSpec",
+];
+
+/// Keys upstream accepts that this EPP does not read (warned about, not refused).
+const UNREAD_KEYS: &[&str] = &["loraLoadedSpec", "loraGPULoadedSpec", "loraGPUSlotsSpec", "customMetrics"];
+
+impl Engines {
+    /// The built-in engines, `vllm` read with `vllm`'s names (the metric flags).
+    pub fn builtin(vllm: MetricNames) -> Engines {
+        let gauges = |waiting: &str, running: &str, kv: &str, size: &str, count: &str| MetricNames {
+            waiting: waiting.into(),
+            running: running.into(),
+            kv_usage: kv.into(),
+            kv_usage_fallback: None,
+            lora: String::new(),
+            cache: String::new(),
+            cache_block_size: size.into(),
+            cache_num_blocks: count.into(),
+            ..MetricNames::default()
+        };
+        let atom = MetricNames {
+            waiting: "atom:requests_waiting".into(),
+            running: "atom:requests_running".into(),
+            kv_usage: "atom:kv_cache_usage_ratio".into(),
+            kv_usage_fallback: None,
+            lora: String::new(),
+            cache: "atom:cache_config_info".into(),
+            ..MetricNames::default()
+        };
+        let by_name = [
+            ("vllm", vllm),
+            (
+                "sglang",
+                gauges(
+                    "sglang:num_queue_reqs",
+                    "sglang:num_running_reqs",
+                    "sglang:token_usage",
+                    "sglang:page_size",
+                    "sglang:num_pages",
+                ),
+            ),
+            ("atom", atom),
+            (
+                "trtllm-serve",
+                gauges(
+                    "trtllm_num_requests_waiting",
+                    "trtllm_num_requests_running",
+                    "trtllm_kv_cache_utilization",
+                    "trtllm_kv_cache_tokens_per_block",
+                    "trtllm_kv_cache_max_blocks",
+                ),
+            ),
+            (
+                "triton-tensorrt-llm",
+                gauges(
+                    "nv_trt_llm_request_metrics{request_type=waiting}",
+                    "nv_trt_llm_request_metrics{request_type=scheduled}",
+                    "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+                    "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}",
+                    "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}",
+                ),
+            ),
+            ("triton", gauges("nv_inference_pending_request_count", "nv_inference_exec_count", "", "", "")),
+        ]
+        .into_iter()
+        .map(|(name, names)| (name.to_string(), Arc::new(names)))
+        .collect();
+        Engines { label_key: ENGINE_LABEL_KEY.into(), default: DEFAULT_ENGINE.into(), by_name }
+    }
+
+    /// The engines of a `core-metrics-extractor`'s parameters over the built-in ones.
+    /// Errors name the field (`field` is the parameters' path); warnings name what is
+    /// accepted and not read.
+    pub fn from_params(
+        params: &Value,
+        field: &str,
+        vllm: MetricNames,
+    ) -> Result<(Engines, Vec<String>), EngineConfigError> {
+        let mut engines = Engines::builtin(vllm);
+        let mut warnings = Vec::new();
+        let Some(map) = params.as_object() else {
+            return if params.is_null() { Ok((engines, warnings)) } else { Err(bad(field, "must be a mapping")) };
+        };
+        // As upstream, an empty value means the default.
+        let text = |key: &str| -> Result<Option<String>, EngineConfigError> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+                Some(_) => Err(bad(format!("{field}.{key}"), "must be a string")),
+            }
+        };
+        for key in map.keys() {
+            if !["engineLabelKey", "defaultEngine", "engineConfigs"].contains(&key.as_str()) {
+                warnings.push(format!("`{field}.{key}` is not a core-metrics-extractor parameter; ignored"));
+            }
+        }
+        if let Some(key) = text("engineLabelKey")? {
+            engines.label_key = key;
+        }
+        if let Some(default) = text("defaultEngine")? {
+            engines.default = default;
+        }
+        match map.get("engineConfigs") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(configs)) => {
+                let mut seen = Vec::new();
+                for (i, config) in configs.iter().enumerate() {
+                    let at = format!("{field}.engineConfigs[{i}]");
+                    let (name, names) = engine_config(config, &at, &mut warnings)?;
+                    if seen.contains(&name) {
+                        return Err(bad(format!("{at}.name"), format!("engine `{name}` is configured twice")));
+                    }
+                    seen.push(name.clone());
+                    engines.by_name.insert(name, Arc::new(names));
+                }
+            }
+            Some(_) => return Err(bad(format!("{field}.engineConfigs"), "must be a list")),
+        }
+        if !engines.by_name.contains_key(&engines.default) {
+            let message = format!("`{}` is not an engine (known: {})", engines.default, engines.known());
+            return Err(bad(format!("{field}.defaultEngine"), message));
+        }
+        Ok((engines, warnings))
+    }
+
+    /// The names `labels` (an endpoint's) select: its engine's (the label, else the legacy
+    /// one), or the default engine's without either. An unknown engine is an error naming
+    /// the known ones.
+    pub fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Arc<MetricNames>, String> {
+        let label = |key: &str| labels.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let name = label(&self.label_key).or_else(|| label(LEGACY_ENGINE_LABEL_KEY)).unwrap_or(&self.default);
+        self.by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("label {}={name} names no engine config (known: {})", self.label_key, self.known()))
+    }
+
+    fn known(&self) -> String {
+        self.by_name.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// One `engineConfigs` entry: its name and names. Keys left out are not read, as upstream
+/// (an engine config states everything its engine has).
+fn engine_config(
+    config: &Value,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(String, MetricNames), EngineConfigError> {
+    let Some(map) = config.as_object() else { return Err(bad(at, "must be a mapping")) };
+    let text = |key: &str| -> Result<String, EngineConfigError> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.trim().to_string()),
+            Some(_) => Err(bad(format!("{at}.{key}"), "must be a string")),
+        }
+    };
+    let name = text("name")?;
+    if name.is_empty() {
+        return Err(bad(format!("{at}.name"), "missing; each engine config needs a name"));
+    }
+    for key in map.keys() {
+        if UNREAD_KEYS.contains(&key.as_str()) {
+            warnings.push(format!("`{at}.{key}` is accepted and not read by this EPP"));
+        } else if key != "name" && !SPEC_KEYS.contains(&key.as_str()) {
+            warnings.push(format!("`{at}.{key}` is not an engine config key; ignored"));
+        }
+    }
+    let or = |value: String, default: &str| if value.is_empty() { default.to_string() } else { value };
+    let defaults = MetricNames::default();
+    let names = MetricNames {
+        waiting: text("queuedRequestsSpec")?,
+        running: text("runningRequestsSpec")?,
+        kv_usage: text("kvUsageSpec")?,
+        kv_usage_fallback: None,
+        lora: text("loraSpec")?,
+        cache: text("cacheInfoSpec")?,
+        cache_block_size_label: or(text("cacheBlockSizeLabelName")?, &defaults.cache_block_size_label),
+        cache_num_blocks_label: or(text("cacheNumBlocksLabelName")?, &defaults.cache_num_blocks_label),
+        cache_block_size: text("cacheBlockSizeSpec")?,
+        cache_num_blocks: text("cacheNumBlocksSpec")?,
+    };
+    names.check().map_err(|e| bad(at, e))?;
+    Ok((name, names))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn endpoints_are_read_with_their_engines_names() {
+        let engines = Engines::builtin(MetricNames::default());
+        let vllm = engines.resolve(&labels(&[])).unwrap();
+        assert_eq!(*vllm, MetricNames::default(), "no label: the default engine, vLLM");
+        let sglang = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglang")])).unwrap();
+        assert_eq!(sglang.waiting, "sglang:num_queue_reqs");
+        assert_eq!(
+            (sglang.cache_block_size.as_str(), sglang.cache_num_blocks.as_str()),
+            ("sglang:page_size", "sglang:num_pages")
+        );
+        let legacy = engines.resolve(&labels(&[(LEGACY_ENGINE_LABEL_KEY, "sglang")])).unwrap();
+        assert_eq!(legacy, sglang, "the legacy label is read when the label is missing");
+        let both = labels(&[(LEGACY_ENGINE_LABEL_KEY, "sglang"), (ENGINE_LABEL_KEY, "vllm")]);
+        assert_eq!(*engines.resolve(&both).unwrap(), MetricNames::default(), "the label wins");
+        let e = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglng")])).unwrap_err();
+        assert!(
+            e.contains("sglng") && e.contains("known: atom, sglang, triton, triton-tensorrt-llm, trtllm-serve, vllm"),
+            "{e}"
+        );
+        for names in engines.by_name.values() {
+            assert_eq!(names.check(), Ok(()), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn engine_configs_add_or_replace_engines_and_bad_ones_name_the_field() {
+        let params = json!({
+            "engineLabelKey": "engine",
+            "defaultEngine": "mine",
+            "engineConfigs": [
+                {"name": "mine", "queuedRequestsSpec": "q{tier=gold}", "runningRequestsSpec": "r", "kvUsageSpec": "kv",
+                 "customMetrics": [{"attributeKey": "a", "metricSpec": "b"}]},
+                {"name": "sglang", "queuedRequestsSpec": "sglang:queue", "runningRequestsSpec": "sglang:running"}
+            ]
+        });
+        let field = "plugins[2].parameters";
+        let (engines, warnings) = Engines::from_params(&params, field, MetricNames::default()).unwrap();
+        let mine = engines.resolve(&labels(&[])).unwrap();
+        assert_eq!((mine.waiting.as_str(), mine.running.as_str(), mine.kv_usage.as_str()), ("q{tier=gold}", "r", "kv"));
+        assert_eq!(mine.lora, "", "left out: not read");
+        let sglang = engines.resolve(&labels(&[("engine", "sglang")])).unwrap();
+        assert_eq!(sglang.waiting, "sglang:queue", "a config named after a built-in one replaces it");
+        assert_eq!(sglang.cache_block_size, "");
+        assert_eq!(*engines.resolve(&labels(&[("engine", "vllm")])).unwrap(), MetricNames::default());
+        assert!(warnings.iter().any(|w| w.contains("engineConfigs[0].customMetrics")), "{warnings:?}");
+
+        let cases = [
+            (json!({"defaultEngine": "nope"}), "`plugins[2].parameters.defaultEngine`: `nope` is not an engine"),
+            (json!({"engineConfigs": {}}), "`plugins[2].parameters.engineConfigs`: must be a list"),
+            (json!({"engineConfigs": [{"queuedRequestsSpec": "q"}]}), "`plugins[2].parameters.engineConfigs[0].name`"),
+            (
+                json!({"engineConfigs": [{"name": "x", "kvUsageSpec": "kv{"}]}),
+                "`plugins[2].parameters.engineConfigs[0]`: metric `kv{`",
+            ),
+            (
+                json!({"engineConfigs": [{"name": "x"}, {"name": "x"}]}),
+                "`plugins[2].parameters.engineConfigs[1].name`: engine `x` is configured twice",
+            ),
+            (json!({"engineLabelKey": 3}), "`plugins[2].parameters.engineLabelKey`: must be a string"),
+        ];
+        for (params, expected) in cases {
+            let e = Engines::from_params(&params, field, MetricNames::default()).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{params}: {e}");
+        }
+        // Empty means the default, as upstream.
+        let params = json!({"engineLabelKey": "", "defaultEngine": " "});
+        let (engines, _) = Engines::from_params(&params, field, MetricNames::default()).unwrap();
+        assert_eq!(engines, Engines::builtin(MetricNames::default()));
+    }
+}
