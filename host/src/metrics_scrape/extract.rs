@@ -694,22 +694,15 @@ mod tests {
     /// configuration as two gauges; another engine may name the info metric's labels.
     #[test]
     fn empty_names_are_not_read_and_the_cache_may_come_from_gauges_or_other_labels() {
-        let names = MetricNames {
-            waiting: "sglang:num_queue_reqs".into(),
-            running: "sglang:num_running_reqs".into(),
-            kv_usage: "sglang:token_usage".into(),
-            kv_usage_fallback: None,
-            lora: String::new(),
-            cache: String::new(),
-            cache_block_size: "sglang:page_size".into(),
-            cache_num_blocks: "sglang:num_pages".into(),
-            ..MetricNames::default()
-        };
+        // The built-in `sglang` engine: no LoRA, the cache as `page_size` and `num_pages`.
+        let sglang = [(super::super::ENGINE_LABEL_KEY.to_string(), "sglang".to_string())].into();
+        let names = super::super::Engines::builtin(MetricNames::default()).resolve(&sglang).unwrap();
+        let names = &*names;
         assert_eq!(names.check(), Ok(()));
         let page = "sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n\
                     sglang:page_size{tp_rank=\"0\"} 16\nsglang:page_size{tp_rank=\"1\"} 16\n\
                     sglang:num_pages{tp_rank=\"0\"} 900\nsglang:num_pages{tp_rank=\"1\"} 800\n";
-        let got = extract(&parse(page).unwrap(), &names).unwrap();
+        let got = extract(&parse(page).unwrap(), names).unwrap();
         assert_eq!(got.cache, Some(CacheInfo { block_size: 16, num_gpu_blocks: 800 }));
         assert_eq!((got.waiting, got.running, got.kv_usage, got.lora), (1.0, 2.0, 0.5, None));
         // Garbage or disagreeing gauges leave the cache out, with the reason; the load counts.
@@ -720,7 +713,7 @@ mod tests {
             ("sglang:page_size 16\n", "no sample of `sglang:num_pages`"),
         ] {
             let page = format!("sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n{bad}");
-            let got = extract(&parse(&page).unwrap(), &names).unwrap();
+            let got = extract(&parse(&page).unwrap(), names).unwrap();
             assert_eq!(got.cache, None, "{bad}");
             let error = got.cache_error.map(|e| e.to_string()).unwrap_or_default();
             assert!(error.contains(why), "{bad}: {error}");
