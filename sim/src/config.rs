@@ -35,6 +35,18 @@ pub struct SimConfig {
     pub requests_mode: FaultMode,
     /// Publish KV-cache events as vLLM does (`--kv-events-config`), when set.
     pub kv_events: Option<KvEventsConfig>,
+    /// Whose metric names `/metrics` uses.
+    pub metrics_names: MetricsNames,
+}
+
+/// The engine whose metric names `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MetricsNames {
+    /// vLLM's (`vllm:num_requests_waiting`, `vllm:cache_config_info`, …).
+    #[default]
+    Vllm,
+    /// SGLang's (`sglang:num_queue_reqs`, `sglang:token_usage`, `sglang:page_size`, …).
+    Sglang,
 }
 
 /// Where KV-cache events are published (vLLM's `endpoint`, `replay_endpoint`, `topic`).
@@ -60,6 +72,7 @@ impl Default for SimConfig {
             metrics_mode: FaultMode::Ok,
             requests_mode: FaultMode::Ok,
             kv_events: None,
+            metrics_names: MetricsNames::Vllm,
         }
     }
 }
@@ -173,6 +186,9 @@ pub struct Cli {
     /// Behaviour of the inference endpoints.
     #[arg(long, value_enum, default_value_t = FaultMode::Ok)]
     pub requests_mode: FaultMode,
+    /// Whose metric names `/metrics` uses.
+    #[arg(long, value_enum, default_value_t = MetricsNames::Vllm)]
+    pub metrics_names: MetricsNames,
     /// Publish KV-cache events (ZMQ PUB) on this port, as vLLM's `--kv-events-config`.
     #[arg(long)]
     pub kv_events_port: Option<u16>,
@@ -238,6 +254,7 @@ impl From<Cli> for SimConfig {
             model: cli.model.into(),
             metrics_mode: cli.metrics_mode,
             requests_mode: cli.requests_mode,
+            metrics_names: cli.metrics_names,
             kv_events: cli.kv_events_port.map(|port| KvEventsConfig {
                 port,
                 replay_port: cli.kv_events_replay_port,

@@ -23,7 +23,7 @@ pub mod model;
 pub mod openai;
 pub mod server;
 
-pub use config::{Cli, KvEventsConfig, ModelFlags, SimConfig};
+pub use config::{Cli, KvEventsConfig, MetricsNames, ModelFlags, SimConfig};
 pub use fault::{FaultMode, FaultUpdate};
 pub use model::{Model, ModelParams, PoolShape};
 pub use server::{SimHandle, WORKER_HEADER, spawn};

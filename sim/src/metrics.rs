@@ -1,16 +1,18 @@
 //! The `/metrics` page: a model snapshot rendered in the Prometheus text format (0.0.4) with
-//! vLLM's metric names, every sample labelled `model_name`.
+//! vLLM's metric names (or SGLang's), every sample labelled `model_name`.
 //!
 //! It owns names, help texts, label sets and escaping. It is pure: the snapshot and the
 //! wall-clock time (the value of `vllm:lora_requests_info`) are passed in.
 
 use std::fmt::Write;
 
+use crate::config::MetricsNames;
 use crate::model::{ModelParams, ModelStats};
 
 /// What a page is rendered from.
 #[derive(Debug, Clone)]
 pub struct MetricsInput<'a> {
+    pub names: MetricsNames,
     pub model_name: &'a str,
     pub params: &'a ModelParams,
     pub stats: &'a ModelStats,
@@ -32,6 +34,21 @@ pub fn render(input: &MetricsInput<'_>) -> String {
         // Writing to a String cannot fail.
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}\n");
     };
+    if input.names == MetricsNames::Sglang {
+        // SGLang's gauges: no LoRA report; the KV-cache size as a page size and a page count.
+        metric("sglang:num_running_reqs", "gauge", "The number of running requests.", &base, s.running as f64);
+        metric(
+            "sglang:num_queue_reqs",
+            "gauge",
+            "The number of requests in the waiting queue.",
+            &base,
+            s.waiting as f64,
+        );
+        metric("sglang:token_usage", "gauge", "The token usage.", &base, s.kv_usage);
+        metric("sglang:page_size", "gauge", "Tokens per KV-cache page.", &base, input.params.block_size as f64);
+        metric("sglang:num_pages", "gauge", "KV-cache pages.", &base, input.params.num_gpu_blocks as f64);
+        return out;
+    }
     metric(
         "vllm:num_requests_running",
         "gauge",
@@ -129,7 +146,13 @@ mod tests {
     fn renders_vllm_names_with_help_and_type() {
         let params = ModelParams::default();
         let stats = stats();
-        let page = render(&MetricsInput { model_name: "m", params: &params, stats: &stats, now_unix: 1700000000.5 });
+        let page = render(&MetricsInput {
+            names: MetricsNames::Vllm,
+            model_name: "m",
+            params: &params,
+            stats: &stats,
+            now_unix: 1700000000.5,
+        });
         let expected = [
             "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 2\n",
             "vllm:num_requests_waiting{model_name=\"m\"} 3\n",
@@ -153,7 +176,38 @@ mod tests {
     fn label_values_are_escaped() {
         let params = ModelParams::default();
         let stats = stats();
-        let page = render(&MetricsInput { model_name: "a\"b\\c\nd", params: &params, stats: &stats, now_unix: 0.0 });
+        let page = render(&MetricsInput {
+            names: MetricsNames::Vllm,
+            model_name: "a\"b\\c\nd",
+            params: &params,
+            stats: &stats,
+            now_unix: 0.0,
+        });
         assert!(page.contains(r#"model_name="a\"b\\c\nd""#), "{page}");
+    }
+
+    /// With SGLang's names the page has SGLang's gauges only: what the EPP reads for an
+    /// endpoint labelled `sglang`, and nothing vLLM's names would find.
+    #[test]
+    fn sglang_names_render_sglang_gauges_only() {
+        let params = ModelParams { block_size: 16, num_gpu_blocks: 2048, ..ModelParams::default() };
+        let stats = stats();
+        let page = render(&MetricsInput {
+            names: MetricsNames::Sglang,
+            model_name: "m",
+            params: &params,
+            stats: &stats,
+            now_unix: 0.0,
+        });
+        for line in [
+            "sglang:num_running_reqs{model_name=\"m\"} 2\n",
+            "sglang:num_queue_reqs{model_name=\"m\"} 3\n",
+            "sglang:token_usage{model_name=\"m\"} 0.25\n",
+            "sglang:page_size{model_name=\"m\"} 16\n",
+            "sglang:num_pages{model_name=\"m\"} 2048\n",
+        ] {
+            assert!(page.contains(line), "{line:?} missing from:\n{page}");
+        }
+        assert!(!page.contains("vllm:"), "{page}");
     }
 }

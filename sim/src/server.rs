@@ -85,6 +85,7 @@ struct App {
     name: String,
     served: ServedModels,
     params: ModelParams,
+    metrics_names: crate::config::MetricsNames,
     engine: Arc<Engine>,
     faults: Arc<Faults>,
     serial: AtomicU64,
@@ -186,6 +187,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         name: config.name.clone(),
         served,
         params: config.model.clone(),
+        metrics_names: config.metrics_names,
         engine,
         faults: Arc::clone(&faults),
         serial: AtomicU64::new(0),
@@ -388,6 +390,7 @@ async fn metrics_page(State(app): State<Arc<App>>) -> Response {
     }
     let stats = app.engine.stats();
     let page = metrics::render(&MetricsInput {
+        names: app.metrics_names,
         model_name: app.served.base(),
         params: &app.params,
         stats: &stats,

@@ -171,26 +171,40 @@ async fn the_epp_reports_its_metrics() {
     }
 }
 
-/// Each worker's page is read with its engine's names (the `llm-d.ai/engine-type` label):
-/// one labelled with an engine no config names is not misread with vLLM's names; its
-/// scrapes fail saying why, and it is read again once its label is fixed.
+/// Each worker's page is read with its engine's names (the `llm-d.ai/engine-type` label): a
+/// worker that speaks SGLang's metric names, unlabelled, is read with vLLM's and fails;
+/// labelled `sglang` it is read; labelled with an engine no config names it is not misread:
+/// its scrapes fail saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_read_with_its_engines_metric_names() {
-    let stack = Stack::start(2).await;
+    let stack = Stack::start_with(2, crate::stack::EnvoyConfig::Ours, |c| {
+        if c.name == "w1" {
+            c.metrics_names = sim::MetricsNames::Sglang;
+        }
+    })
+    .await;
     let scrape_errors = |page: &str| sample(page, "epp_scrape_errors_total", &["default/w1"]).unwrap_or(0.0);
-    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "sglng")])]);
-    eventually(Duration::from_secs(10), "w1's scrapes to fail", || async {
+    eventually(Duration::from_secs(10), "w1's scrapes to fail with vLLM's names", || async {
         let page = stack.epp_metrics().await;
         (scrape_errors(&page) >= 2.0).then_some(())
     })
     .await;
-    let log = stack.epp_log();
-    assert!(log.contains("names no engine config (known: atom, sglang"), "the reason is not logged:\n{log}");
-    // An explicit `vllm` label reads it with vLLM's names again: it is used again.
-    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "vllm")])]);
-    eventually(Duration::from_secs(15), "w1 to be used again", || async {
-        let w = spread(&stack, "engine", 6).await;
-        w.iter().any(|x| x == "w1").then_some(())
+    assert!(stack.epp_log().contains("no sample of `vllm:num_requests_waiting`"), "{}", stack.epp_log());
+    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "sglang")])]);
+    // Read with SGLang's names: both workers fresh, w1's queue reported from its own gauge.
+    eventually(Duration::from_secs(15), "w1 read with SGLang's names", || async {
+        let page = stack.epp_metrics().await;
+        let before = scrape_errors(&page);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let page = stack.epp_metrics().await;
+        let ready = sample(&page, "inference_pool_ready_pods", &[]).unwrap_or(0.0);
+        let queue = sample(&page, "inference_pool_per_pod_queue_size", &["model_server_pod=\"w1\""]);
+        (scrape_errors(&page) == before && ready >= 2.0 && queue.is_some()).then_some(())
+    })
+    .await;
+    stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "sglng")])]);
+    eventually(Duration::from_secs(10), "the unknown engine named in the log", || async {
+        stack.epp_log().contains("names no engine config (known: atom, sglang").then_some(())
     })
     .await;
 }
