@@ -21,8 +21,9 @@
 //! on each repeated ejection up to `max_cooldown`), then half-open: it may take one probe
 //! request at a time. The decision that may probe it claims it when it filters its
 //! candidates, so concurrent decisions do not all pick it; the claim becomes the probe if
-//! that decision picks it and is released otherwise. A good answer closes the breaker, a failure ejects it again (a
-//! streamed probe fails by stalling too; a non-streamed one is judged by how it ends). When
+//! that decision picks it and is released otherwise. A good answer closes the breaker, a
+//! failure ejects it again (a streamed probe fails by stalling too; a non-streamed one is
+//! judged by how it ends). When
 //! every candidate is ejected, all are kept: routing to a doubtful endpoint beats refusing
 //! every request.
 //!

@@ -38,7 +38,7 @@ pub struct MetricNames {
     pub cache_block_size_label: String,
     pub cache_num_blocks_label: String,
     /// The KV-cache configuration as two gauges instead (SGLang's `page_size` and
-    /// `num_pages`), read when `cache` is empty.
+    /// `num_pages`), read when `cache` is empty or not on the page.
     pub cache_block_size: String,
     pub cache_num_blocks: String,
 }
@@ -58,9 +58,7 @@ impl MetricNames {
         for spec in all.into_iter().chain(&self.kv_usage_fallback).filter(|s| !s.trim().is_empty()) {
             Selector::parse(spec)?;
         }
-        if self.cache.trim().is_empty()
-            && self.cache_block_size.trim().is_empty() != self.cache_num_blocks.trim().is_empty()
-        {
+        if self.cache_block_size.trim().is_empty() != self.cache_num_blocks.trim().is_empty() {
             return Err("the cache block size and block count gauges are given together or not at all".into());
         }
         for label in [&self.cache_block_size_label, &self.cache_num_blocks_label] {
