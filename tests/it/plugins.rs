@@ -283,6 +283,11 @@ fn lora_affinity_scorer_table() {
     m.age_ms.push(0.0);
     // Upstream's precedence: running 1.0, room for another adapter 0.8, waiting 0.6.
     assert_eq!(s.score(1, &req, &m, &[]), vec![1.0, 0.6, 0.8, 0.0, 0.0, 0.0]);
+    // An adapter both running and waiting holds one slot, as upstream counts it: room left.
+    eps[3].max_lora = Some(2);
+    eps[3].waiting_adapters = vec!["chat".into()];
+    s.pool_changed(&eps);
+    assert_eq!(s.score(2, &req, &m, &[]), vec![1.0, 0.6, 0.8, 0.8, 0.0, 0.0]);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `lora-affinity-scorer`: prefers endpoints that already serve the requested adapter (the
 //! request's model name), in upstream's order of precedence: 1.0 when it is running there,
-//! 0.8 when the endpoint has room for another adapter (running + waiting < `max_lora`), 0.6
-//! when it is waiting to load there, else 0.
+//! 0.8 when the endpoint has room for another adapter (its distinct running and waiting
+//! adapters fewer than `max_lora`: vLLM lists an adapter in both while some of its requests
+//! run and others wait, and it holds one slot), 0.6 when it is waiting to load there, else 0.
 //!
 //! Adapter state arrives with `pool-changed`; the plugin keeps the latest per endpoint and
 //! nothing else, so it declares itself stateless (skipped when the filters leave one
@@ -34,8 +35,9 @@ impl Plugin for LoraAffinityScorer {
 /// The score of an endpoint for `adapter`.
 pub fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
     let Some(info) = info else { return 0.0 };
-    let room =
-        info.max_lora.is_some_and(|max| info.running_adapters.len() + info.waiting_adapters.len() < max as usize);
+    let distinct = info.running_adapters.len()
+        + info.waiting_adapters.iter().filter(|w| !info.running_adapters.contains(w)).count();
+    let room = info.max_lora.is_some_and(|max| distinct < max as usize);
     if info.running_adapters.iter().any(|a| a == adapter) {
         1.0
     } else if room {
