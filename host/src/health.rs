@@ -96,8 +96,9 @@ impl Reason {
 /// An idle endpoint's record is dropped after this long without an answer.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// A claim whose decision never said where it went is dropped after this long. Every way
-/// out of a decision settles its claims (`sent` or `release`); this is a safety net, longer
-/// than any decision lasts (a plugin call is stopped after at most 10 s).
+/// out of a decision settles its claims (`sent` or `release`); this is a safety net. A
+/// decision that outlasts it (several plugin calls each near their 10 s cap) may meet a
+/// second probe: the breaker's state stays sound, one more request tries the endpoint.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -144,30 +145,40 @@ impl Tracker {
         }
     }
 
-    /// Left out of the candidates right now (a claimed one, of all but its claimant's).
+    /// Left out of the candidates right now (a claimed one is left out by `filter_for`, of
+    /// every decision but its claimant).
     fn excluded(&self) -> bool {
         match self.state {
             State::Closed => false,
             State::Open { .. } => true,
-            State::HalfOpen { probe } => probe.is_some() || self.claim.is_some(),
+            State::HalfOpen { probe } => probe.is_some(),
         }
     }
 
-    /// Half-open, with neither a probe out nor a claim on it.
+    /// Half-open with no probe out: a decision may claim it.
     fn probe_ready(&self) -> bool {
-        self.state == (State::HalfOpen { probe: None }) && self.claim.is_none()
+        self.state == (State::HalfOpen { probe: None })
     }
+}
+
+/// What the request path reads without a lock, published whole on every change of state.
+#[derive(Default)]
+struct Published {
+    /// Endpoints to leave out.
+    excluded: Arc<Vec<SocketAddr>>,
+    /// Half-open endpoints with no probe out; claims on them are checked under the lock.
+    ready: Vec<SocketAddr>,
 }
 
 /// The breaker of every endpoint the EPP has routed to.
 pub struct Health {
     config: HealthConfig,
     trackers: Mutex<HashMap<SocketAddr, Tracker>>,
-    /// Endpoints to leave out, republished on every change of state.
-    excluded: ArcSwap<Vec<SocketAddr>>,
-    /// Half-open endpoints a decision may claim for its probe, republished with `excluded`.
-    ready: ArcSwap<Vec<SocketAddr>>,
-    /// Whether some decision holds a claim (so `sent` looks for claims to settle).
+    /// One snapshot, so a reader never sees the leave-out set of one state and the half-open
+    /// set of another.
+    published: ArcSwap<Published>,
+    /// Whether some decision holds a claim (so `sent` looks for claims to settle). Written
+    /// under the lock.
     claimed: AtomicBool,
     telemetry: Option<Arc<Telemetry>>,
 }
@@ -177,8 +188,7 @@ impl Health {
         Health {
             config,
             trackers: Mutex::default(),
-            excluded: ArcSwap::from_pointee(Vec::new()),
-            ready: ArcSwap::from_pointee(Vec::new()),
+            published: ArcSwap::from_pointee(Published::default()),
             claimed: AtomicBool::new(false),
             telemetry,
         }
@@ -194,19 +204,14 @@ impl Health {
 
     /// The endpoints left out of routing now.
     pub fn excluded(&self) -> Arc<Vec<SocketAddr>> {
-        self.excluded.load_full()
+        self.published.load().excluded.clone()
     }
 
     /// Keeps the candidates that are not ejected; all of them when every one is. Half-open
-    /// endpoints nobody claimed are kept (for the pool's capacity, say); a decision uses
+    /// endpoints are kept, claimed or not (for the pool's capacity, say); a decision uses
     /// `filter_for`.
     pub fn filter<'a, T>(&self, candidates: Vec<&'a T>, addr: impl Fn(&T) -> SocketAddr) -> Vec<&'a T> {
-        let out = self.excluded.load();
-        if out.is_empty() {
-            return candidates;
-        }
-        let kept: Vec<&T> = candidates.iter().copied().filter(|c| !out.contains(&addr(c))).collect();
-        if kept.is_empty() { candidates } else { kept }
+        keep(&self.published.load().excluded, &[], candidates, addr)
     }
 
     /// `filter` for decision `cycle`: it also claims the half-open endpoints among the
@@ -224,28 +229,32 @@ impl Health {
         addr: impl Fn(&T) -> SocketAddr,
         now: Instant,
     ) -> Vec<&'a T> {
-        let ready = self.ready.load();
-        if ready.is_empty() || !candidates.iter().any(|c| ready.contains(&addr(c))) {
-            return self.filter(candidates, addr);
+        let published = self.published.load();
+        if published.ready.is_empty() || !candidates.iter().any(|c| published.ready.contains(&addr(c))) {
+            return keep(&published.excluded, &[], candidates, addr);
         }
-        let mut mine = Vec::new();
+        // A half-open candidate: claim it, or leave it out if another decision has, or if
+        // its state moved on since the snapshot. Claims are not published: readers that
+        // meet a half-open endpoint always come here.
+        let mut others = Vec::new();
         {
             let mut trackers = self.lock();
             for c in &candidates {
                 let a = addr(c);
-                if let Some(t) = trackers.get_mut(&a).filter(|t| t.probe_ready()) {
-                    t.claim = Some((cycle, now));
-                    mine.push(a);
+                if !published.ready.contains(&a) {
+                    continue;
+                }
+                match trackers.get_mut(&a) {
+                    Some(t) if t.probe_ready() && t.claim.is_none_or(|(c, _)| c == cycle) => {
+                        t.claim = Some((cycle, now));
+                        self.claimed.store(true, Ordering::Release);
+                    }
+                    Some(t) if t.probe_ready() || t.excluded() => others.push(a),
+                    _ => {}
                 }
             }
-            if !mine.is_empty() {
-                self.publish(&trackers);
-            }
         }
-        let out = self.excluded.load();
-        let kept: Vec<&T> =
-            candidates.iter().copied().filter(|c| mine.contains(&addr(c)) || !out.contains(&addr(c))).collect();
-        if kept.is_empty() { candidates } else { kept }
+        keep(&published.excluded, &others, candidates, addr)
     }
 
     /// Decision `cycle` failed: the endpoints it claimed may be claimed again.
@@ -254,9 +263,20 @@ impl Health {
             return;
         }
         let mut trackers = self.lock();
-        if settle_claims(&mut trackers, cycle, None) {
-            self.publish(&trackers);
+        self.settle_claims(&mut trackers, cycle, None);
+    }
+
+    /// Settles decision `cycle`'s claims: the one on `picked` stays (the caller turns it into
+    /// the probe), every other is released.
+    fn settle_claims(&self, trackers: &mut HashMap<SocketAddr, Tracker>, cycle: u64, picked: Option<SocketAddr>) {
+        let mut left = false;
+        for (a, t) in trackers.iter_mut() {
+            if t.claim.is_some_and(|(c, _)| c == cycle) && Some(*a) != picked {
+                t.claim = None;
+            }
+            left |= t.claim.is_some();
         }
+        self.claimed.store(left, Ordering::Release);
     }
 
     /// A request (cycle `cycle`) was routed to `addr`.
@@ -269,15 +289,14 @@ impl Health {
             return;
         }
         let mut trackers = self.lock();
-        let mut changed = self.claimed.load(Ordering::Acquire) && settle_claims(&mut trackers, cycle, Some(addr));
+        if self.claimed.load(Ordering::Acquire) {
+            self.settle_claims(&mut trackers, cycle, Some(addr));
+        }
         let t = trackers.entry(addr).or_insert_with(|| Tracker::new(&self.config));
         t.awaiting.insert(cycle, Awaiting { sent: now, streamed });
         if let State::HalfOpen { probe: None } = t.state {
             t.state = State::HalfOpen { probe: Some(cycle) };
             t.claim = None;
-            changed = true;
-        }
-        if changed {
             self.publish(&trackers);
         }
     }
@@ -487,8 +506,7 @@ impl Health {
         let out: Vec<SocketAddr> = trackers.iter().filter(|(_, t)| t.excluded()).map(|(a, _)| *a).collect();
         let ready: Vec<SocketAddr> = trackers.iter().filter(|(_, t)| t.probe_ready()).map(|(a, _)| *a).collect();
         self.claimed.store(trackers.values().any(|t| t.claim.is_some()), Ordering::Release);
-        self.ready.store(Arc::new(ready));
-        let before = self.excluded.load();
+        let before = self.published.load().excluded.clone();
         for a in &out {
             if !before.contains(a) {
                 self.gauge(*a, true);
@@ -499,21 +517,23 @@ impl Health {
                 self.gauge(*a, false);
             }
         }
-        self.excluded.store(Arc::new(out));
+        self.published.store(Arc::new(Published { excluded: Arc::new(out), ready }));
     }
 }
 
-/// Settles decision `cycle`'s claims: the one on `picked` becomes its probe (by the
-/// caller), every other is released. Returns whether a claim changed.
-fn settle_claims(trackers: &mut HashMap<SocketAddr, Tracker>, cycle: u64, picked: Option<SocketAddr>) -> bool {
-    let mut changed = false;
-    for (a, t) in trackers.iter_mut() {
-        if t.claim.is_some_and(|(c, _)| c == cycle) && Some(*a) != picked {
-            t.claim = None;
-            changed = true;
-        }
+/// The candidates not in `out` nor in `also_out`; all of them when none would be left.
+fn keep<'a, T>(
+    out: &[SocketAddr],
+    also_out: &[SocketAddr],
+    candidates: Vec<&'a T>,
+    addr: impl Fn(&T) -> SocketAddr,
+) -> Vec<&'a T> {
+    if out.is_empty() && also_out.is_empty() {
+        return candidates;
     }
-    changed
+    let kept: Vec<&T> =
+        candidates.iter().copied().filter(|c| !out.contains(&addr(c)) && !also_out.contains(&addr(c))).collect();
+    if kept.is_empty() { candidates } else { kept }
 }
 
 #[cfg(test)]
@@ -554,7 +574,7 @@ mod tests {
 
     /// Concurrent decisions do not all pick a half-open endpoint: the first to filter claims
     /// it; the claim becomes the probe if picked and is released if not (or if the decision
-    /// fails, or after a second with no word).
+    /// fails, or after `CLAIM_TIMEOUT` with no word).
     #[test]
     fn a_half_open_endpoint_is_claimed_by_one_decision_at_a_time() {
         let h = Health::new(HealthConfig { failure_threshold: 1, ..Default::default() }, None);

@@ -194,16 +194,29 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let engines = config.engines(opts.metric_names.clone())?;
     let on_pool = {
         let cell = scraper_cell.clone();
+        // An endpoint labelled with an unknown engine is warned about once (per label value).
+        let warned: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
         Box::new(move |snapshot: &crate::datastore::PoolSnapshot| {
             if let Some(scraper) = cell.get() {
+                let mut warned = warned.lock().unwrap_or_else(|p| p.into_inner());
+                warned.retain(|key, _| snapshot.endpoints.iter().any(|e| e.spec.key() == *key));
                 let targets: Vec<ScrapeTarget> = snapshot
                     .endpoints
                     .iter()
-                    .map(|e| ScrapeTarget {
-                        id: e.id,
-                        key: e.spec.key(),
-                        addr: e.spec.metrics_target(),
-                        names: engines.resolve(&e.spec.labels),
+                    .map(|e| {
+                        let key = e.spec.key();
+                        let (names, note) = engines.resolve(&e.spec.labels);
+                        match note {
+                            Some(note) if warned.get(&key) != Some(&note) => {
+                                warn!(endpoint = %key, "{note}");
+                                warned.insert(key.clone(), note);
+                            }
+                            Some(_) => {}
+                            None => {
+                                warned.remove(&key);
+                            }
+                        }
+                        ScrapeTarget { id: e.id, key, addr: e.spec.metrics_target(), names }
                     })
                     .collect();
                 scraper.sync(&targets);

@@ -129,10 +129,10 @@ fn unknown_keys_are_warned_not_dropped_silently() {
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
     assert!(c.warnings[0].contains("engineConfigs[0].customMetrics` is accepted and not read"), "{:?}", c.warnings);
     let engines = c.engines(Default::default()).unwrap();
-    let unlabelled = engines.resolve(&Default::default()).unwrap();
+    let (unlabelled, _) = engines.resolve(&Default::default());
     assert_eq!(unlabelled.waiting, "sglang:num_queue_reqs", "defaultEngine: sglang");
     let mine = [("llm-d.ai/engine-type".to_string(), "mine".to_string())].into();
-    assert_eq!(engines.resolve(&mine).unwrap().waiting, "q");
+    assert_eq!(engines.resolve(&mine).0.waiting, "q");
 }
 
 #[test]

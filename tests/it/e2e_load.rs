@@ -173,8 +173,8 @@ async fn the_epp_reports_its_metrics() {
 
 /// Each worker's page is read with its engine's names (the `llm-d.ai/engine-type` label): a
 /// worker that speaks SGLang's metric names, unlabelled, is read with vLLM's and fails;
-/// labelled `sglang` it is read; labelled with an engine no config names it is not misread:
-/// its scrapes fail saying why.
+/// labelled `sglang` it is read; labelled with an engine no config names it is read as the
+/// default engine (vLLM), as upstream, and the label is warned about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_read_with_its_engines_metric_names() {
     let stack = Stack::start_with(2, crate::stack::EnvoyConfig::Ours, |c| {
@@ -202,9 +202,17 @@ async fn a_worker_is_read_with_its_engines_metric_names() {
         (scrape_errors(&page) == before && ready >= 2.0 && queue.is_some()).then_some(())
     })
     .await;
+    let before = scrape_errors(&stack.epp_metrics().await);
     stack.write_endpoints_labelled(&[(0, &[]), (1, &[("llm-d.ai/engine-type", "sglng")])]);
     eventually(Duration::from_secs(10), "the unknown engine named in the log", || async {
-        stack.epp_log().contains("names no engine config (known: atom, sglang").then_some(())
+        stack
+            .epp_log()
+            .contains("label llm-d.ai/engine-type=sglng names no engine config (known: atom, sglang")
+            .then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "w1 read with vLLM's names again, and failing", || async {
+        (scrape_errors(&stack.epp_metrics().await) > before).then_some(())
     })
     .await;
 }

@@ -5,9 +5,9 @@
 //!
 //! Built in, as upstream: `vllm` (the metric flags' names), `sglang`, `atom`,
 //! `trtllm-serve`, `triton-tensorrt-llm` and `triton`. An engine config named after a
-//! built-in one replaces it. An endpoint without the label is read as `defaultEngine`
-//! (`vllm`); one whose label names no engine is not read at all, and its scrapes fail with
-//! the known names listed, rather than reading it with the wrong names.
+//! built-in one replaces it. An endpoint without the label, or whose label names no known
+//! engine, is read as `defaultEngine` (`vllm`), as upstream; the unknown name is warned
+//! about by the caller.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -86,13 +86,19 @@ impl Engines {
             ("vllm", vllm),
             (
                 "sglang",
-                gauges(
-                    "sglang:num_queue_reqs",
-                    "sglang:num_running_reqs",
-                    "sglang:token_usage",
-                    "sglang:page_size",
-                    "sglang:num_pages",
-                ),
+                // Older SGLang states its cache in an info metric's labels, newer in gauges.
+                MetricNames {
+                    cache: "sglang:cache_config_info".into(),
+                    cache_block_size_label: "page_size".into(),
+                    cache_num_blocks_label: "num_pages".into(),
+                    ..gauges(
+                        "sglang:num_queue_reqs",
+                        "sglang:num_running_reqs",
+                        "sglang:token_usage",
+                        "sglang:page_size",
+                        "sglang:num_pages",
+                    )
+                },
             ),
             ("atom", atom),
             (
@@ -165,6 +171,13 @@ impl Engines {
                     if seen.contains(&name) {
                         return Err(bad(format!("{at}.name"), format!("engine `{name}` is configured twice")));
                     }
+                    if name == DEFAULT_ENGINE {
+                        warnings.push(format!(
+                            "`{at}` replaces the built-in `vllm` engine: the --total-queued-requests-metric, \
+                             --total-running-requests-metric, --kv-cache-usage-percentage-metric, --lora-info-metric \
+                             and --cache-info-metric flags no longer apply"
+                        ));
+                    }
                     seen.push(name.clone());
                     engines.by_name.insert(name, Arc::new(names));
                 }
@@ -179,15 +192,29 @@ impl Engines {
     }
 
     /// The names `labels` (an endpoint's) select: its engine's (the label, else the legacy
-    /// one), or the default engine's without either. An unknown engine is an error naming
-    /// the known ones.
-    pub fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Arc<MetricNames>, String> {
-        let label = |key: &str| labels.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let name = label(&self.label_key).or_else(|| label(LEGACY_ENGINE_LABEL_KEY)).unwrap_or(&self.default);
-        self.by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("label {}={name} names no engine config (known: {})", self.label_key, self.known()))
+    /// one), or the default engine's without either. An engine no config names is read as
+    /// the default one, as upstream; the second value then says so, for a warning.
+    pub fn resolve(&self, labels: &BTreeMap<String, String>) -> (Arc<MetricNames>, Option<String>) {
+        fn label<'a>(labels: &'a BTreeMap<String, String>, key: &'a str) -> Option<(&'a str, &'a str)> {
+            labels.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()).map(|v| (key, v))
+        }
+        // Invariant: `from_params` checked that the default engine is configured.
+        let default = || self.by_name.get(&self.default).cloned().unwrap_or_default();
+        match label(labels, &self.label_key).or_else(|| label(labels, LEGACY_ENGINE_LABEL_KEY)) {
+            None => (default(), None),
+            Some((key, name)) => match self.by_name.get(name) {
+                Some(names) => (names.clone(), None),
+                None => {
+                    let note = format!(
+                        "label {key}={name} names no engine config (known: {}); read with the default engine's \
+                         names ({})",
+                        self.known(),
+                        self.default
+                    );
+                    (default(), Some(note))
+                }
+            },
+        }
     }
 
     fn known(&self) -> String {
@@ -252,22 +279,27 @@ mod tests {
     #[test]
     fn endpoints_are_read_with_their_engines_names() {
         let engines = Engines::builtin(MetricNames::default());
-        let vllm = engines.resolve(&labels(&[])).unwrap();
+        let (vllm, _) = engines.resolve(&labels(&[]));
         assert_eq!(*vllm, MetricNames::default(), "no label: the default engine, vLLM");
-        let sglang = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglang")])).unwrap();
+        let (sglang, _) = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglang")]));
         assert_eq!(sglang.waiting, "sglang:num_queue_reqs");
         assert_eq!(
             (sglang.cache_block_size.as_str(), sglang.cache_num_blocks.as_str()),
             ("sglang:page_size", "sglang:num_pages")
         );
-        let legacy = engines.resolve(&labels(&[(LEGACY_ENGINE_LABEL_KEY, "sglang")])).unwrap();
+        let (legacy, _) = engines.resolve(&labels(&[(LEGACY_ENGINE_LABEL_KEY, "sglang")]));
         assert_eq!(legacy, sglang, "the legacy label is read when the label is missing");
         let both = labels(&[(LEGACY_ENGINE_LABEL_KEY, "sglang"), (ENGINE_LABEL_KEY, "vllm")]);
-        assert_eq!(*engines.resolve(&both).unwrap(), MetricNames::default(), "the label wins");
-        let e = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglng")])).unwrap_err();
+        assert_eq!(*engines.resolve(&both).0, MetricNames::default(), "the label wins");
+        // An unknown engine: read as the default one, and said.
+        let (unknown, note) = engines.resolve(&labels(&[(ENGINE_LABEL_KEY, "sglng")]));
+        assert_eq!(*unknown, MetricNames::default());
+        let note = note.unwrap_or_default();
+        assert!(note.contains("sglng") && note.contains("known: atom, sglang, triton, triton-tensorrt-llm"), "{note}");
+        let (_, note) = engines.resolve(&labels(&[(LEGACY_ENGINE_LABEL_KEY, "x")]));
         assert!(
-            e.contains("sglng") && e.contains("known: atom, sglang, triton, triton-tensorrt-llm, trtllm-serve, vllm"),
-            "{e}"
+            note.is_some_and(|n| n.starts_with(&format!("label {LEGACY_ENGINE_LABEL_KEY}=x"))),
+            "the label read is named"
         );
         for names in engines.by_name.values() {
             assert_eq!(names.check(), Ok(()), "{names:?}");
@@ -287,13 +319,13 @@ mod tests {
         });
         let field = "plugins[2].parameters";
         let (engines, warnings) = Engines::from_params(&params, field, MetricNames::default()).unwrap();
-        let mine = engines.resolve(&labels(&[])).unwrap();
+        let (mine, _) = engines.resolve(&labels(&[]));
         assert_eq!((mine.waiting.as_str(), mine.running.as_str(), mine.kv_usage.as_str()), ("q{tier=gold}", "r", "kv"));
         assert_eq!(mine.lora, "", "left out: not read");
-        let sglang = engines.resolve(&labels(&[("engine", "sglang")])).unwrap();
+        let (sglang, _) = engines.resolve(&labels(&[("engine", "sglang")]));
         assert_eq!(sglang.waiting, "sglang:queue", "a config named after a built-in one replaces it");
         assert_eq!(sglang.cache_block_size, "");
-        assert_eq!(*engines.resolve(&labels(&[("engine", "vllm")])).unwrap(), MetricNames::default());
+        assert_eq!(*engines.resolve(&labels(&[("engine", "vllm")])).0, MetricNames::default());
         assert!(warnings.iter().any(|w| w.contains("engineConfigs[0].customMetrics")), "{warnings:?}");
 
         let cases = [
@@ -314,6 +346,11 @@ mod tests {
             let e = Engines::from_params(&params, field, MetricNames::default()).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{params}: {e}");
         }
+        // Replacing `vllm` is said: the metric flags no longer apply.
+        let params =
+            json!({"engineConfigs": [{"name": "vllm", "queuedRequestsSpec": "q", "runningRequestsSpec": "r"}]});
+        let (_, warnings) = Engines::from_params(&params, field, MetricNames::default()).unwrap();
+        assert!(warnings.iter().any(|w| w.contains("replaces the built-in `vllm` engine")), "{warnings:?}");
         // Empty means the default, as upstream.
         let params = json!({"engineLabelKey": "", "defaultEngine": " "});
         let (engines, _) = Engines::from_params(&params, field, MetricNames::default()).unwrap();

@@ -694,7 +694,7 @@ mod tests {
     fn empty_names_are_not_read_and_the_cache_may_come_from_gauges_or_other_labels() {
         // The built-in `sglang` engine: no LoRA, the cache as `page_size` and `num_pages`.
         let sglang = [(super::super::ENGINE_LABEL_KEY.to_string(), "sglang".to_string())].into();
-        let names = super::super::Engines::builtin(MetricNames::default()).resolve(&sglang).unwrap();
+        let (names, _) = super::super::Engines::builtin(MetricNames::default()).resolve(&sglang);
         let names = &*names;
         assert_eq!(names.check(), Ok(()));
         let page = "sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.5\n\

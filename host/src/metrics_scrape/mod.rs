@@ -77,9 +77,8 @@ pub struct ScrapeTarget {
     /// `namespace/name`, for logs and error counters.
     pub key: String,
     pub addr: SocketAddr,
-    /// The names its page is read with (its engine's), or why it has none: its engine
-    /// label names no known engine.
-    pub names: Result<Arc<MetricNames>, String>,
+    /// The names its page is read with (its engine's).
+    pub names: Arc<MetricNames>,
 }
 
 /// Why one scrape failed.
@@ -100,6 +99,4 @@ pub enum ScrapeError {
     Parse(#[from] ParseError),
     #[error("unusable metrics: {0}")]
     Extract(#[from] ExtractError),
-    #[error("not read: {0}")]
-    Engine(String),
 }

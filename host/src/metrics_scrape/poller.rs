@@ -51,7 +51,7 @@ struct State {
 struct Poller {
     key: String,
     addr: std::net::SocketAddr,
-    names: Result<Arc<MetricNames>, String>,
+    names: Arc<MetricNames>,
     gate: Arc<Gate>,
     task: JoinHandle<()>,
 }
@@ -200,7 +200,7 @@ struct Poll {
     id: u32,
     key: String,
     url: String,
-    names: Result<Arc<MetricNames>, String>,
+    names: Arc<MetricNames>,
     config: Arc<ScrapeConfig>,
     sink: Arc<dyn ScrapeSink>,
     gate: Arc<Gate>,
@@ -242,15 +242,13 @@ impl Poll {
     async fn scrape(&self, client: &mut Option<reqwest::Client>) -> Result<EngineMetrics, ScrapeError> {
         // Built on first use and kept, so the endpoint's connection is reused; a failure to
         // build is reported like any failed scrape and retried on the next tick.
-        // An endpoint of no known engine is not read at all.
-        let names = self.names.as_ref().map_err(|e| ScrapeError::Engine(e.clone()))?;
         let http = match client {
             Some(http) => http.clone(),
             None => client.insert(fetch::client(self.config.timeout)?).clone(),
         };
         let page = fetch::fetch(&http, &self.url, self.config.timeout, MAX_PAGE_BYTES).await?;
         let samples = parse_bytes(&page)?;
-        Ok(extract(&samples, names)?)
+        Ok(extract(&samples, &self.names)?)
     }
 
     /// Hands one outcome to the sink and logs a change of state; false once stopped.
@@ -359,7 +357,6 @@ mod tests {
             ScrapeError::TooLarge { .. } => "too large".into(),
             ScrapeError::Parse(_) => "parse".into(),
             ScrapeError::Extract(_) => "extract".into(),
-            ScrapeError::Engine(_) => "engine".into(),
         }
     }
 
@@ -421,7 +418,7 @@ mod tests {
     }
 
     fn target(id: u32, key: &str, addr: SocketAddr) -> ScrapeTarget {
-        ScrapeTarget { id, key: key.to_string(), addr, names: Ok(Arc::new(MetricNames::default())) }
+        ScrapeTarget { id, key: key.to_string(), addr, names: Arc::new(MetricNames::default()) }
     }
 
     fn page(waiting: f64) -> String {
@@ -487,7 +484,7 @@ mod tests {
     }
 
     /// An endpoint relabelled to another engine is read with that engine's names from the
-    /// next sync on; one whose label names no engine fails with the reason, not misread.
+    /// next sync on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_relabelled_endpoint_is_read_with_its_new_engines_names() {
         let both = format!("{}sglang:num_queue_reqs 9\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\n", page(4.0));
@@ -497,7 +494,7 @@ mod tests {
         let engines = super::super::Engines::builtin(MetricNames::default());
         let labelled = |engine: &str| {
             let labels = [(super::super::ENGINE_LABEL_KEY.to_string(), engine.to_string())].into();
-            ScrapeTarget { names: engines.resolve(&labels), ..target(1, "ns/a", server.addr()) }
+            ScrapeTarget { names: engines.resolve(&labels).0, ..target(1, "ns/a", server.addr()) }
         };
         sync_from_thread(&scraper, vec![labelled("vllm")]);
         sink.wait_after(0, "a scrape with vLLM's names", scraped(1, 4.0)).await;
@@ -505,10 +502,11 @@ mod tests {
         let mark = sink.len();
         sink.wait_after(mark, "a scrape with SGLang's names", scraped(1, 9.0)).await;
         assert!(!sink.events()[mark..].contains(&Event::Scraped { id: 1, waiting: 4.0 }), "old names after sync");
+        // And back: vLLM's names again (an unknown engine reads as the default, vLLM, too).
         sync_from_thread(&scraper, vec![labelled("sglng")]);
         let mark = sink.len();
-        let failed = Event::Failed { id: 1, target: "ns/a".into(), kind: "engine".into() };
-        sink.wait_after(mark, "a failure naming the engine", |events| events.contains(&failed)).await;
+        sink.wait_after(mark, "a scrape with vLLM's names again", scraped(1, 4.0)).await;
+        assert!(!sink.events()[mark..].contains(&Event::Scraped { id: 1, waiting: 9.0 }), "old names after sync");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
