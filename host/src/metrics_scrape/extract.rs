@@ -702,6 +702,10 @@ mod tests {
                     sglang:num_pages{tp_rank=\"0\"} 900\nsglang:num_pages{tp_rank=\"1\"} 800\n";
         let got = extract(&parse(page).unwrap(), names).unwrap();
         assert_eq!(got.cache, Some(CacheInfo { block_size: 16, num_gpu_blocks: 800 }));
+        // Older SGLang: the info metric's labels, read first.
+        let older = format!("{page}sglang:cache_config_info{{page_size=\"32\",num_pages=\"100\"}} 1\n");
+        let got = extract(&parse(&older).unwrap(), names).unwrap();
+        assert_eq!(got.cache, Some(CacheInfo { block_size: 32, num_gpu_blocks: 100 }));
         assert_eq!((got.waiting, got.running, got.kv_usage, got.lora), (1.0, 2.0, 0.5, None));
         // Garbage or disagreeing gauges leave the cache out, with the reason; the load counts.
         for (bad, why) in [
