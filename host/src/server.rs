@@ -194,31 +194,29 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     let engines = config.engines(opts.metric_names.clone())?;
     let on_pool = {
         let cell = scraper_cell.clone();
-        // An endpoint labelled with an unknown engine is warned about once (per label value).
+        // An endpoint labelled with an unknown engine is warned about once (per label value):
+        // the notes of the last publication, by endpoint.
         let warned: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
         Box::new(move |snapshot: &crate::datastore::PoolSnapshot| {
             if let Some(scraper) = cell.get() {
                 let mut warned = warned.lock().unwrap_or_else(|p| p.into_inner());
-                warned.retain(|key, _| snapshot.endpoints.iter().any(|e| e.spec.key() == *key));
+                let mut notes = std::collections::HashMap::new();
                 let targets: Vec<ScrapeTarget> = snapshot
                     .endpoints
                     .iter()
                     .map(|e| {
                         let key = e.spec.key();
                         let (names, note) = engines.resolve(&e.spec.labels);
-                        match note {
-                            Some(note) if warned.get(&key) != Some(&note) => {
+                        if let Some(note) = note {
+                            if warned.get(&key) != Some(&note) {
                                 warn!(endpoint = %key, "{note}");
-                                warned.insert(key.clone(), note);
                             }
-                            Some(_) => {}
-                            None => {
-                                warned.remove(&key);
-                            }
+                            notes.insert(key.clone(), note);
                         }
                         ScrapeTarget { id: e.id, key, addr: e.spec.metrics_target(), names }
                     })
                     .collect();
+                *warned = notes;
                 scraper.sync(&targets);
             }
         })

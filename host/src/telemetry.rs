@@ -651,14 +651,10 @@ impl Telemetry {
                     .plugins()
                     .iter()
                     .map(|p| {
-                        let role = p.role().extension_point();
+                        let (point, core) = (p.role().extension_point(), p.core());
                         PluginMetrics {
-                            name: p.core().name().to_string(),
-                            duration: self.plugin_duration.with_label_values(&[
-                                role,
-                                p.core().type_name(),
-                                p.core().name(),
-                            ]),
+                            name: core.name().to_string(),
+                            duration: self.plugin_duration.with_label_values(&[point, core.type_name(), core.name()]),
                         }
                     })
                     .collect();

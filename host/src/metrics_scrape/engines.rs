@@ -73,15 +73,6 @@ impl Engines {
             cache_num_blocks: count.into(),
             ..MetricNames::default()
         };
-        let atom = MetricNames {
-            waiting: "atom:requests_waiting".into(),
-            running: "atom:requests_running".into(),
-            kv_usage: "atom:kv_cache_usage_ratio".into(),
-            kv_usage_fallback: None,
-            lora: String::new(),
-            cache: "atom:cache_config_info".into(),
-            ..MetricNames::default()
-        };
         let by_name = [
             ("vllm", vllm),
             (
@@ -100,7 +91,13 @@ impl Engines {
                     )
                 },
             ),
-            ("atom", atom),
+            (
+                "atom",
+                MetricNames {
+                    cache: "atom:cache_config_info".into(),
+                    ..gauges("atom:requests_waiting", "atom:requests_running", "atom:kv_cache_usage_ratio", "", "")
+                },
+            ),
             (
                 "trtllm-serve",
                 gauges(
@@ -143,13 +140,7 @@ impl Engines {
             return if params.is_null() { Ok((engines, warnings)) } else { Err(bad(field, "must be a mapping")) };
         };
         // As upstream, an empty value means the default.
-        let text = |key: &str| -> Result<Option<String>, EngineConfigError> {
-            match map.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
-                Some(_) => Err(bad(format!("{field}.{key}"), "must be a string")),
-            }
-        };
+        let text = |key: &str| string(map, field, key).map(|s| Some(s).filter(|s| !s.is_empty()));
         for key in map.keys() {
             if !["engineLabelKey", "defaultEngine", "engineConfigs"].contains(&key.as_str()) {
                 warnings.push(format!("`{field}.{key}` is not a core-metrics-extractor parameter; ignored"));
@@ -230,13 +221,7 @@ fn engine_config(
     warnings: &mut Vec<String>,
 ) -> Result<(String, MetricNames), EngineConfigError> {
     let Some(map) = config.as_object() else { return Err(bad(at, "must be a mapping")) };
-    let text = |key: &str| -> Result<String, EngineConfigError> {
-        match map.get(key) {
-            None | Some(Value::Null) => Ok(String::new()),
-            Some(Value::String(s)) => Ok(s.trim().to_string()),
-            Some(_) => Err(bad(format!("{at}.{key}"), "must be a string")),
-        }
-    };
+    let text = |key: &str| string(map, at, key);
     let name = text("name")?;
     if name.is_empty() {
         return Err(bad(format!("{at}.name"), "missing; each engine config needs a name"));
@@ -264,6 +249,15 @@ fn engine_config(
     };
     names.check().map_err(|e| bad(at, e))?;
     Ok((name, names))
+}
+
+/// The string parameter `key` of `map` (at `at`), trimmed; empty when absent.
+fn string(map: &serde_json::Map<String, Value>, at: &str, key: &str) -> Result<String, EngineConfigError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.trim().to_string()),
+        Some(_) => Err(bad(format!("{at}.{key}"), "must be a string")),
+    }
 }
 
 #[cfg(test)]

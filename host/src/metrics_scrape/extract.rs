@@ -317,10 +317,13 @@ fn cache(
             });
         }
         let this = CacheInfo { block_size, num_gpu_blocks: positive(blocks_label)? };
-        info = merge_cache(info, this, || ExtractError::Inconsistent {
-            name: name.to_string(),
-            label: block_label.to_string(),
-        })?;
+        info = Some(match info {
+            None => this,
+            Some(seen) if seen.block_size != this.block_size => {
+                return Err(ExtractError::Inconsistent { name: name.to_string(), label: block_label.to_string() });
+            }
+            Some(seen) => CacheInfo { num_gpu_blocks: seen.num_gpu_blocks.min(this.num_gpu_blocks), ..seen },
+        });
     }
     Ok(info)
 }
@@ -352,20 +355,6 @@ fn cache_gauges(samples: &[Sample], size_name: &str, count_name: &str) -> Result
         return Err(ExtractError::Disagree { name: size_name.to_string() });
     }
     Ok(Some(CacheInfo { block_size, num_gpu_blocks }))
-}
-
-/// Adds one series' configuration to those seen: the block sizes must agree, and the
-/// smallest block count is kept, as the capacity every engine behind the endpoint has.
-fn merge_cache(
-    seen: Option<CacheInfo>,
-    this: CacheInfo,
-    inconsistent: impl FnOnce() -> ExtractError,
-) -> Result<Option<CacheInfo>, ExtractError> {
-    Ok(Some(match seen {
-        None => this,
-        Some(seen) if seen.block_size != this.block_size => return Err(inconsistent()),
-        Some(seen) => CacheInfo { num_gpu_blocks: seen.num_gpu_blocks.min(this.num_gpu_blocks), ..seen },
-    }))
 }
 
 fn label<'a>(sample: &'a Sample, name: &str, label: &str) -> Result<&'a str, ExtractError> {

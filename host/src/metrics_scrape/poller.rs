@@ -82,8 +82,8 @@ impl Scraper {
     }
 
     /// Makes the pollers match `targets`: starts new ids, stops removed ones, restarts an id
-    /// whose address, key or metric names changed. When it returns, no removed or replaced poller makes
-    /// another sink call. Of duplicate ids the last one counts. Does nothing after `stop`.
+    /// whose address, key or metric names changed. When it returns, no removed or replaced
+    /// poller makes another sink call. Of duplicate ids the last one counts. Does nothing after `stop`.
     pub fn sync(&self, targets: &[ScrapeTarget]) {
         let mut state = self.lock();
         if state.stopped {

@@ -137,7 +137,8 @@ impl WasmPlugin {
     /// plugin is rejected at load rather than on the first request.
     #[allow(clippy::too_many_arguments)] // reason: one call site, each argument distinct
     pub(super) fn new(
-        (name, type_name): (String, String),
+        name: String,
+        type_name: String,
         role: Role,
         engine: &Engine,
         linker: &Linker<HostState>,

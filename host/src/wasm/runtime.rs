@@ -173,7 +173,8 @@ impl WasmRuntime {
     ) -> Result<PluginHandle, LoadError> {
         let (component, role) = self.compile(bytes)?;
         let plugin = WasmPlugin::new(
-            (name.to_string(), type_name.to_string()),
+            name.to_string(),
+            type_name.to_string(),
             role,
             &self.inner.engine,
             &self.inner.linker,

@@ -206,7 +206,8 @@ impl Scorer for SessionAffinityScorer {
             Strategy::Encoded { header } => {
                 cycle.request.header(header).and_then(decode_token).and_then(|key| self.by_key.get(&key).copied())
             }
-            Strategy::SessionId { headers, .. } => {
+            Strategy::SessionId { headers, ttl_ms, .. } => {
+                let ttl = *ttl_ms;
                 // The first source with a value: a blank one is no session id.
                 let session = headers
                     .iter()
@@ -218,10 +219,6 @@ impl Scorer for SessionAffinityScorer {
                 match session {
                     Some(session) => {
                         // Past its TTL a binding is gone, swept yet or not.
-                        let ttl = match self.strategy {
-                            Strategy::SessionId { ttl_ms, .. } => ttl_ms,
-                            Strategy::Encoded { .. } => u64::MAX,
-                        };
                         let bound = self
                             .bindings
                             .get(&session)
