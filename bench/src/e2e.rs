@@ -1,7 +1,8 @@
 //! Part 2, end to end on loopback: the same simulated workers (which answer at once, so the
 //! router is what is measured) behind (a) Envoy (config/envoy.yaml) → ext_proc over TLS →
 //! EPP with the default config, (b) the same EPP behind the upstream guide's Envoy config
-//! (full duplex both ways, plaintext), (c) Envoy round-robin without ext_proc, and (d) the
+//! (full duplex both ways, plaintext), (c) that Envoy config in front of the null ext_proc
+//! (`null_ext_proc`: the path's floor), (d) Envoy round-robin without ext_proc, and (e) the
 //! peer routers `sglang-router` and `vllm-router` (`cache_aware`) when installed. Three
 //! load shapes: one client (the added latency, uncontended), many clients (throughput), and
 //! a fixed rate below saturation (latency at equal load). Each shape runs every path in
@@ -100,6 +101,8 @@ pub enum PathKind {
     EppOurs,
     /// Envoy (the upstream guide's envoy.yaml: full duplex both ways, plaintext) → EPP.
     EppGuide,
+    /// The same Envoy config → an ext_proc server that decides nothing (the path's floor).
+    NullExtProc,
     RoundRobin,
     Peer(PeerKind),
 }
@@ -109,6 +112,7 @@ impl PathKind {
         match self {
             PathKind::EppOurs => "EPP, config/envoy.yaml",
             PathKind::EppGuide => "EPP, guide's envoy.yaml",
+            PathKind::NullExtProc => "null ext_proc, guide's envoy.yaml",
             PathKind::RoundRobin => "Envoy round-robin",
             PathKind::Peer(PeerKind::Sglang) => "sglang-router cache_aware",
             PathKind::Peer(PeerKind::Vllm) => "vllm-router cache_aware",
@@ -167,6 +171,8 @@ pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(Stri
         Epp::start_with(&setup.epp, &guide_scratch, &config, &EppOptions { plaintext: true, ..Default::default() })
             .await?;
     let via_guide = Envoy::ext_proc_with(&setup.envoy, &guide_scratch, epp_plain.grpc_port, Bootstrap::Guide).await?;
+    let null_server = start_null_ext_proc(&guide_scratch, &workers).await?;
+    let via_null = Envoy::ext_proc_with(&setup.envoy, &guide_scratch, null_server.1, Bootstrap::Guide).await?;
     let via_rr = Envoy::round_robin(setup, &scratch, &workers).await?;
     let addrs: Vec<std::net::SocketAddr> = workers.handles.iter().map(|h| h.addr()).collect();
     let mut peers = Vec::new();
@@ -193,6 +199,12 @@ pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(Stri
             url: via_guide.url(path),
             router: Some(&epp_plain.process),
             envoy: Some(&via_guide.process),
+        },
+        Path {
+            kind: PathKind::NullExtProc,
+            url: via_null.url(path),
+            router: Some(&null_server.0),
+            envoy: Some(&via_null.process),
         },
         Path { kind: PathKind::RoundRobin, url: via_rr.url(path), router: None, envoy: Some(&via_rr.process) },
     ];
@@ -251,6 +263,22 @@ pub async fn run(opts: &E2eOptions, setup: &Setup, progress: &mut dyn FnMut(Stri
     progress(describe(shapes.last()));
     let tls = crate::stack::ext_proc_uses_tls() && !setup.plaintext_ext_proc;
     Ok(E2eResults { options: opts.clone(), tls, shapes, skipped })
+}
+
+/// Starts this binary as the null ext_proc server (its own process, so that its CPU time is
+/// measured as the EPP's is), sending to `workers` in turn; the process and its port.
+async fn start_null_ext_proc(scratch: &Scratch, workers: &Workers) -> Result<(Process, u16), StackError> {
+    let exe = std::env::current_exe().map_err(|e| StackError::Setup(format!("this binary's path: {e}")))?;
+    let port = crate::stack::free_port()?;
+    let destinations: Vec<String> = workers.handles.iter().map(|h| h.addr().to_string()).collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--serve-null-ext-proc").arg(port.to_string()).arg("--null-destinations").arg(destinations.join(","));
+    let mut process = Process::spawn("null ext_proc", &mut cmd, scratch.log("null-ext-proc.log"))?;
+    crate::stack::wait_until(&mut process, "the null ext_proc's port", Duration::from_secs(30), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await?;
+    Ok((process, port))
 }
 
 fn describe(s: Option<&ShapeRun>) -> String {

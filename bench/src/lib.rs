@@ -12,6 +12,7 @@ pub mod latency;
 pub mod load;
 pub mod micro;
 pub mod native;
+pub mod null_ext_proc;
 pub mod precise;
 pub mod quality;
 pub mod report;

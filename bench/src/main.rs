@@ -95,10 +95,21 @@ struct Flags {
     /// vllm, round-robin).
     #[arg(long = "router")]
     routers: Vec<String>,
+    /// Internal (the end-to-end benchmark starts it): serve the null ext_proc on this port.
+    #[arg(long, hide = true)]
+    serve_null_ext_proc: Option<u16>,
+    /// Internal: the workers the null ext_proc sends to, in turn (`host:port,…`).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    null_destinations: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
+    if let Some(port) = flags.serve_null_ext_proc {
+        // One runtime thread per core, as the EPP runs.
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+        return rt.block_on(bench::null_ext_proc::serve(port, flags.null_destinations));
+    }
     if cfg!(debug_assertions) && !flags.smoke {
         eprintln!("warning: a debug build measures nothing useful; use `cargo run --release -p bench`");
     }

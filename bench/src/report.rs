@@ -180,6 +180,23 @@ impl Report<'_> {
                     met: Some(pa.saturating_sub(pb) <= Duration::from_micros(300)),
                 });
             }
+            if let (Some(one), Some(many)) = (e2e.shapes.first(), e2e.shapes.get(1))
+                && let (Some(null), Some(rr), Some(ratio)) = (
+                    one.path(PathKind::NullExtProc),
+                    one.path(PathKind::RoundRobin),
+                    many.throughput_ratio(PathKind::NullExtProc),
+                )
+            {
+                let (pa, pb) = (null.load.latency.summary().p50, rr.load.latency.summary().p50);
+                t.push(Target {
+                    what: format!(
+                        "the floor: Envoy (guide's envoy.yaml) + an ext_proc that decides nothing: throughput ÷ round-robin ({}); added p50 (1 client)",
+                        many.name
+                    ),
+                    measured: format!("{}; {}", fmt_ratio(ratio), added(pa, pb)),
+                    met: None,
+                });
+            }
         }
         if let Some(q) = self.quality {
             for w in &q.workloads {
@@ -436,11 +453,14 @@ fn e2e_tables(e: &E2eResults) -> String {
          {} prompts and {} output tokens, sent by our client (reqwest, HDR histograms). Paths: \
          Envoy with `config/envoy.yaml` → ext_proc ({}) → `epp` (default config, default log \
          level) → worker; the same EPP (plaintext) behind the upstream guide's `envoy.yaml` \
-         (full duplex both ways); Envoy with a static round-robin cluster of the same workers and \
+         (full duplex both ways); the same Envoy config in front of a *null ext_proc*, a server \
+         that answers Envoy's messages as the EPP does but decides nothing (it picks the workers \
+         in turn): the floor of any ext_proc path, so the EPP path's latency and CPU over it are \
+         the EPP's own part; Envoy with a static round-robin cluster of the same workers and \
          no ext_proc; and `sglang-router` / `vllm-router` (`cache_aware`, from PyPI) in front of \
          the same workers. Each shape ran every path in turn, twice, for {} each. CPU per request \
          from /proc/<pid>/stat (utime + stime, 10 ms ticks): *router* is the EPP or the peer \
-         router process; *client+workers* is this benchmark's own process, which shares the {} \
+         router process (or the null ext_proc); *client+workers* is this benchmark's own process, which shares the {} \
          cores with the others.\n\n\
          | load | path | req/s | p50 | p99 | errors | router CPU/req | Envoy CPU/req | client+workers CPU/req |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",

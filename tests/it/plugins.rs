@@ -864,6 +864,7 @@ fn label_selector_filter_table() {
     label(&mut eps[1], "model", "q");
     label(&mut eps[2], "gpu", "H100");
     label(&mut eps[2], "draining", "true");
+    label(&mut eps[3], "llm-d.ai/role", "decode");
     let m = idle(4);
     let req = request("r", "");
     let cases: &[(&str, &[u32])] = &[
@@ -877,6 +878,8 @@ fn label_selector_filter_table() {
         ),
         (r#"{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}"#, &[0, 1, 2]),
         (r#"{"matchLabels": {"gpu": "T4"}}"#, &[]),
+        (r#"{"matchLabels": {"llm-d.ai/role": "decode"}}"#, &[3]),
+        (r#"{"matchExpressions": [{"key": "llm-d.ai/role", "operator": "In", "values": ["", "decode"]}]}"#, &[3]),
     ];
     for (params, want) in cases {
         for type_name in ["label-selector-filter", "by-label-selector"] {
@@ -887,6 +890,20 @@ fn label_selector_filter_table() {
     }
     rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "Near"}]}"#, "operator");
     rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "In"}]}"#, "In");
+    // Label syntax as Kubernetes selectors check it (a typo would otherwise match no one).
+    for (params, field) in [
+        (r#"{"matchLabels": {"model": "Qwen3 32B"}}"#, "matchLabels.model value"),
+        (r#"{"matchLabels": {"gpu type": "H100"}}"#, "matchLabels key `gpu type`"),
+        (r#"{"matchLabels": {"LLM_D.ai/role": "decode"}}"#, "prefix"),
+        (r#"{"matchLabels": {"llm-d.ai/": "decode"}}"#, "needs a name"),
+        (r#"{"matchLabels": {"gpu": "-H100"}}"#, "starting and ending"),
+        (r#"{"matchExpressions": [{"key": "gpu=H100", "operator": "Exists"}]}"#, "matchExpressions[0].key"),
+        (r#"{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["H100", "H 200"]}]}"#, "values[1]"),
+    ] {
+        rejected("label-selector-filter", params, field);
+    }
+    let long = "x".repeat(64);
+    rejected("label-selector-filter", &format!(r#"{{"matchLabels": {{"gpu": "{long}"}}}}"#), "63 characters");
 }
 
 #[test]

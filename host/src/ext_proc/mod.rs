@@ -2,7 +2,7 @@
 //! Envoy types. Each gRPC stream is one HTTP request; `stream` holds its state machine and
 //! `reply` builds the messages. Routing decisions come from `routing::Router`.
 
-mod reply;
+pub mod reply;
 mod stream;
 
 use std::collections::VecDeque;

@@ -11,7 +11,9 @@
 //!
 //! Every `matchLabels` pair and every expression must hold (`In`, `NotIn`, `Exists`,
 //! `DoesNotExist`); an empty selector keeps everyone. Like upstream, it may keep no one,
-//! which fails the request with 503 naming the filter.
+//! which fails the request with 503 naming the filter. Keys and values are checked as
+//! Kubernetes checks a selector's (a value with a space, say, stops the load naming it,
+//! where it would otherwise match no endpoint).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -50,10 +52,18 @@ pub struct Selector {
 impl Selector {
     /// Validates the parameters; errors name the offending expression.
     pub fn from(p: Params) -> Result<Selector, String> {
+        for (k, v) in &p.match_labels {
+            label_key(k).map_err(|why| format!("matchLabels key `{k}`: {why}"))?;
+            label_value(v).map_err(|why| format!("matchLabels.{k} value `{v}`: {why}"))?;
+        }
         let mut expressions = Vec::new();
         for (i, e) in p.match_expressions.into_iter().enumerate() {
             if e.key.is_empty() {
                 return Err(format!("matchExpressions[{i}].key is required"));
+            }
+            label_key(&e.key).map_err(|why| format!("matchExpressions[{i}].key `{}`: {why}", e.key))?;
+            for (j, v) in e.values.iter().enumerate() {
+                label_value(v).map_err(|why| format!("matchExpressions[{i}].values[{j}] `{v}`: {why}"))?;
             }
             let op = match e.operator.as_str() {
                 "In" | "NotIn" if e.values.is_empty() => {
@@ -87,6 +97,48 @@ impl Selector {
                 Op::DoesNotExist => get(k).is_none(),
             })
     }
+}
+
+/// A label name or value as Kubernetes writes it: at most 63 characters, alphanumerics,
+/// `-`, `_` and `.`, starting and ending with an alphanumeric.
+fn label_name(s: &str, what: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.len() > 63 {
+        Err(format!("a label {what} has at most 63 characters"))
+    } else if !s.chars().all(ok) || !edges(s.chars().next()) || !edges(s.chars().last()) {
+        Err(format!("a label {what} is alphanumerics, `-`, `_` and `.`, starting and ending with an alphanumeric"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A label key: a name, optionally after a DNS-subdomain prefix and `/`, as Kubernetes
+/// selectors accept them (upstream validates its selector the same way).
+pub fn label_key(key: &str) -> Result<(), String> {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            let label = |l: &str| {
+                !l.is_empty()
+                    && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if prefix.len() > 253 || !prefix.split('.').all(label) {
+                return Err(
+                    "its prefix (before `/`) must be a DNS subdomain: lower-case alphanumerics, `-` and `.`".into()
+                );
+            }
+            name
+        }
+        None => key,
+    };
+    if name.is_empty() { Err("a label key needs a name".into()) } else { label_name(name, "name") }
+}
+
+/// A label value: empty, or a name (see `label_name`).
+pub fn label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() { Ok(()) } else { label_name(value, "value") }
 }
 
 #[derive(Default)]
