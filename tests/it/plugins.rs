@@ -782,6 +782,29 @@ fn prefix_cache_affinity_filter_table() {
         })
         .count();
     assert!((140..=260).contains(&kept_all), "{kept_all} of 400");
+    // Sticky until saturated: a holder whose queue reaches queueDepthThreshold (5) is left
+    // out while another holder is not ...
+    let sticky = [9.0, 9.0, 0.0, 0.0];
+    let on = |rows: &[(u32, f32, f32, f32)]| {
+        let mut cols = prefix(&sticky, &total);
+        cols.push((INFLIGHT_TOKENS, &idle_load));
+        f.filter(1, &req, &metrics(rows), &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
+    };
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 4.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]), vec![1]);
+    // ... and when every holder is saturated, the request goes to the workers with nothing
+    // to do (no request running or waiting), which then hold the prompt too.
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 1.0, 0.1)]), vec![2]);
+    // No such worker (busy, or its metrics unknown): the holders keep it.
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 3.0, 0.1), (3, NAN, NAN, NAN)]), vec![0, 1]);
+    // A queue not known (stale metrics) is not a saturated one.
+    assert_eq!(on(&[(0, NAN, NAN, NAN), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]), vec![0]);
+    // 0 turns the rule off: upstream's filter.
+    let upstream = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": 0}"#);
+    let mut cols = prefix(&sticky, &total);
+    cols.push((INFLIGHT_TOKENS, &idle_load));
+    let busy = metrics(&[(0, 50.0, 32.0, 0.9), (1, 50.0, 32.0, 0.9), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]);
+    assert_eq!(upstream.filter(1, &req, &busy, &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>()), vec![0, 1]);
+    rejected("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": -1}"#, "queueDepthThreshold");
     rejected("prefix-cache-affinity-filter", r#"{"affinityThreshold": 1.5}"#, "affinityThreshold");
     rejected("prefix-cache-affinity-filter", r#"{"maxTTFTPenaltyMs": -1}"#, "maxTTFTPenaltyMs");
     rejected("prefix-cache-affinity-filter", r#"{"ttftSource": "latencyPredictor"}"#, "latencyPredictor");

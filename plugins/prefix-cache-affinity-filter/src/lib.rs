@@ -8,10 +8,20 @@
 //! With probability `explorationProbability` (from the request's seed) every candidate is
 //! kept, so new placements keep being tried. It never returns an empty set.
 //!
+//! Saturation (this EPP's, not upstream's; `queueDepthThreshold`, default 5, 0 = off): a
+//! sticky candidate whose queue (`vllm:num_requests_waiting`) has reached the threshold —
+//! the utilization detector's measure of a saturated worker — is not kept while another
+//! sticky one is not; when every sticky candidate is saturated, the candidates with nothing
+//! to do (no request running or waiting) are kept instead, when there are any. A prompt
+//! too popular for its holders then spreads to idle workers, which hold it from then on,
+//! where upstream's filter keeps queueing it on the holders (its TTFT override, estimated
+//! from prompt tokens in flight, does not see a queue of cache hits). Unknown (stale)
+//! metrics count as neither saturated nor idle.
+//!
 //! `ttftSource: latencyPredictor` (upstream's trained predictor) is not available here and
 //! is rejected at load.
 
-use llmd_plugin_sdk::columns::{INFLIGHT_TOKENS, prefix_matched, prefix_namespace, prefix_total};
+use llmd_plugin_sdk::columns::{INFLIGHT_TOKENS, RUNNING, WAITING, prefix_matched, prefix_namespace, prefix_total};
 use llmd_plugin_sdk::rng::SplitMix64;
 use llmd_plugin_sdk::{Cycle, Filter, Manifest, Plugin, params};
 use serde::Deserialize;
@@ -28,6 +38,9 @@ pub struct Params {
     pub prefix_match_info_producer_name: String,
     pub latency_prediction_info_producer_name: String,
     pub in_flight_load_producer_name: String,
+    /// A sticky endpoint whose queue (`vllm:num_requests_waiting`) reaches this is
+    /// saturated (this EPP's, not upstream's; 0 turns it off).
+    pub queue_depth_threshold: f64,
 }
 
 impl Default for Params {
@@ -41,20 +54,40 @@ impl Default for Params {
             prefix_match_info_producer_name: String::new(),
             latency_prediction_info_producer_name: String::new(),
             in_flight_load_producer_name: String::new(),
+            queue_depth_threshold: DEFAULT_QUEUE_DEPTH,
         }
     }
 }
+
+/// Queue depth at which a sticky endpoint counts as saturated: the utilization detector's
+/// default `queueDepthThreshold`, upstream's measure of a saturated worker.
+pub const DEFAULT_QUEUE_DEPTH: f64 = 5.0;
 
 pub struct PrefixCacheAffinityFilter {
     threshold: f32,
     exploration: f64,
     max_penalty_ms: f32,
     throughput: f32,
+    queue_depth: f32,
+    /// Where the columns this filter reads are in `cycle.columns` (the prefix columns are
+    /// always 0 and 1).
+    tokens_col: usize,
+    waiting_col: usize,
+    running_col: usize,
 }
 
 impl Default for PrefixCacheAffinityFilter {
     fn default() -> Self {
-        PrefixCacheAffinityFilter { threshold: 0.8, exploration: 0.0, max_penalty_ms: 18_000.0, throughput: 15_928.0 }
+        PrefixCacheAffinityFilter {
+            threshold: 0.8,
+            exploration: 0.0,
+            max_penalty_ms: 18_000.0,
+            throughput: 15_928.0,
+            queue_depth: DEFAULT_QUEUE_DEPTH as f32,
+            tokens_col: 2,
+            waiting_col: 3,
+            running_col: 4,
+        }
     }
 }
 
@@ -65,6 +98,8 @@ pub enum Decision {
     Exploration,
     NoMatch,
     LoadOverride,
+    /// Every sticky candidate was saturated: the others that are not were kept.
+    Saturated,
     Sticky,
 }
 
@@ -85,14 +120,33 @@ impl PrefixCacheAffinityFilter {
             let (m, t) = (cycle.value(0, i), cycle.value(1, i));
             if t > 0.0 && m.is_finite() { (m / t).clamp(0.0, 1.0) } else { 0.0 }
         };
-        let (sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
+        let (mut sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
         if sticky.is_empty() {
             return (all(), Decision::NoMatch);
+        }
+        if self.queue_depth > 0.0 {
+            // Sticky until saturated: a holder with a queue this deep adds waiting to every
+            // request it gets, while a worker that must prefill the prompt once would start
+            // it now and hold it from then on. Unknown (stale) queues count as empty.
+            let saturated = |i: &usize| {
+                let q = cycle.value(self.waiting_col, *i);
+                q.is_finite() && q >= self.queue_depth
+            };
+            if sticky.iter().all(saturated) {
+                let idle =
+                    |i: &usize| cycle.value(self.waiting_col, *i) == 0.0 && cycle.value(self.running_col, *i) == 0.0;
+                let open: Vec<usize> = other.iter().copied().filter(idle).collect();
+                if !open.is_empty() {
+                    return (open, Decision::Saturated);
+                }
+            } else {
+                sticky.retain(|i| !saturated(i));
+            }
         }
         if self.max_penalty_ms > 0.0 && !other.is_empty() {
             // Unknown load counts as none, as upstream treats a missing attribute.
             let ttft = |i: usize| {
-                let tokens = cycle.value(2, i);
+                let tokens = cycle.value(self.tokens_col, i);
                 if tokens.is_finite() { tokens.max(0.0) / self.throughput * 1000.0 } else { 0.0 }
             };
             let best = |set: &[usize]| set.iter().map(|&i| ttft(i)).fold(f32::INFINITY, f32::min);
@@ -129,18 +183,33 @@ impl Plugin for PrefixCacheAffinityFilter {
         if p.max_ttft_penalty_ms > 0.0 && p.peak_prefill_throughput <= 0.0 {
             return Err("peakPrefillThroughput must be > 0 when maxTTFTPenaltyMs is".into());
         }
+        if !(p.queue_depth_threshold >= 0.0 && p.queue_depth_threshold.is_finite()) {
+            return Err(format!("queueDepthThreshold must be ≥ 0, got {}", p.queue_depth_threshold));
+        }
+        let ns = prefix_namespace(&p.prefix_match_info_producer_name);
+        let (matched, total) = (prefix_matched(ns), prefix_total(ns));
+        let mut reads = vec![matched.as_str(), total.as_str()];
+        // Each column read only when its rule is on; its position in `reads` is its index.
+        let mut read = |on: bool, name: &'static str| {
+            if !on {
+                return usize::MAX;
+            }
+            reads.push(name);
+            reads.len() - 1
+        };
+        let tokens_col = read(p.max_ttft_penalty_ms > 0.0, INFLIGHT_TOKENS);
+        let waiting_col = read(p.queue_depth_threshold > 0.0, WAITING);
+        let running_col = read(p.queue_depth_threshold > 0.0, RUNNING);
         *self = PrefixCacheAffinityFilter {
             threshold: p.affinity_threshold as f32,
             exploration: p.exploration_probability,
             max_penalty_ms: p.max_ttft_penalty_ms as f32,
             throughput: p.peak_prefill_throughput as f32,
+            queue_depth: p.queue_depth_threshold as f32,
+            tokens_col,
+            waiting_col,
+            running_col,
         };
-        let ns = prefix_namespace(&p.prefix_match_info_producer_name);
-        let (matched, total) = (prefix_matched(ns), prefix_total(ns));
-        let mut reads = vec![matched.as_str(), total.as_str()];
-        if self.max_penalty_ms > 0.0 {
-            reads.push(INFLIGHT_TOKENS);
-        }
         Ok(Manifest::stateless(&reads))
     }
 }
