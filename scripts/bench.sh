@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark (scheduling cost wasm vs native, end to end through Envoy, routing
 # quality) in release mode and rewrites docs/benchmarks.md with the tables, the machine and
-# the date. About 30 minutes after the build. Extra arguments go to epp-bench
+# the date. About 45 minutes after the build on 2 cores. Extra arguments go to epp-bench
 # (e.g. `scripts/bench.sh --smoke --out /tmp/bench.md` for a quick check of the harness).
 set -euo pipefail
 cd "$(dirname "$0")/.."

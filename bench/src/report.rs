@@ -91,7 +91,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "Run it all with `scripts/bench.sh` (≈ 30 minutes after the build, most of it the routing-quality runs); it rewrites this file. \
+            "Run it all with `scripts/bench.sh` (≈ 45 minutes after the build on 2 cores, most of it the routing-quality runs); it rewrites this file. \
              `cargo run --release -p bench -- micro|e2e|quality` runs one part; `--smoke` runs a few \
              seconds of each (CI runs the micro smoke as a test). Ratios compare measurements taken \
              side by side in the same run; absolute numbers depend on the machine, which here is small \
