@@ -8,6 +8,7 @@
 //! It runs as its own process (`epp-bench --serve-null-ext-proc PORT --null-destinations
 //! …`) so that its CPU time is measured apart from the load generator's, as the EPP's is.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +34,7 @@ struct Conn {
     inbound: Streaming<ProcessingRequest>,
     body: Vec<u8>,
     destination: String,
-    pending: Vec<ProcessingResponse>,
+    pending: VecDeque<ProcessingResponse>,
 }
 
 impl Conn {
@@ -70,15 +71,15 @@ impl ExternalProcessor for NullExtProc {
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         let destination = self.destinations[k % self.destinations.len()].clone();
-        let conn = Conn { inbound: request.into_inner(), body: Vec::new(), destination, pending: Vec::new() };
+        let conn = Conn { inbound: request.into_inner(), body: Vec::new(), destination, pending: VecDeque::new() };
         let out = futures::stream::unfold(conn, |mut conn| async move {
             loop {
-                if !conn.pending.is_empty() {
-                    let first = conn.pending.remove(0);
+                if let Some(first) = conn.pending.pop_front() {
                     return Some((Ok(first), conn));
                 }
                 let msg = conn.inbound.next().await?.ok()?;
-                conn.pending = conn.answer(msg);
+                let answers = conn.answer(msg);
+                conn.pending.extend(answers);
             }
         });
         Ok(Response::new(Box::pin(out)))

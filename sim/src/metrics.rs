@@ -142,17 +142,14 @@ mod tests {
         }
     }
 
+    /// The page of `stats()` with these names, model name, parameters and clock.
+    fn page(names: MetricsNames, model_name: &str, params: &ModelParams, now_unix: f64) -> String {
+        render(&MetricsInput { names, model_name, params, stats: &stats(), now_unix })
+    }
+
     #[test]
     fn renders_vllm_names_with_help_and_type() {
-        let params = ModelParams::default();
-        let stats = stats();
-        let page = render(&MetricsInput {
-            names: MetricsNames::Vllm,
-            model_name: "m",
-            params: &params,
-            stats: &stats,
-            now_unix: 1700000000.5,
-        });
+        let page = page(MetricsNames::Vllm, "m", &ModelParams::default(), 1700000000.5);
         let expected = [
             "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 2\n",
             "vllm:num_requests_waiting{model_name=\"m\"} 3\n",
@@ -174,15 +171,7 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        let params = ModelParams::default();
-        let stats = stats();
-        let page = render(&MetricsInput {
-            names: MetricsNames::Vllm,
-            model_name: "a\"b\\c\nd",
-            params: &params,
-            stats: &stats,
-            now_unix: 0.0,
-        });
+        let page = page(MetricsNames::Vllm, "a\"b\\c\nd", &ModelParams::default(), 0.0);
         assert!(page.contains(r#"model_name="a\"b\\c\nd""#), "{page}");
     }
 
@@ -191,14 +180,7 @@ mod tests {
     #[test]
     fn sglang_names_render_sglang_gauges_only() {
         let params = ModelParams { block_size: 16, num_gpu_blocks: 2048, ..ModelParams::default() };
-        let stats = stats();
-        let page = render(&MetricsInput {
-            names: MetricsNames::Sglang,
-            model_name: "m",
-            params: &params,
-            stats: &stats,
-            now_unix: 0.0,
-        });
+        let page = page(MetricsNames::Sglang, "m", &params, 0.0);
         for line in [
             "sglang:num_running_reqs{model_name=\"m\"} 2\n",
             "sglang:num_queue_reqs{model_name=\"m\"} 3\n",
