@@ -131,6 +131,7 @@ const SDK_FILES: &[(&str, &str)] = &[
     ("src/params.rs", include_str!("../../plugins/sdk/src/params.rs")),
     ("src/pending.rs", include_str!("../../plugins/sdk/src/pending.rs")),
     ("src/rng.rs", include_str!("../../plugins/sdk/src/rng.rs")),
+    ("src/score.rs", include_str!("../../plugins/sdk/src/score.rs")),
     ("wit/scheduler.wit", include_str!("../../wit/scheduler.wit")),
 ];
 

@@ -4,6 +4,8 @@
 use epp::config::{ConfigError, PickerConfig, PluginKind};
 use epp_core::FailurePolicy;
 
+use crate::common::{metrics, pool, request, runtime};
+
 const GUIDE: &str = include_str!("../../config/guide/epp-config.yaml");
 
 fn profile_of(c: &PickerConfig) -> Vec<(String, f32)> {
@@ -94,6 +96,76 @@ schedulingProfiles:
     assert_eq!(producer.parameters["blockSizeTokens"], 32);
     assert_eq!(producer.parameters["lruCapacityPerServer"], 1000);
     assert_eq!(profile_of(&c)[1], ("prefix-cache-scorer".to_string(), 1.5));
+}
+
+/// `utilization-filter` gets the in-flight producer only when a condition caps
+/// `active-requests`, the one metric of its that the producer supplies.
+#[test]
+fn utilization_filter_gets_the_inflight_producer_when_it_caps_active_requests() {
+    let config = |metric: &str| {
+        format!(
+            r#"
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: utilization-filter
+  parameters:
+    conditions: [{{metric: {metric}, maxValue: 4}}]
+    fallbackOnEmpty: true
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: utilization-filter
+  - pluginRef: queue-scorer
+"#
+        )
+    };
+    let c = PickerConfig::parse(&config("active-requests"), None).unwrap();
+    let producer = c.plugin("inflight-load-producer").expect("implicit in-flight producer");
+    assert!(producer.implicit);
+    assert_eq!(profile_of(&c)[0].0, "approx-prefix-cache-producer", "the in-flight producer reads prefix columns");
+    assert_eq!(profile_of(&c)[1].0, "inflight-load-producer");
+    let c = PickerConfig::parse(&config("waiting-queue"), None).unwrap();
+    assert!(c.plugin("inflight-load-producer").is_none(), "{:?}", profile_of(&c));
+    // Both build and schedule with the embedded components.
+    for metric in ["active-requests", "waiting-queue"] {
+        let c = PickerConfig::parse(&config(metric), None).unwrap();
+        let mut built = epp::loader::build(runtime(), &c, &Default::default()).expect("builds");
+        let profile = built.scheduler.variants.remove(0).profile;
+        assert!(profile.pool_changed(1, &pool(3)).is_empty());
+        let m = metrics(&[(0, 9.0, 0.0, 0.0), (1, 1.0, 0.0, 0.0), (2, 3.0, 0.0, 0.0)]);
+        let r = profile.schedule(1, &request("r", "hello"), &m).expect(metric);
+        assert_eq!(r.targets[0], 1, "{metric}: shortest queue among the kept");
+    }
+}
+
+/// Upstream's role filters keep the endpoints of their `llm-d.ai/role` (decode also keeps
+/// the unlabelled ones); they take no parameters of their own.
+#[test]
+fn role_filters_keep_the_endpoints_of_their_role() {
+    let mut eps = pool(5);
+    for (e, role) in eps.iter_mut().zip(["decode", "prefill", "both", "encode"]) {
+        e.labels.push(("llm-d.ai/role".into(), role.into()));
+    }
+    for (type_name, params, want) in [
+        ("decode-filter", "", vec![0, 2, 4]),
+        ("prefill-filter", "", vec![1, 2]),
+        ("encode-filter", "\n  parameters: {label: gpu}", vec![3]),
+    ] {
+        let text = format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: {type_name}{params}\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: {type_name}\n  - pluginRef: queue-scorer\n"
+        );
+        let c = PickerConfig::parse(&text, None).unwrap();
+        assert_eq!(c.warnings.len(), usize::from(!params.is_empty()), "{type_name}: {:?}", c.warnings);
+        let mut built = epp::loader::build(runtime(), &c, &Default::default()).expect("builds");
+        let profile = built.scheduler.variants.remove(0).profile;
+        assert!(profile.pool_changed(1, &eps).is_empty());
+        let r = profile.schedule(1, &request("r", "hello"), &crate::common::idle(5)).expect(type_name);
+        let mut kept = r.table.ids().to_vec();
+        kept.sort();
+        assert_eq!(kept, want, "{type_name}");
+    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ use llmd_plugin_sdk::columns::{
     PRECISE_PREFIX, PREFIX_BLOCK_TOKENS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, REQUEST_UNCACHED_TOKENS,
     prefix_block_tokens, prefix_matched, prefix_total,
 };
+use load_aware_scorer::LoadAwareScorer;
 use lora_affinity_scorer::LoraAffinityScorer;
 use max_score_picker::MaxScorePicker;
 use no_hit_lru_scorer::NoHitLruScorer;
@@ -28,8 +29,11 @@ use prefix_cache_affinity_filter::PrefixCacheAffinityFilter;
 use prefix_cache_scorer::PrefixCacheScorer;
 use queue_scorer::QueueScorer;
 use random_picker::RandomPicker;
+use running_requests_size_scorer::RunningRequestsSizeScorer;
+use session_affinity_filter::SessionAffinityFilter;
 use session_affinity_scorer::SessionAffinityScorer;
 use token_load_scorer::TokenLoadScorer;
+use utilization_filter::UtilizationFilter;
 use weighted_random_picker::WeightedRandomPicker;
 
 use crate::common::*;
@@ -229,6 +233,104 @@ fn queue_scorer_table() {
         let m = metrics(&q.iter().enumerate().map(|(i, &w)| (i as u32, w, 0.0, 0.0)).collect::<Vec<_>>());
         let got = s.score(1, &req, &m, &[]);
         assert!(approx(&got, want), "queue {q:?}: got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn running_requests_size_scorer_table() {
+    let s = scorer::<RunningRequestsSizeScorer>("running-requests-size-scorer", "{}");
+    let req = request("r", "hello");
+    // (max − r)/(max − min); all equal → 1; unknown → 0 without moving the others.
+    let cases: &[(&[f32], &[f32])] = &[
+        (&[0.0, 4.0, 8.0], &[1.0, 0.5, 0.0]),
+        (&[10.0, 30.0], &[1.0, 0.0]),
+        (&[6.0, 6.0, 6.0], &[1.0, 1.0, 1.0]),
+        (&[NAN, 1.0, 3.0], &[0.0, 1.0, 0.0]),
+        (&[2.0], &[1.0]),
+        (&[], &[]),
+    ];
+    for (running, want) in cases {
+        // The waiting queue is the opposite way round: the scorer must not read it.
+        let m =
+            metrics(&running.iter().enumerate().map(|(i, &r)| (i as u32, 10.0 - i as f32, r, 0.0)).collect::<Vec<_>>());
+        let got = s.score(1, &req, &m, &[]);
+        assert!(approx(&got, want), "running {running:?}: got {got:?}, want {want:?}");
+    }
+    rejected("running-requests-size-scorer", r#"{"threshold": 3}"#, "threshold");
+}
+
+#[test]
+fn load_aware_scorer_table() {
+    let req = request("r", "hello");
+    let score = |params: &str, waiting: &[f32]| {
+        let s = scorer::<LoadAwareScorer>("load-aware-scorer", params);
+        let m = metrics(&waiting.iter().enumerate().map(|(i, &w)| (i as u32, w, 0.0, 0.0)).collect::<Vec<_>>());
+        s.score(1, &req, &m, &[])
+    };
+    // Empty queue 0.5; threshold (128) or more 0; linear between; unknown 0.
+    let got = score("{}", &[0.0, 64.0, 128.0, 500.0, NAN]);
+    assert!(approx(&got, &[0.5, 0.25, 0.0, 0.0, 0.0]), "{got:?}");
+    let got = score(r#"{"threshold": 10}"#, &[0.0, 1.0, 5.0, 10.0]);
+    assert!(approx(&got, &[0.5, 0.45, 0.25, 0.0]), "{got:?}");
+    // As upstream, a threshold of 0 or below means the default.
+    for params in [r#"{"threshold": 0}"#, r#"{"threshold": -4}"#] {
+        let got = score(params, &[64.0]);
+        assert!(approx(&got, &[0.25]), "{params}: {got:?}");
+    }
+    rejected("load-aware-scorer", r#"{"threshold": 2.5}"#, "threshold");
+    rejected("load-aware-scorer", r#"{"queueThreshold": 10}"#, "queueThreshold");
+}
+
+#[test]
+fn utilization_filter_table() {
+    let req = request("r", "");
+    // (waiting, running, kv usage) per endpoint; endpoint 3's metrics are unknown.
+    let m = metrics(&[(0, 0.0, 10.0, 0.2), (1, 2.0, 50.0, 0.5), (2, 0.0, 30.0, 0.9), (3, NAN, NAN, NAN)]);
+    let active: &[f32] = &[1.0, 0.0, 7.0, 3.0];
+    let cases: &[(&str, &[u32])] = &[
+        (r#"{"conditions": [{"metric": "running-requests", "maxValue": 40}]}"#, &[0, 2, 3]),
+        (r#"{"conditions": [{"metric": "waiting-queue", "maxValue": 0}]}"#, &[0, 2, 3]),
+        (r#"{"conditions": [{"metric": "kv-cache-utilization", "maxValue": 0.8}]}"#, &[0, 1, 3]),
+        (r#"{"conditions": [{"metric": "active-requests", "maxValue": 3}]}"#, &[0, 1, 3]),
+        // Every condition must hold: any one exceeded drops the endpoint.
+        (
+            r#"{"conditions": [{"metric": "running-requests", "maxValue": 40}, {"metric": "kv-cache-utilization", "maxValue": 0.8}]}"#,
+            &[0, 3],
+        ),
+        (
+            r#"{"conditions": [{"metric": "waiting-queue", "maxValue": 0}, {"metric": "waiting-queue", "maxValue": 5}]}"#,
+            &[0, 2, 3],
+        ),
+        // Nobody left: empty, or everyone with fallbackOnEmpty.
+        (
+            r#"{"conditions": [{"metric": "active-requests", "maxValue": 0}, {"metric": "running-requests", "maxValue": 5}]}"#,
+            &[],
+        ),
+        (
+            r#"{"conditions": [{"metric": "active-requests", "maxValue": 0}, {"metric": "running-requests", "maxValue": 5}], "fallbackOnEmpty": true}"#,
+            &[0, 1, 2, 3],
+        ),
+    ];
+    for (params, want) in cases {
+        let f = filter::<UtilizationFilter>("utilization-filter", params);
+        // It asks only for the columns its conditions name.
+        let reads = &f.native.manifest().reads;
+        assert_eq!(reads.iter().any(|c| c == INFLIGHT_REQUESTS), params.contains("active-requests"), "{params}");
+        assert_eq!(f.filter(1, &req, &m, &[(INFLIGHT_REQUESTS, active)]), *want, "{params}");
+    }
+    for (params, field) in [
+        (r#"{}"#, "conditions"),
+        (r#"{"conditions": []}"#, "conditions"),
+        (r#"{"conditions": [{"metric": "gpu-temperature", "maxValue": 80}]}"#, "conditions[0].metric"),
+        (r#"{"conditions": [{"metric": "waiting-queue"}]}"#, "conditions[0].maxValue is required"),
+        (
+            r#"{"conditions": [{"metric": "waiting-queue", "maxValue": 1}, {"metric": "running-requests", "maxValue": -1}]}"#,
+            "conditions[1].maxValue",
+        ),
+        (r#"{"conditions": [{"metric": "kv-cache-utilization", "maxValue": 80}]}"#, "at most 1"),
+        (r#"{"conditions": [{"metric": "waiting-queue", "max": 1}]}"#, "max"),
+    ] {
+        rejected("utilization-filter", params, field);
     }
 }
 
@@ -878,6 +980,54 @@ fn session_affinity_scorer_binds_session_ids() {
 }
 
 #[test]
+fn session_affinity_filter_pins_the_session_to_its_endpoint() {
+    let req_with = |headers: &[(&str, &str)], now_ms: u64| {
+        let mut r = request("r", "");
+        r.headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        r.now_ms = now_ms;
+        r
+    };
+    // Encoded header (default): the response names the endpoint; sent back, it is kept alone.
+    let f = filter::<SessionAffinityFilter>("session-affinity-filter", "{}");
+    f.pool_changed(&pool(3));
+    let m = idle(3);
+    assert_eq!(f.filter(1, &request("r", ""), &m, &[]), vec![0, 1, 2], "no session: everyone");
+    let headers = f.decided(1, 2);
+    assert_eq!(headers, vec![("x-session-token".to_string(), "ZGVmYXVsdC9lcC0y".to_string())]);
+    let token = headers[0].1.clone();
+    assert_eq!(f.filter(2, &req_with(&[("x-session-token", &token)], 0), &m, &[]), vec![2]);
+    // Its endpoint not a candidate (filtered out before), or garbage: everyone, never none.
+    let others = metrics(&[(0, 0.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0)]);
+    assert_eq!(f.filter(3, &req_with(&[("x-session-token", &token)], 0), &others, &[]), vec![0, 1]);
+    assert_eq!(f.filter(4, &req_with(&[("x-session-token", "%%%")], 0), &m, &[]), vec![0, 1, 2]);
+
+    // session_id: the first request binds, the next ones are pinned until the TTL passes.
+    let f = filter::<SessionAffinityFilter>(
+        "session-affinity-filter",
+        r#"{"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": 60}}"#,
+    );
+    f.pool_changed(&pool(3));
+    let alice = |now_ms| req_with(&[("x-session-id", "alice")], now_ms);
+    assert_eq!(f.filter(1, &alice(0), &m, &[]), vec![0, 1, 2]);
+    assert!(f.decided(1, 1).is_empty(), "no response header with session ids");
+    assert_eq!(f.filter(2, &alice(1_000), &m, &[]), vec![1]);
+    f.decided(2, 1);
+    // The bound endpoint not a candidate: everyone, and the session moves where it went.
+    let without_1 = metrics(&[(0, 0.0, 0.0, 0.0), (2, 0.0, 0.0, 0.0)]);
+    assert_eq!(f.filter(3, &alice(2_000), &without_1, &[]), vec![0, 2]);
+    f.decided(3, 2);
+    assert_eq!(f.filter(4, &alice(3_000), &m, &[]), vec![2]);
+    f.decided(4, 2);
+    assert_eq!(f.filter(5, &alice(64_000), &m, &[]), vec![0, 1, 2], "60 s unused: forgotten");
+    rejected("session-affinity-filter", r#"{"strategy": "sticky"}"#, "strategy");
+    rejected(
+        "session-affinity-filter",
+        r#"{"strategy": "session_id", "sessionIdConfig": {"sources": [{"header": ""}]}}"#,
+        "sources[0].header",
+    );
+}
+
+#[test]
 fn label_selector_filter_table() {
     let mut eps = pool(4);
     let label = |e: &mut EndpointInfo, k: &str, v: &str| e.labels.push((k.into(), v.into()));
@@ -910,6 +1060,28 @@ fn label_selector_filter_table() {
             f.pool_changed(&eps);
             assert_eq!(f.filter(1, &req, &m, &[]), *want, "{type_name} {params}");
         }
+    }
+    // Upstream's deprecated `by-label`: one label, its valid values, and maybe the unlabelled.
+    let by_label: &[(&str, &[u32])] = &[
+        (r#"{"label": "gpu", "validValues": ["H100"]}"#, &[0, 2]),
+        (r#"{"label": "gpu", "validValues": ["A100", "T4"], "allowsNoLabel": true}"#, &[1, 3]),
+        (r#"{"label": "draining", "allowsNoLabel": true}"#, &[0, 1, 3]),
+        // As upstream, a missing label reads as "", which validValues may list.
+        (r#"{"label": "draining", "validValues": [""]}"#, &[0, 1, 3]),
+    ];
+    for (params, want) in by_label {
+        let f = filter::<LabelSelectorFilter>("by-label", params);
+        f.pool_changed(&eps);
+        assert_eq!(f.filter(1, &req, &m, &[]), *want, "by-label {params}");
+    }
+    for (params, field) in [
+        (r#"{"label": "gpu"}"#, "validValues must list"),
+        (r#"{"label": "gpu", "validValues": ["H100"], "matchLabels": {"model": "q"}}"#, "not both"),
+        (r#"{"validValues": ["H100"]}"#, "need `label`"),
+        (r#"{"label": "gpu type", "validValues": ["H100"]}"#, "label `gpu type`"),
+        (r#"{"label": "gpu", "validValues": ["H 100"]}"#, "validValues[0]"),
+    ] {
+        rejected("by-label", params, field);
     }
     rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "Near"}]}"#, "operator");
     rejected("label-selector-filter", r#"{"matchExpressions": [{"key": "gpu", "operator": "In"}]}"#, "In");
@@ -1018,6 +1190,9 @@ fn manifests_ask_only_for_what_each_plugin_uses() {
         ("active-request-scorer", false, false),
         ("prefix-cache-affinity-filter", false, false),
         ("max-score-picker", false, false),
+        ("running-requests-size-scorer", false, false),
+        ("load-aware-scorer", false, false),
+        ("session-affinity-filter", false, true),
     ];
     for (t, prompt, decided) in cases {
         let needs = wasm(t, "{}").core().manifest().needs;

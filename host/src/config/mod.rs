@@ -77,7 +77,15 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("session-affinity-scorer", PluginKind::Scheduling),
     ("label-selector-filter", PluginKind::Scheduling),
     ("precise-prefix-cache-producer", PluginKind::Scheduling),
+    ("running-requests-size-scorer", PluginKind::Scheduling),
+    ("load-aware-scorer", PluginKind::Scheduling),
+    ("utilization-filter", PluginKind::Scheduling),
+    ("session-affinity-filter", PluginKind::Scheduling),
     ("by-label-selector", PluginKind::Scheduling),
+    ("by-label", PluginKind::Scheduling),
+    ("decode-filter", PluginKind::Scheduling),
+    ("prefill-filter", PluginKind::Scheduling),
+    ("encode-filter", PluginKind::Scheduling),
     ("file-discovery", PluginKind::Discovery),
     ("metrics-data-source", PluginKind::DataSource),
     ("core-metrics-extractor", PluginKind::Extractor),
@@ -393,15 +401,21 @@ impl PickerConfig {
         readers: &[&str],
         params_from: Option<&str>,
     ) {
+        let any_in_profile = |cfg: &PickerConfig, wanted: &dyn Fn(&PluginSpec) -> bool| {
+            cfg.profiles[profile].plugins.iter().any(|e| cfg.plugin(&e.plugin_ref).is_some_and(wanted))
+        };
         let in_profile = |cfg: &PickerConfig, type_name: &str| {
-            cfg.profiles[profile]
-                .plugins
-                .iter()
-                .any(|e| cfg.plugin(&e.plugin_ref).is_some_and(|p| canonical_type(&p.type_name) == type_name))
+            any_in_profile(cfg, &|p: &PluginSpec| canonical_type(&p.type_name) == type_name)
+        };
+        // `utilization-filter` reads the in-flight counts only for an `active-requests` cap.
+        let reader = |p: &PluginSpec| {
+            let t = canonical_type(&p.type_name);
+            readers.contains(&t)
+                || (producer_type == INFLIGHT_PRODUCER_TYPE && t == "utilization-filter" && caps_active_requests(p))
         };
         // The precise producer publishes its own prefix columns: its readers name it.
         let precise = producer_type == PREFIX_PRODUCER_TYPE && in_profile(self, crate::kv_events::PRECISE_TYPE);
-        if precise || in_profile(self, producer_type) || !readers.iter().any(|t| in_profile(self, t)) {
+        if precise || in_profile(self, producer_type) || !any_in_profile(self, &reader) {
             return;
         }
         let existing = self.plugins.iter().find(|p| p.type_name == producer_type).map(|p| p.name.clone());
@@ -458,6 +472,12 @@ impl PickerConfig {
 }
 
 /// The type an alias stands for (`by-label-selector` → `label-selector-filter`).
+/// A `utilization-filter` entry with a condition on `active-requests`.
+fn caps_active_requests(p: &PluginSpec) -> bool {
+    let conditions = p.parameters.get("conditions").and_then(|c| c.as_array());
+    conditions.is_some_and(|cs| cs.iter().any(|c| c.get("metric").and_then(|m| m.as_str()) == Some("active-requests")))
+}
+
 pub fn canonical_type(type_name: &str) -> &str {
     crate::wasm::embedded::ALIASES.iter().find(|(alias, _)| *alias == type_name).map_or(type_name, |(_, t)| *t)
 }
@@ -506,6 +526,17 @@ fn plugin_spec(
         Some(_) => {
             return Err(invalid(field("parameters"), "must be a mapping of parameter names to values"));
         }
+    };
+    let role = crate::wasm::embedded::ROLE_FILTERS.iter().find(|(t, _)| *t == type_name);
+    let parameters = match role {
+        // Upstream's role filters take no parameters; theirs are fixed.
+        Some((_, fixed)) if p.wasm.is_none() => {
+            if parameters.as_object().is_some_and(|o| !o.is_empty()) {
+                warnings.push(format!("plugin `{name}`: type {type_name} takes no parameters; they are ignored"));
+            }
+            serde_json::from_str(fixed).expect("role filter parameters are JSON")
+        }
+        _ => parameters,
     };
     if kind == PluginKind::Extractor {
         // Checked here so a bad engine config stops the load naming its field; the server

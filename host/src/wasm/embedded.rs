@@ -31,10 +31,40 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
         "precise-prefix-cache-producer",
         include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/precise_prefix_cache_producer.wasm")),
     ),
+    (
+        "running-requests-size-scorer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/running_requests_size_scorer.wasm")),
+    ),
+    ("load-aware-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/load_aware_scorer.wasm"))),
+    ("utilization-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/utilization_filter.wasm"))),
+    ("session-affinity-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/session_affinity_filter.wasm"))),
 ];
 
 /// Older names upstream still accepts, and the type they stand for.
-pub const ALIASES: &[(&str, &str)] = &[("by-label-selector", "label-selector-filter")];
+pub const ALIASES: &[(&str, &str)] = &[
+    ("by-label-selector", "label-selector-filter"),
+    ("by-label", "label-selector-filter"),
+    ("decode-filter", "label-selector-filter"),
+    ("prefill-filter", "label-selector-filter"),
+    ("encode-filter", "label-selector-filter"),
+];
+
+/// Upstream's role filters: `by-label` rules on the `llm-d.ai/role` label with fixed
+/// parameters, which the config loader gives them (they take none of their own).
+pub const ROLE_FILTERS: &[(&str, &str)] = &[
+    (
+        "decode-filter",
+        r#"{"label": "llm-d.ai/role", "allowsNoLabel": true, "validValues": ["decode", "prefill-decode", "both", "encode-prefill-decode"]}"#,
+    ),
+    (
+        "prefill-filter",
+        r#"{"label": "llm-d.ai/role", "validValues": ["prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"]}"#,
+    ),
+    (
+        "encode-filter",
+        r#"{"label": "llm-d.ai/role", "validValues": ["encode", "encode-prefill", "encode-prefill-decode"]}"#,
+    ),
+];
 
 /// The embedded component for plugin `type_name`, if it is one of the defaults.
 pub fn find(type_name: &str) -> Option<&'static [u8]> {

@@ -14,6 +14,12 @@
 //! which fails the request with 503 naming the filter. Keys and values are checked as
 //! Kubernetes checks a selector's (a value with a space, say, stops the load naming it,
 //! where it would otherwise match no endpoint).
+//!
+//! The same component serves upstream's deprecated `by-label` filter, whose parameters are
+//! of another shape (`label`, `validValues`, `allowsNoLabel`: keep the endpoints whose
+//! `label` has one of `validValues`, and those without the label when `allowsNoLabel`), and
+//! the role filters built on it (`decode-filter`, `prefill-filter`, `encode-filter`, whose
+//! parameters the host fills in). The two shapes cannot be mixed in one entry.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,6 +31,12 @@ use serde::Deserialize;
 pub struct Params {
     pub match_labels: BTreeMap<String, String>,
     pub match_expressions: Vec<Expression>,
+    /// `by-label`: the label to read…
+    pub label: Option<String>,
+    /// …the values kept…
+    pub valid_values: Vec<String>,
+    /// …and whether endpoints without the label are kept.
+    pub allows_no_label: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -47,11 +59,39 @@ enum Op {
 pub struct Selector {
     labels: Vec<(String, String)>,
     expressions: Vec<(String, Op)>,
+    by_label: Option<ByLabel>,
+}
+
+/// Upstream's `by-label` rule.
+#[derive(Clone, Debug, PartialEq)]
+struct ByLabel {
+    key: String,
+    values: Vec<String>,
+    allows_no_label: bool,
 }
 
 impl Selector {
     /// Validates the parameters; errors name the offending expression.
     pub fn from(p: Params) -> Result<Selector, String> {
+        if let Some(key) = p.label {
+            if !p.match_labels.is_empty() || !p.match_expressions.is_empty() {
+                return Err("label: give either `label`/`validValues`/`allowsNoLabel` (by-label) or \
+                            `matchLabels`/`matchExpressions` (a label selector), not both"
+                    .into());
+            }
+            label_key(&key).map_err(|why| format!("label `{key}`: {why}"))?;
+            for (j, v) in p.valid_values.iter().enumerate() {
+                label_value(v).map_err(|why| format!("validValues[{j}] `{v}`: {why}"))?;
+            }
+            if p.valid_values.is_empty() && !p.allows_no_label {
+                return Err("validValues must list at least one value unless allowsNoLabel is true".into());
+            }
+            let by_label = ByLabel { key, values: p.valid_values, allows_no_label: p.allows_no_label };
+            return Ok(Selector { by_label: Some(by_label), ..Default::default() });
+        }
+        if !p.valid_values.is_empty() || p.allows_no_label {
+            return Err("validValues and allowsNoLabel need `label` (the label they are about)".into());
+        }
         for (k, v) in &p.match_labels {
             label_key(k).map_err(|why| format!("matchLabels key `{k}`: {why}"))?;
             label_value(v).map_err(|why| format!("matchLabels.{k} value `{v}`: {why}"))?;
@@ -84,11 +124,16 @@ impl Selector {
             };
             expressions.push((e.key, op));
         }
-        Ok(Selector { labels: p.match_labels.into_iter().collect(), expressions })
+        Ok(Selector { labels: p.match_labels.into_iter().collect(), expressions, by_label: None })
     }
 
     pub fn matches(&self, labels: &[(String, String)]) -> bool {
         let get = |k: &str| labels.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        if let Some(b) = &self.by_label {
+            // As upstream: a missing label reads as "", which `validValues` may list.
+            let value = get(&b.key);
+            return (value.is_none() && b.allows_no_label) || b.values.iter().any(|v| v == value.unwrap_or(""));
+        }
         self.labels.iter().all(|(k, v)| get(k) == Some(v.as_str()))
             && self.expressions.iter().all(|(k, op)| match op {
                 Op::In(values) => get(k).is_some_and(|v| values.iter().any(|x| x == v)),

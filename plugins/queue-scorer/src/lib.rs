@@ -3,7 +3,7 @@
 //! whose queue is unknown (NaN) scores 0 and does not move the min/max of the others.
 
 use llmd_plugin_sdk::columns::WAITING;
-use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params};
+use llmd_plugin_sdk::{Cycle, Manifest, Plugin, Scorer, params, score};
 
 #[derive(Default)]
 pub struct QueueScorer;
@@ -17,18 +17,7 @@ impl Plugin for QueueScorer {
 
 impl Scorer for QueueScorer {
     fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
-        let waiting = cycle.column(0);
-        let queue = |i: usize| Some(waiting[i]).filter(|q| q.is_finite());
-        let n = cycle.len();
-        let (min, max) =
-            (0..n).filter_map(queue).fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), q| (lo.min(q), hi.max(q)));
-        (0..n)
-            .map(|i| match queue(i) {
-                None => 0.0,
-                Some(_) if max <= min => 1.0,
-                Some(q) => ((max - q) / (max - min)).clamp(0.0, 1.0),
-            })
-            .collect()
+        score::fewer_is_better(&cycle.column(0))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod columns;
 pub mod params;
 pub mod pending;
 pub mod rng;
+pub mod score;
 pub mod types;
 
 #[doc(hidden)]
