@@ -887,19 +887,53 @@ fn prefix_cache_affinity_filter_table() {
     // Sticky until saturated: a holder whose queue reaches queueDepthThreshold (5) is left
     // out while another holder is not ...
     let sticky = [9.0, 9.0, 0.0, 0.0];
-    let on = |rows: &[(u32, f32, f32, f32)]| {
+    let on_with = |f: &Twin<dyn FilterPlugin>, req: &Request, rows: &[(u32, f32, f32, f32)]| {
         let mut cols = prefix(&sticky, &total);
         cols.push((INFLIGHT_TOKENS, &idle_load));
-        f.filter(1, &req, &metrics(rows), &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
+        f.filter(1, req, &metrics(rows), &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
     };
+    let on = |rows: &[(u32, f32, f32, f32)]| on_with(&f, &req, rows);
     assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 4.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]), vec![1]);
-    // ... and when every holder is saturated, the request goes to the workers with nothing
-    // to do (no request running or waiting), which then hold the prompt too.
-    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 1.0, 0.1)]), vec![2]);
-    // No such worker (busy, or its metrics unknown): the holders keep it.
-    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 3.0, 0.1), (3, NAN, NAN, NAN)]), vec![0, 1]);
+    // ... and when every holder is saturated, the request goes to the workers with an empty
+    // queue that run at most half what the least busy holder runs (here 16 of 32), which
+    // then hold the prompt too.
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 40.0, 0.5), (2, 0.0, 16.0, 0.3), (3, 0.0, 17.0, 0.1)]), vec![2]);
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 1.0, 1.0, 0.1)]), vec![2]);
+    // No such worker (busy, queueing, or its metrics unknown): the holders keep it.
+    assert_eq!(on(&[(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 20.0, 0.1), (3, NAN, NAN, NAN)]), vec![0, 1]);
     // A queue not known (stale metrics) is not a saturated one.
     assert_eq!(on(&[(0, NAN, NAN, NAN), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]), vec![0]);
+    // A request for a LoRA adapter spills only where the adapter runs or has room to load:
+    // moving it elsewhere would evict another adapter.
+    let mut eps = pool(4);
+    eps[0].running_adapters = vec!["sql".into()];
+    eps[1].running_adapters = vec!["sql".into()];
+    for e in &mut eps[2..] {
+        e.max_lora = Some(1);
+        e.running_adapters = vec!["chat".into()];
+    }
+    eps[3].max_lora = Some(2);
+    f.pool_changed(&eps);
+    let mut sql = request("r", "");
+    sql.model = "sql".into();
+    let all_saturated = [(0, 5.0, 32.0, 0.5), (1, 9.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 4.0, 0.1)];
+    assert_eq!(on_with(&f, &sql, &all_saturated), vec![3], "worker 2 has no room for another adapter");
+    // The base model (no endpoint lists it as an adapter) goes to either.
+    assert_eq!(on_with(&f, &req, &all_saturated), vec![2, 3]);
+    let narrow = filter::<PrefixCacheAffinityFilter>(
+        "prefix-cache-affinity-filter",
+        r#"{"queueDepthThreshold": 3, "spillRunningShare": 0}"#,
+    );
+    assert_eq!(
+        on_with(&narrow, &req, &[(0, 2.0, 32.0, 0.5), (1, 3.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 1.0, 0.1)]),
+        vec![0],
+        "threshold 3: a queue of 3 is saturated, one of 2 is not"
+    );
+    assert_eq!(
+        on_with(&narrow, &req, &[(0, 3.0, 32.0, 0.5), (1, 3.0, 32.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 1.0, 0.1)]),
+        vec![2],
+        "share 0: only a worker running nothing takes the spill"
+    );
     // 0 turns the rule off: upstream's filter.
     let upstream = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": 0}"#);
     let mut cols = prefix(&sticky, &total);
@@ -907,6 +941,7 @@ fn prefix_cache_affinity_filter_table() {
     let busy = metrics(&[(0, 50.0, 32.0, 0.9), (1, 50.0, 32.0, 0.9), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]);
     assert_eq!(upstream.filter(1, &req, &busy, &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>()), vec![0, 1]);
     rejected("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": -1}"#, "queueDepthThreshold");
+    rejected("prefix-cache-affinity-filter", r#"{"spillRunningShare": 1.5}"#, "spillRunningShare");
     rejected("prefix-cache-affinity-filter", r#"{"affinityThreshold": 1.5}"#, "affinityThreshold");
     rejected("prefix-cache-affinity-filter", r#"{"maxTTFTPenaltyMs": -1}"#, "maxTTFTPenaltyMs");
     rejected("prefix-cache-affinity-filter", r#"{"ttftSource": "latencyPredictor"}"#, "latencyPredictor");

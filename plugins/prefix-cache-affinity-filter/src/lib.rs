@@ -11,19 +11,24 @@
 //! Saturation (this EPP's, not upstream's; `queueDepthThreshold`, default 5, 0 = off): a
 //! sticky candidate whose queue (`vllm:num_requests_waiting`) has reached the threshold —
 //! the utilization detector's measure of a saturated worker — is not kept while another
-//! sticky one is not; when every sticky candidate is saturated, the candidates with nothing
-//! to do (no request running or waiting) are kept instead, when there are any. A prompt
-//! too popular for its holders then spreads to idle workers, which hold it from then on,
-//! where upstream's filter keeps queueing it on the holders (its TTFT override, estimated
-//! from prompt tokens in flight, does not see a queue of cache hits). Unknown (stale)
-//! metrics count as neither saturated nor idle.
+//! sticky one is not. When every sticky candidate is saturated, the request spills: the
+//! candidates with an empty queue that run at most `spillRunningShare` (default 0.5) of
+//! what the least busy sticky one runs are kept instead, when there are any, and hold the
+//! prompt from then on. For a LoRA adapter (a model some endpoint lists as an adapter) only
+//! the candidates running it or with room for another adapter take the spill: loading it
+//! elsewhere would evict an adapter other requests use. A prompt too popular for its
+//! holders thus spreads to workers with room, where upstream's filter keeps queueing it on
+//! the holders (its TTFT override, estimated from prompt tokens in flight, does not see a
+//! queue of cache hits). Unknown (stale) metrics count as neither saturated nor open.
 //!
 //! `ttftSource: latencyPredictor` (upstream's trained predictor) is not available here and
 //! is rejected at load.
 
 use llmd_plugin_sdk::columns::{INFLIGHT_TOKENS, RUNNING, WAITING, prefix_matched, prefix_namespace, prefix_total};
 use llmd_plugin_sdk::rng::SplitMix64;
-use llmd_plugin_sdk::{Cycle, Filter, Manifest, Plugin, params};
+use std::collections::HashMap;
+
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, params};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +46,10 @@ pub struct Params {
     /// A sticky endpoint whose queue (`vllm:num_requests_waiting`) reaches this is
     /// saturated (this EPP's, not upstream's; 0 turns it off).
     pub queue_depth_threshold: f64,
+    /// When every sticky endpoint is saturated, an endpoint with an empty queue running at
+    /// most this share of the least busy sticky one's running requests takes the request
+    /// (this EPP's; 0: only an endpoint running nothing).
+    pub spill_running_share: f64,
 }
 
 impl Default for Params {
@@ -55,6 +64,7 @@ impl Default for Params {
             latency_prediction_info_producer_name: String::new(),
             in_flight_load_producer_name: String::new(),
             queue_depth_threshold: DEFAULT_QUEUE_DEPTH,
+            spill_running_share: DEFAULT_SPILL_RUNNING_SHARE,
         }
     }
 }
@@ -63,17 +73,25 @@ impl Default for Params {
 /// default `queueDepthThreshold`, upstream's measure of a saturated worker.
 pub const DEFAULT_QUEUE_DEPTH: f64 = 5.0;
 
+/// How busy, as a share of the least busy saturated holder's running requests, a worker may
+/// be to take a spilled request (the admission filter's idle-spill share).
+pub const DEFAULT_SPILL_RUNNING_SHARE: f64 = 0.5;
+
 pub struct PrefixCacheAffinityFilter {
     threshold: f32,
     exploration: f64,
     max_penalty_ms: f32,
     throughput: f32,
     queue_depth: f32,
+    spill_share: f32,
     /// Where the columns this filter reads are in `cycle.columns` (the prefix columns are
     /// always 0 and 1).
     tokens_col: usize,
     waiting_col: usize,
     running_col: usize,
+    /// Adapter state per endpoint id (from `pool_changed`): (running or waiting adapters,
+    /// room for another adapter).
+    adapters: HashMap<u32, (Vec<String>, bool)>,
 }
 
 impl Default for PrefixCacheAffinityFilter {
@@ -84,9 +102,11 @@ impl Default for PrefixCacheAffinityFilter {
             max_penalty_ms: 18_000.0,
             throughput: 15_928.0,
             queue_depth: DEFAULT_QUEUE_DEPTH as f32,
+            spill_share: DEFAULT_SPILL_RUNNING_SHARE as f32,
             tokens_col: 2,
             waiting_col: 3,
             running_col: 4,
+            adapters: HashMap::new(),
         }
     }
 }
@@ -98,7 +118,7 @@ pub enum Decision {
     Exploration,
     NoMatch,
     LoadOverride,
-    /// Every sticky candidate was saturated: the others that are not were kept.
+    /// Every sticky candidate was saturated: the others with room were kept.
     Saturated,
     Sticky,
 }
@@ -133,9 +153,21 @@ impl PrefixCacheAffinityFilter {
                 q.is_finite() && q >= self.queue_depth
             };
             if sticky.iter().all(saturated) {
-                let idle =
-                    |i: &usize| cycle.value(self.waiting_col, *i) == 0.0 && cycle.value(self.running_col, *i) == 0.0;
-                let open: Vec<usize> = other.iter().copied().filter(idle).collect();
+                let least = sticky.iter().map(|&i| cycle.value(self.running_col, i)).fold(f32::INFINITY, f32::min);
+                let cap = if least.is_finite() { least * self.spill_share } else { 0.0 };
+                let model = cycle.request.model();
+                let adapter = self.adapters.values().any(|(names, _)| names.iter().any(|a| a == model));
+                let serves = |i: &usize| {
+                    !adapter
+                        || self
+                            .adapters
+                            .get(&cycle.ids[*i])
+                            .is_some_and(|(names, room)| *room || names.iter().any(|a| a == model))
+                };
+                let has_room = |i: &usize| {
+                    cycle.value(self.waiting_col, *i) == 0.0 && cycle.value(self.running_col, *i) <= cap && serves(i)
+                };
+                let open: Vec<usize> = other.iter().copied().filter(has_room).collect();
                 if !open.is_empty() {
                     return (open, Decision::Saturated);
                 }
@@ -186,6 +218,9 @@ impl Plugin for PrefixCacheAffinityFilter {
         if !(p.queue_depth_threshold >= 0.0 && p.queue_depth_threshold.is_finite()) {
             return Err(format!("queueDepthThreshold must be ≥ 0, got {}", p.queue_depth_threshold));
         }
+        if !(0.0..=1.0).contains(&p.spill_running_share) {
+            return Err(format!("spillRunningShare must be in [0, 1], got {}", p.spill_running_share));
+        }
         let ns = prefix_namespace(&p.prefix_match_info_producer_name);
         let (matched, total) = (prefix_matched(ns), prefix_total(ns));
         let mut reads = vec![matched.as_str(), total.as_str()];
@@ -206,11 +241,29 @@ impl Plugin for PrefixCacheAffinityFilter {
             max_penalty_ms: p.max_ttft_penalty_ms as f32,
             throughput: p.peak_prefill_throughput as f32,
             queue_depth: p.queue_depth_threshold as f32,
+            spill_share: p.spill_running_share as f32,
             tokens_col,
             waiting_col,
             running_col,
+            adapters: HashMap::new(),
         };
-        Ok(Manifest::stateless(&reads))
+        let mut manifest = Manifest::stateless(&reads);
+        if self.queue_depth > 0.0 {
+            manifest.needs = Needs { model: true, pool: true, ..Default::default() };
+        }
+        Ok(manifest)
+    }
+
+    fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
+        self.adapters = endpoints
+            .iter()
+            .map(|e| {
+                let mut names = e.running_adapters.clone();
+                names.extend(e.waiting_adapters.iter().filter(|w| !e.running_adapters.contains(w)).cloned());
+                let room = e.max_lora.is_some_and(|max| names.len() < max as usize);
+                (e.id, (names, room))
+            })
+            .collect();
     }
 }
 
