@@ -140,6 +140,16 @@ schedulingProfiles:
     }
 }
 
+/// Every built-in scheduling type, aliases included, has its component embedded.
+#[test]
+fn every_builtin_scheduling_type_has_an_embedded_component() {
+    for (type_name, kind) in epp::config::BUILTIN_TYPES {
+        if *kind == PluginKind::Scheduling {
+            assert!(epp::wasm::embedded::find(type_name).is_some(), "{type_name} has no component");
+        }
+    }
+}
+
 /// Upstream's role filters keep the endpoints of their `llm-d.ai/role` (decode also keeps
 /// the unlabelled ones); they take no parameters of their own.
 #[test]
