@@ -35,12 +35,9 @@ impl Plugin for LoraAffinityScorer {
 /// The score of an endpoint for `adapter`.
 pub fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
     let Some(info) = info else { return 0.0 };
-    let distinct = info.running_adapters.len()
-        + info.waiting_adapters.iter().filter(|w| !info.running_adapters.contains(w)).count();
-    let room = info.max_lora.is_some_and(|max| distinct < max as usize);
     if info.running_adapters.iter().any(|a| a == adapter) {
         1.0
-    } else if room {
+    } else if info.has_adapter_room() {
         0.8
     } else if info.waiting_adapters.iter().any(|a| a == adapter) {
         0.6

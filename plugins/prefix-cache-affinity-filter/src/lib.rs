@@ -89,9 +89,8 @@ pub struct PrefixCacheAffinityFilter {
     tokens_col: usize,
     waiting_col: usize,
     running_col: usize,
-    /// Adapter state per endpoint id (from `pool_changed`): (running or waiting adapters,
-    /// room for another adapter).
-    adapters: HashMap<u32, (Vec<String>, bool)>,
+    /// Each endpoint's static data, adapters included (from `pool_changed`).
+    endpoints: HashMap<u32, EndpointInfo>,
 }
 
 impl Default for PrefixCacheAffinityFilter {
@@ -106,7 +105,7 @@ impl Default for PrefixCacheAffinityFilter {
             tokens_col: 2,
             waiting_col: 3,
             running_col: 4,
-            adapters: HashMap::new(),
+            endpoints: HashMap::new(),
         }
     }
 }
@@ -156,13 +155,13 @@ impl PrefixCacheAffinityFilter {
                 let least = sticky.iter().map(|&i| cycle.value(self.running_col, i)).fold(f32::INFINITY, f32::min);
                 let cap = if least.is_finite() { least * self.spill_share } else { 0.0 };
                 let model = cycle.request.model();
-                let adapter = self.adapters.values().any(|(names, _)| names.iter().any(|a| a == model));
+                let adapter = self.endpoints.values().any(|e| e.lists_adapter(model));
                 let serves = |i: &usize| {
                     !adapter
                         || self
-                            .adapters
+                            .endpoints
                             .get(&cycle.ids[*i])
-                            .is_some_and(|(names, room)| *room || names.iter().any(|a| a == model))
+                            .is_some_and(|e| e.has_adapter_room() || e.lists_adapter(model))
                 };
                 let has_room = |i: &usize| {
                     cycle.value(self.waiting_col, *i) == 0.0 && cycle.value(self.running_col, *i) <= cap && serves(i)
@@ -245,7 +244,7 @@ impl Plugin for PrefixCacheAffinityFilter {
             tokens_col,
             waiting_col,
             running_col,
-            adapters: HashMap::new(),
+            endpoints: HashMap::new(),
         };
         let mut manifest = Manifest::stateless(&reads);
         if self.queue_depth > 0.0 {
@@ -255,15 +254,7 @@ impl Plugin for PrefixCacheAffinityFilter {
     }
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
-        self.adapters = endpoints
-            .iter()
-            .map(|e| {
-                let mut names = e.running_adapters.clone();
-                names.extend(e.waiting_adapters.iter().filter(|w| !e.running_adapters.contains(w)).cloned());
-                let room = e.max_lora.is_some_and(|max| names.len() < max as usize);
-                (e.id, (names, room))
-            })
-            .collect();
+        self.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
     }
 }
 

@@ -96,6 +96,20 @@ impl EndpointInfo {
         self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
+    /// Whether the endpoint runs or queues adapter `name`.
+    pub fn lists_adapter(&self, name: &str) -> bool {
+        self.running_adapters.iter().chain(&self.waiting_adapters).any(|a| a == name)
+    }
+
+    /// Whether it has a slot for another adapter: fewer distinct running and waiting
+    /// adapters than `max_lora` (vLLM lists an adapter in both while some of its requests
+    /// run and others wait, and it holds one slot); never when `max_lora` is unknown.
+    pub fn has_adapter_room(&self) -> bool {
+        let distinct = self.running_adapters.len()
+            + self.waiting_adapters.iter().filter(|w| !self.running_adapters.contains(w)).count();
+        self.max_lora.is_some_and(|max| distinct < max as usize)
+    }
+
     /// `namespace/name`, the endpoint's identity as upstream writes it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
