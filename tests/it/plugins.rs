@@ -17,8 +17,8 @@ use label_selector_filter::LabelSelectorFilter;
 use llmd_plugin_sdk::EndpointInfo;
 use llmd_plugin_sdk::columns::{
     INFLIGHT_REQUESTS, INFLIGHT_TOKENS, KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL,
-    PRECISE_PREFIX, PREFIX_BLOCK_TOKENS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, REQUEST_UNCACHED_TOKENS,
-    prefix_block_tokens, prefix_matched, prefix_total,
+    PRECISE_PREFIX, PREFIX_BLOCK_TOKENS, PREFIX_MATCH_INTERVAL, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
+    REQUEST_UNCACHED_TOKENS, prefix_block_tokens, prefix_matched, prefix_total,
 };
 use load_aware_scorer::LoadAwareScorer;
 use lora_affinity_scorer::LoraAffinityScorer;
@@ -450,6 +450,45 @@ fn prefix_producer_matches_consecutive_blocks() {
     assert_eq!(column(&p.produce(8, &request("r8", &long), &m, &[]), PREFIX_MATCHED_BLOCKS), vec![0.0; 3]);
 }
 
+/// How often a prefix is asked for, per candidate: requests routed between two uses of the
+/// deepest block it holds, lately.
+#[test]
+fn prefix_producer_measures_how_often_a_prefix_is_asked_for() {
+    let p = prefix_producer(r#"{"autoTune": false}"#);
+    p.pool_changed(&pool(4));
+    let m = idle(4);
+    let system = blocks_prompt('s', 4);
+    let history = blocks_prompt('h', 4);
+    let mut cycle = 1;
+    let mut route = |prompt: &str, endpoint: u32| {
+        p.produce(cycle, &request("r", prompt), &m, &[]);
+        p.decided(cycle, endpoint);
+        cycle += 1;
+    };
+    // One conversation routed once to endpoint 3, then a system prompt (to endpoint 0) a
+    // few times in quick succession: too few uses yet to call it hot.
+    route(&history, 3);
+    for k in 0..4 {
+        route(&format!("{system}{k:0>256}"), 0);
+    }
+    let asked = |p: &Twin<dyn ProducerPlugin>, prompt: &str| {
+        column(&p.produce(10_000, &request("r", &format!("{prompt}{:z>256}", "")), &m, &[]), PREFIX_MATCH_INTERVAL)
+    };
+    let early = asked(&p, &system)[0];
+    assert!(early > 40.0, "4 uses in 5 requests: {early}");
+    // Then every other request for 600 requests, between unique prompts (to endpoint 1).
+    for k in 0..300 {
+        route(&format!("{system}{k:0>256}"), 0);
+        route(&format!("unique-{k:0>249}"), 1);
+    }
+    let interval = asked(&p, &system);
+    assert!((interval[0] - 2.0).abs() < 0.2, "{interval:?}");
+    assert!(interval[1..].iter().all(|v| v.is_infinite()), "no match: {interval:?}");
+    // The conversation, asked for once 600 requests ago: cold.
+    let conversation = asked(&p, &history)[3];
+    assert!(conversation > 500.0, "{conversation}");
+}
+
 /// A prefix many endpoints hold (a popular system prompt on a large pool): each candidate
 /// still gets its own depth, whatever the order of the candidates.
 #[test]
@@ -526,7 +565,7 @@ fn fill_prefix_index(mib: usize) -> Vec<f32> {
         let out = p.produce(&input).unwrap();
         let want: Vec<f32> = (0..endpoints).map(|i| if i == e { 65.0 } else { 0.0 }).collect();
         assert_eq!(out[..n].to_vec(), want, "endpoint {e}'s latest prompt");
-        held = out[3 * n..].to_vec();
+        held = out[3 * n..4 * n].to_vec();
     }
     held
 }
@@ -934,6 +973,60 @@ fn prefix_cache_affinity_filter_table() {
         vec![2],
         "share 0: only a worker running nothing takes the spill"
     );
+    // Busy holders of a hot prefix: nobody queues, but the prefix is asked for more often
+    // than its holders' share of the traffic (every 1.5 requests here: 4 / 1.5 workers'
+    // worth, on 2 holders), and every holder runs at least busyRunningThreshold and more
+    // than twice the other workers' mean: the request spills as from saturated holders.
+    let busy_rule = filter::<PrefixCacheAffinityFilter>(
+        "prefix-cache-affinity-filter",
+        r#"{"busyRunningThreshold": 8, "busyRunningRatio": 2}"#,
+    );
+    let busy_with = |interval: [f32; 4], rows: &[(u32, f32, f32, f32)]| {
+        let mut cols = prefix(&sticky, &total);
+        cols.push((INFLIGHT_TOKENS, &idle_load));
+        cols.push((PREFIX_MATCH_INTERVAL, &interval));
+        busy_rule.filter(1, &req, &metrics(rows), &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
+    };
+    let hot = [1.5, 1.5, f32::INFINITY, f32::INFINITY];
+    let busy_on = |rows: &[(u32, f32, f32, f32)]| busy_with(hot, rows);
+    assert_eq!(
+        busy_on(&[(0, 0.0, 20.0, 0.5), (1, 0.0, 24.0, 0.5), (2, 0.0, 2.0, 0.1), (3, 0.0, 9.0, 0.1)]),
+        vec![2, 3]
+    );
+    // One holder below the threshold, or not twice the other workers' mean: they keep it.
+    assert_eq!(busy_on(&[(0, 0.0, 7.0, 0.5), (1, 0.0, 24.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]), vec![0, 1]);
+    assert_eq!(
+        busy_on(&[(0, 0.0, 20.0, 0.5), (1, 0.0, 24.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 10.0, 0.1)]),
+        vec![2, 3],
+        "the mean of 0 and 10 is 5"
+    );
+    assert_eq!(
+        busy_on(&[(0, 0.0, 20.0, 0.5), (1, 0.0, 24.0, 0.5), (2, 0.0, 10.0, 0.3), (3, 0.0, 12.0, 0.3)]),
+        vec![0, 1]
+    );
+    // A busy holder beside a saturated one spills too; the other workers' queues must be empty.
+    assert_eq!(busy_on(&[(0, 6.0, 32.0, 0.9), (1, 0.0, 24.0, 0.5), (2, 1.0, 2.0, 0.1), (3, 0.0, 3.0, 0.1)]), vec![3]);
+    // Other workers' load unknown (stale metrics): nothing to compare with, no spill.
+    assert_eq!(
+        busy_on(&[(0, 0.0, 20.0, 0.5), (1, 0.0, 24.0, 0.5), (2, NAN, NAN, NAN), (3, NAN, NAN, NAN)]),
+        vec![0, 1]
+    );
+    // A prefix asked for every 2 requests brings 2 workers' worth on 4: its 2 holders are
+    // its fair share, as one conversation's history (asked for once in a while) is: no spill.
+    let loaded = [(0, 0.0, 20.0, 0.5), (1, 0.0, 24.0, 0.5), (2, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)];
+    assert_eq!(busy_with([2.0, 2.0, f32::INFINITY, f32::INFINITY], &loaded), vec![0, 1]);
+    assert_eq!(busy_with([300.0, 300.0, f32::INFINITY, f32::INFINITY], &loaded), vec![0, 1]);
+    assert_eq!(busy_with([NAN; 4], &loaded), vec![0, 1], "not known: not hot");
+    assert_eq!(busy_with([1.5, 300.0, f32::INFINITY, f32::INFINITY], &loaded), vec![2, 3], "the hottest holder counts");
+    let no_busy = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"busyRunningThreshold": 0}"#);
+    let mut cols = prefix(&sticky, &total);
+    cols.push((INFLIGHT_TOKENS, &idle_load));
+    cols.push((PREFIX_MATCH_INTERVAL, &hot));
+    assert_eq!(
+        no_busy.filter(1, &req, &metrics(&loaded), &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>()),
+        vec![0, 1],
+        "busyRunningThreshold 0: only a queue spills"
+    );
     // 0 turns the rule off: upstream's filter.
     let upstream = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": 0}"#);
     let mut cols = prefix(&sticky, &total);
@@ -942,6 +1035,8 @@ fn prefix_cache_affinity_filter_table() {
     assert_eq!(upstream.filter(1, &req, &busy, &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>()), vec![0, 1]);
     rejected("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": -1}"#, "queueDepthThreshold");
     rejected("prefix-cache-affinity-filter", r#"{"spillRunningShare": 1.5}"#, "spillRunningShare");
+    rejected("prefix-cache-affinity-filter", r#"{"busyRunningThreshold": -1}"#, "busyRunningThreshold");
+    rejected("prefix-cache-affinity-filter", r#"{"busyRunningRatio": 0.5}"#, "busyRunningRatio");
     rejected("prefix-cache-affinity-filter", r#"{"affinityThreshold": 1.5}"#, "affinityThreshold");
     rejected("prefix-cache-affinity-filter", r#"{"maxTTFTPenaltyMs": -1}"#, "maxTTFTPenaltyMs");
     rejected("prefix-cache-affinity-filter", r#"{"ttftSource": "latencyPredictor"}"#, "latencyPredictor");

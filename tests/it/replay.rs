@@ -172,6 +172,29 @@ fn one_shared_prompt_spreads_when_its_worker_saturates() {
     );
 }
 
+/// The same prompt on engines with room for 256 sequences (`8b-1gpu`), 16 of them: nothing
+/// ever queues, so the saturation rule never fires, and the prompt's holders ran decode
+/// batches several times larger than the others' (TTFT p90 3.8× round-robin's, median
+/// latency 3×). The prompt is hot (asked for by every request: sixteen workers' worth of
+/// traffic), so busy holders spill it until its traffic is spread.
+#[test]
+fn a_hot_prompt_spreads_before_anything_queues() {
+    let flags = ["--workload", "one-prompt", "--requests", "3000", "--workers", "16", "--rate", "144"];
+    let more = ["--model-profile", "8b-1gpu", "--policy", "baseline", "--policy", "round-robin"];
+    let reports = replay_with(&[&flags[..], &more].concat()).reports;
+    let r = by_name(&reports);
+    let (baseline, rr) = (r["baseline"], r["round-robin"]);
+    assert!(baseline.prefix_hit_rate >= rr.prefix_hit_rate - 0.01, "hits {:.3}", baseline.prefix_hit_rate);
+    assert!(
+        baseline.ttft_ms[1] <= 1.25 * rr.ttft_ms[1] && baseline.e2e_ms[0] <= 1.1 * rr.e2e_ms[0],
+        "baseline TTFT p90 {:.1} ms, latency p50 {:.1} ms vs round-robin's {:.1} / {:.1} ms",
+        baseline.ttft_ms[1],
+        baseline.e2e_ms[0],
+        rr.ttft_ms[1],
+        rr.e2e_ms[0]
+    );
+}
+
 /// Long generations on a few shared prompts (the `long-output` generator): a worker's load is
 /// mostly its running decodes, which the default profile's load signal (uncached prompt
 /// tokens, released at the first token) does not see, so each prompt's holders fill their

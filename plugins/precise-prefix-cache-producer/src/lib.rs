@@ -28,7 +28,7 @@ use std::collections::HashMap;
 
 use llmd_plugin_sdk::columns::{
     KV_EVENTS_BLOCK_TOKENS, KV_EVENTS_LIVE, KV_EVENTS_MATCHED, KV_EVENTS_TOTAL, PRECISE_PREFIX, prefix_block_tokens,
-    prefix_matched, prefix_total,
+    prefix_match_interval, prefix_matched, prefix_total,
 };
 use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Plugin, Producer, params};
 use prefix_index::{IdentityHasher, PrefixIndexProducer};
@@ -110,6 +110,7 @@ pub fn written() -> Vec<String> {
         prefix_total(PRECISE_PREFIX),
         prefix_block_tokens(PRECISE_PREFIX),
         format!("{PRECISE_PREFIX}/indexed-blocks"),
+        prefix_match_interval(PRECISE_PREFIX),
     ]
 }
 

@@ -21,10 +21,25 @@
 //! the holders (its TTFT override, estimated from prompt tokens in flight, does not see a
 //! queue of cache hits). Unknown (stale) metrics count as neither saturated nor open.
 //!
+//! Hot prefixes (this EPP's; `busyRunningThreshold`, 0 = off): an engine with room for
+//! many sequences (vLLM's default is 256) never queues a popular prompt; it runs it in ever
+//! larger decode batches, each step slower for every sequence. So a sticky candidate is
+//! also *busy* when the prefix it holds is hot — asked for so often that it brings more than
+//! one worker's worth of traffic per holder (the producer's `match-interval`: asked for
+//! every `m` requests among `n` candidates, held by `k`, and `k × m < n`) — and it runs at
+//! least `busyRunningThreshold` requests and more than `busyRunningRatio` times the other
+//! candidates' mean. When every sticky candidate is busy or saturated, the
+//! request spills as above. A conversation's history is asked for once a turn and never
+//! hot, so this moves shared system prompts, not conversations. Only the built-in prefix
+//! producers write `match-interval`; with another producer the rule is off.
+//!
 //! `ttftSource: latencyPredictor` (upstream's trained predictor) is not available here and
 //! is rejected at load.
 
-use llmd_plugin_sdk::columns::{INFLIGHT_TOKENS, RUNNING, WAITING, prefix_matched, prefix_namespace, prefix_total};
+use llmd_plugin_sdk::columns::{
+    APPROX_PREFIX, INFLIGHT_TOKENS, PRECISE_PREFIX, RUNNING, WAITING, prefix_match_interval, prefix_matched,
+    prefix_namespace, prefix_total,
+};
 use llmd_plugin_sdk::rng::SplitMix64;
 use std::collections::HashMap;
 
@@ -50,6 +65,13 @@ pub struct Params {
     /// most this share of the least busy sticky one's running requests takes the request
     /// (this EPP's; 0: only an endpoint running nothing).
     pub spill_running_share: f64,
+    /// A sticky endpoint holding a hot prefix and running at least this many requests, and
+    /// more than `busyRunningRatio` times the other candidates' mean, is busy: when every sticky
+    /// endpoint is busy or saturated, the request spills as from saturated ones (this
+    /// EPP's; 0 turns it off).
+    pub busy_running_threshold: f64,
+    /// How many times the other candidates' mean running requests a busy endpoint runs.
+    pub busy_running_ratio: f64,
 }
 
 impl Default for Params {
@@ -65,6 +87,8 @@ impl Default for Params {
             in_flight_load_producer_name: String::new(),
             queue_depth_threshold: DEFAULT_QUEUE_DEPTH,
             spill_running_share: DEFAULT_SPILL_RUNNING_SHARE,
+            busy_running_threshold: DEFAULT_BUSY_RUNNING,
+            busy_running_ratio: DEFAULT_BUSY_RATIO,
         }
     }
 }
@@ -77,6 +101,12 @@ pub const DEFAULT_QUEUE_DEPTH: f64 = 5.0;
 /// be to take a spilled request (the admission filter's idle-spill share).
 pub const DEFAULT_SPILL_RUNNING_SHARE: f64 = 0.5;
 
+/// Running requests from which a sticky holder of a hot prefix may count as busy.
+pub const DEFAULT_BUSY_RUNNING: f64 = 2.0;
+
+/// How many times the other candidates' mean running requests a busy holder runs.
+pub const DEFAULT_BUSY_RATIO: f64 = 2.0;
+
 pub struct PrefixCacheAffinityFilter {
     threshold: f32,
     exploration: f64,
@@ -84,11 +114,14 @@ pub struct PrefixCacheAffinityFilter {
     throughput: f32,
     queue_depth: f32,
     spill_share: f32,
+    busy_running: f32,
+    busy_ratio: f32,
     /// Where the columns this filter reads are in `cycle.columns` (the prefix columns are
     /// always 0 and 1).
     tokens_col: usize,
     waiting_col: usize,
     running_col: usize,
+    interval_col: usize,
     /// Each endpoint's static data, adapters included (from `pool_changed`).
     endpoints: HashMap<u32, EndpointInfo>,
 }
@@ -102,9 +135,12 @@ impl Default for PrefixCacheAffinityFilter {
             throughput: 15_928.0,
             queue_depth: DEFAULT_QUEUE_DEPTH as f32,
             spill_share: DEFAULT_SPILL_RUNNING_SHARE as f32,
+            busy_running: DEFAULT_BUSY_RUNNING as f32,
+            busy_ratio: DEFAULT_BUSY_RATIO as f32,
             tokens_col: 2,
             waiting_col: 3,
             running_col: 4,
+            interval_col: 5,
             endpoints: HashMap::new(),
         }
     }
@@ -119,6 +155,9 @@ pub enum Decision {
     LoadOverride,
     /// Every sticky candidate was saturated: the others with room were kept.
     Saturated,
+    /// Every sticky candidate was busy or saturated, none saturated everywhere: the others
+    /// with room were kept.
+    Busy,
     Sticky,
 }
 
@@ -151,8 +190,30 @@ impl PrefixCacheAffinityFilter {
                 let q = cycle.value(self.waiting_col, *i);
                 q.is_finite() && q >= self.queue_depth
             };
-            if sticky.iter().all(saturated) {
-                let least = sticky.iter().map(|&i| cycle.value(self.running_col, i)).fold(f32::INFINITY, f32::min);
+            let running = |i: usize| cycle.value(self.running_col, i);
+            // Busy: a holder of a hot prefix running well above the other candidates' mean
+            // slows every decode step it runs; a prompt that popular is worth a copy
+            // elsewhere before any holder queues.
+            let others_mean = {
+                let known: Vec<f32> = other.iter().map(|&i| running(i)).filter(|r| r.is_finite()).collect();
+                if known.is_empty() { f32::NAN } else { known.iter().sum::<f32>() / known.len() as f32 }
+            };
+            // Hot: the prefix the holders share brings more than their number of workers'
+            // worth of traffic (asked for every `m` requests among `n` candidates: n / m).
+            let hot = self.interval_col != usize::MAX && {
+                let m = sticky.iter().map(|&i| cycle.value(self.interval_col, i)).fold(f32::INFINITY, f32::min);
+                m.is_finite() && sticky.len() as f32 * m < n as f32
+            };
+            let busy = |i: &usize| {
+                let r = running(*i);
+                hot && r.is_finite()
+                    && r >= self.busy_running
+                    && others_mean.is_finite()
+                    && r > self.busy_ratio * others_mean
+            };
+            let all_saturated = sticky.iter().all(saturated);
+            if all_saturated || sticky.iter().all(|i| saturated(i) || busy(i)) {
+                let least = sticky.iter().map(|&i| running(i)).fold(f32::INFINITY, f32::min);
                 let cap = if least.is_finite() { least * self.spill_share } else { 0.0 };
                 let model = cycle.request.model();
                 let adapter = self.endpoints.values().any(|e| e.lists_adapter(model));
@@ -163,14 +224,13 @@ impl PrefixCacheAffinityFilter {
                             .get(&cycle.ids[*i])
                             .is_some_and(|e| e.has_adapter_room() || e.lists_adapter(model))
                 };
-                let has_room = |i: &usize| {
-                    cycle.value(self.waiting_col, *i) == 0.0 && cycle.value(self.running_col, *i) <= cap && serves(i)
-                };
+                let has_room = |i: &usize| cycle.value(self.waiting_col, *i) == 0.0 && running(*i) <= cap && serves(i);
                 let open: Vec<usize> = other.iter().copied().filter(has_room).collect();
                 if !open.is_empty() {
-                    return (open, Decision::Saturated);
+                    return (open, if all_saturated { Decision::Saturated } else { Decision::Busy });
                 }
-            } else {
+            }
+            if !all_saturated {
                 sticky.retain(|i| !saturated(i));
             }
         }
@@ -217,11 +277,23 @@ impl Plugin for PrefixCacheAffinityFilter {
         if !(p.queue_depth_threshold >= 0.0 && p.queue_depth_threshold.is_finite()) {
             return Err(format!("queueDepthThreshold must be ≥ 0, got {}", p.queue_depth_threshold));
         }
+        if !(p.busy_running_threshold >= 0.0 && p.busy_running_threshold.is_finite()) {
+            return Err(format!("busyRunningThreshold must be ≥ 0, got {}", p.busy_running_threshold));
+        }
+        if !(p.busy_running_ratio >= 1.0 && p.busy_running_ratio.is_finite()) {
+            return Err(format!("busyRunningRatio must be ≥ 1, got {}", p.busy_running_ratio));
+        }
         if !(0.0..=1.0).contains(&p.spill_running_share) {
             return Err(format!("spillRunningShare must be in [0, 1], got {}", p.spill_running_share));
         }
         let ns = prefix_namespace(&p.prefix_match_info_producer_name);
         let (matched, total) = (prefix_matched(ns), prefix_total(ns));
+        // The built-in producers write how often a prefix is asked for; another namespace's
+        // producer may not, and the busy rule is then off.
+        let interval = prefix_match_interval(ns);
+        let busy_on = p.queue_depth_threshold > 0.0
+            && p.busy_running_threshold > 0.0
+            && [APPROX_PREFIX, PRECISE_PREFIX].contains(&ns);
         let mut reads = vec![matched.as_str(), total.as_str()];
         // Each column read only when its rule is on; its position in `reads` is its index.
         let mut read = |on: bool, name: &'static str| {
@@ -234,6 +306,12 @@ impl Plugin for PrefixCacheAffinityFilter {
         let tokens_col = read(p.max_ttft_penalty_ms > 0.0, INFLIGHT_TOKENS);
         let waiting_col = read(p.queue_depth_threshold > 0.0, WAITING);
         let running_col = read(p.queue_depth_threshold > 0.0, RUNNING);
+        let interval_col = if busy_on {
+            reads.push(interval.as_str());
+            reads.len() - 1
+        } else {
+            usize::MAX
+        };
         *self = PrefixCacheAffinityFilter {
             threshold: p.affinity_threshold as f32,
             exploration: p.exploration_probability,
@@ -241,9 +319,12 @@ impl Plugin for PrefixCacheAffinityFilter {
             throughput: p.peak_prefill_throughput as f32,
             queue_depth: p.queue_depth_threshold as f32,
             spill_share: p.spill_running_share as f32,
+            busy_running: p.busy_running_threshold as f32,
+            busy_ratio: p.busy_running_ratio as f32,
             tokens_col,
             waiting_col,
             running_col,
+            interval_col,
             endpoints: HashMap::new(),
         };
         let mut manifest = Manifest::stateless(&reads);

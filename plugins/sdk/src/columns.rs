@@ -43,6 +43,14 @@ pub fn prefix_block_tokens(ns: &str) -> String {
     format!("{ns}/block-tokens")
 }
 
+/// …and, per candidate, how often the prefix it holds is asked for: requests routed between
+/// two requests reusing its deepest matched block, on average (infinite when it holds none
+/// or the block was not seen lately). A prefix asked for every `m` requests brings `n / m`
+/// workers' worth of traffic to a pool of `n`.
+pub fn prefix_match_interval(ns: &str) -> String {
+    format!("{ns}/match-interval")
+}
+
 /// The approximate prefix index's columns, for readers that name them directly.
 pub const PREFIX_MATCHED_BLOCKS: &str = "prefix-cache/matched-blocks";
 pub const PREFIX_TOTAL_BLOCKS: &str = "prefix-cache/total-blocks";
@@ -50,6 +58,7 @@ pub const PREFIX_BLOCK_TOKENS: &str = "prefix-cache/block-tokens";
 /// Per candidate: how many blocks the index holds for it (its share of the index; the host
 /// sums it into the indexer-size metric).
 pub const PREFIX_INDEXED_BLOCKS: &str = "prefix-cache/indexed-blocks";
+pub const PREFIX_MATCH_INTERVAL: &str = "prefix-cache/match-interval";
 
 /// The namespace a prefix reader's `prefixMatchInfoProducerName` parameter selects:
 /// empty or `approx-prefix-cache-producer` → `prefix-cache`, `precise-prefix-cache-producer`

@@ -33,7 +33,7 @@ mod store;
 use std::collections::{HashMap, HashSet};
 
 use llmd_plugin_sdk::columns::{
-    PREFIX_BLOCK_TOKENS, PREFIX_INDEXED_BLOCKS, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
+    PREFIX_BLOCK_TOKENS, PREFIX_INDEXED_BLOCKS, PREFIX_MATCH_INTERVAL, PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS,
 };
 use llmd_plugin_sdk::pending::Pending;
 use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Producer, params};
@@ -55,6 +55,96 @@ pub const MIN_BLOCK_TOKENS: usize = 64;
 pub const TUNED_SLACK: (u64, u64) = (5, 4);
 /// Bytes of prompt per estimated token.
 pub const BYTES_PER_TOKEN: usize = 4;
+/// Slots of the heat table (a power of two; 16 bytes each).
+const HEAT_SLOTS: usize = 1 << 13;
+/// The heat table's memory, in requests routed: a use counts `exp(-age / HEAT_HORIZON)`.
+const HEAT_HORIZON: f32 = 512.0;
+/// A block's rate is judged over at least this many requests routed (from its first use), so
+/// that a prefix asked for once in 48 requests is not mistaken, from a few close uses, for
+/// one asked for every 16 (a hot prefix on 16 workers); one asked for by every request
+/// reads as such after a few dozen.
+const HEAT_MIN_WINDOW: f32 = 256.0;
+/// The heat table follows the first blocks of a prompt and every `HEAT_STRIDE`th after
+/// them; a match is judged by its deepest such block (four times fewer writes, so a warm
+/// prefix is seldom overwritten by the traffic between two of its uses).
+const HEAT_STRIDE: usize = 4;
+
+/// Whether the block at `index` (from 0) is followed by the heat table.
+fn heat_tracked(index: usize) -> bool {
+    index < HEAT_STRIDE || (index + 1).is_multiple_of(HEAT_STRIDE)
+}
+
+/// The deepest followed block within a match of `depth` blocks (≥ 1).
+fn heat_block(depth: usize) -> usize {
+    if depth <= HEAT_STRIDE { depth - 1 } else { depth / HEAT_STRIDE * HEAT_STRIDE - 1 }
+}
+
+#[derive(Clone, Copy)]
+struct HeatSlot {
+    /// The hash's high half (its low bits chose the slot).
+    tag: u32,
+    /// The routing count when the block was first and last used (0: empty slot).
+    first: u32,
+    last: u32,
+    /// Uses, each weighed by how long ago it was (as of `last`).
+    uses: f32,
+}
+
+/// How often recently routed blocks are reused, in requests routed between two uses: a
+/// direct-mapped table, so a block not reused for long is overwritten and reads as cold.
+/// What tells a prompt shared by a large part of the traffic (one system prompt for every
+/// user) from one conversation's history, which look alike to the index.
+struct Heat {
+    slots: Vec<HeatSlot>,
+    routed: u32,
+}
+
+impl Heat {
+    fn new() -> Self {
+        Heat { slots: vec![HeatSlot { tag: 0, first: 0, last: 0, uses: 0.0 }; HEAT_SLOTS], routed: 0 }
+    }
+
+    fn slot(hash: u64) -> (usize, u32) {
+        ((hash as usize) & (HEAT_SLOTS - 1), (hash >> 32) as u32)
+    }
+
+    /// What uses `since` requests ago weigh now; over a span of `age` requests, what a use
+    /// at every request would add up to.
+    fn decay(since: u32) -> f32 {
+        (-(since as f32) / HEAT_HORIZON).exp()
+    }
+    fn window(age: u32) -> f32 {
+        HEAT_HORIZON * (1.0 - Self::decay(age))
+    }
+
+    /// One request routed with these blocks.
+    fn record(&mut self, hashes: &[u64]) {
+        self.routed = self.routed.wrapping_add(1).max(1);
+        let now = self.routed;
+        for (_, &h) in hashes.iter().enumerate().filter(|(i, _)| heat_tracked(*i)) {
+            let (i, tag) = Self::slot(h);
+            let s = &mut self.slots[i];
+            *s = if s.tag == tag && s.last != 0 {
+                HeatSlot { last: now, uses: s.uses * Self::decay(now.wrapping_sub(s.last)) + 1.0, ..*s }
+            } else {
+                HeatSlot { tag, first: now, last: now, uses: 1.0 }
+            };
+        }
+    }
+
+    /// Requests routed between two uses of `hash`, lately; infinite when it is not in the
+    /// table.
+    fn interval(&self, hash: u64) -> f32 {
+        let (i, tag) = Self::slot(hash);
+        let s = &self.slots[i];
+        if s.tag != tag || s.last == 0 {
+            return f32::INFINITY;
+        }
+        let uses = s.uses * Self::decay(self.routed.wrapping_sub(s.last));
+        let span = Self::window(self.routed.wrapping_sub(s.first).wrapping_add(1));
+        if uses > 0.0 { span.max(Self::window(HEAT_MIN_WINDOW as u32)) / uses } else { f32::INFINITY }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -209,6 +299,8 @@ pub struct PrefixIndexProducer {
     tuned: HashMap<u32, usize>,
     /// Hashes of cycles produced for but not yet routed.
     pending: Pending<Vec<u64>>,
+    /// How often recently routed blocks are reused.
+    heat: Heat,
 }
 
 impl Default for PrefixIndexProducer {
@@ -227,6 +319,7 @@ impl Default for PrefixIndexProducer {
             scratch: Vec::new(),
             tuned: HashMap::new(),
             pending: Pending::new(PENDING_CYCLES),
+            heat: Heat::new(),
         }
     }
 }
@@ -266,6 +359,7 @@ impl PrefixIndexProducer {
         for &h in hashes.iter().rev() {
             self.blocks.touch(endpoint, h, capacity);
         }
+        self.heat.record(hashes);
     }
 
     fn forget_endpoint(&mut self, endpoint: u32) {
@@ -281,6 +375,7 @@ impl PrefixIndexProducer {
     fn clear(&mut self) {
         self.blocks.clear();
         self.pending.clear();
+        self.heat = Heat::new();
     }
 }
 
@@ -291,10 +386,16 @@ impl Plugin for PrefixIndexProducer {
         *self = PrefixIndexProducer { block_tokens: config.block_tokens, config, ..Default::default() };
         Ok(Manifest {
             needs: Needs { model: true, prompt: true, pool: true, decided: true, ..Default::default() },
-            writes: [PREFIX_MATCHED_BLOCKS, PREFIX_TOTAL_BLOCKS, PREFIX_BLOCK_TOKENS, PREFIX_INDEXED_BLOCKS]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            writes: [
+                PREFIX_MATCHED_BLOCKS,
+                PREFIX_TOTAL_BLOCKS,
+                PREFIX_BLOCK_TOKENS,
+                PREFIX_INDEXED_BLOCKS,
+                PREFIX_MATCH_INTERVAL,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             ..Default::default()
         })
     }
@@ -357,7 +458,7 @@ impl Producer for PrefixIndexProducer {
             self.config.block_limit(block_tokens),
         );
         let n = cycle.len();
-        let mut out = vec![0.0f32; 4 * n];
+        let mut out = vec![0.0f32; 5 * n];
         // Walk the chain once, keeping the candidates that matched every block so far.
         let mut alive: Vec<usize> = (0..n).collect();
         let mut holders = std::mem::take(&mut self.scratch);
@@ -385,6 +486,8 @@ impl Producer for PrefixIndexProducer {
             out[n + i] = hashes.len() as f32;
             out[2 * n + i] = block_tokens as f32;
             out[3 * n + i] = self.blocks.endpoint_blocks(*id).map_or(0.0, |(len, _)| len as f32);
+            let depth = out[i] as usize;
+            out[4 * n + i] = if depth == 0 { f32::INFINITY } else { self.heat.interval(hashes[heat_block(depth)]) };
         }
         self.scratch = holders;
         self.pending.insert(cycle.id, hashes);
