@@ -27,11 +27,12 @@
 //! also *busy* when the prefix it holds is hot — asked for so often that it brings more than
 //! one worker's worth of traffic per holder (the producer's `match-interval`: asked for
 //! every `m` requests among `n` candidates, held by `k`, and `k × m < n`) — and it runs at
-//! least `busyRunningThreshold` requests and more than `busyRunningRatio` times the other
-//! candidates' mean. When every sticky candidate is busy or saturated, the
+//! least `busyRunningThreshold` requests and more than `busyRunningRatio` (default 2) times
+//! the other candidates' mean. When every sticky candidate is busy or saturated, the
 //! request spills as above. A conversation's history is asked for once a turn and never
 //! hot, so this moves shared system prompts, not conversations. Only the built-in prefix
-//! producers write `match-interval`; with another producer the rule is off.
+//! producers write `match-interval`; with another producer, or `queueDepthThreshold: 0`,
+//! the rule is off.
 //!
 //! `ttftSource: latencyPredictor` (upstream's trained predictor) is not available here and
 //! is rejected at load.
@@ -155,7 +156,7 @@ pub enum Decision {
     LoadOverride,
     /// Every sticky candidate was saturated: the others with room were kept.
     Saturated,
-    /// Every sticky candidate was busy or saturated, none saturated everywhere: the others
+    /// Every sticky candidate was busy or saturated, not all of them saturated: the others
     /// with room were kept.
     Busy,
     Sticky,
@@ -195,8 +196,12 @@ impl PrefixCacheAffinityFilter {
             // slows every decode step it runs; a prompt that popular is worth a copy
             // elsewhere before any holder queues.
             let others_mean = {
-                let known: Vec<f32> = other.iter().map(|&i| running(i)).filter(|r| r.is_finite()).collect();
-                if known.is_empty() { f32::NAN } else { known.iter().sum::<f32>() / known.len() as f32 }
+                let (sum, known) = other
+                    .iter()
+                    .map(|&i| running(i))
+                    .filter(|r| r.is_finite())
+                    .fold((0.0f32, 0u32), |(s, k), r| (s + r, k + 1));
+                if known == 0 { f32::NAN } else { sum / known as f32 }
             };
             // Hot: the prefix the holders share brings more than their number of workers'
             // worth of traffic (asked for every `m` requests among `n` candidates: n / m).

@@ -482,12 +482,25 @@ impl Producer for PrefixIndexProducer {
                 out[i] = (depth + 1) as f32;
             }
         }
+        let mut heat: Vec<f32> = Vec::new();
         for (i, id) in cycle.ids.iter().enumerate() {
             out[n + i] = hashes.len() as f32;
             out[2 * n + i] = block_tokens as f32;
             out[3 * n + i] = self.blocks.endpoint_blocks(*id).map_or(0.0, |(len, _)| len as f32);
             let depth = out[i] as usize;
-            out[4 * n + i] = if depth == 0 { f32::INFINITY } else { self.heat.interval(hashes[heat_block(depth)]) };
+            out[4 * n + i] = if depth == 0 {
+                f32::INFINITY
+            } else {
+                // Candidates share a few depths: each block's heat is read once.
+                let b = heat_block(depth);
+                if heat.is_empty() {
+                    heat = vec![f32::NAN; hashes.len()];
+                }
+                if heat[b].is_nan() {
+                    heat[b] = self.heat.interval(hashes[b]);
+                }
+                heat[b]
+            };
         }
         self.scratch = holders;
         self.pending.insert(cycle.id, hashes);
