@@ -255,6 +255,20 @@ fn build_one(
                 .push(Arc::new(crate::kv_events::KvEventsProducer::new(hub, settings))
                     as Arc<dyn epp_core::ProducerPlugin>);
         }
+        if let Some(half) =
+            spec.wasm.is_none().then(|| embedded::filtering_half(&spec.type_name, &spec.parameters)).flatten()
+        {
+            // Upstream's plugin filters as well as scores: its filtering half goes first,
+            // under the entry's name, with the same parameters.
+            let filter_spec = PluginSpec { type_name: half.to_string(), ..spec.clone() };
+            match load_or_reuse(runtime, owner, &filter_spec, previous, next, loaded)? {
+                PluginHandle::Filter(f) => filters.push(f),
+                other => {
+                    let error = LoadError::NoRole(format!("embedded {half} exports {}", other.role()));
+                    return Err(BuildError::Load { plugin: spec.name.clone(), error });
+                }
+            }
+        }
         match load_or_reuse(runtime, owner, spec, previous, next, loaded)? {
             PluginHandle::Producer(p) => producers.push(p),
             PluginHandle::Filter(f) => filters.push(f),

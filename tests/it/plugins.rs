@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use active_request_scorer::ActiveRequestScorer;
 use approx_prefix_cache_producer::PrefixIndexProducer;
+use context_length_aware::ContextLengthAware;
 use epp_core::{
     CacheInfo, Candidates, Completion, Outcome, PickerPlugin, PluginCore, ProducerPlugin, Request, ScorerPlugin,
 };
 use epp_core::{FilterPlugin, PluginHandle};
+use header_label_affinity_scorer::HeaderLabelAffinityScorer;
 use inflight_load_producer::InflightLoadProducer;
 use kv_cache_utilization_scorer::KvCacheUtilizationScorer;
 use label_selector_filter::LabelSelectorFilter;
@@ -1157,6 +1159,133 @@ fn session_affinity_filter_pins_the_session_to_its_endpoint() {
     );
 }
 
+/// A request whose estimated prompt is `tokens` long.
+fn tokens_long(tokens: u32) -> Request {
+    Request { prompt_tokens: tokens, ..request("r", "") }
+}
+
+/// Four endpoints: `0-2048`, `2048-8192`, no label, and a label that is not a range.
+fn context_ranged_pool(label: &str) -> Vec<EndpointInfo> {
+    let mut eps = pool(4);
+    eps[0].labels.push((label.into(), "0-2048".into()));
+    eps[1].labels.push((label.into(), "2048-8192".into()));
+    eps[3].labels.push((label.into(), "8192".into()));
+    eps
+}
+
+#[test]
+fn context_length_aware_table() {
+    let s = scorer::<ContextLengthAware>("context-length-aware", "{}");
+    s.pool_changed(&context_ranged_pool("llm-d.ai/context-length-range"));
+    let m = idle(4);
+    let score = |tokens| s.score(1, &tokens_long(tokens), &m, &[]);
+    // 1 000 tokens: in the narrow range (above 0.3), 1 048 under the wide one's floor.
+    let short = score(1_000);
+    let in_narrow = 0.3 + 0.7 * (0.7 / 1.2048 + 0.3 * 1_048.0 / 2_048.0);
+    assert!((f64::from(short[0]) - in_narrow).abs() < 1e-6, "{short:?}");
+    assert!((f64::from(short[1]) - 0.3 / 2.048).abs() < 1e-6, "{short:?}");
+    assert_eq!((short[2], short[3]), (0.5, 0.0), "no label: neutral; not a range: 0");
+    // 5 000 tokens: the long range in range, the short one 2 952 tokens away.
+    let long = score(5_000);
+    assert!(long[1] > 0.3 && long[0] < 0.3 && long[1] > long[2], "{long:?}");
+    // 9 000 tokens: nobody's range; the nearer bound (8 192) wins.
+    let over = score(9_000);
+    assert!(over[1] > over[0] && over[1] < 0.3, "{over:?}");
+    // A range of one length scores 1 at it; the label is a parameter.
+    let s = scorer::<ContextLengthAware>("context-length-aware", r#"{"label": "ctx"}"#);
+    let mut eps = pool(2);
+    eps[0].labels.push(("ctx".into(), "100-100".into()));
+    eps[1].labels.push(("llm-d.ai/context-length-range".into(), "100-100".into()));
+    s.pool_changed(&eps);
+    assert_eq!(s.score(1, &tokens_long(100), &idle(2), &[]), vec![1.0, 0.5]);
+
+    // The filtering half: in range or unlabelled; a bad label is dropped.
+    let f = filter::<ContextLengthAware>("context-length-aware-filter", r#"{"enableFiltering": true}"#);
+    f.pool_changed(&context_ranged_pool("llm-d.ai/context-length-range"));
+    assert_eq!(f.filter(1, &tokens_long(1_000), &m, &[]), vec![0, 2]);
+    assert_eq!(f.filter(2, &tokens_long(2_048), &m, &[]), vec![0, 1, 2], "bounds are included");
+    assert_eq!(f.filter(3, &tokens_long(9_000), &m, &[]), vec![2]);
+
+    rejected("context-length-aware", r#"{"label": ""}"#, "label");
+    rejected("context-length-aware", r#"{"enableFiltering": "yes"}"#, "enableFiltering");
+    rejected("context-length-aware", r#"{"lable": "x"}"#, "lable");
+}
+
+#[test]
+fn header_label_affinity_scorer_table() {
+    let s = scorer::<HeaderLabelAffinityScorer>(
+        "header-label-affinity-scorer",
+        r#"{"headerName": "X-Preferred-Zone", "labelKey": "topology.kubernetes.io/zone"}"#,
+    );
+    let mut eps = pool(3);
+    eps[0].labels.push(("topology.kubernetes.io/zone".into(), "a".into()));
+    eps[1].labels.push(("topology.kubernetes.io/zone".into(), "b".into()));
+    s.pool_changed(&eps);
+    let m = idle(3);
+    let with = |value: Option<&str>| {
+        let mut r = request("r", "");
+        r.headers = value.map(|v| vec![("x-preferred-zone".to_string(), v.to_string())]).unwrap_or_default();
+        s.score(1, &r, &m, &[])
+    };
+    assert_eq!(with(Some("b")), vec![0.0, 1.0, 0.0], "the header's name in any case");
+    assert_eq!(with(Some("a")), vec![1.0, 0.0, 0.0]);
+    assert_eq!(with(Some("c")), vec![0.0, 0.0, 0.0], "a value nobody carries");
+    assert_eq!(with(Some("")), vec![0.0, 0.0, 0.0], "an empty header");
+    assert_eq!(with(None), vec![0.0, 0.0, 0.0], "no header");
+    let needs = s.wasm.manifest().needs;
+    assert!(needs.headers && needs.pool && !needs.prompt && !needs.decided, "{needs:?}");
+    rejected("header-label-affinity-scorer", r#"{"labelKey": "zone"}"#, "headerName");
+    rejected("header-label-affinity-scorer", r#"{"headerName": "x-zone"}"#, "labelKey");
+    rejected("header-label-affinity-scorer", "{}", "headerName");
+}
+
+/// The config names one `context-length-aware` plugin, as upstream's does; with
+/// `enableFiltering: true` the built profile filters with it as well as scoring.
+#[test]
+fn context_length_aware_filters_only_when_its_entry_asks() {
+    let dir = TempDir::new("plugins", "ctx-len");
+    let endpoints = dir.join("endpoints.yaml");
+    std::fs::write(&endpoints, "endpoints: []\n").unwrap();
+    let profile = |filtering: bool| {
+        let yaml = format!(
+            "{}- name: ctx
+  type: context-length-aware
+  parameters: {{enableFiltering: {filtering}}}
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: ctx
+    weight: 1
+  - pluginRef: queue-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+",
+            config_head(&endpoints.display().to_string())
+        );
+        let config = epp::config::PickerConfig::parse(&yaml, None).expect("parses");
+        let scheduler =
+            epp::loader::build(runtime(), &config, &epp::loader::PluginSet::default()).expect("builds").scheduler;
+        let failures = scheduler.pool_changed(1, &context_ranged_pool("llm-d.ai/context-length-range"));
+        assert!(failures.is_empty(), "{failures:?}");
+        scheduler
+    };
+    // The short-range endpoint idle, the others with a queue (short of saturation): the
+    // queue outweighs the range when only scoring, not when filtering.
+    let m = metrics(&[(0, 0.0, 0.0, 0.0), (1, 3.0, 0.0, 0.0), (2, 3.0, 0.0, 0.0), (3, 3.0, 0.0, 0.0)]);
+    let scoring = profile(false);
+    assert_eq!(scoring.decide(1, &tokens_long(5_000), m.clone()).expect("decides").primary(), 0);
+    let filtering = profile(true);
+    assert_eq!(filtering.decide(1, &tokens_long(5_000), m.clone()).expect("decides").primary(), 1);
+    // A prompt no range holds goes to the unlabelled endpoint; with it gone, nothing is left
+    // and the request fails naming the plugin.
+    assert_eq!(filtering.decide(2, &tokens_long(9_000), m.clone()).expect("decides").primary(), 2);
+    let no_unlabelled = metrics(&[(0, 0.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]);
+    let err = filtering.decide(3, &tokens_long(9_000), no_unlabelled).expect_err("nothing left");
+    assert!(err.to_string().contains("ctx"), "{err}");
+}
+
 #[test]
 fn label_selector_filter_table() {
     let mut eps = pool(4);
@@ -1323,6 +1452,8 @@ fn manifests_ask_only_for_what_each_plugin_uses() {
         ("running-requests-size-scorer", false, false),
         ("load-aware-scorer", false, false),
         ("session-affinity-filter", false, true),
+        ("context-length-aware", false, false),
+        ("context-length-aware-filter", false, false),
     ];
     for (t, prompt, decided) in cases {
         let needs = wasm(t, "{}").core().manifest().needs;

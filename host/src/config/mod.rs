@@ -81,6 +81,8 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("load-aware-scorer", PluginKind::Scheduling),
     ("utilization-filter", PluginKind::Scheduling),
     ("session-affinity-filter", PluginKind::Scheduling),
+    ("context-length-aware", PluginKind::Scheduling),
+    ("header-label-affinity-scorer", PluginKind::Scheduling),
     ("by-label-selector", PluginKind::Scheduling),
     ("by-label", PluginKind::Scheduling),
     ("decode-filter", PluginKind::Scheduling),

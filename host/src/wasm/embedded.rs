@@ -38,6 +38,15 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ("load-aware-scorer", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/load_aware_scorer.wasm"))),
     ("utilization-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/utilization_filter.wasm"))),
     ("session-affinity-filter", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/session_affinity_filter.wasm"))),
+    ("context-length-aware", include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/context_length_aware.wasm"))),
+    (
+        "context-length-aware-filter",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/context_length_aware_filter.wasm")),
+    ),
+    (
+        "header-label-affinity-scorer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/header_label_affinity_scorer.wasm")),
+    ),
 ];
 
 /// Older names upstream still accepts, and the type they stand for.
@@ -65,6 +74,21 @@ pub const ROLE_FILTERS: &[(&str, &str)] = &[
         r#"{"label": "llm-d.ai/role", "validValues": ["encode", "encode-prefill", "encode-prefill-decode"]}"#,
     ),
 ];
+
+/// Upstream plugins that are a filter and a scorer at once, built here as two components:
+/// (type, the type of its embedded filtering half, the boolean parameter that turns the
+/// filtering on). The host runs the filtering half in front of the scorer when an entry of
+/// the type (without a `wasm:` file of its own) sets the parameter.
+pub const FILTERING_HALVES: &[(&str, &str, &str)] =
+    &[("context-length-aware", "context-length-aware-filter", "enableFiltering")];
+
+/// The type of the filtering half an entry of `type_name` with `parameters` asks for.
+pub fn filtering_half(type_name: &str, parameters: &serde_json::Value) -> Option<&'static str> {
+    FILTERING_HALVES
+        .iter()
+        .find(|(t, _, flag)| *t == type_name && parameters.get(*flag).and_then(|v| v.as_bool()) == Some(true))
+        .map(|(_, half, _)| *half)
+}
 
 /// The embedded component for plugin `type_name`, if it is one of the defaults.
 pub fn find(type_name: &str) -> Option<&'static [u8]> {
