@@ -69,6 +69,7 @@ pub fn busy_metrics(n: usize) -> Candidates {
         running: ids.iter().map(|i| (i % 5) as f32).collect(),
         kv_usage: ids.iter().map(|i| (i * 13 % 90) as f32 / 100.0).collect(),
         age_ms: ids.iter().map(|_| 10.0).collect(),
+        attributes: Vec::new(),
         own_in_flight: Vec::new(),
         ids,
     }

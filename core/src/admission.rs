@@ -154,6 +154,7 @@ mod tests {
             running: rows.iter().map(|_| 0.0).collect(),
             kv_usage: rows.iter().map(|r| r.1).collect(),
             age_ms: rows.iter().map(|r| r.2).collect(),
+            attributes: Vec::new(),
             own_in_flight: Vec::new(),
         }
     }
@@ -166,6 +167,7 @@ mod tests {
             running: rows.iter().map(|r| r.1).collect(),
             kv_usage: rows.iter().map(|_| 0.1).collect(),
             age_ms: rows.iter().map(|r| r.3).collect(),
+            attributes: Vec::new(),
             own_in_flight: rows.iter().map(|r| r.2).collect(),
         }
     }

@@ -1,7 +1,8 @@
 //! Per-candidate data of one cycle. `Candidates` is what the host hands in: the endpoint
 //! ids and their scraped load (NaN = unknown). `Table` is what a profile works on: the
-//! built-in columns plus a slot for every column a producer of the profile writes, all
-//! index-aligned with the ids and narrowed together when a filter drops candidates.
+//! built-in columns, the endpoint attributes the profile reads, and a slot for every column
+//! a producer of the profile writes, all index-aligned with the ids and narrowed together
+//! when a filter drops candidates.
 
 use llmd_plugin_sdk::columns::BUILT_IN;
 
@@ -18,6 +19,9 @@ pub struct Candidates {
     /// at once rather than scraped. Empty when not known: every queued request then counts
     /// as someone else's (see `SaturationConfig::filter`).
     pub own_in_flight: Vec<f32>,
+    /// Endpoint attributes (custom metrics the extractor's `customMetrics` name): each key
+    /// with one value per candidate, NaN where unknown. Empty when none are configured.
+    pub attributes: Vec<(std::sync::Arc<str>, Vec<f32>)>,
 }
 
 impl Candidates {
@@ -27,6 +31,11 @@ impl Candidates {
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+
+    /// Attribute `key`'s values, one per candidate, if any candidate has it.
+    pub fn attribute(&self, key: &str) -> Option<&[f32]> {
+        self.attributes.iter().find(|(k, _)| &**k == key).map(|(_, v)| v.as_slice())
     }
 
     /// Keeps only the candidates at `positions` (ascending indices).
@@ -39,6 +48,7 @@ impl Candidates {
             kv_usage: pick(&self.kv_usage),
             age_ms: pick(&self.age_ms),
             own_in_flight: if self.own_in_flight.is_empty() { Vec::new() } else { pick(&self.own_in_flight) },
+            attributes: self.attributes.iter().map(|(k, v)| (k.clone(), pick(v))).collect(),
         }
     }
 
@@ -52,6 +62,7 @@ impl Candidates {
             kv_usage: vec![0.0; n_us],
             age_ms: vec![10.0; n_us],
             own_in_flight: vec![0.0; n_us],
+            attributes: Vec::new(),
         }
     }
 }
@@ -163,6 +174,7 @@ impl Table {
             kv_usage: self.column(2).to_vec(),
             age_ms: self.column(3).to_vec(),
             own_in_flight: Vec::new(),
+            attributes: Vec::new(),
         }
     }
 }
@@ -194,6 +206,7 @@ mod tests {
             kv_usage: vec![0.1, 0.2, 0.3],
             age_ms: vec![5.0; 3],
             own_in_flight: Vec::new(),
+            attributes: Vec::new(),
         };
         let mut t = Table::new(&c, 6);
         t.set(4, &[10.0, 20.0, 30.0]);

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llmd_plugin_sdk::columns::BUILT_IN;
+use llmd_plugin_sdk::columns::{ATTRIBUTE_PREFIX, BUILT_IN};
 use llmd_plugin_sdk::{Completion, EndpointInfo};
 use tracing::{debug, warn};
 
@@ -61,7 +61,7 @@ pub enum ProfileError {
     UnknownColumn { profile: String, plugin: String, column: String, known: String },
     #[error("column `{column}` is written by both `{first}` and `{second}` in profile `{profile}`")]
     WrittenTwice { profile: String, column: String, first: String, second: String },
-    #[error("plugin `{plugin}` writes `{column}`, a built-in column")]
+    #[error("plugin `{plugin}` writes `{column}`, a column the host fills (built in or an endpoint attribute)")]
     WritesBuiltIn { plugin: String, column: String },
 }
 
@@ -128,6 +128,9 @@ pub struct SchedulerProfile {
     plugins: Vec<PluginHandle>,
     /// Slot → column name; the built-ins first.
     columns: Vec<String>,
+    /// Slots of the endpoint attributes read (`attribute/<key>` columns), filled from
+    /// `Candidates::attributes`, and their keys.
+    attributes: Vec<(usize, String)>,
     /// Indices into `plugins` of those that asked for each hook.
     pool_hook: Vec<usize>,
     decided_hook: Vec<usize>,
@@ -140,29 +143,40 @@ struct Columns<'a> {
     profile: &'a str,
     names: Vec<String>,
     writers: Vec<String>,
+    /// The endpoint-attribute slots given so far, with their keys.
+    attributes: Vec<(usize, String)>,
 }
 
 impl Columns<'_> {
-    fn reads(&self, plugin: &dyn PluginCore) -> Result<Vec<usize>, ProfileError> {
-        plugin
-            .manifest()
-            .reads
-            .iter()
-            .map(|column| {
-                self.names.iter().position(|n| n == column).ok_or_else(|| ProfileError::UnknownColumn {
+    /// The slots of the columns `plugin` reads. An endpoint attribute (`attribute/<key>`)
+    /// gets a slot on its first reader: the host fills it from the scraped attributes (NaN
+    /// for an endpoint without it), so no producer writes it.
+    fn reads(&mut self, plugin: &dyn PluginCore) -> Result<Vec<usize>, ProfileError> {
+        let mut slots = Vec::new();
+        for column in &plugin.manifest().reads {
+            if let Some(k) = self.names.iter().position(|n| n == column) {
+                slots.push(k);
+            } else if let Some(key) = column.strip_prefix(ATTRIBUTE_PREFIX).filter(|k| !k.is_empty()) {
+                slots.push(self.names.len());
+                self.attributes.push((self.names.len(), key.to_string()));
+                self.names.push(column.clone());
+                self.writers.push("(endpoint attribute)".into());
+            } else {
+                return Err(ProfileError::UnknownColumn {
                     profile: self.profile.to_string(),
                     plugin: plugin.name().to_string(),
                     column: column.clone(),
                     known: self.names.join(", "),
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(slots)
     }
 
     fn writes(&mut self, plugin: &dyn PluginCore) -> Result<Vec<usize>, ProfileError> {
         let mut slots = Vec::new();
         for column in &plugin.manifest().writes {
-            if BUILT_IN.contains(&column.as_str()) {
+            if BUILT_IN.contains(&column.as_str()) || column.starts_with(ATTRIBUTE_PREFIX) {
                 return Err(ProfileError::WritesBuiltIn { plugin: plugin.name().into(), column: column.clone() });
             }
             if let Some(k) = self.names.iter().position(|n| n == column) {
@@ -210,6 +224,7 @@ impl SchedulerProfile {
             profile: &name,
             names: BUILT_IN.iter().map(|s| s.to_string()).collect(),
             writers: BUILT_IN.iter().map(|_| "(built in)".to_string()).collect(),
+            attributes: Vec::new(),
         };
         let mut plugins = Vec::new();
         let mut produced = Vec::new();
@@ -239,7 +254,7 @@ impl SchedulerProfile {
         };
         let (pool_hook, decided_hook, first_chunk_hook, finished_hook) =
             (hook(|n| n.pool), hook(|n| n.decided), hook(|n| n.first_chunk), hook(|n| n.finished));
-        let columns = cols.names;
+        let (columns, attributes) = (cols.names, cols.attributes);
         Ok(SchedulerProfile {
             name,
             producers: produced,
@@ -248,6 +263,7 @@ impl SchedulerProfile {
             picker: picking,
             plugins,
             columns,
+            attributes,
             pool_hook,
             decided_hook,
             first_chunk_hook,
@@ -353,6 +369,11 @@ impl SchedulerProfile {
             return Err(ScheduleError::NoCandidates);
         }
         let mut table = Table::new(candidates, self.columns.len());
+        for (slot, key) in &self.attributes {
+            if let Some(values) = candidates.attribute(key) {
+                table.set(*slot, values);
+            }
+        }
         let mut run = Run::default();
         let mut buf = Vec::new();
 

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,6 +32,8 @@ pub struct MetricsCell {
     routed_since_scrape: AtomicU32,
     in_flight: AtomicU32,
     in_flight_tokens: AtomicU64,
+    /// The endpoint's attributes (custom metrics) as of the last scrape that read any.
+    attributes: ArcSwap<Vec<(Arc<str>, f32)>>,
 }
 
 impl Default for MetricsCell {
@@ -44,6 +46,7 @@ impl Default for MetricsCell {
             routed_since_scrape: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             in_flight_tokens: AtomicU64::new(0),
+            attributes: ArcSwap::from_pointee(Vec::new()),
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct Datastore {
     /// Serialises writers; readers never take it.
     write: Mutex<Ids>,
     epoch: Instant,
+    /// Whether any endpoint ever had an attribute: until then requests skip them.
+    attributes_seen: AtomicBool,
 }
 
 #[derive(Default)]
@@ -157,6 +162,7 @@ impl Datastore {
             pool: ArcSwap::from_pointee(PoolSnapshot::default()),
             write: Mutex::new(Ids::default()),
             epoch: Instant::now(),
+            attributes_seen: AtomicBool::new(false),
         }
     }
 
@@ -251,6 +257,20 @@ impl Datastore {
         }
     }
 
+    /// Records the attributes (custom metrics) a scrape of endpoint `id` read; an endpoint
+    /// whose engine config maps none records nothing.
+    pub fn record_attributes(&self, id: u32, attributes: Vec<(Arc<str>, f32)>) {
+        if attributes.is_empty() && !self.attributes_seen.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(e) = self.pool.load().by_id(id)
+            && **e.metrics.attributes.load() != attributes
+        {
+            e.metrics.attributes.store(Arc::new(attributes));
+            self.attributes_seen.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Milliseconds since endpoint `e`'s last scrape (`u32::MAX` when never scraped).
     pub fn age_ms(&self, e: &PoolEndpoint) -> u32 {
         let updated = e.metrics.updated_ms.load(Ordering::Acquire);
@@ -272,8 +292,10 @@ impl Datastore {
             kv_usage: Vec::with_capacity(endpoints.len()),
             age_ms: Vec::with_capacity(endpoints.len()),
             own_in_flight: Vec::with_capacity(endpoints.len()),
+            attributes: Vec::new(),
         };
-        for e in endpoints {
+        let with_attributes = self.attributes_seen.load(Ordering::Relaxed);
+        for (i, e) in endpoints.iter().enumerate() {
             let (r, updated) = e.metrics.load();
             let age = if updated == 0 { u32::MAX } else { now.saturating_sub(updated).min(u32::MAX as u64) as u32 };
             let fresh = age <= max_age_ms;
@@ -284,6 +306,18 @@ impl Datastore {
             m.kv_usage.push(v(r.kv_usage));
             m.age_ms.push(age as f32);
             m.own_in_flight.push(e.metrics.in_flight.load(Ordering::Relaxed) as f32);
+            if with_attributes && fresh {
+                for (key, value) in e.metrics.attributes.load().iter() {
+                    let column = match m.attributes.iter().position(|(k, _)| k == key) {
+                        Some(c) => c,
+                        None => {
+                            m.attributes.push((key.clone(), vec![f32::NAN; endpoints.len()]));
+                            m.attributes.len() - 1
+                        }
+                    };
+                    m.attributes[column].1[i] = *value;
+                }
+            }
         }
         m
     }
@@ -400,5 +434,36 @@ mod tests {
         let snap = ds.snapshot();
         let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
         assert_eq!(ds.candidates(&all, 10_000).waiting[0], 3.0);
+    }
+
+    #[test]
+    fn attributes_are_columns_of_the_candidates_nan_where_missing() {
+        let ds = Datastore::new();
+        let (s, _) = ds.set_pool(&[spec("a", 1, "x"), spec("b", 2, "x"), spec("c", 3, "x")]);
+        let (a, b, c) = (s.endpoints[0].id, s.endpoints[1].id, s.endpoints[2].id);
+        let snap = ds.snapshot();
+        let all: Vec<&PoolEndpoint> = snap.endpoints.iter().collect();
+        // Nothing configured: no attribute columns at all.
+        ds.record_attributes(a, Vec::new());
+        assert!(ds.candidates(&all, 10_000).attributes.is_empty());
+        for id in [a, b] {
+            ds.record_metrics(id, Reading { waiting: 0.0, running: 0.0, kv_usage: 0.0 });
+        }
+        ds.record_attributes(a, vec![("temp".into(), 80.0), ("tier".into(), 1.0)]);
+        ds.record_attributes(b, vec![("temp".into(), 60.0)]);
+        // c's metrics were never scraped (stale): its attributes read as unknown, as its load.
+        ds.record_attributes(c, vec![("temp".into(), 10.0)]);
+        let m = ds.candidates(&all, 10_000);
+        let temp = m.attribute("temp").expect("temp column");
+        assert_eq!((temp[0], temp[1]), (80.0, 60.0));
+        assert!(temp[2].is_nan(), "c's are stale: {temp:?}");
+        let tier = m.attribute("tier").expect("tier column");
+        assert!(tier[0] == 1.0 && tier[1].is_nan() && tier[2].is_nan(), "{tier:?}");
+        assert!(m.attribute("other").is_none());
+        // A later scrape replaces the endpoint's attributes; selecting keeps them aligned.
+        ds.record_attributes(a, vec![("temp".into(), 70.0)]);
+        let m = ds.candidates(&all, 10_000);
+        assert!(m.attribute("tier").is_none(), "no endpoint has tier now");
+        assert_eq!(m.select(&[1, 2]).attribute("temp").map(<[f32]>::to_vec).map(|t| t[0]), Some(60.0));
     }
 }

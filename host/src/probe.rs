@@ -77,6 +77,7 @@ pub fn synthetic_metrics(pool: &[EndpointInfo], kind: &str) -> Candidates {
         kv_usage: (0..n).map(|i| v(i, 0.1)).collect(),
         age_ms: vec![age; n],
         own_in_flight: Vec::new(),
+        attributes: Vec::new(),
     }
 }
 

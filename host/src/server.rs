@@ -436,6 +436,7 @@ impl ScrapeSink for PoolSink {
             id,
             Reading { waiting: m.waiting as f32, running: m.running as f32, kv_usage: m.kv_usage as f32 },
         );
+        ds.record_attributes(id, m.custom.clone());
         let engine = EngineInfo {
             max_lora: m.lora.as_ref().map(|l| l.max_lora),
             running_adapters: m.lora.as_ref().map(|l| l.running.clone()).unwrap_or_default(),

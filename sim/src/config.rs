@@ -37,6 +37,10 @@ pub struct SimConfig {
     pub kv_events: Option<KvEventsConfig>,
     /// Whose metric names `/metrics` uses.
     pub metrics_names: MetricsNames,
+    /// More gauges on `/metrics`, as `name` or `name{labels}` and a value (what an
+    /// operator's exporter adds: a GPU's temperature, a tier), changeable while running
+    /// ([`crate::SimHandle::set_extra_metric`]).
+    pub extra_metrics: Vec<(String, f64)>,
 }
 
 /// The engine whose metric names `/metrics` speaks.
@@ -73,6 +77,7 @@ impl Default for SimConfig {
             requests_mode: FaultMode::Ok,
             kv_events: None,
             metrics_names: MetricsNames::Vllm,
+            extra_metrics: Vec::new(),
         }
     }
 }
@@ -198,8 +203,23 @@ pub struct Cli {
     /// The events' topic.
     #[arg(long, default_value = "")]
     pub kv_events_topic: String,
+    /// Another gauge on `/metrics`, as `name=value` or `name{label="v"}=value` (repeatable).
+    #[arg(long = "extra-metric", value_parser = parse_extra_metric)]
+    pub extra_metrics: Vec<(String, f64)>,
     #[command(flatten)]
     pub model: ModelFlags,
+}
+
+/// `--extra-metric`: `name=value`, the value after the last `=` (labels hold `=` too).
+fn parse_extra_metric(s: &str) -> Result<(String, f64), String> {
+    let (name, value) = s.rsplit_once('=').ok_or("expected name=value")?;
+    let value: f64 = value.trim().parse().map_err(|_| format!("`{value}` is not a number"))?;
+    let name = name.trim();
+    let bare = name.split('{').next().unwrap_or_default();
+    if bare.is_empty() || !bare.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':')) {
+        return Err(format!("`{name}` is not a metric name"));
+    }
+    Ok((name.to_string(), value))
 }
 
 /// Flags of the serving model (reusable by other binaries that run the model).
@@ -255,6 +275,7 @@ impl From<Cli> for SimConfig {
             metrics_mode: cli.metrics_mode,
             requests_mode: cli.requests_mode,
             metrics_names: cli.metrics_names,
+            extra_metrics: cli.extra_metrics,
             kv_events: cli.kv_events_port.map(|port| KvEventsConfig {
                 port,
                 replay_port: cli.kv_events_replay_port,

@@ -18,6 +18,8 @@ pub struct MetricsInput<'a> {
     pub stats: &'a ModelStats,
     /// Unix time, seconds.
     pub now_unix: f64,
+    /// More gauges (`name` or `name{labels}`, value), after the engine's.
+    pub extra: &'a [(String, f64)],
 }
 
 /// Served when `/metrics` is in `garbage` mode: starts like a real page, then stops parsing.
@@ -47,6 +49,7 @@ pub fn render(input: &MetricsInput<'_>) -> String {
         metric("sglang:token_usage", "gauge", "The token usage.", &base, s.kv_usage);
         metric("sglang:page_size", "gauge", "Tokens per KV-cache page.", &base, input.params.block_size as f64);
         metric("sglang:num_pages", "gauge", "KV-cache pages.", &base, input.params.num_gpu_blocks as f64);
+        push_extra(&mut out, input.extra);
         return out;
     }
     metric(
@@ -103,7 +106,16 @@ pub fn render(input: &MetricsInput<'_>) -> String {
         &base,
         c.generation_tokens as f64,
     );
+    push_extra(&mut out, input.extra);
     out
+}
+
+/// Appends the extra gauges, each as written (`name` or `name{labels}`).
+fn push_extra(out: &mut String, extra: &[(String, f64)]) {
+    for (series, value) in extra {
+        let name = series.split('{').next().unwrap_or(series);
+        let _ = write!(out, "# HELP {name} An extra gauge.\n# TYPE {name} gauge\n{series} {value}\n");
+    }
 }
 
 /// Escapes a label value (backslash, double quote, newline), as the text format requires.
@@ -144,7 +156,7 @@ mod tests {
 
     /// The page of `stats()` with these names, model name, parameters and clock.
     fn page(names: MetricsNames, model_name: &str, params: &ModelParams, now_unix: f64) -> String {
-        render(&MetricsInput { names, model_name, params, stats: &stats(), now_unix })
+        render(&MetricsInput { names, model_name, params, stats: &stats(), now_unix, extra: &[] })
     }
 
     #[test]
@@ -191,5 +203,21 @@ mod tests {
             assert!(page.contains(line), "{line:?} missing from:\n{page}");
         }
         assert!(!page.contains("vllm:"), "{page}");
+    }
+
+    #[test]
+    fn extra_gauges_follow_the_engines() {
+        let extra = [("gpu_temp".to_string(), 71.5), ("tier{level=\"gold\"}".to_string(), 1.0)];
+        let input = MetricsInput {
+            names: MetricsNames::Vllm,
+            model_name: "m",
+            params: &ModelParams::default(),
+            stats: &stats(),
+            now_unix: 0.0,
+            extra: &extra,
+        };
+        let page = render(&input);
+        assert!(page.ends_with("# TYPE tier gauge\ntier{level=\"gold\"} 1\n"), "{page}");
+        assert!(page.contains("# TYPE gpu_temp gauge\ngpu_temp 71.5\n"), "{page}");
     }
 }

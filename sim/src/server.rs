@@ -86,6 +86,7 @@ struct App {
     served: ServedModels,
     params: ModelParams,
     metrics_names: crate::config::MetricsNames,
+    extra_metrics: Arc<std::sync::Mutex<Vec<(String, f64)>>>,
     engine: Arc<Engine>,
     faults: Arc<Faults>,
     serial: AtomicU64,
@@ -98,6 +99,7 @@ pub struct SimHandle {
     name: String,
     faults: Arc<Faults>,
     engine: Arc<Engine>,
+    extra_metrics: Arc<std::sync::Mutex<Vec<(String, f64)>>>,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     kv_events_ports: Option<(u16, Option<u16>)>,
@@ -132,6 +134,16 @@ impl SimHandle {
     /// Changes injected faults, as `POST /admin/fault` does; returns the resulting state.
     pub fn set_faults(&self, update: FaultUpdate) -> FaultUpdate {
         self.faults.apply(update)
+    }
+
+    /// Sets extra gauge `series` (`name` or `name{labels}`) on `/metrics` to `value`, adding
+    /// it if new; `None` removes it.
+    pub fn set_extra_metric(&self, series: &str, value: Option<f64>) {
+        let mut extra = self.extra_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        extra.retain(|(s, _)| s != series);
+        if let Some(v) = value {
+            extra.push((series.to_string(), v));
+        }
     }
 
     /// Stops accepting, ends requests in flight, and waits (briefly) for the server to exit.
@@ -183,11 +195,13 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
     tokio::spawn(Arc::clone(&engine).run(shutdown.clone()));
     let handle_engine = Arc::clone(&engine);
     let faults = Arc::new(Faults::new(config.metrics_mode, config.requests_mode));
+    let extra_metrics = Arc::new(std::sync::Mutex::new(config.extra_metrics.clone()));
     let app = Arc::new(App {
         name: config.name.clone(),
         served,
         params: config.model.clone(),
         metrics_names: config.metrics_names,
+        extra_metrics: Arc::clone(&extra_metrics),
         engine,
         faults: Arc::clone(&faults),
         serial: AtomicU64::new(0),
@@ -214,6 +228,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<SimHandle> {
         name: config.name,
         faults,
         engine: handle_engine,
+        extra_metrics,
         stop,
         server: Some(server),
         kv_events_ports,
@@ -389,12 +404,14 @@ async fn metrics_page(State(app): State<Arc<App>>) -> Response {
         FaultMode::Hang => return hang(&app).await,
     }
     let stats = app.engine.stats();
+    let extra = app.extra_metrics.lock().map(|e| e.clone()).unwrap_or_default();
     let page = metrics::render(&MetricsInput {
         names: app.metrics_names,
         model_name: app.served.base(),
         params: &app.params,
         stats: &stats,
         now_unix: unix_now(),
+        extra: &extra,
     });
     prometheus_text(page)
 }

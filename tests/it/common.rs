@@ -97,6 +97,7 @@ pub fn metrics(rows: &[(u32, f32, f32, f32)]) -> Candidates {
         running: rows.iter().map(|r| r.2).collect(),
         kv_usage: rows.iter().map(|r| r.3).collect(),
         age_ms: rows.iter().map(|_| 10.0).collect(),
+        attributes: Vec::new(),
         own_in_flight: Vec::new(),
     }
 }

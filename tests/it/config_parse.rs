@@ -470,3 +470,38 @@ fn startup_errors_are_one_line_naming_the_cause() {
         assert!(!stderr.contains("backtrace"), "{stderr}");
     }
 }
+
+/// An attribute plugin reading a key that no extractor's `customMetrics` declares loads
+/// (the key may be a producer's of a later config) and is warned about by name.
+#[test]
+fn an_attribute_no_extractor_declares_is_warned_about() {
+    let config = |key: &str| {
+        format!(
+            "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: core-metrics-extractor
+  parameters:
+    engineConfigs:
+    - name: e
+      queuedRequestsSpec: q
+      customMetrics: [{{attributeKey: gpu.temp, metricSpec: temp}}]
+- name: cool
+  type: endpoint-attribute-filter
+  parameters: {{attribute: {key}, algorithm: {{type: threshold, threshold: {{operator: LessThan, value: 1}}}}}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: cool
+"
+        )
+    };
+    let declared = PickerConfig::parse(&config("gpu.temp"), None).unwrap();
+    assert!(declared.warnings.is_empty(), "{:?}", declared.warnings);
+    let typo = PickerConfig::parse(&config("gpu.tmp"), None).unwrap();
+    assert!(
+        typo.warnings.iter().any(|w| w.contains("plugin `cool`") && w.contains("`gpu.tmp`") && w.contains("gpu.temp")),
+        "{:?}",
+        typo.warnings
+    );
+}

@@ -211,3 +211,79 @@ async fn a_websocket_upgrade_is_routed_not_left_waiting() {
     // The simulated worker speaks no WebSocket: it answers, and that answer comes back.
     assert!(head.contains("x-sim-worker"), "the request did not reach a worker: {head}");
 }
+
+/// A config whose extractor maps the workers' `gpu_temp` gauge to attribute `gpu.temp`
+/// (`customMetrics`, as upstream) and whose profile keeps only workers below 85 degrees.
+fn cool_workers_config(endpoints: &std::path::Path) -> String {
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- name: file-discovery
+  type: file-discovery
+  parameters: {{path: {}, watchFile: true}}
+- name: metrics-source
+  type: metrics-data-source
+- name: metrics-extractor
+  type: core-metrics-extractor
+  parameters:
+    defaultEngine: vllm-with-temperature
+    engineConfigs:
+    - name: vllm-with-temperature
+      queuedRequestsSpec: vllm:num_requests_waiting
+      runningRequestsSpec: vllm:num_requests_running
+      kvUsageSpec: vllm:kv_cache_usage_perc
+      customMetrics:
+      - {{attributeKey: gpu.temp, metricSpec: gpu_temp}}
+- name: cool-enough
+  type: endpoint-attribute-filter
+  parameters:
+    attribute: gpu.temp
+    algorithm: {{type: threshold, threshold: {{operator: LessThan, value: 85}}}}
+- type: endpoint-attribute-scorer
+  parameters:
+    attributeKey: gpu.temp
+    algorithm: {{type: linear_lower_is_better}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: cool-enough
+  - pluginRef: endpoint-attribute-scorer
+  - pluginRef: max-score-picker
+dataLayer:
+  discovery: {{pluginRef: file-discovery}}
+  sources:
+  - pluginRef: metrics-source
+    extractors:
+    - pluginRef: metrics-extractor
+",
+        endpoints.display()
+    )
+}
+
+/// Custom metrics end to end: each worker's `/metrics` carries a `gpu_temp` gauge, the
+/// extractor reads it as an endpoint attribute, and the attribute filter and scorer route
+/// by it, following live changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metrics_route_by_an_endpoint_attribute() {
+    let stack = Stack::start_config(3, EnvoyConfig::Ours, |_| {}, &[], cool_workers_config).await;
+    let set = |temps: [Option<f64>; 3]| {
+        for (i, t) in temps.into_iter().enumerate() {
+            stack.worker_by_name(&format!("w{i}")).handle.set_extra_metric("gpu_temp", t);
+        }
+    };
+    // w0 too hot, w2 without the gauge (kept: onMissing Pass; scored 0), w1 the coolest.
+    set([Some(90.0), Some(60.0), None]);
+    let only = |worker: &'static str| {
+        let stack = &stack;
+        move || async move {
+            let replies = stack.fresh_questions(worker, 6).await;
+            replies.iter().all(|r| r.status == 200 && r.worker.as_deref() == Some(worker)).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), "every request on w1, the only cool worker", only("w1")).await;
+    // w0 cools down, w1 heats up: the next scrapes move the traffic.
+    set([Some(50.0), Some(95.0), None]);
+    eventually(Duration::from_secs(10), "every request on w0 once it is the coolest", only("w0")).await;
+}

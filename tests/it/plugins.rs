@@ -8,6 +8,8 @@ use std::sync::Arc;
 use active_request_scorer::ActiveRequestScorer;
 use approx_prefix_cache_producer::PrefixIndexProducer;
 use context_length_aware::ContextLengthAware;
+use endpoint_attribute_filter::EndpointAttributeFilter;
+use endpoint_attribute_scorer::EndpointAttributeScorer;
 use epp_core::{
     CacheInfo, Candidates, Completion, Outcome, PickerPlugin, PluginCore, ProducerPlugin, Request, ScorerPlugin,
 };
@@ -1284,6 +1286,105 @@ schedulingProfiles:
     let no_unlabelled = metrics(&[(0, 0.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (3, 0.0, 0.0, 0.0)]);
     let err = filtering.decide(3, &tokens_long(9_000), no_unlabelled).expect_err("nothing left");
     assert!(err.to_string().contains("ctx"), "{err}");
+}
+
+#[test]
+fn endpoint_attribute_scorer_table() {
+    let m = idle(4);
+    let temp: &[f32] = &[40.0, 80.0, NAN, 60.0];
+    let named: Named = vec![("attribute/temp", temp)];
+    let score = |params: &str| {
+        scorer::<EndpointAttributeScorer>("endpoint-attribute-scorer", params).score(1, &request("r", ""), &m, &named)
+    };
+    // Adaptive range over the candidates that have it (40..80); missing scores 0.
+    let lower = score(r#"{"attributeKey": "temp", "algorithm": {"type": "linear_lower_is_better"}}"#);
+    assert_eq!(lower, vec![1.0, 0.0, 0.0, 0.5]);
+    let higher = score(r#"{"attributeKey": "temp", "algorithm": {"type": "linear_higher_is_better"}}"#);
+    assert_eq!(higher, vec![0.0, 1.0, 0.0, 0.5]);
+    // A fixed range clamps.
+    let fixed = score(
+        r#"{"attributeKey": "temp", "producer": "core-metrics-extractor",
+            "algorithm": {"type": "linear_lower_is_better", "normalization": {"fixedRange": {"min": 50, "max": 70}}}}"#,
+    );
+    assert_eq!(fixed, vec![1.0, 0.0, 0.0, 0.5]);
+    // Everyone with the attribute at one value: all 1 (missing still 0).
+    let s = scorer::<EndpointAttributeScorer>(
+        "endpoint-attribute-scorer",
+        r#"{"attributeKey": "temp", "algorithm": {"type": "linear_higher_is_better", "normalization": {"adaptiveRange": {}}}}"#,
+    );
+    let level: &[f32] = &[7.0, 7.0, NAN, 7.0];
+    assert_eq!(s.score(1, &request("r", ""), &m, &[("attribute/temp", level)]), vec![1.0, 1.0, 0.0, 1.0]);
+    assert_eq!(s.wasm.manifest().reads, vec!["attribute/temp".to_string()]);
+
+    let t = "endpoint-attribute-scorer";
+    rejected(t, r#"{"algorithm": {"type": "linear_lower_is_better"}}"#, "attributeKey");
+    rejected(t, r#"{"attributeKey": "temp"}"#, "algorithm.type");
+    rejected(t, r#"{"attributeKey": "temp", "algorithm": {"type": "best"}}"#, "algorithm.type");
+    rejected(t, r#"{"attributeKey": "a/b", "algorithm": {"type": "linear_lower_is_better"}}"#, "attributeKey");
+    rejected(
+        t,
+        r#"{"attributeKey": "temp", "producer": "dcgm-extractor", "algorithm": {"type": "linear_lower_is_better"}}"#,
+        "producer",
+    );
+    rejected(
+        t,
+        r#"{"attributeKey": "t", "algorithm": {"type": "linear_lower_is_better", "normalization": {"fixedRange": {"min": 1, "max": 1}}}}"#,
+        "fixedRange",
+    );
+    rejected(
+        t,
+        r#"{"attributeKey": "t", "algorithm": {"type": "linear_lower_is_better",
+            "normalization": {"fixedRange": {"min": 0, "max": 1}, "adaptiveRange": {}}}}"#,
+        "normalization",
+    );
+}
+
+#[test]
+fn endpoint_attribute_filter_table() {
+    let m = idle(4);
+    let temp: &[f32] = &[40.0, 85.0, NAN, 90.0];
+    let named: Named = vec![("attribute/temp", temp)];
+    let keep = |params: &str| {
+        filter::<EndpointAttributeFilter>("endpoint-attribute-filter", params).filter(1, &request("r", ""), &m, &named)
+    };
+    let with = |operator: &str, extra: &str| {
+        keep(&format!(
+            r#"{{"attribute": "temp", {extra} "algorithm": {{"type": "threshold", "threshold": {{"operator": "{operator}", "value": 85}}}}}}"#
+        ))
+    };
+    assert_eq!(with("LessThan", ""), vec![0, 2], "missing passes by default");
+    assert_eq!(with("LessThanOrEqual", ""), vec![0, 1, 2]);
+    assert_eq!(with("GreaterThan", ""), vec![2, 3]);
+    assert_eq!(with("GreaterThanOrEqual", r#""onMissing": "Fail","#), vec![1, 3]);
+    assert_eq!(with("Equal", r#""onMissing": "Fail","#), vec![1]);
+    assert_eq!(with("NotEqual", r#""onMissing": "Pass","#), vec![0, 2, 3]);
+    let cold: &[f32] = &[40.0, 45.0, 50.0, 55.0];
+    let none_hot = |extra: &str| {
+        let params = format!(
+            r#"{{"attribute": "temp", {extra} "algorithm": {{"type": "threshold", "threshold": {{"operator": "GreaterThan", "value": 85}}}}}}"#
+        );
+        filter::<EndpointAttributeFilter>("endpoint-attribute-filter", &params).filter(
+            1,
+            &request("r", ""),
+            &m,
+            &[("attribute/temp", cold)],
+        )
+    };
+    assert_eq!(none_hot(""), Vec::<u32>::new(), "may keep no one");
+    assert_eq!(none_hot(r#""fallbackOnEmpty": true,"#), vec![0, 1, 2, 3], "or everyone, when asked");
+
+    let t = "endpoint-attribute-filter";
+    let threshold = r#""algorithm": {"type": "threshold", "threshold": {"operator": "LessThan", "value": 1}}"#;
+    rejected(t, &format!("{{{threshold}}}"), "attribute");
+    rejected(t, &format!(r#"{{"attribute": "t", "onMissing": "Skip", {threshold}}}"#), "onMissing");
+    rejected(t, r#"{"attribute": "t", "algorithm": {"type": "percentile"}}"#, "algorithm.type");
+    rejected(t, r#"{"attribute": "t", "algorithm": {"type": "threshold"}}"#, "algorithm.threshold");
+    rejected(
+        t,
+        r#"{"attribute": "t", "algorithm": {"type": "threshold", "threshold": {"operator": "Below", "value": 1}}}"#,
+        "Below",
+    );
+    rejected(t, &format!(r#"{{"attribute": "gpu/temp", {threshold}}}"#), "attribute");
 }
 
 #[test]

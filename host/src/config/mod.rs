@@ -83,6 +83,8 @@ pub const BUILTIN_TYPES: &[(&str, PluginKind)] = &[
     ("session-affinity-filter", PluginKind::Scheduling),
     ("context-length-aware", PluginKind::Scheduling),
     ("header-label-affinity-scorer", PluginKind::Scheduling),
+    ("endpoint-attribute-scorer", PluginKind::Scheduling),
+    ("endpoint-attribute-filter", PluginKind::Scheduling),
     ("by-label-selector", PluginKind::Scheduling),
     ("by-label", PluginKind::Scheduling),
     ("decode-filter", PluginKind::Scheduling),
@@ -333,6 +335,8 @@ impl PickerConfig {
             plugins.push(spec);
         }
 
+        warn_undeclared_attributes(&plugins, &mut warnings);
+
         let n = raw.scheduling_profiles.len();
         if n > 1 && raw.experiment.is_none() {
             return Err(invalid(
@@ -470,6 +474,36 @@ impl PickerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Plugins that read an endpoint attribute, and the parameter naming it.
+const ATTRIBUTE_READERS: &[(&str, &str)] =
+    &[("endpoint-attribute-scorer", "attributeKey"), ("endpoint-attribute-filter", "attribute")];
+
+/// Warns about an attribute a plugin reads that no extractor's `customMetrics` maps: it
+/// would read as missing on every endpoint (a typo, most likely).
+fn warn_undeclared_attributes(plugins: &[PluginSpec], warnings: &mut Vec<String>) {
+    let declared: Vec<&str> = plugins
+        .iter()
+        .filter(|p| p.kind == PluginKind::Extractor)
+        .filter_map(|p| p.parameters.get("engineConfigs")?.as_array())
+        .flatten()
+        .filter_map(|engine| engine.get("customMetrics")?.as_array())
+        .flatten()
+        .filter_map(|custom| custom.get("attributeKey")?.as_str())
+        .collect();
+    for p in plugins {
+        let Some((_, param)) = ATTRIBUTE_READERS.iter().find(|(t, _)| *t == p.type_name) else { continue };
+        let Some(key) = p.parameters.get(*param).and_then(|v| v.as_str()) else { continue };
+        if !declared.contains(&key) {
+            let known = if declared.is_empty() { "none".to_string() } else { declared.join(", ") };
+            warnings.push(format!(
+                "plugin `{}`: {param} `{key}` is not an attributeKey of any core-metrics-extractor's customMetrics \
+                 (declared: {known}); every endpoint will read as missing it",
+                p.name
+            ));
+        }
     }
 }
 

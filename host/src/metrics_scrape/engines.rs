@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::extract::MetricNames;
+use super::extract::{CustomMetric, MetricNames};
 
 /// The endpoint label naming an endpoint's engine, upstream's default.
 pub const ENGINE_LABEL_KEY: &str = "llm-d.ai/engine-type";
@@ -57,7 +57,7 @@ const SPEC_KEYS: &[&str] = &[
 ];
 
 /// Keys upstream accepts that this EPP does not read (warned about, not refused).
-const UNREAD_KEYS: &[&str] = &["loraLoadedSpec", "loraGPULoadedSpec", "loraGPUSlotsSpec", "customMetrics"];
+const UNREAD_KEYS: &[&str] = &["loraLoadedSpec", "loraGPULoadedSpec", "loraGPUSlotsSpec"];
 
 impl Engines {
     /// The built-in engines, `vllm` read with `vllm`'s names (the metric flags).
@@ -229,7 +229,7 @@ fn engine_config(
     for key in map.keys() {
         if UNREAD_KEYS.contains(&key.as_str()) {
             warnings.push(format!("`{at}.{key}` is accepted and not read by this EPP"));
-        } else if key != "name" && !SPEC_KEYS.contains(&key.as_str()) {
+        } else if key != "name" && key != "customMetrics" && !SPEC_KEYS.contains(&key.as_str()) {
             warnings.push(format!("`{at}.{key}` is not an engine config key; ignored"));
         }
     }
@@ -246,9 +246,35 @@ fn engine_config(
         cache_num_blocks_label: or(text("cacheNumBlocksLabelName")?, &defaults.cache_num_blocks_label),
         cache_block_size: text("cacheBlockSizeSpec")?,
         cache_num_blocks: text("cacheNumBlocksSpec")?,
+        custom: custom_metrics(map.get("customMetrics"), at)?,
     };
-    names.check().map_err(|e| bad(at, e))?;
+    names.check().map_err(|e| match e.split_once(": ") {
+        // A custom metric's error names its entry: point the field there.
+        Some((entry, message)) if entry.starts_with("customMetrics[") => bad(format!("{at}.{entry}"), message),
+        _ => bad(at, e),
+    })?;
     Ok((name, names))
+}
+
+/// An engine config's `customMetrics`: a list of `{attributeKey, metricSpec}` (checked
+/// further by `MetricNames::check`).
+fn custom_metrics(value: Option<&Value>, at: &str) -> Result<Vec<CustomMetric>, EngineConfigError> {
+    let list = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad(format!("{at}.customMetrics"), "must be a list of {attributeKey, metricSpec}")),
+    };
+    let mut custom = Vec::new();
+    for (i, entry) in list.iter().enumerate() {
+        let here = format!("{at}.customMetrics[{i}]");
+        let Some(map) = entry.as_object() else { return Err(bad(here, "must be a mapping")) };
+        if let Some(key) = map.keys().find(|k| !["attributeKey", "metricSpec"].contains(&k.as_str())) {
+            return Err(bad(format!("{here}.{key}"), "unknown key (expected attributeKey and metricSpec)"));
+        }
+        let key = string(map, &here, "attributeKey")?;
+        custom.push(CustomMetric { key: key.as_str().into(), spec: string(map, &here, "metricSpec")? });
+    }
+    Ok(custom)
 }
 
 /// The string parameter `key` of `map` (at `at`), trimmed; empty when absent.
@@ -320,7 +346,8 @@ mod tests {
         assert_eq!(sglang.waiting, "sglang:queue", "a config named after a built-in one replaces it");
         assert_eq!(sglang.cache_block_size, "");
         assert_eq!(*engines.resolve(&labels(&[("engine", "vllm")])).0, MetricNames::default());
-        assert!(warnings.iter().any(|w| w.contains("engineConfigs[0].customMetrics")), "{warnings:?}");
+        assert!(warnings.is_empty(), "customMetrics is read now: {warnings:?}");
+        assert_eq!(mine.custom, vec![CustomMetric { key: "a".into(), spec: "b".into() }]);
 
         let cases = [
             (json!({"defaultEngine": "nope"}), "`plugins[2].parameters.defaultEngine`: `nope` is not an engine"),
@@ -335,6 +362,27 @@ mod tests {
                 "`plugins[2].parameters.engineConfigs[1].name`: engine `x` is configured twice",
             ),
             (json!({"engineLabelKey": 3}), "`plugins[2].parameters.engineLabelKey`: must be a string"),
+            (
+                json!({"engineConfigs": [{"name": "x", "customMetrics": {"attributeKey": "a"}}]}),
+                "`plugins[2].parameters.engineConfigs[0].customMetrics`: must be a list",
+            ),
+            (
+                json!({"engineConfigs": [{"name": "x", "customMetrics": [{"attributeKey": "a", "metricSpec": "m{"}]}]}),
+                "`plugins[2].parameters.engineConfigs[0].customMetrics[0].metricSpec`: metric `m{`",
+            ),
+            (
+                json!({"engineConfigs": [{"name": "x", "customMetrics": [{"metricSpec": "m"}]}]}),
+                "`plugins[2].parameters.engineConfigs[0].customMetrics[0].attributeKey`: required",
+            ),
+            (
+                json!({"engineConfigs": [{"name": "x", "customMetrics": [
+                    {"attributeKey": "a", "metricSpec": "m"}, {"attributeKey": "a", "metricSpec": "n"}]}]}),
+                "`plugins[2].parameters.engineConfigs[0].customMetrics[1].attributeKey`: `a` is given twice",
+            ),
+            (
+                json!({"engineConfigs": [{"name": "x", "customMetrics": [{"attributeKey": "a", "metric": "m"}]}]}),
+                "`plugins[2].parameters.engineConfigs[0].customMetrics[0].metric`: unknown key",
+            ),
         ];
         for (params, expected) in cases {
             let e = Engines::from_params(&params, field, MetricNames::default()).unwrap_err().to_string();

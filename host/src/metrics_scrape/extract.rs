@@ -41,6 +41,18 @@ pub struct MetricNames {
     /// `num_pages`), read when `cache` is empty or not on the page.
     pub cache_block_size: String,
     pub cache_num_blocks: String,
+    /// `customMetrics`: endpoint attributes, each the value of one metric (plugins read
+    /// attribute `key` as column `attribute/<key>`).
+    pub custom: Vec<CustomMetric>,
+}
+
+/// One `customMetrics` entry of an engine config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomMetric {
+    /// The attribute's key (`attributeKey`).
+    pub key: std::sync::Arc<str>,
+    /// The metric, by name or selector (`metricSpec`).
+    pub spec: String,
 }
 
 impl MetricNames {
@@ -57,6 +69,18 @@ impl MetricNames {
         ];
         for spec in all.into_iter().chain(&self.kv_usage_fallback).filter(|s| !s.trim().is_empty()) {
             Selector::parse(spec)?;
+        }
+        for (i, c) in self.custom.iter().enumerate() {
+            if c.key.trim().is_empty() {
+                return Err(format!("customMetrics[{i}].attributeKey: required"));
+            }
+            if self.custom[..i].iter().any(|earlier| earlier.key == c.key) {
+                return Err(format!("customMetrics[{i}].attributeKey: `{}` is given twice", c.key));
+            }
+            if c.spec.trim().is_empty() {
+                return Err(format!("customMetrics[{i}].metricSpec: required"));
+            }
+            Selector::parse(&c.spec).map_err(|e| format!("customMetrics[{i}].metricSpec: {e}"))?;
         }
         if self.cache_block_size.trim().is_empty() != self.cache_num_blocks.trim().is_empty() {
             return Err("the cache block size and block count gauges are given together or not at all".into());
@@ -126,6 +150,7 @@ impl Default for MetricNames {
             cache_num_blocks_label: NUM_GPU_BLOCKS.to_string(),
             cache_block_size: String::new(),
             cache_num_blocks: String::new(),
+            custom: Vec::new(),
         }
     }
 }
@@ -144,6 +169,9 @@ pub struct EngineMetrics {
     /// Why a cache configuration on the page was not usable (it is left out; the rest of
     /// the page still counts).
     pub cache_error: Option<ExtractError>,
+    /// The custom metrics found on the page, by attribute key (a missing one, or one whose
+    /// value is not a finite number, is left out: its attribute reads as unknown).
+    pub custom: Vec<(std::sync::Arc<str>, f32)>,
 }
 
 /// The newest LoRA report of an engine.
@@ -241,7 +269,18 @@ pub fn extract(samples: &[Sample], names: &MetricNames) -> Result<EngineMetrics,
         Err(e) => (None, Some(e)),
     };
     let lora = if names.lora.trim().is_empty() { None } else { lora(samples, &names.lora)? };
-    Ok(EngineMetrics { waiting, running, kv_usage, lora, cache, cache_error })
+    // Of several matching series, the first on the page (upstream takes the newest by
+    // timestamp; engines do not stamp their samples).
+    let custom = names
+        .custom
+        .iter()
+        .filter_map(|c| {
+            let value = matching(samples, &c.spec).map(|s| s.value).find(|v| v.is_finite())?;
+            let value = value as f32;
+            value.is_finite().then(|| (c.key.clone(), value))
+        })
+        .collect();
+    Ok(EngineMetrics { waiting, running, kv_usage, lora, cache, cache_error, custom })
 }
 
 /// The samples of `name` (a name or selector), those not matching it left out.
@@ -407,6 +446,7 @@ mod tests {
                     lora: None,
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27690 }),
                     cache_error: None,
+                    custom: Vec::new(),
                 },
             ),
             (
@@ -419,6 +459,7 @@ mod tests {
                     lora: Some(LoraInfo { max_lora: 0, running: vec![], waiting: vec![] }),
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 7724 }),
                     cache_error: None,
+                    custom: Vec::new(),
                 },
             ),
             (
@@ -435,6 +476,7 @@ mod tests {
                     }),
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 25812 }),
                     cache_error: None,
+                    custom: Vec::new(),
                 },
             ),
             (
@@ -447,6 +489,7 @@ mod tests {
                     lora: None,
                     cache: Some(CacheInfo { block_size: 16, num_gpu_blocks: 27104 }),
                     cache_error: None,
+                    custom: Vec::new(),
                 },
             ),
         ];
@@ -470,7 +513,15 @@ mod tests {
         let bad = |name: &str, value: f64| Err(ExtractError::BadValue { name: name.into(), value });
         let base = "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n";
         let ok = |lora: Option<LoraInfo>, cache: Option<CacheInfo>| {
-            Ok(EngineMetrics { waiting: 1.0, running: 2.0, kv_usage: 0.5, lora, cache, cache_error: None })
+            Ok(EngineMetrics {
+                waiting: 1.0,
+                running: 2.0,
+                kv_usage: 0.5,
+                lora,
+                cache,
+                cache_error: None,
+                custom: Vec::new(),
+            })
         };
         let cache_err = |e: ExtractError| {
             Ok(EngineMetrics {
@@ -480,6 +531,7 @@ mod tests {
                 lora: None,
                 cache: None,
                 cache_error: Some(e),
+                custom: Vec::new(),
             })
         };
         let lora = |max_lora, running: &[&str], waiting: &[&str]| {
@@ -641,12 +693,47 @@ mod tests {
         };
         let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\nsglang:token_usage 0.75\n";
         let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
-        let expected =
-            EngineMetrics { waiting: 4.0, running: 5.0, kv_usage: 0.75, lora: None, cache: None, cache_error: None };
+        let expected = EngineMetrics {
+            waiting: 4.0,
+            running: 5.0,
+            kv_usage: 0.75,
+            lora: None,
+            cache: None,
+            cache_error: None,
+            custom: Vec::new(),
+        };
         assert_eq!(extract(&samples, &names), Ok(expected));
         let samples = parse("sglang:num_queue_reqs 4\nsglang:num_running_reqs 5\n").unwrap_or_else(|e| panic!("{e}"));
         let missing = ExtractError::Missing { names: strings(&["sglang:token_usage"]) };
         assert_eq!(extract(&samples, &names), Err(missing));
+    }
+
+    /// `customMetrics`: each attribute is its metric's first matching series on the page;
+    /// one missing or not a number is left out without failing the page.
+    #[test]
+    fn custom_metrics_become_attributes() {
+        let custom = |key: &str, spec: &str| CustomMetric { key: key.into(), spec: spec.into() };
+        let names = MetricNames {
+            custom: vec![
+                custom("gpu.temp", "DCGM_FI_DEV_GPU_TEMP{gpu=\"1\"}"),
+                custom("tier", "node_tier"),
+                custom("absent", "not_on_the_page"),
+                custom("nan", "broken_gauge"),
+            ],
+            ..MetricNames::default()
+        };
+        assert_eq!(names.check(), Ok(()));
+        let page = "vllm:num_requests_waiting 1\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n\
+                    DCGM_FI_DEV_GPU_TEMP{gpu=\"0\"} 40\nDCGM_FI_DEV_GPU_TEMP{gpu=\"1\"} 77\n\
+                    node_tier{zone=\"a\"} -2\nnode_tier{zone=\"b\"} 5\nbroken_gauge NaN\n";
+        let samples = parse(page).unwrap_or_else(|e| panic!("{e}"));
+        let got = extract(&samples, &names).expect("the page reads");
+        assert_eq!(got.custom, vec![("gpu.temp".into(), 77.0), ("tier".into(), -2.0)]);
+        assert_eq!((got.waiting, got.running), (1.0, 2.0), "the engine's metrics as before");
+        let twice = MetricNames { custom: vec![custom("a", "x"), custom("a", "y")], ..MetricNames::default() };
+        assert_eq!(twice.check(), Err("customMetrics[1].attributeKey: `a` is given twice".into()));
+        let bad = MetricNames { custom: vec![custom("a", "x{")], ..MetricNames::default() };
+        assert!(bad.check().is_err_and(|e| e.starts_with("customMetrics[0].metricSpec: metric `x{`")));
     }
 
     /// Upstream's `name{label=value}` form reads only the matching series.

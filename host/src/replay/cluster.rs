@@ -194,6 +194,7 @@ impl Cluster {
             kv_usage: Vec::with_capacity(n),
             age_ms: Vec::with_capacity(n),
             own_in_flight: Vec::with_capacity(n),
+            attributes: Vec::new(),
         };
         for (w, worker) in self.workers.iter().enumerate() {
             let s = worker.scrape;

@@ -285,6 +285,7 @@ mod tests {
             kv_usage: rows.iter().map(|r| r.2).collect(),
             age_ms: rows.iter().map(|_| 10.0).collect(),
             own_in_flight: Vec::new(),
+            attributes: Vec::new(),
         }
     }
 

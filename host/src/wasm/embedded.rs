@@ -47,6 +47,14 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
         "header-label-affinity-scorer",
         include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/header_label_affinity_scorer.wasm")),
     ),
+    (
+        "endpoint-attribute-scorer",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/endpoint_attribute_scorer.wasm")),
+    ),
+    (
+        "endpoint-attribute-filter",
+        include_bytes!(concat!(env!("EPP_PLUGIN_WASM_DIR"), "/endpoint_attribute_filter.wasm")),
+    ),
 ];
 
 /// Older names upstream still accepts, and the type they stand for.

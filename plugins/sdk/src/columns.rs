@@ -14,6 +14,41 @@ pub const AGE_MS: &str = "age-ms";
 /// Every built-in column, in the host's order.
 pub const BUILT_IN: [&str; 4] = [WAITING, RUNNING, KV_USAGE, AGE_MS];
 
+/// Columns named `attribute/<key>` hold an endpoint attribute: the value of the custom
+/// metric that `core-metrics-extractor`'s `customMetrics` maps to `<key>` (NaN where an
+/// endpoint has none). Any plugin may read one; the host fills it, no producer writes it.
+pub const ATTRIBUTE_PREFIX: &str = "attribute/";
+
+/// The column of endpoint attribute `key`.
+pub fn attribute(key: &str) -> String {
+    format!("{ATTRIBUTE_PREFIX}{key}")
+}
+
+/// The producer of every endpoint attribute here (its `customMetrics`).
+pub const ATTRIBUTE_PRODUCER: &str = "core-metrics-extractor";
+
+/// The column of an attribute a plugin's parameters name as upstream's do: `field` (the
+/// parameter's name, for errors) holds `key`, and `producer`, when given, who publishes
+/// it. As upstream, a key with `/` needs `producer` set (it may be the two spelt
+/// together); a producer other than `core-metrics-extractor` (or `""`, any producer) is
+/// refused, since no other publishes attributes here.
+pub fn configured_attribute(field: &str, key: &str, producer: Option<&str>) -> Result<String, String> {
+    if key.trim().is_empty() {
+        return Err(format!("{field}: required (the endpoint attribute to read)"));
+    }
+    match producer {
+        None if key.contains('/') => Err(format!(
+            "{field}: `{key}` contains `/` and no producer is set; give the attribute and its producer as \
+             two parameters (`producer`), or set `producer` if the name itself has a `/`"
+        )),
+        None | Some("") => Ok(attribute(key)),
+        Some(p) if p == ATTRIBUTE_PRODUCER => Ok(attribute(key)),
+        Some(p) => {
+            Err(format!("producer: `{p}` publishes no attributes here; only {ATTRIBUTE_PRODUCER}'s customMetrics do"))
+        }
+    }
+}
+
 /// The column namespace of the approximate prefix index (`approx-prefix-cache-producer`).
 pub const APPROX_PREFIX: &str = "prefix-cache";
 /// The column namespace of the precise prefix index (`precise-prefix-cache-producer`).
