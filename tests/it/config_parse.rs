@@ -206,10 +206,10 @@ fn unknown_keys_are_warned_not_dropped_silently() {
     assert!(c.warnings.iter().any(|w| w.contains("`colour`")));
     // An extractor's engine settings are read; what is accepted and not read is said.
     let text = "apiVersion: llm-d.ai/v1\nplugins:\n- type: core-metrics-extractor\n  parameters:\n    \
-                defaultEngine: sglang\n    engineConfigs:\n    - {name: mine, queuedRequestsSpec: q, customMetrics: []}\n";
+                defaultEngine: sglang\n    engineConfigs:\n    - {name: mine, queuedRequestsSpec: q, loraGPULoadedSpec: x}\n";
     let c = PickerConfig::parse(text, None).unwrap();
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
-    assert!(c.warnings[0].contains("engineConfigs[0].customMetrics` is accepted and not read"), "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("engineConfigs[0].loraGPULoadedSpec` is accepted and not read"), "{:?}", c.warnings);
     let engines = c.engines(Default::default()).unwrap();
     let (unlabelled, _) = engines.resolve(&Default::default());
     assert_eq!(unlabelled.waiting, "sglang:num_queue_reqs", "defaultEngine: sglang");
