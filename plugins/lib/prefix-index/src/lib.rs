@@ -59,11 +59,12 @@ pub const BYTES_PER_TOKEN: usize = 4;
 const HEAT_SLOTS: usize = 1 << 13;
 /// The heat table's memory, in requests routed: a use counts `exp(-age / HEAT_HORIZON)`.
 const HEAT_HORIZON: f32 = 512.0;
-/// A block's rate is judged over at least this many requests routed (from its first use), so
-/// that a prefix asked for once in 48 requests is not mistaken, from a few close uses, for
-/// one asked for every 16 (a hot prefix on 16 workers); one asked for by every request
-/// reads as such after a few dozen.
-const HEAT_MIN_WINDOW: f32 = 256.0;
+/// A block's rate is judged as if it had gone unused for this many requests before its first
+/// use, a prior that fades as its own history grows (weighed as a use that long ago would
+/// be): a prefix asked for once in 48 requests is not mistaken, from a few close uses, for
+/// one asked for every 16 (a hot prefix on 16 workers), while one asked for by every request
+/// reads as hot on 16 workers after five uses, on 4 after a few dozen.
+const HEAT_PRIOR: f32 = 64.0;
 /// The heat table follows the first blocks of a prompt and every `HEAT_STRIDE`th after
 /// them; a match is judged by its deepest such block (four times fewer writes, so a warm
 /// prefix is seldom overwritten by the traffic between two of its uses).
@@ -142,7 +143,8 @@ impl Heat {
         }
         let uses = s.uses * Self::decay(self.routed.wrapping_sub(s.last));
         let span = Self::window(self.routed.wrapping_sub(s.first).wrapping_add(1));
-        if uses > 0.0 { span.max(Self::window(HEAT_MIN_WINDOW as u32)) / uses } else { f32::INFINITY }
+        let age = self.routed.wrapping_sub(s.first);
+        if uses > 0.0 { (span + HEAT_PRIOR * Self::decay(age)) / uses } else { f32::INFINITY }
     }
 }
 
