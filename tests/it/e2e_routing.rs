@@ -216,13 +216,7 @@ async fn a_websocket_upgrade_is_routed_not_left_waiting() {
 /// (`customMetrics`, as upstream) and whose profile keeps only workers below 85 degrees.
 fn cool_workers_config(endpoints: &std::path::Path) -> String {
     format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- name: file-discovery
-  type: file-discovery
-  parameters: {{path: {}, watchFile: true}}
-- name: metrics-source
+        "{}- name: metrics-source
   type: metrics-data-source
 - name: metrics-extractor
   type: core-metrics-extractor
@@ -258,7 +252,7 @@ dataLayer:
     extractors:
     - pluginRef: metrics-extractor
 ",
-        endpoints.display()
+        crate::common::config_head(&endpoints.display().to_string())
     )
 }
 
