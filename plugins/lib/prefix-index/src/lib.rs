@@ -142,8 +142,8 @@ impl Heat {
             return f32::INFINITY;
         }
         let uses = s.uses * Self::decay(self.routed.wrapping_sub(s.last));
-        let span = Self::window(self.routed.wrapping_sub(s.first).wrapping_add(1));
         let age = self.routed.wrapping_sub(s.first);
+        let span = Self::window(age.wrapping_add(1));
         if uses > 0.0 { (span + HEAT_PRIOR * Self::decay(age)) / uses } else { f32::INFINITY }
     }
 }
