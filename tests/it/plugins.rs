@@ -394,6 +394,20 @@ fn lora_affinity_scorer_table() {
     eps[3].waiting_adapters = vec!["chat".into()];
     s.pool_changed(&eps);
     assert_eq!(s.score(2, &req, &m, &[]), vec![1.0, 0.6, 0.8, 0.8, 0.0, 0.0]);
+    // This EPP's draining rule: running the adapter where another adapter waits for a slot
+    // (none free) scores 0.7, below room, so the waiting one gets its slot; the adapter's own
+    // requests waiting beside its running ones hold no second slot and starve nobody.
+    eps[2].max_lora = Some(1);
+    eps[2].running_adapters = vec!["sql".into()];
+    eps[2].waiting_adapters = vec!["chat".into()];
+    eps[4].max_lora = Some(1);
+    eps[4].running_adapters = vec!["sql".into()];
+    eps[4].waiting_adapters = vec!["sql".into()];
+    s.pool_changed(&eps);
+    assert_eq!(s.score(3, &req, &m, &[]), vec![1.0, 0.6, 0.7, 0.8, 1.0, 0.0]);
+    // The waiting adapter itself still reads "waiting" there.
+    req.model = "chat".into();
+    assert_eq!(s.score(4, &req, &m, &[]), vec![0.0, 0.0, 0.6, 1.0, 0.0, 0.0]);
 }
 
 #[test]
@@ -896,6 +910,64 @@ fn active_request_scorer_table() {
     let got = t.score(1, &req, &m, &[(INFLIGHT_REQUESTS, &[1.0, 2.0, 3.0, 6.0])]);
     assert!(approx(&got, &[1.0, 1.0, 0.25, 0.0]), "{got:?}");
     rejected("active-request-scorer", r#"{"maxBusyScore": 1.5}"#, "maxBusyScore");
+}
+
+#[test]
+fn prefix_cache_affinity_filter_keeps_lora_slots() {
+    let f = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", "{}");
+    let matched = [9.0, 9.0, 0.0, 0.0]; // 0 and 1 hold the prompt
+    let total = [10.0; 4];
+    let idle_load = [0.0; 4];
+    let quiet = metrics(&[(0, 0.0, 4.0, 0.1), (1, 0.0, 4.0, 0.1), (2, 0.0, 4.0, 0.1), (3, 0.0, 4.0, 0.1)]);
+    let pick = |f: &Twin<dyn FilterPlugin>, model: &str| {
+        let mut req = request("r", "");
+        req.model = model.into();
+        let mut cols = prefix(&matched, &total);
+        cols.push((INFLIGHT_TOKENS, &idle_load));
+        f.filter(1, &req, &quiet, &cols.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>())
+    };
+    let slot = |running: &str, waiting: &[&str]| EndpointInfo {
+        max_lora: Some(1),
+        running_adapters: vec![running.into()],
+        waiting_adapters: waiting.iter().map(|w| (*w).into()).collect(),
+        ..Default::default()
+    };
+    let set = |f: &Twin<dyn FilterPlugin>, eps: [EndpointInfo; 4]| {
+        let mut pool = pool(4);
+        for (p, e) in pool.iter_mut().zip(eps) {
+            (p.max_lora, p.running_adapters, p.waiting_adapters) = (e.max_lora, e.running_adapters, e.waiting_adapters);
+        }
+        f.pool_changed(&pool);
+    };
+    // Holder 0 runs `sql` while `chat` waits there for its one slot: sending it more `sql`
+    // keeps `chat` waiting as long as `sql` keeps coming. Holder 1 runs `sql` freely.
+    set(&f, [slot("sql", &["chat"]), slot("sql", &[]), slot("chat", &[]), slot("chat", &[])]);
+    assert_eq!(pick(&f, "sql"), vec![1]);
+    // Both holders starve `chat`: a worker with a free slot takes `sql` instead ...
+    let mut room = slot("chat", &[]);
+    room.max_lora = Some(2);
+    set(&f, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("chat", &[]), room.clone()]);
+    assert_eq!(pick(&f, "sql"), vec![3]);
+    // ... or one running `sql` with nobody waiting (here not a holder).
+    set(&f, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("sql", &[]), room]);
+    assert_eq!(pick(&f, "sql"), vec![2, 3]);
+    // Nobody can run it now: the holders keep it.
+    set(&f, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("chat", &[]), slot("chat", &[])]);
+    assert_eq!(pick(&f, "sql"), vec![0, 1]);
+    // A holder where `sql` would wait for a slot is left for one that runs it now.
+    set(&f, [slot("chat", &["sql"]), slot("sql", &[]), slot("chat", &[]), slot("chat", &[])]);
+    assert_eq!(pick(&f, "sql"), vec![1]);
+    // `chat` waits on both holders: workers running it take it; with none, the holders do.
+    set(&f, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("chat", &[]), slot("x", &[])]);
+    assert_eq!(pick(&f, "chat"), vec![2]);
+    set(&f, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("x", &[]), slot("x", &[])]);
+    assert_eq!(pick(&f, "chat"), vec![0, 1]);
+    // The base model's requests take no slot: not moved.
+    assert_eq!(pick(&f, "base-model"), vec![0, 1]);
+    // `queueDepthThreshold: 0` turns this EPP's rules off, this one with them.
+    let upstream = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": 0}"#);
+    set(&upstream, [slot("sql", &["chat"]), slot("sql", &["chat"]), slot("chat", &[]), slot("chat", &[])]);
+    assert_eq!(pick(&upstream, "sql"), vec![0, 1]);
 }
 
 #[test]

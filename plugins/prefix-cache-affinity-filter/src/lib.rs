@@ -21,6 +21,13 @@
 //! the holders (its TTFT override, estimated from prompt tokens in flight, does not see a
 //! queue of cache hits). Unknown (stale) metrics count as neither saturated nor open.
 //!
+//! LoRA slots (this EPP's, on with the saturation rule): for a request naming an adapter,
+//! a sticky candidate that cannot run it now — no adapter slot free, or running it while
+//! another adapter waits there for a slot — is left out for a sticky one that can; when
+//! none can, the other candidates that can are kept instead (none: the rule does nothing).
+//! vLLM schedules a running adapter's new requests ahead of a waiting adapter, so a
+//! worker fed one adapter without pause never lets another load.
+//!
 //! Hot prefixes (this EPP's; `busyRunningThreshold`, 0 = off): an engine with room for
 //! many sequences (vLLM's default is 256) never queues a popular prompt; it runs it in ever
 //! larger decode batches, each step slower for every sequence. So a sticky candidate is
@@ -159,6 +166,9 @@ pub enum Decision {
     /// Every sticky candidate was busy or saturated, not all of them saturated: the others
     /// with room were kept.
     Busy,
+    /// No sticky candidate could run the request's LoRA adapter now: the others that can
+    /// were kept.
+    Draining,
     Sticky,
 }
 
@@ -182,6 +192,22 @@ impl PrefixCacheAffinityFilter {
         let (mut sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
         if sticky.is_empty() {
             return (all(), Decision::NoMatch);
+        }
+        if let Some(runs) = self.adapter_runnable(cycle) {
+            // Slots before stickiness: a holder that cannot run the request's LoRA adapter
+            // now would queue it, or, running it while another adapter waits for a slot
+            // there, keep that one waiting; a candidate that can run it takes it instead.
+            if !sticky.iter().all(|&i| runs[i]) {
+                let runnable: Vec<usize> = sticky.iter().copied().filter(|&i| runs[i]).collect();
+                if !runnable.is_empty() {
+                    sticky = runnable;
+                } else {
+                    let open: Vec<usize> = other.iter().copied().filter(|&i| runs[i]).collect();
+                    if !open.is_empty() {
+                        return (open, Decision::Draining);
+                    }
+                }
+            }
         }
         if self.queue_depth > 0.0 {
             // Sticky until saturated: a holder with a queue this deep adds waiting to every
@@ -251,6 +277,26 @@ impl PrefixCacheAffinityFilter {
             }
         }
         (sticky, Decision::Sticky)
+    }
+}
+
+impl PrefixCacheAffinityFilter {
+    /// For a request naming a LoRA adapter (one some endpoint lists), whether each candidate
+    /// can run it now: it has a free adapter slot, or runs the adapter with no other adapter
+    /// waiting there for a slot. `None` for any other request, or with the rule off
+    /// (`queueDepthThreshold: 0`, which also leaves the filter without the pool).
+    fn adapter_runnable(&self, cycle: &Cycle) -> Option<Vec<bool>> {
+        let model = cycle.request.model();
+        if self.queue_depth <= 0.0 || !self.endpoints.values().any(|e| e.lists_adapter(model)) {
+            return None;
+        }
+        let runs = |id: &u32| {
+            self.endpoints.get(id).is_some_and(|e| {
+                e.has_adapter_room()
+                    || (e.running_adapters.iter().any(|a| a == model) && !e.starves_an_adapter_besides(model))
+            })
+        };
+        Some(cycle.ids.iter().map(runs).collect())
     }
 }
 

@@ -110,6 +110,17 @@ impl EndpointInfo {
         self.max_lora.is_some_and(|max| distinct < max as usize)
     }
 
+    /// Whether an adapter other than `adapter` is queued there for a slot it cannot get:
+    /// listed as waiting, not running, and no slot free. vLLM's scheduler skips such a
+    /// request while the running adapters' requests keep being scheduled, so it waits until
+    /// every running adapter's requests are done: requests for a running adapter sent
+    /// there keep it waiting.
+    pub fn starves_an_adapter_besides(&self, adapter: &str) -> bool {
+        !self.running_adapters.is_empty()
+            && !self.has_adapter_room()
+            && self.waiting_adapters.iter().any(|w| w != adapter && !self.running_adapters.contains(w))
+    }
+
     /// `namespace/name`, the endpoint's identity as upstream writes it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
