@@ -49,7 +49,7 @@ use llmd_plugin_sdk::columns::{
     prefix_namespace, prefix_total,
 };
 use llmd_plugin_sdk::rng::SplitMix64;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use llmd_plugin_sdk::{Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, params};
 use serde::Deserialize;
@@ -132,6 +132,8 @@ pub struct PrefixCacheAffinityFilter {
     interval_col: usize,
     /// Each endpoint's static data, adapters included (from `pool_changed`).
     endpoints: HashMap<u32, EndpointInfo>,
+    /// Every adapter some endpoint runs or queues: a request naming one is a LoRA request.
+    adapters: HashSet<String>,
 }
 
 impl Default for PrefixCacheAffinityFilter {
@@ -150,6 +152,7 @@ impl Default for PrefixCacheAffinityFilter {
             running_col: 4,
             interval_col: 5,
             endpoints: HashMap::new(),
+            adapters: HashSet::new(),
         }
     }
 }
@@ -247,7 +250,7 @@ impl PrefixCacheAffinityFilter {
                 let least = sticky.iter().map(|&i| running(i)).fold(f32::INFINITY, f32::min);
                 let cap = if least.is_finite() { least * self.spill_share } else { 0.0 };
                 let model = cycle.request.model();
-                let adapter = self.endpoints.values().any(|e| e.lists_adapter(model));
+                let adapter = self.adapters.contains(model);
                 let serves = |i: &usize| {
                     !adapter
                         || self
@@ -278,16 +281,14 @@ impl PrefixCacheAffinityFilter {
         }
         (sticky, Decision::Sticky)
     }
-}
 
-impl PrefixCacheAffinityFilter {
     /// For a request naming a LoRA adapter (one some endpoint lists), whether each candidate
     /// can run it now: it has a free adapter slot, or runs the adapter with no other adapter
     /// waiting there for a slot. `None` for any other request, or with the rule off
     /// (`queueDepthThreshold: 0`, which also leaves the filter without the pool).
     fn adapter_runnable(&self, cycle: &Cycle) -> Option<Vec<bool>> {
         let model = cycle.request.model();
-        if self.queue_depth <= 0.0 || !self.endpoints.values().any(|e| e.lists_adapter(model)) {
+        if self.queue_depth <= 0.0 || !self.adapters.contains(model) {
             return None;
         }
         let runs = |id: &u32| {
@@ -377,6 +378,7 @@ impl Plugin for PrefixCacheAffinityFilter {
             running_col,
             interval_col,
             endpoints: HashMap::new(),
+            adapters: HashSet::new(),
         };
         let mut manifest = Manifest::stateless(&reads);
         if self.queue_depth > 0.0 {
@@ -387,6 +389,8 @@ impl Plugin for PrefixCacheAffinityFilter {
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         self.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
+        self.adapters =
+            endpoints.iter().flat_map(|e| e.running_adapters.iter().chain(&e.waiting_adapters)).cloned().collect();
     }
 }
 
