@@ -211,10 +211,11 @@ fn long_generations_stay_off_full_workers_with_either_setting() {
         let config = epp::config::DEFAULT_CONFIG.replace(pressure, params);
         config_policy(&dir, name, &config)
     };
-    let (without, outputs) =
+    let (without_policy, outputs) =
         (with("without", ""), with("outputs", "    parameters:\n      addEstimatedOutputTokens: true\n"));
     let flags = ["--workload", "long-output", "--requests", "1500", "--workers", "4", "--rate", "6"];
-    let policies = ["--policy", "baseline", "--policy", "round-robin", "--policy", &without, "--policy", &outputs];
+    let policies =
+        ["--policy", "baseline", "--policy", "round-robin", "--policy", &without_policy, "--policy", &outputs];
     let reports = replay_with(&[&flags[..], &["--num-gpu-blocks", "2048"], &policies].concat()).reports;
     let r = by_name(&reports);
     let (without, rr) = (r["without"], r["round-robin"]);

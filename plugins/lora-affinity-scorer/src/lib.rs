@@ -42,7 +42,7 @@ pub const DRAINING: f32 = 0.7;
 /// The score of an endpoint for `adapter`.
 pub fn affinity(info: Option<&EndpointInfo>, adapter: &str) -> f32 {
     let Some(info) = info else { return 0.0 };
-    let running = info.running_adapters.iter().any(|a| a == adapter);
+    let running = info.runs_adapter(adapter);
     if running && !info.starves_an_adapter_besides(adapter) {
         1.0
     } else if info.has_adapter_room() {

@@ -291,13 +291,7 @@ impl PrefixCacheAffinityFilter {
         if self.queue_depth <= 0.0 || !self.adapters.contains(model) {
             return None;
         }
-        let runs = |id: &u32| {
-            self.endpoints.get(id).is_some_and(|e| {
-                e.has_adapter_room()
-                    || (e.running_adapters.iter().any(|a| a == model) && !e.starves_an_adapter_besides(model))
-            })
-        };
-        Some(cycle.ids.iter().map(runs).collect())
+        Some(cycle.ids.iter().map(|id| self.endpoints.get(id).is_some_and(|e| e.can_run_adapter_now(model))).collect())
     }
 }
 

@@ -110,6 +110,17 @@ impl EndpointInfo {
         self.max_lora.is_some_and(|max| distinct < max as usize)
     }
 
+    /// Whether the endpoint runs adapter `name` (some of its requests are running).
+    pub fn runs_adapter(&self, name: &str) -> bool {
+        self.running_adapters.iter().any(|a| a == name)
+    }
+
+    /// Whether a request for adapter `name` can start there now without keeping another
+    /// adapter waiting: a slot is free, or it runs the adapter and starves nobody.
+    pub fn can_run_adapter_now(&self, name: &str) -> bool {
+        self.has_adapter_room() || (self.runs_adapter(name) && !self.starves_an_adapter_besides(name))
+    }
+
     /// Whether an adapter other than `adapter` is queued there for a slot it cannot get:
     /// listed as waiting, not running, and no slot free. vLLM's scheduler skips such a
     /// request while the running adapters' requests keep being scheduled, so it waits until
