@@ -353,6 +353,36 @@ fn a_trace_replays_with_a_custom_wasm_policy_csv_and_plot() {
     assert!(svg.starts_with("<svg") && svg.contains("prefix-only"), "not an SVG with the policies");
 }
 
+/// `--per-worker`: one row per worker and policy, accounting for every routed request;
+/// round-robin's shares are equal, and the LoRA adapters show where they were sent.
+#[test]
+fn the_per_worker_table_accounts_for_every_request() {
+    let flags = ["--workload", "lora-mix", "--requests", "200", "--workers", "4", "--per-worker"];
+    let args = ReplayArgs::parse_flags(flags.into_iter().chain([
+        "--policy",
+        "baseline",
+        "--policy",
+        "round-robin",
+        "--no-progress",
+    ]))
+    .expect("valid flags");
+    let mut out = Vec::new();
+    assert!(replay::run_cli(args, &mut out).expect("replay runs"));
+    let text = String::from_utf8(out).expect("utf-8 output");
+    let header = text.lines().position(|l| l.starts_with("policy") && l.contains("busy_until_s")).expect(&text);
+    let rows: Vec<Vec<&str>> = text.lines().skip(header + 1).take(8).map(|l| l.split_whitespace().collect()).collect();
+    for policy in ["baseline", "round-robin"] {
+        let mine: Vec<&Vec<&str>> = rows.iter().filter(|r| r[0] == policy).collect();
+        let workers: Vec<&str> = mine.iter().map(|r| r[1]).collect();
+        assert_eq!(workers, ["0", "1", "2", "3"], "{text}");
+        let routed: usize = mine.iter().map(|r| r[2].parse::<usize>().expect("a count")).sum();
+        assert_eq!(routed, 200, "every request on some worker:\n{text}");
+    }
+    let rr: Vec<&str> = rows.iter().filter(|r| r[0] == "round-robin").map(|r| r[3]).collect();
+    assert_eq!(rr, ["25.0%"; 4], "{text}");
+    assert!(rows.iter().any(|r| r.contains(&"lora-0")), "the adapters are listed:\n{text}");
+}
+
 /// The `tenants` workload over the pool's capacity: with flow control and round-robin
 /// fairness the light tenant is served almost as in an idle pool while the heavy one
 /// queues; without flow control both wait alike. Nothing is lost either way.

@@ -78,6 +78,10 @@ pub struct RunResult {
     /// Per record, its tenant (index into `tenant_names`), when the workload has tenants.
     pub tenants: Vec<Option<u16>>,
     pub tenant_names: Vec<String>,
+    /// Per record, the model it asked for (index into `model_names`: the base model or a
+    /// LoRA adapter).
+    pub models: Vec<u16>,
+    pub model_names: Vec<String>,
 }
 
 /// The request id the EPP and plugins see for request `index`.
@@ -142,6 +146,8 @@ pub fn run(
             imbalance_samples: 0,
             tenants: Vec::new(),
             tenant_names: Vec::new(),
+            models: Vec::new(),
+            model_names: Vec::new(),
         },
     };
     let mut pending_ticks = 0u64;
@@ -194,6 +200,23 @@ pub fn run(
         .map(|i| i.tenant.as_deref().and_then(|t| tenants.iter().position(|n| n == t)).map(|k| k as u16))
         .collect();
     run.result.tenant_names = tenants;
+    let model_names: Vec<String> = workload
+        .items
+        .iter()
+        .map(|i| i.requested_model())
+        .collect::<std::collections::BTreeSet<&str>>()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    run.result.models = workload
+        .items
+        .iter()
+        .map(|i| {
+            let k = model_names.binary_search_by(|n| n.as_str().cmp(i.requested_model())).unwrap_or(0);
+            u16::try_from(k).unwrap_or(u16::MAX)
+        })
+        .collect();
+    run.result.model_names = model_names;
     Ok(run.result)
 }
 

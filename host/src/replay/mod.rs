@@ -96,6 +96,10 @@ pub struct ReplayArgs {
     /// config path (repeatable; default: baseline, random and round-robin).
     #[arg(long = "policy")]
     pub policies: Vec<PolicySpec>,
+    /// Also print each worker's share of every policy's run: requests, prefix hits, TTFT,
+    /// when it finished its last request, the models it was sent most.
+    #[arg(long)]
+    pub per_worker: bool,
     /// Also write the table as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -373,6 +377,10 @@ pub fn run_cli(args: ReplayArgs, out: &mut dyn Write) -> Result<bool, ReplayErro
     if let Some(tenants) = report::tenant_table(&replay.runs) {
         writeln!(out)?;
         write!(out, "{tenants}")?;
+    }
+    if args.per_worker {
+        writeln!(out)?;
+        write!(out, "{}", report::worker_table(&replay.runs, s.workers))?;
     }
     writeln!(out)?;
     if let Some(path) = &args.csv {

@@ -255,6 +255,112 @@ pub fn tenant_table(runs: &[RunResult]) -> Option<String> {
     Some(out)
 }
 
+/// One worker's share of a run (`--per-worker`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerReport {
+    pub policy: String,
+    pub worker: u32,
+    /// Requests routed to it, and their share of the run's routed requests.
+    pub requests: usize,
+    pub share: f64,
+    pub completed: usize,
+    /// Prompt tokens served from its prefix cache / all its prompt tokens (completed).
+    pub prefix_hit_rate: f64,
+    /// Time to first token, milliseconds: p50, p90.
+    pub ttft_ms: [f64; 2],
+    /// When its last request finished, seconds after the run's first arrival (a worker
+    /// busy long after the others was given more than it could serve).
+    pub busy_until_s: f64,
+    /// The models (base or LoRA adapter) it was sent most, with their counts, at most three.
+    pub models: Vec<(String, usize)>,
+}
+
+/// Models listed per worker in the per-worker table.
+const TOP_MODELS: usize = 3;
+
+/// Per worker of `run`, workers `0..workers` (one that got nothing included).
+pub fn worker_reports(run: &RunResult, workers: usize) -> Vec<WorkerReport> {
+    let first_arrival = run.records.first().map(|r| r.arrival).unwrap_or(0.0);
+    let routed = run.records.iter().filter(|r| r.worker.is_some()).count();
+    (0..workers)
+        .map(|w| {
+            let w = u32::try_from(w).unwrap_or(u32::MAX);
+            let (mut requests, mut prompt, mut cached, mut busy_until) = (0usize, 0u64, 0u64, 0.0f64);
+            let mut ttft = Vec::new();
+            let mut per_model = vec![0usize; run.model_names.len()];
+            for (i, r) in run.records.iter().enumerate().filter(|(_, r)| r.worker == Some(w)) {
+                requests += 1;
+                if let Some(n) = run.models.get(i).and_then(|&m| per_model.get_mut(usize::from(m))) {
+                    *n += 1;
+                }
+                if let Outcome::Completed { first_token, finished, usage } = r.outcome {
+                    ttft.push((first_token - r.arrival) * 1000.0);
+                    prompt += u64::from(usage.prompt_tokens);
+                    cached += u64::from(usage.cached_tokens);
+                    busy_until = busy_until.max(finished - first_arrival);
+                }
+            }
+            ttft.sort_by(f64::total_cmp);
+            let mut models: Vec<(String, usize)> = run
+                .model_names
+                .iter()
+                .zip(per_model)
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| (name.clone(), n))
+                .collect();
+            // Most requests first; equal counts by name, so the table is reproducible.
+            models.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            models.truncate(TOP_MODELS);
+            WorkerReport {
+                policy: run.policy.clone(),
+                worker: w,
+                requests,
+                share: if routed > 0 { requests as f64 / routed as f64 } else { 0.0 },
+                completed: ttft.len(),
+                prefix_hit_rate: if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
+                ttft_ms: [percentile(&ttft, 50.0), percentile(&ttft, 90.0)],
+                busy_until_s: busy_until,
+                models,
+            }
+        })
+        .collect()
+}
+
+/// The per-worker table of `runs` over `workers` workers (`--per-worker`).
+pub fn worker_table(runs: &[RunResult], workers: usize) -> String {
+    let mut out = format!(
+        "{:<14} {:>6} {:>8} {:>6} {:>9} {:>6} {:>11} {:>11} {:>12}  {}\n",
+        "policy",
+        "worker",
+        "requests",
+        "share",
+        "completed",
+        "hits",
+        "ttft_p50_ms",
+        "ttft_p90_ms",
+        "busy_until_s",
+        "models"
+    );
+    for r in runs.iter().flat_map(|run| worker_reports(run, workers)) {
+        let models: Vec<String> = r.models.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        let _ = writeln!(
+            out,
+            "{:<14} {:>6} {:>8} {:>5.1}% {:>9} {:>6.3} {:>11.1} {:>11.1} {:>12.1}  {}",
+            r.policy,
+            r.worker,
+            r.requests,
+            r.share * 100.0,
+            r.completed,
+            r.prefix_hit_rate,
+            r.ttft_ms[0],
+            r.ttft_ms[1],
+            r.busy_until_s,
+            models.join(", ")
+        );
+    }
+    out
+}
+
 /// The rows as CSV, with a header. Policy names are quoted when they need it.
 pub fn csv(reports: &[PolicyReport]) -> String {
     let mut out = COLUMNS.join(",");
@@ -307,6 +413,8 @@ mod tests {
             imbalance_samples: 2,
             tenants: Vec::new(),
             tenant_names: Vec::new(),
+            models: Vec::new(),
+            model_names: Vec::new(),
         };
         let r = PolicyReport::from_run(&run);
         assert_eq!((r.requests, r.completed, r.rejected_429, r.rejected_503, r.too_large), (5, 2, 1, 1, 1));
@@ -320,5 +428,48 @@ mod tests {
         let table = table(&[r]);
         assert_eq!(table.lines().count(), 2);
         assert!(table.lines().all(|l| l.len() == table.lines().next().map_or(0, str::len)), "aligned:\n{table}");
+    }
+
+    #[test]
+    fn worker_rows_split_the_run_by_worker() {
+        let on = |worker: u32, mut r: Record| {
+            r.worker = Some(worker);
+            r
+        };
+        let run = RunResult {
+            policy: "p".into(),
+            records: vec![
+                on(0, completed(0.0, 0.1, 1.0, 100, 50)),
+                on(0, completed(0.5, 0.7, 4.0, 100, 100)),
+                on(1, completed(1.0, 1.5, 2.0, 200, 0)),
+                on(0, Record::new(1.2, Outcome::TooLarge)),
+                Record::new(1.5, Outcome::Rejected(429)),
+            ],
+            imbalance_sum: 0.0,
+            imbalance_samples: 0,
+            tenants: Vec::new(),
+            tenant_names: Vec::new(),
+            models: vec![1, 0, 1, 2, 1],
+            model_names: vec!["base".into(), "lora-a".into(), "lora-b".into()],
+        };
+        let rows = worker_reports(&run, 3);
+        assert_eq!(rows.len(), 3, "a worker that got nothing has its row");
+        let w0 = &rows[0];
+        assert_eq!((w0.requests, w0.completed), (3, 2));
+        assert!((w0.share - 0.75).abs() < 1e-9, "3 of the 4 routed requests");
+        assert!((w0.prefix_hit_rate - 0.75).abs() < 1e-9);
+        assert!((w0.ttft_ms[0] - 100.0).abs() < 1e-9 && (w0.ttft_ms[1] - 200.0).abs() < 1e-9, "{:?}", w0.ttft_ms);
+        assert!((w0.busy_until_s - 4.0).abs() < 1e-9);
+        let names = |r: &WorkerReport| r.models.iter().map(|(m, n)| format!("{m} {n}")).collect::<Vec<_>>();
+        assert_eq!(names(w0), ["base 1", "lora-a 1", "lora-b 1"], "equal counts by name");
+        assert_eq!(names(&rows[1]), ["lora-a 1"]);
+        assert_eq!((rows[2].requests, rows[2].completed, rows[2].share), (0, 0, 0.0));
+        assert!(rows[2].ttft_ms[0].is_nan() && rows[2].models.is_empty());
+        let table = worker_table(std::slice::from_ref(&run), 3);
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(
+            table.lines().nth(1).is_some_and(|l| l.contains("75.0%") && l.ends_with("base 1, lora-a 1, lora-b 1")),
+            "{table}"
+        );
     }
 }
