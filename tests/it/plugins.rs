@@ -970,6 +970,77 @@ fn prefix_cache_affinity_filter_keeps_lora_slots() {
     assert_eq!(pick(&upstream, "sql"), vec![0, 1]);
 }
 
+/// An adapter busier than the workers running it (one slot each, every other worker's
+/// slot taken): once each of them is saturated and far behind the rest, its requests go
+/// to the workers with short queues, where it loads, instead of queueing without end.
+#[test]
+fn an_outgrown_adapter_loads_elsewhere() {
+    let f = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", "{}");
+    let s = scorer::<LoraAffinityScorer>("lora-affinity-scorer", "{}");
+    let matched = [9.0, 0.0, 0.0, 0.0]; // 0 holds the prompt
+    let total = [10.0; 4];
+    let idle_load = [0.0; 4];
+    let mut eps = pool(4);
+    for (e, adapter) in eps.iter_mut().zip(["sql", "chat", "x", "y"]) {
+        (e.max_lora, e.running_adapters) = (Some(1), vec![adapter.into()]);
+    }
+    f.pool_changed(&eps);
+    s.pool_changed(&eps);
+    let mut req = request("r", "");
+    req.model = "sql".into();
+    let run = |queues: [f32; 4], req: &Request| {
+        let m = metrics(&[
+            (0, queues[0], 8.0, 0.9),
+            (1, queues[1], 4.0, 0.5),
+            (2, queues[2], 4.0, 0.5),
+            (3, queues[3], 4.0, 0.5),
+        ]);
+        let mut cols = prefix(&matched, &total);
+        cols.push((INFLIGHT_TOKENS, &idle_load));
+        let named: Vec<(&str, &[f32])> = cols.iter().map(|(n, v)| (*n, *v)).collect();
+        (f.filter(1, req, &m, &named), s.score(1, req, &m, &named))
+    };
+    // `sql` runs only on 0, 40 waiting there against 1–3 elsewhere (mean 2: 3 × 2 + 5 =
+    // 11 ≤ 40): the workers below the saturation depth (5) take it, and where `sql` runs
+    // no longer counts.
+    let (kept, scores) = run([40.0, 1.0, 3.0, 7.0], &req);
+    assert_eq!(kept, vec![1, 2]);
+    assert_eq!(scores, vec![0.5; 4]);
+    // A queue, but not far behind the others (10 < 3 × 2 + 5): sticky, as before.
+    let (kept, scores) = run([10.0, 1.0, 3.0, 2.0], &req);
+    assert_eq!(kept, vec![0]);
+    assert_eq!(scores, vec![1.0, 0.0, 0.0, 0.0]);
+    // Unknown queues elsewhere: nowhere known to be better.
+    assert_eq!(run([40.0, NAN, NAN, NAN], &req).0, vec![0]);
+    // Everybody saturated: nothing to gain; the holder keeps it.
+    assert_eq!(run([90.0, 6.0, 6.0, 6.0], &req).0, vec![0]);
+    // Another worker runs `sql` with a short queue: not outgrown.
+    eps[3].running_adapters = vec!["sql".into()];
+    f.pool_changed(&eps);
+    s.pool_changed(&eps);
+    assert_eq!(run([40.0, 1.0, 3.0, 2.0], &req).0, vec![0]);
+    // The base model takes no slot: untouched.
+    req.model = "base".into();
+    assert_eq!(run([40.0, 1.0, 3.0, 7.0], &req).0, vec![0]);
+    // Off with `queueDepthThreshold: 0` (upstream's filter) and `outgrownQueueDepth: 0`
+    // (upstream's scorer).
+    let upstream_f =
+        filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", r#"{"queueDepthThreshold": 0}"#);
+    let upstream_s = scorer::<LoraAffinityScorer>("lora-affinity-scorer", r#"{"outgrownQueueDepth": 0}"#);
+    eps[3].running_adapters = vec!["y".into()];
+    upstream_f.pool_changed(&eps);
+    upstream_s.pool_changed(&eps);
+    req.model = "sql".into();
+    let m = metrics(&[(0, 40.0, 8.0, 0.9), (1, 1.0, 4.0, 0.5), (2, 3.0, 4.0, 0.5), (3, 7.0, 4.0, 0.5)]);
+    let mut cols = prefix(&matched, &total);
+    cols.push((INFLIGHT_TOKENS, &idle_load));
+    let named: Vec<(&str, &[f32])> = cols.iter().map(|(n, v)| (*n, *v)).collect();
+    assert_eq!(upstream_f.filter(1, &req, &m, &named), vec![0]);
+    assert_eq!(upstream_s.score(1, &req, &m, &named), vec![1.0, 0.0, 0.0, 0.0]);
+    rejected("lora-affinity-scorer", r#"{"outgrownQueueDepth": -1}"#, "outgrownQueueDepth");
+    rejected("lora-affinity-scorer", r#"{"maxLoras": 2}"#, "maxLoras");
+}
+
 #[test]
 fn prefix_cache_affinity_filter_table() {
     let f = filter::<PrefixCacheAffinityFilter>("prefix-cache-affinity-filter", "{}");

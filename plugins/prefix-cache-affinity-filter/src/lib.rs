@@ -26,7 +26,12 @@
 //! another adapter waits there for a slot — is left out for a sticky one that can; when
 //! none can, the other candidates that can are kept instead (none: the rule does nothing).
 //! vLLM schedules a running adapter's new requests ahead of a waiting adapter, so a
-//! worker fed one adapter without pause never lets another load.
+//! worker fed one adapter without pause never lets another load. The other way round, an
+//! adapter busier than its workers can serve never gets another worker while other
+//! adapters hold every slot: when every sticky candidate is saturated, none with room
+//! for the adapter can take the spill, and the shortest queue among the workers running it
+//! is at least three times the other candidates' mean (plus the threshold), the candidates
+//! that are not saturated are kept instead, and the adapter loads there (`Outgrown`).
 //!
 //! Hot prefixes (this EPP's; `busyRunningThreshold`, 0 = off): an engine with room for
 //! many sequences (vLLM's default is 256) never queues a popular prompt; it runs it in ever
@@ -51,7 +56,7 @@ use llmd_plugin_sdk::columns::{
 use llmd_plugin_sdk::rng::SplitMix64;
 use std::collections::{HashMap, HashSet};
 
-use llmd_plugin_sdk::{Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, params};
+use llmd_plugin_sdk::{Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, adapter_outgrown, params};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +177,9 @@ pub enum Decision {
     /// No sticky candidate could run the request's LoRA adapter now: the others that can
     /// were kept.
     Draining,
+    /// The request's LoRA adapter has outgrown the workers running it: the candidates with
+    /// a short queue were kept.
+    Outgrown,
     Sticky,
 }
 
@@ -193,6 +201,9 @@ impl PrefixCacheAffinityFilter {
             if t > 0.0 && m.is_finite() { (m / t).clamp(0.0, 1.0) } else { 0.0 }
         };
         let (mut sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
+        if let Some(open) = self.outgrown(cycle) {
+            return (open, Decision::Outgrown);
+        }
         if sticky.is_empty() {
             return (all(), Decision::NoMatch);
         }
@@ -280,6 +291,30 @@ impl PrefixCacheAffinityFilter {
             }
         }
         (sticky, Decision::Sticky)
+    }
+
+    /// For a request naming a LoRA adapter that has outgrown the workers running it (every
+    /// one of them saturated, far behind the others: `adapter_outgrown`), the candidates
+    /// whose queue is known and below `queueDepthThreshold`. `None` when the rule does not
+    /// apply, or every candidate is saturated.
+    fn outgrown(&self, cycle: &Cycle) -> Option<Vec<usize>> {
+        let model = cycle.request.model();
+        if self.queue_depth <= 0.0 || !self.adapters.contains(model) {
+            return None;
+        }
+        let waiting = |i: usize| cycle.value(self.waiting_col, i);
+        let runs = |i: usize| self.endpoints.get(&cycle.ids[i]).is_some_and(|e| e.runs_adapter(model));
+        if !adapter_outgrown(cycle.len(), self.queue_depth, waiting, runs) {
+            return None;
+        }
+        let open: Vec<usize> = (0..cycle.len()).filter(|&i| waiting(i) < self.queue_depth).collect();
+        // Where a slot is free the adapter starts at once; elsewhere it waits for one.
+        let room: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| self.endpoints.get(&cycle.ids[i]).is_some_and(|e| e.has_adapter_room()))
+            .collect();
+        if !room.is_empty() { Some(room) } else { (!open.is_empty()).then_some(open) }
     }
 
     /// For a request naming a LoRA adapter (one some endpoint lists), whether each candidate

@@ -23,7 +23,10 @@ pub mod __private {
 
 include!(concat!(env!("OUT_DIR"), "/bindings_macros.rs"));
 
-pub use types::{CacheInfo, Completion, Cycle, EndpointInfo, Manifest, Needs, Outcome, Request, Usage};
+pub use types::{
+    CacheInfo, Completion, Cycle, EndpointInfo, Manifest, Needs, OUTGROWN_QUEUE_RATIO, Outcome, Request, Usage,
+    adapter_outgrown,
+};
 
 /// The WIT package version this SDK (and every plugin built with it) speaks.
 pub const WIT_VERSION: &str = "0.3.0";

@@ -214,6 +214,48 @@ impl Cycle {
     }
 }
 
+/// How many times the other candidates' mean queue (plus the saturation depth) the
+/// shortest queue among an adapter's workers must reach for the adapter to have outgrown
+/// them ([`adapter_outgrown`]).
+pub const OUTGROWN_QUEUE_RATIO: f32 = 3.0;
+
+/// Whether the requests for a LoRA adapter have outgrown the workers running it (this
+/// EPP's rule): some candidates run it (`runs(i)`), every one of them has at least
+/// `queue_depth` requests waiting (`waiting(i)`, NaN when unknown), and the shortest of
+/// those queues is at least [`OUTGROWN_QUEUE_RATIO`] times the other candidates' mean queue
+/// plus `queue_depth`. With one adapter slot per worker (vLLM's default `--max-loras 1`)
+/// an adapter busier than its workers can serve never gets another one while other
+/// adapters hold every slot; past this point its requests should go where the queues are
+/// short and load the adapter there. False when `queue_depth` is 0 or no other candidate
+/// has a known queue.
+pub fn adapter_outgrown(
+    n: usize,
+    queue_depth: f32,
+    waiting: impl Fn(usize) -> f32,
+    runs: impl Fn(usize) -> bool,
+) -> bool {
+    if queue_depth <= 0.0 {
+        return false;
+    }
+    let (mut shortest, mut runners) = (f32::INFINITY, 0usize);
+    let (mut others_sum, mut others) = (0.0f32, 0usize);
+    for i in 0..n {
+        let q = waiting(i);
+        if runs(i) {
+            // An unknown queue is not a saturated one.
+            if !(q.is_finite() && q >= queue_depth) {
+                return false;
+            }
+            shortest = shortest.min(q);
+            runners += 1;
+        } else if q.is_finite() {
+            others_sum += q;
+            others += 1;
+        }
+    }
+    runners > 0 && others > 0 && shortest >= OUTGROWN_QUEUE_RATIO * (others_sum / others as f32) + queue_depth
+}
+
 /// Token usage reported by the worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
