@@ -8,7 +8,7 @@
 //!
 //! Another, this EPP's too: when the adapter has outgrown the workers running it — every
 //! one of them has `outgrownQueueDepth` (default 5, the saturation detector's queue
-//! depth) requests waiting, and their shortest queue is more than three times the other
+//! depth) requests waiting, and their shortest queue is at least three times the other
 //! candidates' mean plus that depth — every candidate scores 0.5: with one adapter slot per
 //! worker (vLLM's default) the adapter would otherwise stay on workers that cannot keep up
 //! while the others' slots are taken, so prefix and load decide where it loads next.

@@ -28,10 +28,11 @@
 //! vLLM schedules a running adapter's new requests ahead of a waiting adapter, so a
 //! worker fed one adapter without pause never lets another load. The other way round, an
 //! adapter busier than its workers can serve never gets another worker while other
-//! adapters hold every slot: when every sticky candidate is saturated, none with room
-//! for the adapter can take the spill, and the shortest queue among the workers running it
-//! is at least three times the other candidates' mean (plus the threshold), the candidates
-//! that are not saturated are kept instead, and the adapter loads there (`Outgrown`).
+//! adapters hold every slot: when every worker running the request's adapter is saturated
+//! and the shortest of their queues is at least three times the other candidates' mean
+//! plus the threshold, the candidates that are not saturated — those with a free adapter
+//! slot, when there are any — are kept instead, sticky or not, and the adapter loads there
+//! (`Outgrown`).
 //!
 //! Hot prefixes (this EPP's; `busyRunningThreshold`, 0 = off): an engine with room for
 //! many sequences (vLLM's default is 256) never queues a popular prompt; it runs it in ever
