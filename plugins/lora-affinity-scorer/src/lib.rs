@@ -18,10 +18,12 @@
 //! nothing else, so it declares itself stateless (skipped when the filters leave one
 //! candidate, served from several instances side by side).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use llmd_plugin_sdk::columns::WAITING;
-use llmd_plugin_sdk::{Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, adapter_outgrown, params};
+use llmd_plugin_sdk::{
+    Cycle, EndpointInfo, Manifest, Needs, Plugin, Scorer, adapter_outgrown, listed_adapters, params,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +47,9 @@ pub const DEFAULT_OUTGROWN_QUEUE_DEPTH: f64 = 5.0;
 #[derive(Default)]
 pub struct LoraAffinityScorer {
     endpoints: HashMap<u32, EndpointInfo>,
+    /// Every adapter some endpoint runs or queues: only a request naming one can have
+    /// outgrown its workers.
+    adapters: HashSet<String>,
     /// 0: the outgrown rule is off (and the queue column is not read).
     outgrown_depth: f32,
 }
@@ -67,6 +72,7 @@ impl Plugin for LoraAffinityScorer {
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         self.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
+        self.adapters = listed_adapters(endpoints);
     }
 }
 
@@ -96,7 +102,9 @@ impl Scorer for LoraAffinityScorer {
     fn score(&mut self, cycle: &Cycle) -> Vec<f32> {
         let adapter = cycle.request.model();
         let runs = |i: usize| self.endpoints.get(&cycle.ids[i]).is_some_and(|e| e.runs_adapter(adapter));
-        if adapter_outgrown(cycle.len(), self.outgrown_depth, |i| cycle.value(0, i), runs) {
+        if self.adapters.contains(adapter)
+            && adapter_outgrown(cycle.len(), self.outgrown_depth, |i| cycle.value(0, i), runs)
+        {
             return vec![0.5; cycle.len()];
         }
         cycle.ids.iter().map(|id| affinity(self.endpoints.get(id), adapter)).collect()

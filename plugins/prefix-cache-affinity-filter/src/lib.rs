@@ -57,7 +57,9 @@ use llmd_plugin_sdk::columns::{
 use llmd_plugin_sdk::rng::SplitMix64;
 use std::collections::{HashMap, HashSet};
 
-use llmd_plugin_sdk::{Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, adapter_outgrown, params};
+use llmd_plugin_sdk::{
+    Cycle, EndpointInfo, Filter, Manifest, Needs, Plugin, adapter_outgrown, listed_adapters, params,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -419,8 +421,7 @@ impl Plugin for PrefixCacheAffinityFilter {
 
     fn pool_changed(&mut self, _generation: u64, endpoints: &[EndpointInfo]) {
         self.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
-        self.adapters =
-            endpoints.iter().flat_map(|e| e.running_adapters.iter().chain(&e.waiting_adapters)).cloned().collect();
+        self.adapters = listed_adapters(endpoints);
     }
 }
 

@@ -25,7 +25,7 @@ include!(concat!(env!("OUT_DIR"), "/bindings_macros.rs"));
 
 pub use types::{
     CacheInfo, Completion, Cycle, EndpointInfo, Manifest, Needs, OUTGROWN_QUEUE_RATIO, Outcome, Request, Usage,
-    adapter_outgrown,
+    adapter_outgrown, listed_adapters,
 };
 
 /// The WIT package version this SDK (and every plugin built with it) speaks.

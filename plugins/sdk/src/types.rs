@@ -214,6 +214,12 @@ impl Cycle {
     }
 }
 
+/// Every adapter some endpoint of `endpoints` runs or queues: a request naming one is a
+/// LoRA request.
+pub fn listed_adapters(endpoints: &[EndpointInfo]) -> std::collections::HashSet<String> {
+    endpoints.iter().flat_map(|e| e.running_adapters.iter().chain(&e.waiting_adapters)).cloned().collect()
+}
+
 /// How many times the other candidates' mean queue (plus the saturation depth) the
 /// shortest queue among an adapter's workers must reach for the adapter to have outgrown
 /// them ([`adapter_outgrown`]).
