@@ -281,15 +281,24 @@ const TOP_MODELS: usize = 3;
 /// Per worker of `run`, workers `0..workers` (one that got nothing included).
 pub fn worker_reports(run: &RunResult, workers: usize) -> Vec<WorkerReport> {
     let first_arrival = run.records.first().map(|r| r.arrival).unwrap_or(0.0);
+    // Each worker's records, in one pass over the run.
+    let mut mine: Vec<Vec<usize>> = vec![Vec::new(); workers];
+    for (i, r) in run.records.iter().enumerate() {
+        if let Some(list) = r.worker.and_then(|w| mine.get_mut(w as usize)) {
+            list.push(i);
+        }
+    }
     let routed = run.records.iter().filter(|r| r.worker.is_some()).count();
-    (0..workers)
-        .map(|w| {
+    mine.into_iter()
+        .enumerate()
+        .map(|(w, indices)| {
             let w = u32::try_from(w).unwrap_or(u32::MAX);
-            let (mut requests, mut prompt, mut cached, mut busy_until) = (0usize, 0u64, 0u64, 0.0f64);
+            let (mut prompt, mut cached, mut busy_until) = (0u64, 0u64, 0.0f64);
+            let requests = indices.len();
             let mut ttft = Vec::new();
             let mut per_model = vec![0usize; run.model_names.len()];
-            for (i, r) in run.records.iter().enumerate().filter(|(_, r)| r.worker == Some(w)) {
-                requests += 1;
+            for i in indices {
+                let r = &run.records[i];
                 if let Some(n) = run.models.get(i).and_then(|&m| per_model.get_mut(usize::from(m))) {
                     *n += 1;
                 }

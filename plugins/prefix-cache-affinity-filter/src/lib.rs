@@ -203,10 +203,10 @@ impl PrefixCacheAffinityFilter {
             let (m, t) = (cycle.value(0, i), cycle.value(1, i));
             if t > 0.0 && m.is_finite() { (m / t).clamp(0.0, 1.0) } else { 0.0 }
         };
-        let (mut sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
         if let Some(open) = self.outgrown(cycle) {
             return (open, Decision::Outgrown);
         }
+        let (mut sticky, other): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| score(i) >= self.threshold);
         if sticky.is_empty() {
             return (all(), Decision::NoMatch);
         }
