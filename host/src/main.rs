@@ -10,6 +10,12 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use epp::server::{ConfigSource, Options};
 
+/// mimalloc instead of the system allocator: the request path allocates and frees many small
+/// buffers (gRPC frames, header strings, parsed bodies), and glibc's malloc spent about a
+/// tenth of the process's CPU on them (docs/benchmarks.md, Findings §2).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The llm-d endpoint picker for deployments without Kubernetes, with WebAssembly plugins.
 /// Without a subcommand it serves; `epp plugin …` is the plugin toolkit.
 #[derive(Parser, Debug)]
