@@ -43,7 +43,8 @@ pub struct InferenceRequest {
     /// The client's cap on generated tokens (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`).
     pub max_tokens: Option<u32>,
-    /// Chat requests: the `messages` array as sent (JSON).
+    /// Chat requests: the `messages` array as sent (JSON), when asked for
+    /// (`parse_keeping_messages`).
     pub messages: Option<std::sync::Arc<str>>,
 }
 
@@ -90,6 +91,17 @@ pub fn priority(headers: &[(String, String)]) -> i32 {
 
 /// Parses `body` as a request of `kind`.
 pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestError> {
+    parse_body(kind, body, false)
+}
+
+/// The same, also keeping a chat request's `messages` as sent, for a tokenizer that renders
+/// the model's chat template. Writing them out again costs about as much as parsing them, so
+/// only a scheduler with such a tokenizer asks for them.
+pub fn parse_keeping_messages(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestError> {
+    parse_body(kind, body, true)
+}
+
+fn parse_body(kind: ApiKind, body: &[u8], keep_messages: bool) -> Result<InferenceRequest, RequestError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody);
     }
@@ -134,7 +146,7 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestErro
         .map(|n| n.min(u64::from(u32::MAX)) as u32);
     // Chat messages as sent, for a tokenizer that renders the model's chat template.
     let messages = match kind {
-        ApiKind::ChatCompletions => obj.get("messages").map(|m| std::sync::Arc::from(m.to_string())),
+        ApiKind::ChatCompletions if keep_messages => obj.get("messages").map(|m| std::sync::Arc::from(m.to_string())),
         _ => None,
     };
     Ok(InferenceRequest { kind, model, prompt, cache_salt, stream, user, max_tokens, messages })
@@ -289,6 +301,18 @@ mod tests {
             assert_eq!(r.prompt, *prompt, "{body}");
             assert_eq!(r.stream, *stream, "{body}");
             assert_eq!(r.cache_salt.as_deref(), *salt, "{body}");
+            assert_eq!(r.messages, None, "{body}: messages are kept only when asked for");
+            let kept = parse_keeping_messages(*kind, body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(kept.prompt, r.prompt, "{body}");
+            let full: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{body}: {e}"));
+            match kind {
+                ChatCompletions => {
+                    let messages = kept.messages.unwrap_or_else(|| panic!("{body}: messages not kept"));
+                    let messages: Value = serde_json::from_str(&messages).unwrap_or_else(|e| panic!("{body}: {e}"));
+                    assert_eq!(messages, full["messages"], "{body}");
+                }
+                _ => assert_eq!(kept.messages, None, "{body}: only chat requests carry messages"),
+            }
         }
     }
 

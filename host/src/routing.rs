@@ -158,6 +158,12 @@ impl Built {
         }
     }
 
+    /// Whether its precise prefix producer renders chat requests through a chat template,
+    /// which needs their `messages` as sent.
+    pub fn renders_chat(&self) -> bool {
+        self.precise.as_ref().is_some_and(|s| s.tokenizer.renders_chat())
+    }
+
     /// The pool generation its plugins were last told.
     pub fn told_generation(&self) -> u64 {
         self.told.load(Ordering::Acquire)
@@ -447,6 +453,12 @@ impl Router {
     /// installed scheduler's `Built::heavy_body_bytes`).
     pub fn heavy_body_bytes(&self) -> usize {
         self.built.load().heavy_body_bytes()
+    }
+
+    /// Whether the installed scheduler needs chat requests' `messages` as sent
+    /// (`Built::renders_chat`).
+    pub fn renders_chat(&self) -> bool {
+        self.built.load().renders_chat()
     }
 
     /// Shares every decision from now on through `sink` (set once, before serving).

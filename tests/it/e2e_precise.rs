@@ -289,3 +289,42 @@ fn builds_carry_precise_settings_and_leave_the_hub_alone() {
     assert!(build(runtime, &config, &second.plugins).is_err());
     assert!(hub.settings().is_some_and(|s| Arc::ptr_eq(&s, &settings)));
 }
+
+/// A chat request's `messages` are written out again for the tokenizer only when it renders
+/// the model's chat template: the default profile, the simulator's tokenizer and a model
+/// tokenizer without a template parse chat bodies without that copy.
+#[test]
+fn chat_messages_are_kept_only_for_a_chat_template() {
+    use epp::config::{PRECISE_CONFIG, PickerConfig};
+    use epp::loader::{PluginSet, build};
+    use epp::routing::Built;
+
+    let runtime = crate::common::runtime();
+    let dir = std::env::temp_dir().join(format!("epp-chat-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("config folder");
+    let json = epp_stack::text::trained_bpe_json().expect("train a tokenizer");
+    std::fs::write(dir.join("tokenizer.json"), json).expect("write tokenizer.json");
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}"#,
+    )
+    .expect("write tokenizer_config.json");
+    let telemetry = epp::telemetry::Telemetry::new("test");
+    let renders_chat_with = |config: PickerConfig| {
+        let hub = epp::kv_events::KvEvents::new(None);
+        let built = build(runtime, &config, &PluginSet::with_kv_events(hub)).unwrap_or_else(|e| panic!("{e}"));
+        let precise = built.plugins.precise().cloned();
+        Built::new(built.scheduler, &telemetry).with_precise(precise).renders_chat()
+    };
+    let renders_chat =
+        |text: &str| renders_chat_with(PickerConfig::parse(text, Some(&dir)).unwrap_or_else(|e| panic!("{e}")));
+    assert!(!renders_chat_with(PickerConfig::default_config().expect("the default config")), "default profile");
+    assert!(!renders_chat(PRECISE_CONFIG), "the simulator's tokenizer");
+    let model = PRECISE_CONFIG.replace("type: sim", "path: tokenizer.json");
+    assert!(!renders_chat(&model), "a model tokenizer without a chat template");
+    let templated =
+        model.replace("path: tokenizer.json\n", "path: tokenizer.json\n        chatTemplate: tokenizer_config.json\n");
+    assert_ne!(templated, model);
+    assert!(renders_chat(&templated), "a model tokenizer with its chat template");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -206,8 +206,9 @@ impl StreamState {
             // Streamed modes answer every message; full duplex answers once at the end.
             return if self.request_full_duplex { Vec::new() } else { vec![reply::continue_body(false)] };
         }
+        let parse = if self.router.renders_chat() { request::parse_keeping_messages } else { request::parse };
         let parsed = match ApiKind::from_path(&self.path) {
-            Some(kind) => match request::parse(kind, &self.body) {
+            Some(kind) => match parse(kind, &self.body) {
                 Ok(r) => {
                     self.model.clone_from(&r.model);
                     Some(r)

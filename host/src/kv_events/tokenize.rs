@@ -87,6 +87,12 @@ impl Tokenizer {
         matches!(self, Tokenizer::HuggingFace { .. })
     }
 
+    /// Whether it renders chat requests through the model's chat template (and so needs
+    /// their `messages` as sent).
+    pub fn renders_chat(&self) -> bool {
+        matches!(self, Tokenizer::HuggingFace { template: Some(_), .. })
+    }
+
     /// The request's token ids.
     pub fn encode(&self, req: &Request) -> Vec<u32> {
         match self {
@@ -182,6 +188,8 @@ mod tests {
         let t = Tokenizer::from_json(TINY).unwrap_or_else(|e| panic!("{e}"));
         let req = Request { prompt: "hello world hello".into(), ..Default::default() };
         assert_eq!(t.encode(&req), vec![1, 2, 1]);
+        assert!(t.is_model() && !t.renders_chat(), "no chat template: chat requests need no messages");
+        assert!(!Tokenizer::Sim.renders_chat());
         let dir = std::env::temp_dir().join(format!("epp-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(dir.join("tokenizer.json"), TINY).unwrap_or_else(|e| panic!("{e}"));
@@ -196,6 +204,7 @@ mod tests {
             chat_template: Some("tokenizer_config.json".into()),
         };
         let t = Tokenizer::load(&params, Some(&dir)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(t.renders_chat(), "a chat template needs the messages as sent");
         let chat = Request {
             prompt: "user: hi".into(),
             messages: Some(r#"[{"role":"user","content":"hi"}]"#.into()),
