@@ -7,6 +7,7 @@
 //! Pure; fed chunk by chunk by the wire code, it never blocks or fails the response.
 
 use llmd_plugin_sdk::Usage;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// JSON bodies larger than this are not inspected for usage.
@@ -92,7 +93,7 @@ impl UsageTracker {
     fn sse_line(&mut self) {
         let line = self.buf.strip_suffix(b"\r").unwrap_or(&self.buf);
         let Some(data) = line.strip_prefix(b"data:") else { return };
-        if let Some(u) = serde_json::from_slice::<Value>(data).ok().as_ref().and_then(usage_of) {
+        if let Some(u) = usage_in_json(data) {
             self.usage = Some(u);
         }
     }
@@ -108,8 +109,31 @@ impl UsageTracker {
         if self.overflow {
             return usage_in_tail(&self.tail);
         }
-        serde_json::from_slice::<Value>(&self.buf).ok().as_ref().and_then(usage_of)
+        usage_in_json(&self.buf)
     }
+}
+
+/// What is read of a response body or SSE event: `usage`, at the top or (a Responses API
+/// `response.completed` event) inside `response`. Everything else (the choices, the output
+/// text) is skipped without being built.
+#[derive(Deserialize)]
+struct Envelope {
+    usage: Option<Value>,
+    response: Option<Inner>,
+}
+
+#[derive(Deserialize)]
+struct Inner {
+    usage: Option<Value>,
+}
+
+/// The usage in a whole JSON body or event. Most events of a stream (one per token) carry
+/// none and are not parsed at all: they do not contain the key.
+fn usage_in_json(json: &[u8]) -> Option<Usage> {
+    memchr::memmem::find(json, b"\"usage\"")?;
+    let envelope: Envelope = serde_json::from_slice(json).ok()?;
+    let usage = envelope.usage.or_else(|| envelope.response?.usage)?;
+    usage_fields(usage.as_object()?)
 }
 
 /// The last `"usage": {…}` object in `tail` (the end of a body too large to keep whole).
@@ -123,20 +147,17 @@ fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
         let after = after.trim_ascii_start();
         let Some(after) = after.strip_prefix(b":") else { continue };
         let mut values = serde_json::Deserializer::from_slice(after.trim_ascii_start()).into_iter::<Value>();
-        if let Some(Ok(object @ Value::Object(_))) = values.next() {
-            let wrapped = Value::Object([("usage".to_string(), object)].into_iter().collect());
-            if let Some(u) = usage_of(&wrapped) {
-                return Some(u);
-            }
+        if let Some(Ok(Value::Object(object))) = values.next()
+            && let Some(u) = usage_fields(&object)
+        {
+            return Some(u);
         }
     }
     None
 }
 
-fn usage_of(v: &Value) -> Option<Usage> {
-    // A streamed responses-API body carries it in its `response.completed` event, inside
-    // `response`.
-    let u = v.get("usage").or_else(|| v.get("response")?.get("usage"))?.as_object()?;
+/// The counts of a `usage` object.
+fn usage_fields(u: &serde_json::Map<String, Value>) -> Option<Usage> {
     let n = |v: Option<&Value>| v.and_then(Value::as_u64).map(|x| x.min(u32::MAX as u64) as u32);
     // Chat/completions name them prompt/completion; the responses API input/output.
     let prompt = n(u.get("prompt_tokens")).or(n(u.get("input_tokens")))?;
@@ -172,6 +193,10 @@ mod tests {
             ),
             (None, &[r#"{"usage":{"input_tokens":4,"output_tokens":2}}"#], u(4, 0, 2)),
             (None, &[r#"{"no":"usage"}"#], None),
+            (None, &[r#"{"choices":[{"text":"the \"usage\": {\"prompt_tokens\": 1}"}]}"#], None),
+            (None, &[r#"{"usage":5}"#], None),
+            (None, &[r#"{"usage":{"prompt_tokens":3,"completion_tokens":"many"}}"#], u(3, 0, 0)),
+            (None, &[r#"{"response":{"usage":null},"usage":{"prompt_tokens":2}}"#], u(2, 0, 0)),
             (None, &["not json"], None),
             (
                 Some("text/event-stream; charset=utf-8"),
