@@ -95,7 +95,7 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestErro
 }
 
 /// The same, also keeping a chat request's `messages` as sent, for a tokenizer that renders
-/// the model's chat template. Writing them out again costs about as much as parsing them, so
+/// the model's chat template. Writing them out again costs more than parsing the body, so
 /// only a scheduler with such a tokenizer asks for them.
 pub fn parse_keeping_messages(kind: ApiKind, body: &[u8]) -> Result<InferenceRequest, RequestError> {
     parse_body(kind, body, true)
